@@ -1,0 +1,31 @@
+# The two commands a newcomer needs (Debian, as root): `make demo` and `make test`.
+# Each installs what it needs: apt packages, a virtualenv, the package with its test extras.
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg procps iproute2
+PYTHON ?= python3
+
+.PHONY: demo test deps lint lab-down
+
+deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+demo: deps
+	$(BIN)/overhaul lab.up
+
+lint: deps
+	$(BIN)/ruff check .
+
+lab-down: deps
+	$(BIN)/overhaul lab.down

@@ -1,0 +1,1 @@
+"""Overhaul's built-in runbooks (installed as `overhaul.runbooks`): YAML documents."""

@@ -1,0 +1,1 @@
+"""Overhaul's built-in steps (installed as `overhaul.steps`), one module per concern."""

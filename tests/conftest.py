@@ -1,0 +1,79 @@
+"""Shared fixtures: a lab of real hosts for the whole test session, and fresh labs for tests that break things."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from overhaul.lab import Lab
+
+_subnets = itertools.count(31)
+
+
+def _start(root: Path, subnet: str, hosts: int) -> Lab:
+    lab = Lab(home=root / "lab", inventory=root / "hosts/lab.yaml", subnet=subnet, log=lambda _: None)
+    lab.up(hosts)
+    return lab
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The shared lab (db1, worker1, app1, app2 at 127.30.0.1-4): tests must leave it as they found it."""
+    lab = _start(tmp_path_factory.mktemp("lab"), "127.30.0", 4)
+    yield lab
+    lab.down()
+
+
+@pytest.fixture
+def fresh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], Lab]]:
+    """Start a lab of its own for a test that changes or breaks hosts; torn down after the test."""
+    started: list[Lab] = []
+
+    def start(hosts: int = 3) -> Lab:
+        started.append(_start(tmp_path_factory.mktemp("fresh-lab"), f"127.{next(_subnets)}.0", hosts))
+        return started[-1]
+
+    yield start
+    for lab in started:
+        lab.down()
+
+
+class Shell:
+    """A strict (known_hosts + RejectPolicy) paramiko session to one lab host, for lab tests."""
+
+    def __init__(self, lab: Lab, address: str, user: str = "root", timeout: float = 5):
+        self.client = paramiko.SSHClient()
+        self.client.load_host_keys(str(lab.known_hosts))
+        self.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        self.client.connect(
+            address, username=user, key_filename=str(lab.key_file), timeout=timeout,
+            banner_timeout=timeout, auth_timeout=timeout, look_for_keys=False, allow_agent=False,
+        )
+
+    def run(self, command: str, stdin: str | None = None) -> tuple[int, str, str]:
+        channel_in, out, err = self.client.exec_command(command, timeout=60)
+        if stdin is not None:
+            channel_in.write(stdin)
+            channel_in.channel.shutdown_write()
+        text, errors = out.read().decode(), err.read().decode()
+        return out.channel.recv_exit_status(), text, errors
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def shell() -> Iterator[Callable[..., Shell]]:
+    opened: list[Shell] = []
+
+    def connect(lab: Lab, host_name: str, user: str = "root") -> Shell:
+        opened.append(Shell(lab, lab.host(host_name).spec.address, user))
+        return opened[-1]
+
+    yield connect
+    for session in opened:
+        session.close()
