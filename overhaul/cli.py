@@ -1,11 +1,153 @@
-"""The command line: invoke tasks, used both by `invoke` (through tasks.py) and the `overhaul` script."""
+"""The command line: invoke tasks, used both by `invoke` (through tasks.py) and the `overhaul` script.
+
+Exit codes: 0 success, 1 the run failed on some host, 2 bad input (nothing was touched).
+"""
 
 from __future__ import annotations
 
-from invoke import Collection, Program, task
+import functools
+import json
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Exit, Program, task
 
 from overhaul import __version__
+from overhaul.errors import OverhaulError
+from overhaul.inventory import Inventory, load_inventory
 from overhaul.lab import Lab
+from overhaul.plan import Plan, PlannedStage, build_plan
+from overhaul.report import ConsoleReport, summary
+from overhaul.runbook import Runbook, load_runbook
+from overhaul.runner import Runner
+from overhaul.step import Registry
+from overhaul.transport import Transport
+
+COMMON_HELP = {
+    "env": "environment: loads hosts/<env>.yaml",
+    "hosts_dir": "folder of inventories (default hosts)",
+    "runbooks_dir": "folder of the operator's runbooks (default runbooks; built-ins are found too)",
+    "steps_dir": "folder of the operator's own steps (default steps)",
+    "param": "a runbook parameter, NAME=VALUE (repeatable)",
+}
+
+
+def friendly(task_function: Callable) -> Callable:
+    """Turn Overhaul's own errors into a clear message and exit code 2, never a traceback."""
+
+    @functools.wraps(task_function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task_function(*args, **kwargs)
+        except OverhaulError as exc:
+            raise Exit(f"error: {exc}", code=2) from None
+
+    return wrapper
+
+
+def registry(steps_dir: str) -> Registry:
+    builtin = Path(str(resources.files("overhaul.steps"))).resolve()
+    local = Path(steps_dir)
+    return Registry([local] if local.resolve() != builtin else [])
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise OverhaulError(f"--param {pair!r}: expected NAME=VALUE")
+        params[name] = value
+    return params
+
+
+def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_dir: str,
+              params: dict[str, Any]) -> Plan:
+    """Everything that can be checked without touching a host, checked."""
+    inventory = load_inventory(env, Path(hosts_dir))
+    loaded = load_runbook(runbook, Path(runbooks_dir))
+    return build_plan(loaded, inventory, registry(steps_dir), params)
+
+
+def ask(yes: bool) -> Callable[[PlannedStage], bool]:
+    def confirm(planned: PlannedStage) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            print(f"stage {planned.stage.name!r} needs confirmation: run with --yes", file=sys.stderr)
+            return False
+        answer = input(f"Run stage {planned.stage.name!r} on {', '.join(planned.hosts)}? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    return confirm
+
+
+def execute(plan: Plan, check_only: bool = False, yes: bool = False) -> int:
+    """Run (or only check) a plan with a live report; return the exit code."""
+    transport = Transport(plan.inventory)
+    report = ConsoleReport(check_only=check_only)
+    try:
+        runner = Runner(plan, transport, check_only=check_only, confirm=ask(yes), listeners=[report])
+        result = runner.run()
+    finally:
+        transport.close()
+    print(summary(result, plan.stages))
+    return 1 if result.failed else 0
+
+
+@task(
+    positional=["runbook"], iterable=["param"],
+    help={"runbook": "runbook name (runbooks/NAME.yaml or built-in) or path", "yes": "confirm every gated stage",
+          **COMMON_HELP},
+)
+@friendly
+def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+    """Run a runbook on an environment's hosts."""
+    plan = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
+    code = execute(plan, yes=yes)
+    if code:
+        raise Exit(code=code)
+
+
+@task(positional=["runbook"], iterable=["param"], help={"runbook": "runbook name or path", **COMMON_HELP})
+@friendly
+def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+    """Show what a runbook would change on each host (runs only the read-only checks)."""
+    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
+    code = execute(planned, check_only=True)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
+@friendly
+def inventory(c, env, hosts_dir="hosts"):
+    """Show an environment's resolved hosts (roles, address, user, variables)."""
+    loaded = load_inventory(env, Path(hosts_dir))
+    print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts)"
+          f"{', protected' if loaded.policy.protected else ''}")
+    for host in loaded.hosts:
+        user = host.user or loaded.ssh.user
+        port = host.port or loaded.ssh.port
+        print(f"  {host.name:<14} {','.join(host.roles):<12} {user}@{host.address}:{port}  "
+              f"vars={json.dumps(loaded.host_vars(host), sort_keys=True)}")
+
+
+@task(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)"})
+def schema(c, out=""):
+    """Publish the JSON Schema of inventory and runbook files (for editor completion)."""
+    schemas = {"inventory": Inventory.model_json_schema(), "runbook": Runbook.model_json_schema()}
+    if not out:
+        print(json.dumps(schemas, indent=2))
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, document in schemas.items():
+        (Path(out) / f"{name}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {Path(out) / f'{name}.schema.json'}")
+
 
 LAB_HELP = {
     "home": "where the lab keeps its state (default .overhaul/lab)",
@@ -52,6 +194,6 @@ def _print_status(lab: Lab) -> None:
 
 
 lab = Collection("lab", up, down, status)
-namespace = Collection(lab)
+namespace = Collection(run, plan, inventory, schema, lab)
 
 program = Program(namespace=namespace, name="overhaul", version=__version__)

@@ -1,0 +1,121 @@
+"""The plan: a runbook resolved against an inventory, checked completely before any host is touched."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from overhaul.errors import ConfigError
+from overhaul.inventory import Host, Inventory
+from overhaul.runbook import LoadedRunbook, Stage
+from overhaul.step import Params, Registry, Step
+
+REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass
+class PlannedStage:
+    index: int
+    stage: Stage
+    step: type[Step]
+    params: dict[str, Params] = field(default_factory=dict)  # host name -> validated params
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.params)
+
+
+@dataclass
+class Plan:
+    runbook: LoadedRunbook
+    inventory: Inventory
+    run_params: dict[str, Any]
+    stages: list[PlannedStage]
+
+
+def build_plan(
+    loaded: LoadedRunbook, inventory: Inventory, registry: Registry, given: dict[str, Any] | None = None
+) -> Plan:
+    """Resolve every stage's hosts and params; raise ConfigError listing every problem found."""
+    runbook = loaded.runbook
+    problems: list[str] = []
+    run_params = _run_params(loaded, given or {}, problems)
+    stages = []
+    for index, stage in enumerate(runbook.stages):
+        try:
+            step = registry.get(stage.step)
+        except KeyError as exc:
+            problems.append(f"{loaded.where(index, 'step')}: stages[{index}].step: {exc.args[0]}")
+            continue
+        planned = PlannedStage(index, stage, step)
+        for host in select_hosts(stage, inventory, loaded, index, problems):
+            values = {**inventory.host_vars(host), **run_params, "host": host.name, "address": host.address}
+            try:
+                raw = substitute(stage.params, values)
+                planned.params[host.name] = step.Params.model_validate(raw)
+            except KeyError as exc:
+                problems.append(
+                    f"{loaded.where(index, 'params')}: stages[{index}].params: unknown reference ${{{exc.args[0]}}} "
+                    f"for host {host.name} (known: {', '.join(sorted(values))})"
+                )
+            except ValidationError as exc:
+                problems += [
+                    f"{line} (step {stage.step!r})"
+                    for line in loaded.document.explain(exc, prefix=("stages", index, "params"))
+                ]
+        stages.append(planned)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, not per host
+    return Plan(loaded, inventory, run_params, stages)
+
+
+def _run_params(loaded: LoadedRunbook, given: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    declared = loaded.runbook.params
+    for name in given:
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            problems.append(f"{loaded.path}: runbook {loaded.runbook.name!r} has no parameter {name!r} (parameters: {known})")
+    merged = {**declared, **{k: v for k, v in given.items() if v is not None}}
+    for name, value in merged.items():
+        if value is None:
+            problems.append(f"{loaded.document.where(('params', name))}: params.{name}: required: give it with --{name}")
+    return merged
+
+
+def select_hosts(
+    stage: Stage, inventory: Inventory, loaded: LoadedRunbook, index: int, problems: list[str]
+) -> list[Host]:
+    """The stage's hosts in inventory order: by role or by name, minus exclusions."""
+    names = {host.name for host in inventory.hosts}
+    for field_name, wanted, known in (
+        ("roles", stage.roles, inventory.roles), ("hosts", stage.hosts, names), ("exclude", stage.exclude, names)
+    ):
+        for item in wanted:
+            if item not in known:
+                problems.append(
+                    f"{loaded.where(index, field_name)}: stages[{index}].{field_name}: {item!r} is not in the inventory "
+                    f"of {inventory.environment!r} (known: {', '.join(sorted(known))})"
+                )
+    return [
+        host for host in inventory.hosts
+        if (not stage.roles or set(stage.roles) & set(host.roles))
+        and (not stage.hosts or host.name in stage.hosts)
+        and host.name not in stage.exclude
+    ]
+
+
+def substitute(value: Any, values: dict[str, Any]) -> Any:
+    """Replace ${name} references in strings (recursively); a whole-string reference keeps its type."""
+    if isinstance(value, str):
+        whole = REFERENCE.fullmatch(value)
+        if whole:
+            return values[whole.group(1)]
+        return REFERENCE.sub(lambda m: str(values[m.group(1)]), value)
+    if isinstance(value, dict):
+        return {key: substitute(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [substitute(item, values) for item in value]
+    return value

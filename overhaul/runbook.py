@@ -1,0 +1,138 @@
+"""Runbooks: ordered stages, each one step on a selection of hosts with a strategy and a failure budget."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from overhaul.config import Document, load_document
+from overhaul.errors import ConfigError
+
+PERCENT = re.compile(r"^(\d{1,3})%$")
+BUILTIN_RUNBOOKS = Path(str(resources.files("overhaul.runbooks")))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryPolicy(Strict):
+    """How often a host's step is tried again after it failed (a command exited non-zero).
+
+    Transport faults while connecting are retried by the transport regardless of this policy.
+    """
+
+    attempts: int = Field(1, ge=1, le=20)
+    delay: float = Field(2.0, ge=0, le=3600)
+    backoff: float = Field(2.0, ge=1, le=10)
+
+
+Count = int | str  # a number of hosts, or "N%" of the stage's hosts
+
+
+def _count(value: Count, allow_zero: bool) -> Count:
+    if isinstance(value, int):
+        if value < (0 if allow_zero else 1):
+            raise ValueError(f"expected {'0 or more' if allow_zero else '1 or more'}, or a percentage like '25%'")
+        return value
+    match = PERCENT.match(value)
+    if not match or not (0 if allow_zero else 1) <= int(match.group(1)) <= 100:
+        raise ValueError(f"expected a number or a percentage like '25%', got {value!r}")
+    return value
+
+
+def resolve_count(value: Count, total: int, minimum: int) -> int:
+    """A count of hosts: an int as is, 'N%' of total rounded down, never less than `minimum`."""
+    if isinstance(value, int):
+        return max(value, minimum)
+    return max(total * int(value[:-1]) // 100, minimum)
+
+
+class Stage(Strict):
+    name: str = Field(min_length=1)
+    step: str = Field(min_length=1)
+    params: dict[str, Any] = {}
+    roles: list[str] = []  # hosts having any of these roles (empty: every host)
+    hosts: list[str] = []  # or exactly these hosts by name
+    exclude: list[str] = []  # minus these hosts
+    strategy: Literal["parallel", "serial", "rolling"] = "parallel"
+    concurrency: int = Field(10, ge=1, le=1000)
+    batch: Count | None = None  # rolling: hosts per batch
+    max_failures: Count = 0  # failures tolerated before the run stops
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float = Field(300, gt=0, le=86400)  # per command
+    confirm: bool = False
+    on_failure: Literal["stop", "continue"] = "stop"
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: Count | None) -> Count | None:
+        return None if value is None else _count(value, allow_zero=False)
+
+    @field_validator("max_failures")
+    @classmethod
+    def _max_failures(cls, value: Count) -> Count:
+        return _count(value, allow_zero=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.strategy == "rolling" and self.batch is None:
+            raise ValueError("strategy 'rolling' needs `batch` (a number of hosts or a percentage)")
+        if self.strategy != "rolling" and self.batch is not None:
+            raise ValueError(f"`batch` only applies to strategy 'rolling' (this stage is {self.strategy!r})")
+        if self.roles and self.hosts:
+            raise ValueError("select hosts by `roles` or by `hosts`, not both")
+        return self
+
+
+class Runbook(Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    params: dict[str, Any] = {}  # run parameters and their defaults (None: must be given)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Self:
+        seen = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"two stages are named {stage.name!r}: stage names must be unique")
+            seen.add(stage.name)
+        return self
+
+
+class LoadedRunbook:
+    """A validated runbook and the document it came from (for line numbers in later errors)."""
+
+    def __init__(self, runbook: Runbook, document: Document):
+        self.runbook = runbook
+        self.document = document
+
+    @property
+    def path(self) -> Path:
+        return self.document.path
+
+    def where(self, stage_index: int, *field: str | int) -> str:
+        return self.document.where(("stages", stage_index, *field))
+
+
+def runbook_path(name: str, runbooks_dir: Path = Path("runbooks")) -> Path:
+    """A runbook by path, or by name in the operator's runbooks/ folder, then among the built-ins."""
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.exists():
+        return as_path
+    for folder in (runbooks_dir, BUILTIN_RUNBOOKS):
+        candidate = folder / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+    known = sorted({p.stem for folder in (runbooks_dir, BUILTIN_RUNBOOKS) for p in folder.glob("*.yaml")})
+    raise ConfigError([f"unknown runbook {name!r}: no {runbooks_dir}/{name}.yaml (runbooks: {', '.join(known)})"])
+
+
+def load_runbook(name: str, runbooks_dir: Path = Path("runbooks")) -> LoadedRunbook:
+    document = load_document(runbook_path(name, runbooks_dir))
+    return LoadedRunbook(document.validate(Runbook), document)

@@ -1,0 +1,176 @@
+"""The runner: walks a plan stage by stage over a bounded pool, within each stage's failure budget.
+
+Per (stage, host): `check`; if the work is not done, `apply` then `verify`. Every pair ends `ok`,
+`changed`, `failed` or `skipped`. A host that failed is skipped by later stages. A stage whose
+failures exceed its `max_failures` stops the run (unless `on_failure: continue`): later stages are
+skipped, so nothing downstream of a failed safeguard runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from overhaul.errors import HostUnreachable, StepFailed
+from overhaul.plan import Plan, PlannedStage
+from overhaul.runbook import resolve_count
+from overhaul.step import Outcome
+from overhaul.transport import Transport
+
+
+@dataclass
+class HostResult:
+    stage: str
+    host: str
+    outcome: Outcome
+    message: str
+    attempts: int = 0
+    duration: float = 0.0
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    results: list[HostResult]
+    stopped_at: str | None = None  # the stage that stopped the run
+    stop_reason: str = ""
+    check_only: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.stopped_at is not None or any(r.outcome is Outcome.FAILED for r in self.results)
+
+    def counts(self, stage: str) -> Counter[Outcome]:
+        return Counter(r.outcome for r in self.results if r.stage == stage)
+
+
+class Listener(Protocol):
+    """Told about the run as it goes (live report, journal). Called from worker threads, one at a time."""
+
+    def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
+
+    def host_finished(self, result: HostResult) -> None: ...
+
+
+class Runner:
+    def __init__(
+        self,
+        plan: Plan,
+        transport: Transport,
+        *,
+        check_only: bool = False,
+        confirm: Callable[[PlannedStage], bool] | None = None,
+        listeners: list[Listener] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.plan = plan
+        self.transport = transport
+        self.check_only = check_only
+        self.confirm = confirm or (lambda planned: False)
+        self.listeners = listeners or []
+        self.sleep = sleep
+        self._lock = threading.Lock()
+        self._results: list[HostResult] = []
+
+    def run(self) -> RunResult:
+        failed_hosts: set[str] = set()
+        stopped_at, reason = None, ""
+        for planned in self.plan.stages:
+            name = planned.stage.name
+            if stopped_at is not None:
+                for host in planned.hosts:
+                    self._record(HostResult(name, host, Outcome.SKIPPED, f"run stopped at stage {stopped_at!r}"))
+                continue
+            if planned.stage.confirm and not self.check_only and planned.hosts and not self.confirm(planned):
+                stopped_at, reason = name, "not confirmed"
+                for host in planned.hosts:
+                    self._record(HostResult(name, host, Outcome.SKIPPED, "stage not confirmed"))
+                continue
+            for listener in self.listeners:
+                listener.stage_started(planned, planned.hosts)
+            results = self._run_stage(planned, failed_hosts)
+            failures = [r.host for r in results if r.outcome is Outcome.FAILED]
+            failed_hosts.update(failures)
+            budget = resolve_count(planned.stage.max_failures, len(planned.hosts), 0)
+            if len(failures) > budget and planned.stage.on_failure == "stop":
+                stopped_at = name
+                reason = f"{len(failures)} of {len(planned.hosts)} hosts failed (max_failures {planned.stage.max_failures})"
+        return RunResult(self._results, stopped_at, reason, self.check_only)
+
+    def _run_stage(self, planned: PlannedStage, failed_hosts: set[str]) -> list[HostResult]:
+        stage = planned.stage
+        total = len(planned.hosts)
+        budget = resolve_count(stage.max_failures, total, 0)
+        if stage.strategy == "parallel":
+            width = stage.concurrency
+            batches = [planned.hosts]
+        else:
+            width = 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, total, 1)
+            batches = [planned.hosts[i : i + width] for i in range(0, total, width)]
+        failures = Counter[str]()
+
+        def one(host: str) -> HostResult:
+            if host in failed_hosts:
+                return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "failed in an earlier stage"))
+            with self._lock:
+                over_budget = failures["failed"] > budget
+            if over_budget:
+                return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded"))
+            result = self._record(self._run_host(planned, host))
+            if result.outcome is Outcome.FAILED:
+                with self._lock:
+                    failures["failed"] += 1
+            return result
+
+        results: list[HostResult] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(width, total))) as pool:
+            for batch in batches:
+                results += pool.map(one, batch)
+        return results
+
+    def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
+        stage = planned.stage
+        host = self.transport.host(name)
+        host.command_timeout = stage.timeout
+        step = planned.step(planned.params[name])
+        started = time.monotonic()
+        delay = stage.retry.delay
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                outcome, message, facts = self._attempt(step, host)
+                return HostResult(stage.name, name, outcome, message, attempts, time.monotonic() - started, facts)
+            except (StepFailed, HostUnreachable) as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug in a step fails this host, not the whole run
+                error = f"step {stage.step!r} raised {type(exc).__name__}: {exc}"
+            if attempts >= stage.retry.attempts:
+                return HostResult(stage.name, name, Outcome.FAILED, error, attempts, time.monotonic() - started)
+            self.sleep(delay)
+            delay *= stage.retry.backoff
+
+    def _attempt(self, step, host) -> tuple[Outcome, str, dict[str, Any]]:
+        host.connect()
+        check = step.check(host)
+        if check.done:
+            return Outcome.OK, check.message, check.facts or {}
+        if self.check_only:
+            return Outcome.CHANGED, check.message, {}
+        message = step.apply(host)
+        verified = step.verify(host)
+        if not verified.done:
+            raise StepFailed(f"applied, but verify failed: {verified.message}")
+        return Outcome.CHANGED, message, verified.facts or {}
+
+    def _record(self, result: HostResult) -> HostResult:
+        with self._lock:
+            self._results.append(result)
+            for listener in self.listeners:
+                listener.host_finished(result)
+        return result

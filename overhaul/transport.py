@@ -1,0 +1,340 @@
+"""SSH transport: one strict, pooled Fabric connection per host, reused for every command of a run.
+
+- Host keys are checked against the inventory's known_hosts on every hop (bastion included); an
+  unknown or changed key is refused, never added (Fabric's default AutoAddPolicy is replaced).
+- TCP_NODELAY is set on every socket: without it each small reply waits on the 40 ms delayed ACK.
+- Commands run on a paramiko channel read with select (no polling threads), are wrapped in the
+  remote `timeout` so a timed-out command dies on the host too, and take secrets only on stdin.
+- Connecting is retried with exponential backoff and jitter on transient faults; authentication and
+  host-key failures are not retried. A command that was running when the link dropped is reported,
+  not silently re-run: its effect on the host is unknown.
+"""
+
+from __future__ import annotations
+
+import select
+import shlex
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fabric
+import paramiko
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from overhaul.errors import HostUnreachable
+from overhaul.inventory import Host, Inventory
+from overhaul.secrets import Redactor
+
+KILL_GRACE = 5  # seconds `timeout` waits after SIGTERM before SIGKILL on the host
+
+
+class UnknownHostKey(paramiko.SSHException):
+    """The host offered a key that known_hosts does not list."""
+
+
+class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+    def __init__(self, known_hosts: str):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise UnknownHostKey(
+            f"host key of {hostname} ({key.get_name()}) is not in {self.known_hosts}: refusing to connect "
+            f"(add it after checking its fingerprint SHA256:{_fingerprint(key)})"
+        )
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+NEVER_RETRY = (paramiko.AuthenticationException, paramiko.BadHostKeyException, UnknownHostKey)
+TRANSIENT = (paramiko.SSHException, OSError, EOFError)
+
+
+@dataclass
+class CommandResult:
+    """What one remote command did. Output is already redacted."""
+
+    command: str
+    exited: int
+    stdout: str
+    stderr: str
+    duration: float
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+    def tail(self, limit: int = 400) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()) or "(no output)"
+        return text if len(text) <= limit else "..." + text[-limit:]
+
+
+class RemoteHost:
+    """An inventory host as steps see it: its name, roles and vars, and commands run on it."""
+
+    def __init__(self, host: Host, inventory: Inventory, redactor: Redactor, gateway: fabric.Connection | None):
+        self.host = host
+        self.inventory = inventory
+        self.redactor = redactor
+        self.vars = inventory.host_vars(host)
+        self.command_timeout: float = 300
+        self.history: list[CommandResult] = []
+        self._gateway = gateway
+        self._connection: fabric.Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def roles(self) -> list[str]:
+        return self.host.roles
+
+    @property
+    def user(self) -> str:
+        return self.host.user or self.inventory.ssh.user
+
+    def __repr__(self) -> str:
+        return f"<RemoteHost {self.name} {self.host.address}>"
+
+    # -- connecting ------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Open the connection (retrying transient faults) unless it is already open."""
+        with self._lock:
+            if self._connection is not None and self._connection.is_connected:
+                return
+            ssh = self.inventory.ssh
+            retrying = Retrying(
+                retry=retry_if_exception_type(TRANSIENT) & retry_if_not_exception_type(NEVER_RETRY),
+                stop=stop_after_attempt(ssh.connect_retries),
+                wait=wait_exponential_jitter(max=8, jitter=0.5),
+                reraise=True,
+            )
+            endpoint = f"{self.name} ({self.user}@{self.host.address}:{self.host.port or ssh.port})"
+            try:
+                self._connection = retrying(self._open)
+            except paramiko.BadHostKeyException as exc:
+                raise HostUnreachable(
+                    f"{endpoint}: host key does not match {ssh.known_hosts} (expected "
+                    f"SHA256:{_fingerprint(exc.expected_key)}, got SHA256:{_fingerprint(exc.key)}): refusing to "
+                    "connect; if the host was rebuilt, check and update known_hosts"
+                ) from None
+            except UnknownHostKey as exc:
+                raise HostUnreachable(f"{endpoint}: {exc}") from None
+            except paramiko.AuthenticationException as exc:
+                raise HostUnreachable(f"{endpoint}: authentication failed: {exc}") from None
+            except TRANSIENT as exc:
+                reason = str(exc) or type(exc).__name__
+                raise HostUnreachable(
+                    f"{endpoint}: cannot connect after {ssh.connect_retries} attempts: {reason}"
+                ) from None
+
+    def _open(self) -> fabric.Connection:
+        ssh = self.inventory.ssh
+        port = self.host.port or ssh.port
+        kwargs: dict[str, Any] = {}
+        if self._gateway is None:
+            kwargs["sock"] = _fast_socket(self.host.address, port, ssh.connect_timeout)
+        connection = make_connection(self.host.address, port, self.user, self.inventory, self._gateway, kwargs)
+        connection.open()
+        _set_nodelay(connection)
+        return connection
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    # -- running ---------------------------------------------------------------------------
+    def run(
+        self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        """Run `command` with sh on the host; stdin (for secrets and file contents) never shows in logs.
+
+        Exit codes are returned, not raised: the step decides what a failure means.
+        """
+        timeout = timeout or self.command_timeout
+        use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
+        line = f"timeout -k {KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
+        payload = stdin or ""
+        if use_sudo and self.user != "root":
+            password = self.inventory.ssh.sudo_password
+            if password is not None:
+                line = f"sudo -S -p '' -- {line}"
+                payload = self.redactor.add(password.resolve()) + "\n" + payload
+            else:
+                line = f"sudo -n -- {line}"
+        self.connect()
+        started = time.monotonic()
+        exited, out, err, timed_out = self._exec(line, payload.encode(), started + timeout + KILL_GRACE + 5)
+        result = CommandResult(
+            command=self.redactor(command), exited=124 if timed_out else exited, stdout=self.redactor(out),
+            stderr=self.redactor(err), duration=time.monotonic() - started, timed_out=timed_out or exited == 124,
+        )
+        self.history.append(result)
+        return result
+
+    def _exec(self, line: str, stdin: bytes, deadline: float) -> tuple[int, str, str, bool]:
+        assert self._connection is not None
+        transport = self._connection.transport
+        try:
+            channel = transport.open_session(timeout=self.inventory.ssh.connect_timeout)
+        except TRANSIENT as exc:
+            # The command never started: reconnect once and try again.
+            self.close()
+            self.connect()
+            try:
+                channel = self._connection.transport.open_session(timeout=self.inventory.ssh.connect_timeout)
+            except TRANSIENT:
+                raise HostUnreachable(f"{self.name}: cannot open a session: {exc}") from None
+        out, err = bytearray(), bytearray()
+        try:
+            channel.exec_command(line)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            while True:
+                if channel.recv_ready():
+                    out += channel.recv(65536)
+                elif channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                elif channel.exit_status_ready() or channel.closed:
+                    break
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return 124, out.decode(errors="replace"), err.decode(errors="replace"), True
+                    select.select([channel], [], [], min(remaining, 1.0))
+            status = channel.recv_exit_status()
+        except TRANSIENT as exc:
+            self.close()
+            raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown): {exc}") from None
+        finally:
+            channel.close()
+        if status == -1:
+            self.close()
+            raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown)")
+        return status, out.decode(errors="replace"), err.decode(errors="replace"), False
+
+    def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:
+        """Create `path` with `mode` from the start (no window where others can read it); content on stdin."""
+        quoted = shlex.quote(path)
+        return self.run(f"umask 077 && cat > {quoted} && chmod {mode:o} {quoted}", stdin=content, sudo=sudo)
+
+    def secret(self, name: str) -> str:
+        """The value of an inventory secret; from now on it is redacted from every output."""
+        try:
+            ref = self.inventory.secrets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.inventory.secrets)) or "none"
+            raise HostUnreachable(f"no secret named {name!r} in the inventory (secrets: {known})") from None
+        return self.redactor.add(ref.resolve())
+
+
+def make_connection(
+    address: str, port: int, user: str, inventory: Inventory, gateway: fabric.Connection | None,
+    connect_kwargs: dict[str, Any] | None = None,
+) -> fabric.Connection:
+    """A Fabric connection that checks host keys strictly and ignores ~/.ssh/config."""
+    ssh = inventory.ssh
+    kwargs: dict[str, Any] = {
+        "look_for_keys": False, "allow_agent": False,
+        "banner_timeout": ssh.connect_timeout, "auth_timeout": ssh.connect_timeout,
+        **(connect_kwargs or {}),
+    }
+    if ssh.key_file:
+        kwargs["key_filename"] = str(ssh.key_file)
+    config = fabric.Config(overrides={"load_ssh_configs": False})
+    connection = fabric.Connection(
+        address, user=user, port=port, config=config, gateway=gateway,
+        connect_timeout=ssh.connect_timeout, connect_kwargs=kwargs,
+    )
+    connection.client.load_host_keys(str(ssh.known_hosts))
+    connection.client.set_missing_host_key_policy(_RejectUnknown(str(ssh.known_hosts)))
+    return connection
+
+
+def _fast_socket(address: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((address, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _set_nodelay(connection: fabric.Connection) -> None:
+    sock = connection.transport.sock
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Transport:
+    """The connections of one run: one per host, opened in parallel, closed together."""
+
+    def __init__(self, inventory: Inventory, redactor: Redactor | None = None, max_workers: int = 16):
+        self.inventory = inventory
+        self.redactor = redactor or Redactor()
+        self.max_workers = max_workers
+        self._hosts: dict[str, RemoteHost] = {}
+        self._gateway = self._make_gateway()
+
+    def _make_gateway(self) -> fabric.Connection | None:
+        bastion = self.inventory.ssh.bastion
+        if bastion is None:
+            return None
+        kwargs = {}
+        if bastion.key_file:
+            kwargs["key_filename"] = str(bastion.key_file)
+        return make_connection(
+            bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory, None, kwargs
+        )
+
+    def host(self, name: str) -> RemoteHost:
+        if name not in self._hosts:
+            self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway)
+        return self._hosts[name]
+
+    def connect(self, names: list[str]) -> dict[str, HostUnreachable]:
+        """Connect to every named host in parallel; return the hosts that could not be reached."""
+        failures: dict[str, HostUnreachable] = {}
+
+        def attempt(name: str) -> None:
+            try:
+                self.host(name).connect()
+            except HostUnreachable as exc:
+                failures[name] = exc
+
+        if self._gateway is not None:
+            try:
+                self._gateway.open()
+                _set_nodelay(self._gateway)
+            except (*TRANSIENT, *NEVER_RETRY) as exc:
+                bastion = self.inventory.ssh.bastion
+                assert bastion is not None
+                error = HostUnreachable(f"bastion {bastion.address}:{bastion.port}: {exc}")
+                return dict.fromkeys(names, error)
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, max(len(names), 1))) as pool:
+            list(pool.map(attempt, names))
+        return failures
+
+    def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
+        if self._gateway is not None:
+            self._gateway.close()
+

@@ -1,0 +1,46 @@
+"""`shell`: run a command, made idempotent by a `creates` path or an `unless` command."""
+
+from __future__ import annotations
+
+import shlex
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params, Step
+from overhaul.transport import RemoteHost
+
+
+class ShellParams(Params):
+    command: str
+    creates: str | None = None  # the work is done when this path exists on the host
+    unless: str | None = None  # the work is done when this command exits 0
+    sudo: bool = False
+
+
+class Shell(Step[ShellParams]):
+    """Run `command` on each host unless `creates` exists or `unless` succeeds.
+
+    Without a guard the command runs every time and always reports `changed`, like Ansible's shell.
+    """
+
+    name = "shell"
+    Params = ShellParams
+
+    def check(self, host: RemoteHost) -> Check:
+        if self.params.creates:
+            if host.run(f"test -e {shlex.quote(self.params.creates)}", sudo=self.params.sudo).ok:
+                return Check(True, f"{self.params.creates} exists")
+        if self.params.unless:
+            if host.run(self.params.unless, sudo=self.params.sudo).ok:
+                return Check(True, "`unless` command succeeded")
+        return Check(False, f"would run: {self.params.command}")
+
+    def apply(self, host: RemoteHost) -> str:
+        result = host.run(self.params.command, sudo=self.params.sudo)
+        if not result.ok:
+            raise StepFailed(f"`{self.params.command}` exited {result.exited}: {result.tail()}")
+        return f"ran `{self.params.command}`"
+
+    def verify(self, host: RemoteHost) -> Check:
+        if self.params.creates or self.params.unless:
+            return self.check(host)
+        return Check(True, "command exited 0")
