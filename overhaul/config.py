@@ -46,7 +46,7 @@ class Document:
             field = dotted(location) or "(top level)"
             message = error["msg"].removeprefix("Value error, ")
             got = ""
-            if error["type"] not in ("missing", "value_error", "assertion_error") and not isinstance(
+            if error["type"] not in ("missing", "value_error", "assertion_error", "extra_forbidden") and not isinstance(
                 error.get("input"), dict | list
             ):
                 got = f" (got {error['input']!r})"

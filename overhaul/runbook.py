@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from overhaul.config import Document, load_document
+from overhaul.config import Document, dotted, load_document
 from overhaul.errors import ConfigError
 
 PERCENT = re.compile(r"^(\d{1,3})%$")
@@ -95,14 +95,15 @@ class Runbook(Strict):
     params: dict[str, Any] = {}  # run parameters and their defaults (None: must be given)
     stages: list[Stage] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_stage_names(self) -> Self:
-        seen = set()
-        for stage in self.stages:
+    def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems across stages, each with the location it is about."""
+        seen: dict[str, int] = {}
+        found = []
+        for index, stage in enumerate(self.stages):
             if stage.name in seen:
-                raise ValueError(f"two stages are named {stage.name!r}: stage names must be unique")
-            seen.add(stage.name)
-        return self
+                found.append((("stages", index, "name"), f"another stage is named {stage.name!r} (stages[{seen[stage.name]}])"))
+            seen.setdefault(stage.name, index)
+        return found
 
 
 class LoadedRunbook:
@@ -135,4 +136,8 @@ def runbook_path(name: str, runbooks_dir: Path = Path("runbooks")) -> Path:
 
 def load_runbook(name: str, runbooks_dir: Path = Path("runbooks")) -> LoadedRunbook:
     document = load_document(runbook_path(name, runbooks_dir))
-    return LoadedRunbook(document.validate(Runbook), document)
+    runbook = document.validate(Runbook)
+    problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in runbook.conflicts()]
+    if problems:
+        raise ConfigError(problems)
+    return LoadedRunbook(runbook, document)

@@ -105,9 +105,9 @@ class Registry:
             except Exception as exc:
                 raise ConfigError([f"{path}: cannot load this step module: {type(exc).__name__}: {exc}"]) from None
             for value in vars(module).values():
-                if isinstance(value, type) and issubclass(value, Step) and value.__module__ == module_name:
-                    if getattr(value, "name", None):
-                        self.add(value)
+                defined_here = isinstance(value, type) and value.__module__ == module_name
+                if defined_here and issubclass(value, Step) and getattr(value, "name", None):
+                    self.add(value)
 
     def names(self) -> list[str]:
         return sorted(self._steps)

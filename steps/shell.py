@@ -26,12 +26,10 @@ class Shell(Step[ShellParams]):
     Params = ShellParams
 
     def check(self, host: RemoteHost) -> Check:
-        if self.params.creates:
-            if host.run(f"test -e {shlex.quote(self.params.creates)}", sudo=self.params.sudo).ok:
-                return Check(True, f"{self.params.creates} exists")
-        if self.params.unless:
-            if host.run(self.params.unless, sudo=self.params.sudo).ok:
-                return Check(True, "`unless` command succeeded")
+        if self.params.creates and host.run(f"test -e {shlex.quote(self.params.creates)}", sudo=self.params.sudo).ok:
+            return Check(True, f"{self.params.creates} exists")
+        if self.params.unless and host.run(self.params.unless, sudo=self.params.sudo).ok:
+            return Check(True, "`unless` command succeeded")
         return Check(False, f"would run: {self.params.command}")
 
     def apply(self, host: RemoteHost) -> str:

@@ -1,0 +1,44 @@
+"""Helpers for engine tests: write a runbook, plan it against a lab inventory, run it."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from overhaul.inventory import Inventory, load_inventory_file
+from overhaul.lab import Lab
+from overhaul.plan import Plan, build_plan
+from overhaul.runbook import load_runbook
+from overhaul.runner import Runner, RunResult
+from overhaul.step import Registry
+from overhaul.transport import Transport
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def lab_inventory(lab: Lab) -> Inventory:
+    return load_inventory_file(lab.inventory)
+
+
+def plan_for(runbook_yaml: str, tmp_path: Path, inventory: Inventory, params: dict | None = None,
+             registry: Registry | None = None) -> Plan:
+    path = write(tmp_path / "runbook.yaml", runbook_yaml)
+    return build_plan(load_runbook(str(path)), inventory, registry or Registry(), params)
+
+
+def run(runbook_yaml: str, tmp_path: Path, inventory: Inventory, *, check_only: bool = False,
+        confirm=None, params: dict | None = None, registry: Registry | None = None) -> RunResult:
+    plan = plan_for(runbook_yaml, tmp_path, inventory, params, registry)
+    transport = Transport(inventory)
+    try:
+        return Runner(plan, transport, check_only=check_only, confirm=confirm, sleep=lambda _: None).run()
+    finally:
+        transport.close()
+
+
+def outcomes(result: RunResult, stage: str) -> dict[str, str]:
+    return {r.host: r.outcome.value for r in result.results if r.stage == stage}

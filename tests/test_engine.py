@@ -1,0 +1,375 @@
+"""The engine on real hosts: idempotent runs, plan, strategies and failure budgets, strict keys, retries."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from helpers import lab_inventory, outcomes, plan_for, run, write
+
+from overhaul.errors import HostUnreachable
+from overhaul.lab import faults
+from overhaul.runbook import Stage, resolve_count
+from overhaul.step import Registry
+from overhaul.transport import Transport
+
+
+@pytest.fixture
+def tag() -> str:
+    """A unique name, so tests on the shared lab never see each other's files."""
+    return uuid.uuid4().hex[:8]
+
+
+def test_counts_and_percentages_resolve_against_the_stage_size():
+    assert resolve_count("25%", 8, 1) == 2
+    assert resolve_count("10%", 4, 1) == 1  # a batch is never empty
+    assert resolve_count("0%", 4, 0) == 0
+    assert resolve_count(3, 10, 0) == 3
+
+
+def test_rolling_needs_a_batch_and_only_rolling_takes_one():
+    with pytest.raises(ValueError, match="needs `batch`"):
+        Stage(name="s", step="shell", strategy="rolling")
+    with pytest.raises(ValueError, match="only applies to strategy 'rolling'"):
+        Stage(name="s", step="shell", batch=2)
+
+
+def test_selectors_pick_roles_names_and_exclusions_in_inventory_order(lab, tmp_path):
+    inventory = lab_inventory(lab)
+    plan = plan_for("""
+        name: select
+        stages:
+          - {name: by role, step: shell, roles: [app, db], params: {command: "true"}}
+          - {name: by name, step: shell, hosts: [app2, worker1], params: {command: "true"}}
+          - {name: all but, step: shell, exclude: [app1, db1], params: {command: "true"}}
+    """, tmp_path, inventory)
+    assert [s.hosts for s in plan.stages] == [["db1", "app1", "app2"], ["worker1", "app2"], ["worker1", "app2"]]
+
+
+TWO_STAGES = """
+    name: two-stage
+    params:
+      tag: null
+    stages:
+      - name: write marker
+        step: shell
+        params:
+          command: echo ${host} > /root/marker-${tag}
+          creates: /root/marker-${tag}
+      - name: app only
+        step: shell
+        roles: [app]
+        strategy: rolling
+        batch: 1
+        params:
+          command: echo done >> /root/app-${tag}
+          creates: /root/app-${tag}
+"""
+
+
+def test_plan_shows_the_change_and_touches_nothing(lab, tmp_path, tag, shell):
+    inventory = lab_inventory(lab)
+    result = run(TWO_STAGES, tmp_path, inventory, check_only=True, params={"tag": tag})
+    assert outcomes(result, "write marker") == dict.fromkeys(["db1", "worker1", "app1", "app2"], "changed")
+    assert all(r.message.startswith("would run: echo") for r in result.results)
+    assert shell(lab, "app1").run(f"test -e /root/marker-{tag}")[0] == 1
+
+
+def test_a_two_stage_runbook_is_idempotent(lab, tmp_path, tag, shell):
+    inventory = lab_inventory(lab)
+    first = run(TWO_STAGES, tmp_path, inventory, params={"tag": tag})
+    assert not first.failed
+    assert outcomes(first, "write marker") == dict.fromkeys(["db1", "worker1", "app1", "app2"], "changed")
+    assert outcomes(first, "app only") == {"app1": "changed", "app2": "changed"}
+    second = run(TWO_STAGES, tmp_path, inventory, params={"tag": tag})
+    assert {r.outcome.value for r in second.results} == {"ok"}
+    assert shell(lab, "app2").run(f"cat /root/marker-{tag} /root/app-{tag}")[1].split() == ["app2", "done"]
+
+
+def test_one_failure_under_max_failures_0_stops_before_the_next_stage(lab, tmp_path, tag, shell):
+    result = run(f"""
+        name: budget
+        stages:
+          - name: fails on app1
+            step: shell
+            roles: [app, worker]
+            params: {{command: 'test $(hostname) != app1'}}
+          - name: never runs
+            step: shell
+            params: {{command: touch /root/never-{tag}}}
+    """, tmp_path, lab_inventory(lab))
+    assert outcomes(result, "fails on app1") == {"worker1": "changed", "app1": "failed", "app2": "changed"}
+    assert set(outcomes(result, "never runs").values()) == {"skipped"}
+    assert result.stopped_at == "fails on app1" and result.failed
+    assert shell(lab, "db1").run(f"test -e /root/never-{tag}")[0] == 1
+
+
+def test_a_failure_within_budget_continues_without_the_failed_host(lab, tmp_path, tag):
+    result = run(f"""
+        name: budget
+        stages:
+          - name: fails on app1
+            step: shell
+            roles: [app, worker]
+            max_failures: 1
+            params: {{command: 'test $(hostname) != app1'}}
+          - name: next
+            step: shell
+            roles: [app]
+            params: {{command: 'rm -f /root/next-{tag}'}}
+    """, tmp_path, lab_inventory(lab))
+    assert result.stopped_at is None and result.failed  # a host failed, so the run still reports failure
+    assert outcomes(result, "next") == {"app1": "skipped", "app2": "changed"}
+
+
+def test_a_rolling_stage_stops_launching_batches_once_over_budget(lab, tmp_path):
+    result = run("""
+        name: rolling
+        stages:
+          - name: roll
+            step: shell
+            strategy: rolling
+            batch: 2
+            params: {command: 'test $(hostname) != worker1'}
+    """, tmp_path, lab_inventory(lab))
+    # inventory order db1, worker1 | app1, app2: the first batch fails, the second never starts.
+    assert outcomes(result, "roll") == {"db1": "changed", "worker1": "failed", "app1": "skipped", "app2": "skipped"}
+    skipped = [r.message for r in result.results if r.outcome.value == "skipped"]
+    assert skipped == ["stage failure budget exceeded"] * 2
+
+
+def test_serial_runs_one_host_at_a_time(lab, tmp_path, tag, shell):
+    stamp = f"/tmp/serial-{tag}"
+    result = run(f"""
+        name: serial
+        stages:
+          - name: one by one
+            step: shell
+            strategy: serial
+            params: {{command: 'date +%s.%N > {stamp}.start; sleep 0.3; date +%s.%N > {stamp}.end'}}
+    """, tmp_path, lab_inventory(lab))
+    assert not result.failed
+    spans = []
+    for host in ("db1", "worker1", "app1", "app2"):
+        start, end = shell(lab, host).run(f"cat {stamp}.start {stamp}.end")[1].split()
+        spans.append((float(start), float(end)))
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end  # each host started after the previous one finished
+
+
+def test_a_failing_command_is_retried_only_as_the_stage_allows(lab, tmp_path, tag):
+    flaky = f"n=$(cat /tmp/flaky-{tag} 2>/dev/null || echo 0); echo $((n+1)) > /tmp/flaky-{tag}; [ $n -ge 2 ]"
+    runbook = f"""
+        name: retry
+        stages:
+          - name: flaky
+            step: shell
+            hosts: [db1]
+            retry: {{attempts: ATTEMPTS, delay: 0}}
+            params: {{command: '{flaky}'}}
+    """
+    once = run(runbook.replace("ATTEMPTS", "1"), tmp_path, lab_inventory(lab))
+    assert [(r.outcome.value, r.attempts) for r in once.results] == [("failed", 1)]
+    thrice = run(runbook.replace("ATTEMPTS", "3"), tmp_path, lab_inventory(lab))
+    assert [(r.outcome.value, r.attempts) for r in thrice.results] == [("changed", 2)]
+
+
+def test_a_gated_stage_runs_only_when_confirmed(lab, tmp_path, tag, shell):
+    runbook = f"""
+        name: gated
+        stages:
+          - name: dangerous
+            step: shell
+            hosts: [db1]
+            confirm: true
+            params: {{command: touch /root/gated-{tag}, creates: /root/gated-{tag}}}
+    """
+    refused = run(runbook, tmp_path, lab_inventory(lab), confirm=lambda planned: False)
+    assert refused.stopped_at == "dangerous" and outcomes(refused, "dangerous") == {"db1": "skipped"}
+    assert shell(lab, "db1").run(f"test -e /root/gated-{tag}")[0] == 1
+    accepted = run(runbook, tmp_path, lab_inventory(lab), confirm=lambda planned: planned.hosts == ["db1"])
+    assert outcomes(accepted, "dangerous") == {"db1": "changed"}
+
+
+def test_a_timed_out_command_is_killed_on_the_host(lab, tmp_path, tag, shell):
+    result = run(f"""
+        name: slow
+        stages:
+          - name: too slow
+            step: shell
+            hosts: [app1]
+            timeout: 1
+            params: {{command: 'sleep 30 && touch /root/slow-{tag}'}}
+    """, tmp_path, lab_inventory(lab))
+    assert [r.outcome.value for r in result.results] == ["failed"]
+    assert "exited 124" in result.results[0].message
+    assert shell(lab, "app1").run("pgrep -f 'sleep 30'")[0] == 1
+
+
+def test_commands_reuse_one_connection_per_host(lab):
+    transport = Transport(lab_inventory(lab))
+    try:
+        host = transport.host("worker1")
+        # SSH_CLIENT is "client-address client-port server-port": one client port means one TCP connection.
+        results = [host.run("echo $SSH_CLIENT") for _ in range(20)]
+        assert len({r.stdout for r in results}) == 1
+        local_port = host._connection.transport.sock.getsockname()[1]
+        assert results[0].stdout.split()[1] == str(local_port)
+        assert len(host.history) == 20
+    finally:
+        transport.close()
+
+
+def test_sudo_runs_as_root_for_an_unprivileged_user(lab, tmp_path):
+    text = lab.inventory.read_text().replace("  user: root", "  user: deploy\n  sudo: true")
+    path = write(tmp_path / "hosts/lab.yaml", text.replace("../", str(lab.inventory.parent.parent) + "/"))
+    from overhaul.inventory import load_inventory_file
+
+    transport = Transport(load_inventory_file(path))
+    try:
+        host = transport.host("app1")
+        assert host.run("id -un", sudo=False).stdout.strip() == "deploy"
+        assert host.run("id -un").stdout.strip() == "root"
+    finally:
+        transport.close()
+
+
+def _inventory_with(lab, tmp_path, replace: tuple[str, str]):
+    from overhaul.inventory import load_inventory_file
+
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    return load_inventory_file(write(tmp_path / "hosts/lab.yaml", text.replace(*replace)))
+
+
+def test_a_host_whose_key_does_not_match_known_hosts_is_refused(lab, tmp_path):
+    # Give app1's address the key of db1: exactly what a man in the middle looks like.
+    lines = lab.known_hosts.read_text().splitlines()
+    keys = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines}
+    app1, db1 = lab.host("app1").spec.address, lab.host("db1").spec.address
+    forged = tmp_path / "known_hosts"
+    forged.write_text("".join(f"{addr} {keys[db1] if addr == app1 else key}\n" for addr, key in keys.items()))
+    inventory = _inventory_with(lab, tmp_path, (str(lab.known_hosts), str(forged)))
+    transport = Transport(inventory)
+    try:
+        with pytest.raises(HostUnreachable, match=r"app1 .*host key does not match .*refusing to connect"):
+            transport.host("app1").connect()
+        transport.host("db1").connect()  # the others are fine
+    finally:
+        transport.close()
+
+
+def test_a_host_missing_from_known_hosts_is_refused_not_added(lab, tmp_path):
+    partial = tmp_path / "known_hosts"
+    partial.write_text("".join(line + "\n" for line in lab.known_hosts.read_text().splitlines()[:1]))
+    inventory = _inventory_with(lab, tmp_path, (str(lab.known_hosts), str(partial)))
+    transport = Transport(inventory)
+    try:
+        with pytest.raises(HostUnreachable, match=r"is not in .*known_hosts: refusing to connect"):
+            transport.host("app2").connect()
+    finally:
+        transport.close()
+    assert len(partial.read_text().splitlines()) == 1
+
+
+def test_a_bastion_carries_the_connections_and_is_checked_strictly(lab, tmp_path):
+    bastion = lab.host("db1").spec.address
+    bastion_line = f"  connect_timeout: 5\n  bastion: {{address: {bastion}}}"
+    inventory = _inventory_with(lab, tmp_path, ("  connect_timeout: 5", bastion_line))
+    transport = Transport(inventory)
+    try:
+        client_port = transport.host("app2").run("echo $SSH_CLIENT").stdout.split()[1]
+        # The TCP connection app2's sshd sees was opened by db1 (the bastion), not by us.
+        app2 = lab.host("app2").spec.address
+        on_bastion = lab.host("db1").exec(f"ss -Htn state established '( dst {app2} and dport = :22 )'").stdout
+        assert f":{client_port} " in on_bastion
+    finally:
+        transport.close()
+    without_bastion_key = tmp_path / "known_hosts"
+    without_bastion_key.write_text("".join(
+        line + "\n" for line in lab.known_hosts.read_text().splitlines() if not line.startswith(bastion + " ")
+    ))
+    inventory.ssh.known_hosts = without_bastion_key
+    transport = Transport(inventory)
+    try:
+        failures = transport.connect(["app1", "app2"])
+        assert set(failures) == {"app1", "app2"}
+        assert all(f"bastion {bastion}:22" in str(e) and "refusing to connect" in str(e) for e in failures.values())
+    finally:
+        transport.close()
+
+
+def test_a_stopped_sshd_is_retried_then_reported(fresh_lab, tmp_path):
+    lab = fresh_lab(1)
+    host = lab.host("db1")
+    faults.stop_sshd(host)
+    inventory = _inventory_with(lab, tmp_path, ("  connect_timeout: 5", "  connect_timeout: 2\n  connect_retries: 2"))
+    transport = Transport(inventory)
+    try:
+        with pytest.raises(HostUnreachable, match=r"db1 .*cannot connect after 2 attempts: .*[Rr]efused"):
+            transport.host("db1").connect()
+        # Back within the retry window: the retries carry the connection through.
+        inventory.ssh.connect_retries = 6
+        timer = threading.Timer(1.0, faults.start_sshd, [host])
+        timer.start()
+        started = time.monotonic()
+        transport.host("db1").connect()
+        assert time.monotonic() - started >= 1.0
+        timer.join()
+        assert transport.host("db1").run("hostname").stdout.strip() == "db1"
+    finally:
+        transport.close()
+
+
+def test_a_step_from_a_local_steps_folder_is_found_and_run(lab, tmp_path, tag):
+    write(tmp_path / "steps/touch.py", """
+        from overhaul.step import Check, Params, Step
+
+        class TouchParams(Params):
+            path: str
+
+        class Touch(Step[TouchParams]):
+            name = "local.touch"
+            Params = TouchParams
+
+            def check(self, host):
+                return Check(host.run(f"test -e {self.params.path}").ok, self.params.path)
+
+            def apply(self, host):
+                host.run(f"touch {self.params.path}")
+                return "touched"
+    """)
+    registry = Registry([tmp_path / "steps"])
+    runbook = f"""
+        name: local
+        stages:
+          - {{name: touch, step: local.touch, hosts: [app1], params: {{path: /root/local-{tag}}}}}
+    """
+    first = run(runbook, tmp_path, lab_inventory(lab), registry=registry)
+    second = run(runbook, tmp_path, lab_inventory(lab), registry=registry)
+    assert [r.outcome.value for r in first.results + second.results] == ["changed", "ok"]
+
+
+def test_the_command_line_runs_a_runbook_and_exits_non_zero_on_failure(lab, tmp_path, tag):
+    write(tmp_path / "runbooks/ok.yaml", f"""
+        name: ok
+        stages:
+          - {{name: touch, step: shell, hosts: [db1], params: {{command: touch /root/cli-{tag}, creates: /root/cli-{tag}}}}}
+    """)
+    write(tmp_path / "runbooks/bad.yaml", """
+        name: bad
+        stages:
+          - {name: fail, step: shell, hosts: [db1], params: {command: 'exit 3'}}
+    """)
+    base = [sys.executable, "-m", "overhaul"]
+    common = ["--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks")]
+    good = subprocess.run([*base, "run", "ok", *common], capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "run succeeded" in good.stdout
+    bad = subprocess.run([*base, "run", "bad", *common], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "FAILED fail on db1: `exit 3` exited 3" in bad.stdout
