@@ -42,7 +42,9 @@ def build_plan(
     """Resolve every stage's hosts and params; raise ConfigError listing every problem found."""
     runbook = loaded.runbook
     problems: list[str] = []
-    run_params = _run_params(loaded, given or {}, problems)
+    given = {name: value for name, value in (given or {}).items() if value is not None}
+    _unknown_params(loaded, given, problems)
+    run_params = {**runbook.params, **given}
     stages = []
     for index, stage in enumerate(runbook.stages):
         try:
@@ -52,7 +54,12 @@ def build_plan(
             continue
         planned = PlannedStage(index, stage, step)
         for host in select_hosts(stage, inventory, loaded, index, problems):
-            values = {**inventory.host_vars(host), **run_params, "host": host.name, "address": host.address}
+            # Precedence: runbook defaults < inventory vars (host over role over environment) < given.
+            values = {**runbook.params, **inventory.host_vars(host), **given, "host": host.name, "address": host.address}
+            for name in [name for name in runbook.params if values[name] is None]:
+                problems.append(
+                    f"{loaded.document.where(('params', name))}: params.{name}: required: give it with --{name}"
+                )
             try:
                 raw = substitute(stage.params, values)
                 planned.params[host.name] = step.Params.model_validate(raw)
@@ -72,17 +79,12 @@ def build_plan(
     return Plan(loaded, inventory, run_params, stages)
 
 
-def _run_params(loaded: LoadedRunbook, given: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+def _unknown_params(loaded: LoadedRunbook, given: dict[str, Any], problems: list[str]) -> None:
     declared = loaded.runbook.params
     for name in given:
         if name not in declared:
             known = ", ".join(sorted(declared)) or "none"
             problems.append(f"{loaded.path}: runbook {loaded.runbook.name!r} has no parameter {name!r} (parameters: {known})")
-    merged = {**declared, **{k: v for k, v in given.items() if v is not None}}
-    for name, value in merged.items():
-        if value is None:
-            problems.append(f"{loaded.document.where(('params', name))}: params.{name}: required: give it with --{name}")
-    return merged
 
 
 def select_hosts(

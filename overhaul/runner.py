@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,9 @@ class Runner:
         confirm: Callable[[PlannedStage], bool] | None = None,
         listeners: list[Listener] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        run_id: str | None = None,
     ):
+        self.run_id = run_id or time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.plan = plan
         self.transport = transport
         self.check_only = check_only
@@ -95,7 +98,8 @@ class Runner:
                 listener.stage_started(planned, planned.hosts)
             results = self._run_stage(planned, failed_hosts)
             failures = [r.host for r in results if r.outcome is Outcome.FAILED]
-            failed_hosts.update(failures)
+            if planned.stage.on_failure == "stop":
+                failed_hosts.update(failures)  # with `continue`, a failure does not bench the host
             budget = resolve_count(planned.stage.max_failures, len(planned.hosts), 0)
             if len(failures) > budget and planned.stage.on_failure == "stop":
                 stopped_at = name
@@ -137,6 +141,7 @@ class Runner:
         stage = planned.stage
         host = self.transport.host(name)
         host.command_timeout = stage.timeout
+        host.run_id = self.run_id
         step = planned.step(planned.params[name])
         started = time.monotonic()
         delay = stage.retry.delay

@@ -93,6 +93,7 @@ class RemoteHost:
         self.redactor = redactor
         self.vars = inventory.host_vars(host)
         self.command_timeout: float = 300
+        self.run_id = "adhoc"  # set by the runner: steps name their artefacts with it
         self.history: list[CommandResult] = []
         self._gateway = gateway
         self._connection: fabric.Connection | None = None

@@ -237,6 +237,7 @@ class Lab:
             "  connect_timeout: 5",
             "vars:",
             f"  package: {PACKAGE}",
+            "  disk_mounts: [/opt/scalr-server, /opt/scalr-server/data]",
             "secrets:",
             f"  mysql_backup_password: {{file: {rel(self.secret_file('mysql-backup'))}}}",
             "hosts:",

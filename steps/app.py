@@ -1,0 +1,54 @@
+"""`app.reconfigure`: the application's convergent configuration run (`scalr-server-ctl reconfigure`).
+
+Reconfigure is safe to repeat but not free, so check asks: was this host reconfigured for the package
+version installed now, and is everything RUNNING? The answer to the first half is a marker Overhaul
+writes on the host after each successful reconfigure.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from overhaul.steps.package import installed_version
+from overhaul.steps.services import describe, program_states
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params, Step
+from overhaul.transport import RemoteHost
+
+
+class ReconfigureParams(Params):
+    ctl_command: str = "scalr-server-ctl"
+    manage_command: str = "scalr-server-manage"
+    package: str = "scalr-server"
+    state_dir: str = "/var/lib/overhaul"
+
+
+class AppReconfigure(Step[ReconfigureParams]):
+    name = "app.reconfigure"
+    Params = ReconfigureParams
+
+    @property
+    def marker(self) -> str:
+        return f"{self.params.state_dir}/reconfigured-{self.params.package}"
+
+    def check(self, host: RemoteHost) -> Check:
+        installed = installed_version(host, self.params.package)
+        done_for = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
+        if installed is None:
+            return Check(False, f"{self.params.package} is not installed")
+        if done_for != installed:
+            return Check(False, f"not yet reconfigured for {self.params.package} {installed}")
+        bad = describe(program_states(host, self.params.manage_command), ("RUNNING",))
+        if bad:
+            return Check(False, f"reconfigured for {installed}, but not RUNNING: {bad}")
+        return Check(True, f"reconfigured for {installed}, every program RUNNING")
+
+    def apply(self, host: RemoteHost) -> str:
+        result = host.run(f"{self.params.ctl_command} reconfigure")
+        if not result.ok:
+            raise StepFailed(f"`{self.params.ctl_command} reconfigure` exited {result.exited}: {result.tail()}")
+        installed = installed_version(host, self.params.package) or ""
+        host.run(f"mkdir -p {shlex.quote(self.params.state_dir)}")
+        host.write_file(self.marker, installed + "\n", mode=0o644)
+        return f"reconfigured for {self.params.package} {installed}"

@@ -1,0 +1,35 @@
+"""`disk.usage`: every watched mount is below a usage threshold (default 80 %)."""
+
+from __future__ import annotations
+
+import shlex
+
+from overhaul.steps.services import AssertionStep
+from pydantic import Field
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params
+from overhaul.transport import RemoteHost
+
+
+class DiskParams(Params):
+    mounts: list[str] = Field(["/opt/scalr-server"], min_length=1)
+    threshold: int = Field(80, ge=1, le=100)  # percent; at or above it fails
+
+
+class DiskUsage(AssertionStep):
+    name = "disk.usage"
+    Params = DiskParams
+
+    def check(self, host: RemoteHost) -> Check:
+        result = host.run("df -P " + " ".join(shlex.quote(m) for m in self.params.mounts))
+        if not result.ok:
+            raise StepFailed(f"df failed: {result.tail()}")
+        usage = {}
+        for line, mount in zip(result.stdout.splitlines()[1:], self.params.mounts, strict=False):
+            usage[mount] = int(line.split()[4].rstrip("%"))
+        full = [f"{mount} at {pct}%" for mount, pct in usage.items() if pct >= self.params.threshold]
+        summary = ", ".join(f"{mount} {pct}%" for mount, pct in usage.items())
+        if full:
+            return Check(False, f"{', '.join(full)} (threshold {self.params.threshold}%)", {"usage": usage})
+        return Check(True, summary, {"usage": usage})

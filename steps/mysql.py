@@ -1,0 +1,128 @@
+"""`mysql.backup`: a full database dump, gzip'ed on the db host, and proven whole before it counts.
+
+The password reaches mysqldump through a `--defaults-extra-file` made by mktemp (mode 0600) from
+stdin and removed on exit: never on a command line, never in a log. A backup counts when `gzip -t`
+passes, it is not empty, its last line is mysqldump's "-- Dump completed" trailer, and its SHA-256
+is recorded beside it (`.sha256`, written only after those checks). `check` finds a verified backup
+with the same label younger than `max_age_hours`, so a run repeated soon after does not dump again.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+from pydantic import Field
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params, Step
+from overhaul.transport import RemoteHost
+
+VERIFY = """\
+f={file}
+gzip -t "$f" && [ -s "$f" ] && (cd "$(dirname "$f")" && sha256sum --status -c "$(basename "$f").sha256") \
+  && [ "$(zcat "$f" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
+"""
+
+DUMP = """\
+set -eu -o pipefail
+cnf=$(mktemp)
+partial={partial}
+trap 'rm -f "$cnf" "$partial"' EXIT
+cat > "$cnf"
+{dump} --defaults-extra-file="$cnf" {options} --all-databases | gzip > "$partial"
+gzip -t "$partial"
+[ -s "$partial" ]
+[ "$(zcat "$partial" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
+mv "$partial" {final}
+(cd {folder} && sha256sum {name} > {name}.sha256)
+stat -c %s {final}
+cut -d' ' -f1 {final}.sha256
+"""
+
+
+class BackupParams(Params):
+    label: str = Field("backup", pattern=r"^[A-Za-z0-9._-]+$")
+    backup_dir: str = "/var/backups/overhaul"
+    user: str = "backup"
+    password_secret: str = "mysql_backup_password"
+    mysqldump: str = "mysqldump"
+    single_transaction: bool = True
+    routines: bool = True
+    keep: int = Field(5, ge=1)  # retention: the newest N backups stay
+    max_age_hours: float = Field(24, gt=0)
+    space_factor: float = Field(1.5, ge=1)  # free space needed: last backup's size x this
+
+
+class MysqlBackup(Step[BackupParams]):
+    name = "mysql.backup"
+    Params = BackupParams
+
+    def _bash(self, host: RemoteHost, script: str, stdin: str | None = None):
+        return host.run(f"bash -c {shlex.quote(script)}", stdin=stdin)
+
+    def check(self, host: RemoteHost) -> Check:
+        folder = shlex.quote(self.params.backup_dir)
+        listing = host.run(
+            f"cd {folder} 2>/dev/null && for f in $(ls -1t {self.params.label}-*.sql.gz 2>/dev/null); do "
+            f'[ -e "$f.sha256" ] && echo "$(stat -c "%Y %s" "$f") $f"; done'
+        ).stdout.split("\n")
+        for line in filter(None, listing):
+            modified, size, name = line.split(maxsplit=2)
+            age_hours = (time.time() - int(modified)) / 3600  # both clocks are this farm's
+            if age_hours > self.params.max_age_hours:
+                break
+            path = f"{self.params.backup_dir}/{name}"
+            if self._bash(host, VERIFY.format(file=shlex.quote(path))).ok:
+                digest = host.run(f"cut -d' ' -f1 {shlex.quote(path)}.sha256").stdout.strip()
+                facts = {"path": path, "size": int(size), "sha256": digest}
+                return Check(True, f"verified backup {path} ({int(size)} bytes, {age_hours:.1f} h old)", facts)
+        return Check(False, f"no verified {self.params.label} backup younger than {self.params.max_age_hours:g} h")
+
+    def verify(self, host: RemoteHost) -> Check:
+        return self.check(host)
+
+    def apply(self, host: RemoteHost) -> str:
+        folder = self.params.backup_dir
+        self._ensure_space(host, folder)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{self.params.label}-{stamp}-{host.run_id}.sql.gz"
+        final = f"{folder}/{name}"
+        options = " ".join(
+            flag for flag, wanted in (("--single-transaction", self.params.single_transaction),
+                                      ("--routines --events", self.params.routines)) if wanted
+        )
+        password = host.secret(self.params.password_secret)
+        credentials = f"[client]\nuser={self.params.user}\npassword={password}\n"
+        script = DUMP.format(
+            partial=shlex.quote(final + ".partial"), final=shlex.quote(final), folder=shlex.quote(folder),
+            name=shlex.quote(name), dump=shlex.quote(self.params.mysqldump), options=options,
+        )
+        host.run(f"mkdir -p {shlex.quote(folder)} && chmod 700 {shlex.quote(folder)}")
+        result = self._bash(host, script, stdin=credentials)
+        if not result.ok:
+            raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")
+        size, digest = result.stdout.split()[-2:]
+        self._prune(host, folder)
+        return f"backup {final} ({size} bytes, sha256 {digest[:12]}...)"
+
+    def _ensure_space(self, host: RemoteHost, folder: str) -> None:
+        """Refuse to start when the last backup (or the data, for a first one) would not fit with margin."""
+        quoted = shlex.quote(folder)
+        probe = host.run(f"mkdir -p {quoted} && df -P -B1 {quoted} | tail -n 1 | tr -s ' ' | cut -d' ' -f4; "
+                         f"ls -1t {quoted}/*.sql.gz 2>/dev/null | head -n 1 | xargs -r stat -c %s")
+        numbers = probe.stdout.split()
+        if not probe.ok or not numbers:
+            raise StepFailed(f"cannot measure free space in {folder}: {probe.tail()}")
+        free = int(numbers[0])
+        needed = int(int(numbers[1]) * self.params.space_factor) if len(numbers) > 1 else 0
+        if free < needed or free < 1024 * 1024:
+            raise StepFailed(
+                f"not enough free space in {folder}: {free} bytes free, need {max(needed, 1024 * 1024)} "
+                f"(last backup x {self.params.space_factor:g}); nothing was stopped"
+            )
+
+    def _prune(self, host: RemoteHost, folder: str) -> None:
+        quoted = shlex.quote(folder)
+        host.run(f"cd {quoted} && ls -1t *.sql.gz | tail -n +{self.params.keep + 1} | "
+                 f"while read -r old; do rm -f -- \"$old\" \"$old.sha256\"; done")

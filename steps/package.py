@@ -1,0 +1,92 @@
+"""`package.upgrade`: a named package to a pinned version (or the newest), with apt or yum."""
+
+from __future__ import annotations
+
+import shlex
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params, Step
+from overhaul.transport import RemoteHost
+
+APT_ENV = "DEBIAN_FRONTEND=noninteractive"
+
+
+def package_manager(host: RemoteHost) -> str:
+    result = host.run("command -v apt-get >/dev/null && echo apt || { command -v yum >/dev/null && echo yum; }")
+    manager = result.stdout.strip()
+    if manager not in ("apt", "yum"):
+        raise StepFailed("neither apt-get nor yum found on the host")
+    return manager
+
+
+def installed_version(host: RemoteHost, package: str) -> str | None:
+    """The version of `package` installed and fully configured, or None."""
+    name = shlex.quote(package)
+    result = host.run(
+        f"if command -v dpkg-query >/dev/null; then dpkg-query -W -f '${{Status}}|${{Version}}' {name}; "
+        f"else rpm -q --qf 'install ok installed|%{{VERSION}}-%{{RELEASE}}' {name}; fi"
+    )
+    status, _, version = result.stdout.strip().partition("|")
+    return version if result.ok and status == "install ok installed" else None
+
+
+class UpgradeParams(Params):
+    name: str = "scalr-server"
+    version: str = "latest"  # a pinned version, or "latest"
+    allow_downgrade: bool = False
+
+
+class PackageUpgrade(Step[UpgradeParams]):
+    """Install `name` at `version`; refuses a downgrade unless `allow_downgrade`."""
+
+    name = "package.upgrade"
+    Params = UpgradeParams
+
+    def _target(self, host: RemoteHost, manager: str) -> str:
+        if self.params.version != "latest":
+            return self.params.version
+        name = shlex.quote(self.params.name)
+        if manager == "apt":
+            host.run("apt-get update -q")
+            policy = host.run(f"apt-cache policy {name}").stdout
+            for line in policy.splitlines():
+                if line.strip().startswith("Candidate:"):
+                    return line.split(":", 1)[1].strip()
+        else:
+            info = host.run(f"yum -q list available --showduplicates {name} | tail -n 1").stdout.split()
+            if len(info) >= 2:
+                return info[1]
+        raise StepFailed(f"no installable version of {self.params.name} found")
+
+    def check(self, host: RemoteHost) -> Check:
+        target = self._target(host, package_manager(host))
+        installed = installed_version(host, self.params.name)
+        if installed == target:
+            return Check(True, f"{self.params.name} {installed} installed", {"version": installed})
+        return Check(False, f"{self.params.name} {installed or '(not installed)'} -> {target}")
+
+    def apply(self, host: RemoteHost) -> str:
+        manager = package_manager(host)
+        target = self._target(host, manager)
+        installed = installed_version(host, self.params.name)
+        if installed and self._older(host, manager, target, installed) and not self.params.allow_downgrade:
+            raise StepFailed(
+                f"refusing to downgrade {self.params.name} from {installed} to {target} (set allow_downgrade: true)"
+            )
+        name = shlex.quote(f"{self.params.name}={target}" if manager == "apt" else f"{self.params.name}-{target}")
+        if manager == "apt":
+            command = (f"apt-get update -q && {APT_ENV} apt-get install -y -q --allow-downgrades "
+                       f"-o Dpkg::Options::=--force-confold {name}")
+        else:
+            command = f"yum install -y {name} || yum downgrade -y {name}"
+        result = host.run(command)
+        if not result.ok:
+            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
+            raise StepFailed(f"{manager} could not install {self.params.name} {target}: " + " | ".join(errors))
+        return f"{self.params.name} {installed or '(none)'} -> {target}"
+
+    def _older(self, host: RemoteHost, manager: str, target: str, installed: str) -> bool:
+        if manager == "apt":
+            return host.run(f"dpkg --compare-versions {shlex.quote(target)} lt {shlex.quote(installed)}").ok
+        script = f"import rpm,sys; sys.exit(0 if rpm.labelCompare(('0',{target!r},''),('0',{installed!r},''))<0 else 1)"
+        return host.run(f"python3 -c {shlex.quote(script)}").ok

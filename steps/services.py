@@ -1,0 +1,110 @@
+"""Supervised services: `services.stop`, `services.verify` and `supervisor.up`.
+
+States come from the STATE column of supervisorctl-style status lines; exit codes are not trusted
+(they vary with the supervisor version).
+"""
+
+from __future__ import annotations
+
+from overhaul.steps.package import installed_version
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params, Step
+from overhaul.transport import RemoteHost
+
+NOT_RUNNING = ("STOPPED", "EXITED", "FATAL")
+STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
+
+
+def program_states(host: RemoteHost, manage: str) -> dict[str, str]:
+    """program -> STATE from `<manage> status`; empty when the supervisor is not available."""
+    result = host.run(f"{manage} status")
+    if "Not available yet!" in result.stdout:
+        return {}
+    states = {}
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] in STATES:
+            states[fields[0]] = fields[1]
+    if not states and not result.ok:
+        raise StepFailed(f"`{manage} status` exited {result.exited}: {result.tail()}")
+    return states
+
+
+def describe(states: dict[str, str], wanted: tuple[str, ...]) -> str:
+    """The programs not in a wanted state, 'name STATE' each."""
+    return ", ".join(f"{name} {state}" for name, state in sorted(states.items()) if state not in wanted)
+
+
+class AssertionStep(Step):
+    """A read-only step: `check` is the whole of it, `apply` only reports why it does not hold."""
+
+    def apply(self, host: RemoteHost) -> str:
+        raise StepFailed(self.check(host).message)
+
+
+class ManageParams(Params):
+    manage_command: str = "scalr-server-manage"
+
+
+class StopParams(ManageParams):
+    package: str | None = None  # with version: nothing to stop when the package is already there
+    version: str | None = None
+
+
+class ServicesStop(Step[StopParams]):
+    """`<manage> stop all`, unless nothing runs (or the package is already at the target version)."""
+
+    name = "services.stop"
+    Params = StopParams
+
+    def check(self, host: RemoteHost) -> Check:
+        if self.params.package and self.params.version:
+            installed = installed_version(host, self.params.package)
+            if installed == self.params.version:
+                return Check(True, f"{self.params.package} is already {installed}: no need to stop")
+        running = describe(program_states(host, self.params.manage_command), NOT_RUNNING)
+        return Check(not running, f"running: {running}" if running else "nothing is running")
+
+    def apply(self, host: RemoteHost) -> str:
+        result = host.run(f"{self.params.manage_command} stop all")
+        if "ERROR" in result.stdout + result.stderr and not result.ok:
+            raise StepFailed(f"`{self.params.manage_command} stop all` failed: {result.tail()}")
+        return "stopped all services"
+
+    def verify(self, host: RemoteHost) -> Check:
+        states = program_states(host, self.params.manage_command)
+        still = describe(states, NOT_RUNNING)
+        return Check(not still, f"still running: {still}" if still else f"{len(states)} programs stopped")
+
+
+class ServicesVerify(AssertionStep):
+    """Every program of `<manage> status` is RUNNING; names each one that is not, with its state."""
+
+    name = "services.verify"
+    Params = ManageParams
+
+    def check(self, host: RemoteHost) -> Check:
+        states = program_states(host, self.params.manage_command)
+        if not states:
+            return Check(False, f"`{self.params.manage_command} status`: supervisor not available")
+        bad = describe(states, ("RUNNING",))
+        if bad:
+            return Check(False, f"not RUNNING: {bad}")
+        return Check(True, f"{len(states)} programs RUNNING")
+
+
+class SupervisorParams(Params):
+    service: str = "scalr"
+
+
+class SupervisorUp(AssertionStep):
+    """`service <name> status` says the supervisor is running."""
+
+    name = "supervisor.up"
+    Params = SupervisorParams
+
+    def check(self, host: RemoteHost) -> Check:
+        result = host.run(f"service {self.params.service} status")
+        said = result.stdout.strip() or result.stderr.strip()
+        return Check(result.ok and said.endswith("is running"), said or f"exit {result.exited}")
