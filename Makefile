@@ -23,6 +23,9 @@ test: deps
 
 demo: deps
 	$(BIN)/overhaul lab.up
+	$(BIN)/overhaul verify --env lab
+	$(BIN)/overhaul upgrade --env lab --version 1.1.0 --yes
+	$(BIN)/overhaul verify --env lab
 
 lint: deps
 	$(BIN)/ruff check .

@@ -34,6 +34,8 @@ COMMON_HELP = {
     "param": "a runbook parameter, NAME=VALUE (repeatable)",
 }
 
+PATHS_HELP = {name: text for name, text in COMMON_HELP.items() if name != "param"}
+
 
 def friendly(task_function: Callable) -> Callable:
     """Turn Overhaul's own errors into a clear message and exit code 2, never a traceback."""
@@ -122,6 +124,31 @@ def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks"
         raise Exit(code=code)
 
 
+@task(help={"version": "package version to upgrade to (default: the newest available)",
+            "yes": "do not ask: confirm a protected environment and every gated stage", **PATHS_HELP})
+@friendly
+def upgrade(c, env, version="latest", yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+    """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
+    planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version})
+    if planned.inventory.policy.protected and not yes:
+        if not sys.stdin.isatty():
+            raise OverhaulError(f"environment {env!r} is protected: run with --yes to upgrade it")
+        if input(f"Upgrade protected environment {env!r} to {version}? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise Exit("not confirmed: nothing was changed", code=1)
+    code = execute(planned, yes=yes)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help=PATHS_HELP)
+@friendly
+def verify(c, env, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+    """Check an environment is healthy: supervisor up, every service RUNNING, disks below 80 %. Read-only."""
+    code = execute(load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}))
+    if code:
+        raise Exit(code=code)
+
+
 @task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
 @friendly
 def inventory(c, env, hosts_dir="hosts"):
@@ -194,6 +221,6 @@ def _print_status(lab: Lab) -> None:
 
 
 lab = Collection("lab", up, down, status)
-namespace = Collection(run, plan, inventory, schema, lab)
+namespace = Collection(upgrade, verify, run, plan, inventory, schema, lab)
 
 program = Program(namespace=namespace, name="overhaul", version=__version__)
