@@ -53,15 +53,27 @@ def break_service(host: LabHost, program: str) -> None:
     host.exec(f"mkdir -p {BROKEN_DIR} && touch {BROKEN_DIR}/{program}")
     host.exec(f"kill -KILL $(scalr-server-manage pid {program})")
     for _ in range(100):
-        state = host.exec(f"scalr-server-manage status {program}", check=False).stdout.split()
-        if len(state) > 1 and state[1] in ("FATAL", "EXITED", "BACKOFF"):
+        if _program_state(host, program) in ("FATAL", "EXITED", "BACKOFF"):
             return
         time.sleep(0.1)
     raise RuntimeError(f"lab: {program} on {host.name} did not stop running")
 
 
 def repair_service(host: LabHost, program: str) -> None:
-    host.exec(f"rm -f {BROKEN_DIR}/{program} && scalr-server-manage start {program}")
+    """Undo break_service: the program starts again and is RUNNING when this returns."""
+    host.exec(f"rm -f {BROKEN_DIR}/{program}")
+    deadline = time.monotonic() + 20
+    while (state := _program_state(host, program)) != "RUNNING":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"lab: {program} on {host.name} is {state}, not RUNNING")
+        if state in ("FATAL", "EXITED", "STOPPED"):
+            host.exec(f"scalr-server-manage start {program}", check=False)
+        time.sleep(0.1)
+
+
+def _program_state(host: LabHost, program: str) -> str:
+    fields = host.exec(f"scalr-server-manage status {program}", check=False).stdout.split()
+    return fields[1] if len(fields) > 1 else "UNKNOWN"
 
 
 def fill_data(host: LabHost, percent: float) -> None:
