@@ -11,6 +11,7 @@ import paramiko
 import pytest
 
 from overhaul.lab import Lab, faults
+from overhaul.lab.host import process_state
 from overhaul.lab.lab import farm_layout
 
 PROGRAMS = {
@@ -142,7 +143,7 @@ def test_a_frozen_host_accepts_tcp_but_never_answers_until_thawed(fresh_lab):
     lab = fresh_lab(1)
     host = lab.host("db1")
     faults.freeze(host)
-    assert all(_state(pid) == "T" for pid in host.processes())
+    assert all(process_state(pid) == "T" for pid in host.processes())
     assert not host.sshd_answers(timeout=1.0)
     faults.thaw(host)
     assert host.sshd_answers(timeout=5.0)
@@ -221,7 +222,7 @@ def test_down_leaves_no_process_no_mount_and_is_idempotent(tmp_path):
     assert len(pids) >= 4  # init, sshd, supervisord, its programs...
     lab.down()
     lab.down()
-    assert not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids)
+    assert not any(Path(f"/proc/{pid}").exists() and process_state(pid) != "Z" for pid in pids)
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounts
     assert not (tmp_path / "lab" / "hosts").exists() and not (tmp_path / "lab.yaml").exists()
@@ -229,10 +230,3 @@ def test_down_leaves_no_process_no_mount_and_is_idempotent(tmp_path):
     probe = subprocess.run(["ss", "-ltn", "src", "127.29.0.1"], capture_output=True, text=True).stdout
     assert ":22" not in probe
 
-
-def _state(pid: int) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2]

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from overhaul.lab import package
-from overhaul.lab.host import DATA_MOUNT, LabHost
+from overhaul.lab.host import DATA_MOUNT, LabHost, process_state
 
 FILL_FILE = "overhaul-lab-fill"
 BROKEN_DIR = "/opt/scalr-server/var/broken"
@@ -33,7 +33,7 @@ def freeze(host: LabHost) -> None:
     """SIGSTOP every process of the host: TCP still connects (the kernel answers) but nothing replies."""
     deadline = time.monotonic() + 10
     while True:  # repeat: a process may fork, or take a moment to stop
-        running = [pid for pid in host.processes() if _state(pid) not in ("T", "Z", None)]
+        running = [pid for pid in host.processes() if process_state(pid) not in ("T", "Z", None)]
         if not running:
             return
         if time.monotonic() > deadline:
@@ -100,14 +100,6 @@ def publish_broken_package(repo: Path, version: str = "1.1.1") -> None:
 
 def unpublish_package(repo: Path, version: str = "1.1.1") -> None:
     package.unpublish(repo, version)
-
-
-def _state(pid: int) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2]
 
 
 def _signal(pid: int, signum: int) -> None:

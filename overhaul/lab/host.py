@@ -111,7 +111,7 @@ class LabHost:
         """True while the recorded init process is alive and is still the one we started."""
         if self.pid is None:
             return False
-        return _start_time(self.pid) == self.started and _state(self.pid) not in ("Z", "X", None)
+        return _start_time(self.pid) == self.started and process_state(self.pid) not in ("Z", "X", None)
 
     def stop(self) -> None:
         """Kill the host's init: the kernel ends every process of the host and its mounts go."""
@@ -194,7 +194,8 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on; comm may hold spaces
 
 
-def _state(pid: int) -> str | None:
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (R, S, T stopped, Z zombie...), None when it is gone."""
     fields = _stat_fields(pid)
     return fields[0] if fields else None
 
