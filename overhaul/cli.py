@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -17,14 +18,12 @@ from invoke import Collection, Exit, Program, task
 
 from overhaul import __version__
 from overhaul.errors import OverhaulError
+from overhaul.execution import file_sha256, journal_path, open_state, operator, run_plan
 from overhaul.inventory import Inventory, load_inventory
 from overhaul.lab import Lab
 from overhaul.plan import Plan, PlannedStage, build_plan
-from overhaul.report import ConsoleReport, summary
 from overhaul.runbook import Runbook, load_runbook
-from overhaul.runner import Runner
 from overhaul.step import Registry
-from overhaul.transport import Transport
 
 COMMON_HELP = {
     "env": "environment: loads hosts/<env>.yaml",
@@ -87,17 +86,9 @@ def ask(yes: bool) -> Callable[[PlannedStage], bool]:
     return confirm
 
 
-def execute(plan: Plan, check_only: bool = False, yes: bool = False) -> int:
-    """Run (or only check) a plan with a live report; return the exit code."""
-    transport = Transport(plan.inventory)
-    report = ConsoleReport(check_only=check_only)
-    try:
-        runner = Runner(plan, transport, check_only=check_only, confirm=ask(yes), listeners=[report])
-        result = runner.run()
-    finally:
-        transport.close()
-    print(summary(result, plan.stages))
-    return 1 if result.failed else 0
+def finish(code: int) -> None:
+    if code:
+        raise Exit(code=code)
 
 
 @task(
@@ -109,9 +100,7 @@ def execute(plan: Plan, check_only: bool = False, yes: bool = False) -> int:
 def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Run a runbook on an environment's hosts."""
     plan = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
-    code = execute(plan, yes=yes)
-    if code:
-        raise Exit(code=code)
+    finish(run_plan(plan, confirm=ask(yes)))
 
 
 @task(positional=["runbook"], iterable=["param"], help={"runbook": "runbook name or path", **COMMON_HELP})
@@ -119,9 +108,7 @@ def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir=
 def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Show what a runbook would change on each host (runs only the read-only checks)."""
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
-    code = execute(planned, check_only=True)
-    if code:
-        raise Exit(code=code)
+    finish(run_plan(planned, check_only=True))
 
 
 @task(help={"version": "package version to upgrade to (default: the newest available)",
@@ -135,18 +122,124 @@ def upgrade(c, env, version="latest", yes=False, hosts_dir="hosts", runbooks_dir
             raise OverhaulError(f"environment {env!r} is protected: run with --yes to upgrade it")
         if input(f"Upgrade protected environment {env!r} to {version}? [y/N] ").strip().lower() not in ("y", "yes"):
             raise Exit("not confirmed: nothing was changed", code=1)
-    code = execute(planned, yes=yes)
-    if code:
-        raise Exit(code=code)
+    finish(run_plan(planned, confirm=ask(yes)))
 
 
 @task(help=PATHS_HELP)
 @friendly
 def verify(c, env, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment is healthy: supervisor up, every service RUNNING, disks below 80 %. Read-only."""
-    code = execute(load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}))
-    if code:
-        raise Exit(code=code)
+    finish(run_plan(load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}), mutating=False))
+
+
+@task(iterable=["param"], help={
+    "run": "the run to resume (default: the newest unfinished run of --env)",
+    "version": "must equal the run's version if given", "yes": "confirm gated stages",
+    **{k: v for k, v in COMMON_HELP.items() if k != "runbooks_dir"}})
+@friendly
+def resume(c, env="", run="", version="", param=None, yes=False, hosts_dir="hosts", steps_dir="steps"):
+    """Continue an interrupted run: finished work is skipped once its check confirms it still holds."""
+    state = open_state()
+    if run:
+        try:
+            record = state.run(run)
+        except KeyError:
+            raise OverhaulError(f"no run {run!r} in {journal_path()}") from None
+    else:
+        if not env:
+            raise OverhaulError("give --env (resume its newest unfinished run) or --run ID")
+        unfinished = state.unfinished(env)
+        if not unfinished:
+            raise OverhaulError(f"no unfinished run of {env!r} in {journal_path()}")
+        record = unfinished[0]
+    if env and record.environment != env:
+        raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
+    if record.status in ("succeeded", "abandoned"):
+        raise OverhaulError(f"run {record.id} is {record.status}: there is nothing to resume")
+    given = parse_params(param or []) | ({"version": version} if version else {})
+    for name, value in given.items():
+        if str(record.params.get(name)) != value:
+            raise OverhaulError(f"run {record.id} was started with {name}={record.params.get(name)!r}; "
+                                f"a resumed run keeps its parameters (got {value!r})")
+    path = Path(record.runbook_path)
+    if not path.exists() or file_sha256(path) != record.runbook_sha256:
+        raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to resume")
+    inventory = load_inventory(record.environment, Path(hosts_dir))
+    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params)
+    finish(run_plan(planned, resume=record, confirm=ask(yes), state=state))
+
+
+@task(help={"run": "the run to abandon"})
+@friendly
+def abandon(c, run):
+    """Mark an unfinished run abandoned, so a new upgrade may start (the journal keeps it)."""
+    state = open_state()
+    try:
+        record = state.run(run)
+    except KeyError:
+        raise OverhaulError(f"no run {run!r} in {journal_path()}") from None
+    if record.status not in ("running", "interrupted", "failed"):
+        raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
+    lock = state.lock(record.environment)
+    if lock is not None and lock.run_id == run and record.status == "running":
+        raise OverhaulError(f"run {run} still holds the lock of {record.environment!r} ({lock.holder}, pid {lock.pid})")
+    state.set_status(run, "abandoned", time.time())
+    state.event(record.environment, "abandon", f"{operator()} abandoned the run", run)
+    print(f"run {run} abandoned")
+
+
+@task(help={"env": COMMON_HELP["env"], "force": "remove the lock even though its holder may be alive"})
+@friendly
+def unlock(c, env, force=False):
+    """Remove an environment's lock (with --force); the removal is journaled."""
+    state = open_state()
+    lock = state.lock(env)
+    if lock is None:
+        print(f"{env}: not locked")
+        return
+    if not force:
+        raise OverhaulError(f"{env} is locked by {lock.holder} (pid {lock.pid}, run {lock.run_id}): "
+                            "add --force to remove the lock")
+    state.force_unlock(env, operator())
+    print(f"{env}: lock of {lock.holder} (run {lock.run_id}) removed; journaled")
+
+
+@task(help={"env": "only this environment", "limit": "how many runs (default 20)"})
+@friendly
+def history(c, env="", limit=20):
+    """Runs, newest first: id, runbook, environment, status, duration, who."""
+    runs = open_state().runs(env or None, int(limit))
+    if not runs:
+        print("no runs journaled")
+        return
+    print(f"{'RUN':<24} {'RUNBOOK':<10} {'ENV':<12} {'STATUS':<12} {'STARTED':<20} {'TIME':>7}  WHO")
+    for record in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
+        print(f"{record.id:<24} {record.runbook:<10} {record.environment:<12} {record.status:<12} {started:<20} "
+              f"{record.duration:>6.0f}s  {record.operator}")
+
+
+@task(positional=["run"], help={"run": "the run id (see history)"})
+@friendly
+def show(c, run):
+    """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
+    state = open_state()
+    try:
+        record = state.run(run)
+    except KeyError:
+        raise OverhaulError(f"no run {run!r} in {journal_path()}") from None
+    print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
+          f"params {json.dumps(record.params, sort_keys=True)}")
+    for result in state.results(run):
+        print(f"  [{result.stage_index + 1}] {result.stage:<22} {result.host:<12} {result.outcome:<8} "
+              f"x{result.attempts} {result.message}")
+        if result.facts:
+            print(f"      facts: {json.dumps(result.facts, sort_keys=True)}")
+        if result.output_path:
+            print(f"      output: {result.output_path}")
+    for at, run_id, kind, detail in state.events(record.environment):
+        if run_id == run:
+            print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
 
 
 @task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
@@ -221,6 +314,6 @@ def _print_status(lab: Lab) -> None:
 
 
 lab = Collection("lab", up, down, status)
-namespace = Collection(upgrade, verify, run, plan, inventory, schema, lab)
+namespace = Collection(upgrade, verify, resume, abandon, unlock, history, show, run, plan, inventory, schema, lab)
 
 program = Program(namespace=namespace, name="overhaul", version=__version__)

@@ -32,7 +32,7 @@ class PlannedStage:
 class Plan:
     runbook: LoadedRunbook
     inventory: Inventory
-    run_params: dict[str, Any]
+    run_params: dict[str, Any]  # the parameters the operator gave (defaults and inventory vars apart)
     stages: list[PlannedStage]
 
 
@@ -44,7 +44,6 @@ def build_plan(
     problems: list[str] = []
     given = {name: value for name, value in (given or {}).items() if value is not None}
     _unknown_params(loaded, given, problems)
-    run_params = {**runbook.params, **given}
     stages = []
     for index, stage in enumerate(runbook.stages):
         try:
@@ -76,7 +75,7 @@ def build_plan(
         stages.append(planned)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, not per host
-    return Plan(loaded, inventory, run_params, stages)
+    return Plan(loaded, inventory, given, stages)
 
 
 def _unknown_params(loaded: LoadedRunbook, given: dict[str, Any], problems: list[str]) -> None:

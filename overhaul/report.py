@@ -24,6 +24,9 @@ class ConsoleReport:
         print(f"\n== {verb} {planned.index + 1}: {planned.stage.name} ({planned.stage.step} on {len(hosts)} "
               f"host{'s' if len(hosts) != 1 else ''}, {planned.stage.strategy})", file=self.stream, flush=True)
 
+    def host_started(self, planned: PlannedStage, host: str) -> None:
+        pass  # one line per host, when it finishes
+
     def host_finished(self, result: HostResult) -> None:
         mark = "would change" if self.check_only and result.outcome is Outcome.CHANGED else MARKS[result.outcome]
         tries = f" [{result.attempts} attempts]" if result.attempts > 1 else ""
@@ -45,7 +48,9 @@ def summary(run: RunResult, stages: list[PlannedStage]) -> str:
         lines.append(f"FAILED {result.stage} on {result.host}: {result.message}")
     if run.stopped_at:
         lines.append(f"run stopped at stage {run.stopped_at!r}: {run.stop_reason}")
-    if run.check_only:
+    if run.interrupted:
+        lines.append("run interrupted: the finished work is journaled")
+    elif run.check_only:
         lines.append("plan only: nothing was changed")
     elif not run.failed:
         lines.append("run succeeded")

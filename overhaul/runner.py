@@ -21,7 +21,7 @@ from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
 from overhaul.step import Outcome
-from overhaul.transport import Transport
+from overhaul.transport import CommandResult, Transport
 
 
 @dataclass
@@ -33,6 +33,8 @@ class HostResult:
     attempts: int = 0
     duration: float = 0.0
     facts: dict[str, Any] = field(default_factory=dict)
+    stage_index: int = 0
+    output: list[CommandResult] = field(default_factory=list)  # the commands it ran, redacted
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RunResult:
     stopped_at: str | None = None  # the stage that stopped the run
     stop_reason: str = ""
     check_only: bool = False
+    interrupted: bool = False  # stopped by request (Ctrl-C, SIGTERM): resumable
 
     @property
     def failed(self) -> bool:
@@ -54,6 +57,8 @@ class Listener(Protocol):
     """Told about the run as it goes (live report, journal). Called from worker threads, one at a time."""
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
+
+    def host_started(self, planned: PlannedStage, host: str) -> None: ...
 
     def host_finished(self, result: HostResult) -> None: ...
 
@@ -69,6 +74,7 @@ class Runner:
         listeners: list[Listener] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         run_id: str | None = None,
+        previous: dict[tuple[int, str], HostResult] | None = None,
     ):
         self.run_id = run_id or time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.plan = plan
@@ -77,26 +83,37 @@ class Runner:
         self.confirm = confirm or (lambda planned: False)
         self.listeners = listeners or []
         self.sleep = sleep
+        self.previous = previous or {}  # results of the run being resumed
         self._lock = threading.Lock()
         self._results: list[HostResult] = []
+        self._stopping = threading.Event()
+
+    def request_stop(self) -> None:
+        """Start no new (stage, host); let the running ones finish. The run ends interrupted."""
+        self._stopping.set()
 
     def run(self) -> RunResult:
         failed_hosts: set[str] = set()
         stopped_at, reason = None, ""
         for planned in self.plan.stages:
             name = planned.stage.name
+            if self._stopping.is_set():
+                return RunResult(self._results, None, "interrupted", self.check_only, interrupted=True)
             if stopped_at is not None:
                 for host in planned.hosts:
-                    self._record(HostResult(name, host, Outcome.SKIPPED, f"run stopped at stage {stopped_at!r}"))
+                    message = f"run stopped at stage {stopped_at!r}"
+                    self._record(HostResult(name, host, Outcome.SKIPPED, message, stage_index=planned.index))
                 continue
             if planned.stage.confirm and not self.check_only and planned.hosts and not self.confirm(planned):
                 stopped_at, reason = name, "not confirmed"
                 for host in planned.hosts:
-                    self._record(HostResult(name, host, Outcome.SKIPPED, "stage not confirmed"))
+                    self._record(HostResult(name, host, Outcome.SKIPPED, "stage not confirmed", stage_index=planned.index))
                 continue
             for listener in self.listeners:
                 listener.stage_started(planned, planned.hosts)
             results = self._run_stage(planned, failed_hosts)
+            if self._stopping.is_set():
+                return RunResult(self._results, None, "interrupted", self.check_only, interrupted=True)
             failures = [r.host for r in results if r.outcome is Outcome.FAILED]
             if planned.stage.on_failure == "stop":
                 failed_hosts.update(failures)  # with `continue`, a failure does not bench the host
@@ -118,13 +135,20 @@ class Runner:
             batches = [planned.hosts[i : i + width] for i in range(0, total, width)]
         failures = Counter[str]()
 
-        def one(host: str) -> HostResult:
+        def one(host: str) -> HostResult | None:
+            if self._stopping.is_set():
+                return None  # never started: resume will run it
             if host in failed_hosts:
-                return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "failed in an earlier stage"))
+                return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "failed in an earlier stage",
+                                               stage_index=planned.index))
             with self._lock:
                 over_budget = failures["failed"] > budget
             if over_budget:
-                return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded"))
+                return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded",
+                                               stage_index=planned.index))
+            with self._lock:
+                for listener in self.listeners:
+                    listener.host_started(planned, host)
             result = self._record(self._run_host(planned, host))
             if result.outcome is Outcome.FAILED:
                 with self._lock:
@@ -134,7 +158,7 @@ class Runner:
         results: list[HostResult] = []
         with ThreadPoolExecutor(max_workers=max(1, min(width, total))) as pool:
             for batch in batches:
-                results += pool.map(one, batch)
+                results += [result for result in pool.map(one, batch) if result is not None]
         return results
 
     def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
@@ -144,25 +168,34 @@ class Runner:
         host.run_id = self.run_id
         step = planned.step(planned.params[name])
         started = time.monotonic()
+        first_command = len(host.history)
         delay = stage.retry.delay
         attempts = 0
+
+        def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None) -> HostResult:
+            return HostResult(stage.name, name, outcome, message, attempts, time.monotonic() - started, facts or {},
+                              planned.index, host.history[first_command:])
+
         while True:
             attempts += 1
             try:
-                outcome, message, facts = self._attempt(step, host)
-                return HostResult(stage.name, name, outcome, message, attempts, time.monotonic() - started, facts)
+                outcome, message, facts = self._attempt(step, host, self.previous.get((planned.index, name)))
+                return result(outcome, message, facts)
             except (StepFailed, HostUnreachable) as exc:
                 error = str(exc)
             except Exception as exc:  # a bug in a step fails this host, not the whole run
                 error = f"step {stage.step!r} raised {type(exc).__name__}: {exc}"
             if attempts >= stage.retry.attempts:
-                return HostResult(stage.name, name, Outcome.FAILED, error, attempts, time.monotonic() - started)
+                return result(Outcome.FAILED, error)
             self.sleep(delay)
             delay *= stage.retry.backoff
 
-    def _attempt(self, step, host) -> tuple[Outcome, str, dict[str, Any]]:
+    def _attempt(self, step, host, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:
         host.connect()
         check = step.check(host)
+        if check.done and previous is not None and previous.outcome in (Outcome.OK, Outcome.CHANGED):
+            # Finished before the interruption, and check confirms it still holds: keep what it did.
+            return previous.outcome, f"(done before resume) {previous.message}", {**previous.facts, **(check.facts or {})}
         if check.done:
             return Outcome.OK, check.message, check.facts or {}
         if self.check_only:

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from overhaul.lab import package
-from overhaul.lab.host import DATA_MOUNT, LabHost, process_state
+from overhaul.lab.host import DATA_MOUNT, LabHost
+from overhaul.proc import process_state
 
 FILL_FILE = "overhaul-lab-fill"
 BROKEN_DIR = "/opt/scalr-server/var/broken"
@@ -52,11 +53,11 @@ def break_service(host: LabHost, program: str) -> None:
     """Kill one supervised program and make it fail to start again (supervisord gives up: FATAL)."""
     host.exec(f"mkdir -p {BROKEN_DIR} && touch {BROKEN_DIR}/{program}")
     host.exec(f"kill -KILL $(scalr-server-manage pid {program})")
-    for _ in range(100):
-        if _program_state(host, program) in ("FATAL", "EXITED", "BACKOFF"):
-            return
+    deadline = time.monotonic() + 30
+    while (state := _program_state(host, program)) != "FATAL":  # supervisord has given up: a stable state
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"lab: {program} on {host.name} is {state}, not FATAL")
         time.sleep(0.1)
-    raise RuntimeError(f"lab: {program} on {host.name} did not stop running")
 
 
 def repair_service(host: LabHost, program: str) -> None:

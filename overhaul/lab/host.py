@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from overhaul.lab.rootfs import REPO_MOUNT
+from overhaul.proc import alive, start_time
 
 DATA_MOUNT = "/opt/scalr-server/data"
 
@@ -105,13 +106,13 @@ class LabHost:
                 stdin=subprocess.DEVNULL, stdout=console, stderr=console, start_new_session=True,
             )
         self.pid = _wait_for_child(unshare.pid)
-        self.started = _start_time(self.pid)
+        self.started = start_time(self.pid)
 
     def running(self) -> bool:
         """True while the recorded init process is alive and is still the one we started."""
         if self.pid is None:
             return False
-        return _start_time(self.pid) == self.started and process_state(self.pid) not in ("Z", "X", None)
+        return alive(self.pid, self.started)
 
     def stop(self) -> None:
         """Kill the host's init: the kernel ends every process of the host and its mounts go."""
@@ -184,25 +185,6 @@ class LabHost:
                 except OSError:
                     continue
         return pids
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on; comm may hold spaces
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, T stopped, Z zombie...), None when it is gone."""
-    fields = _stat_fields(pid)
-    return fields[0] if fields else None
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None  # field 22 of proc(5): starttime
 
 
 def _wait_for_child(parent: int, timeout: float = 10.0) -> int:

@@ -1,0 +1,227 @@
+"""One run of a plan, made durable: the environment lock, the journal, captured output, Ctrl-C, resume.
+
+Order of a mutating run: take the environment's lock (or fail naming its holder); refuse if an
+earlier run of the environment is unfinished (resume or abandon it first); journal the run; run the
+plan, journaling every (stage, host) as it starts and as it ends; mark the run succeeded, failed or
+interrupted; release the lock. A Ctrl-C or SIGTERM lets running commands finish (up to a grace
+period), leaves the journal consistent and says how to resume.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from overhaul.errors import OverhaulError
+from overhaul.plan import Plan, PlannedStage
+from overhaul.report import ConsoleReport, summary
+from overhaul.runner import HostResult, Runner, RunResult
+from overhaul.state import ResultRecord, RunRecord, SQLiteState
+from overhaul.step import Outcome
+from overhaul.transport import Transport
+
+DEFAULT_JOURNAL = ".overhaul/journal.sqlite"
+INTERRUPTED_EXIT = 130
+
+
+def journal_path() -> Path:
+    return Path(os.environ.get("OVERHAUL_JOURNAL", DEFAULT_JOURNAL))
+
+
+def open_state() -> SQLiteState:
+    return SQLiteState(journal_path())
+
+
+def operator() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class JournalRecorder:
+    """A runner listener that journals each (stage, host) when it starts and when it ends."""
+
+    def __init__(self, state: SQLiteState, run_id: str, outputs: Path):
+        self.state = state
+        self.run_id = run_id
+        self.outputs = outputs
+
+    def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
+        pass
+
+    def host_started(self, planned: PlannedStage, host: str) -> None:
+        self.state.record(ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running",
+                                       started=time.time()))
+
+    def host_finished(self, result: HostResult) -> None:
+        output_path = ""
+        if result.output:
+            path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as log:
+                for command in result.output:
+                    log.write(f"$ {command.command}\n{command.stdout}{command.stderr}[exit {command.exited}, "
+                              f"{command.duration * 1000:.0f} ms]\n")
+            output_path = str(path)
+        now = time.time()
+        self.state.record(ResultRecord(
+            self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
+            now - result.duration, now, result.message, output_path, result.facts,
+        ))
+
+
+class LockKeeper:
+    """Holds an environment's lock and keeps its heartbeat fresh from a background thread."""
+
+    def __init__(self, state: SQLiteState, environment: str, run_id: str, interval: float = 10.0):
+        self.state, self.environment, self.run_id, self.interval = state, environment, run_id, interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> LockKeeper:
+        taken_over = self.state.acquire(self.environment, self.run_id, operator())
+        if taken_over is not None:
+            print(f"warning: took over the lock of {taken_over.holder} (pid {taken_over.pid}, run "
+                  f"{taken_over.run_id}): that process is gone", file=sys.stderr)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.interval):
+            self.state.heartbeat(self.environment, self.run_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.state.release(self.environment, self.run_id)
+
+
+@contextmanager
+def graceful_stop(runner: Runner, transport: Transport, grace: float) -> Iterator[None]:
+    """Ctrl-C / SIGTERM: start nothing new; after `grace` seconds (or a second signal) cut the connections."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    timer: list[threading.Timer] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if runner._stopping.is_set():
+            transport.close()
+            return
+        print(f"\nstopping: no new step starts; running commands get {grace:g} s to finish "
+              "(signal again to cut them now)", file=sys.stderr, flush=True)
+        runner.request_stop()
+        timer.append(threading.Timer(grace, transport.close))
+        timer[0].daemon = True
+        timer[0].start()
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        for t in timer:
+            t.cancel()
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    mutating: bool = True,
+    check_only: bool = False,
+    confirm: Callable[[PlannedStage], bool] | None = None,
+    resume: RunRecord | None = None,
+    state: SQLiteState | None = None,
+    stream: TextIO = sys.stdout,
+    grace: float = 30.0,
+) -> int:
+    """Run (or only check) a plan with a live report; return the exit code (0, 1, or 130 interrupted)."""
+    if check_only:
+        return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace)
+    state = state or open_state()
+    environment = plan.inventory.environment
+    run_id = resume.id if resume else new_run_id()
+    if not mutating:
+        return _execute(plan, state, _journal_new_run(state, plan, run_id), confirm=confirm, stream=stream, grace=grace)
+    with LockKeeper(state, environment, run_id):
+        if resume is None:
+            unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
+            if unfinished:
+                raise OverhaulError(
+                    f"run {unfinished[0].id} ({unfinished[0].runbook}) of {environment!r} is unfinished "
+                    f"({unfinished[0].status}): resume it with `overhaul resume --env {environment}` or abandon it "
+                    f"with `overhaul abandon --run {unfinished[0].id}`"
+                )
+            record = _journal_new_run(state, plan, run_id)
+        else:
+            record = resume
+            state.set_status(run_id, "running")
+            state.event(environment, "resume", f"{operator()} resumed the run", run_id)
+        return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None)
+
+
+def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str) -> RunRecord:
+    record = RunRecord(
+        id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
+        runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
+        params=plan.run_params, operator=operator(), started=time.time(),
+    )
+    state.start_run(record)
+    return record
+
+
+def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
+             confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float, resumed: bool = False) -> int:
+    transport = Transport(plan.inventory)
+    listeners: list = [ConsoleReport(stream, check_only=check_only)]
+    previous: dict[tuple[int, str], HostResult] = {}
+    if state is not None and record is not None:
+        listeners.append(JournalRecorder(state, record.id, journal_path().parent / "runs" / record.id))
+        if resumed:
+            previous = _previous_results(state, record.id)
+            print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
+                  "(stage, host) pairs were done; each is skipped once its check confirms it still holds", file=stream)
+    runner = Runner(plan, transport, check_only=check_only, confirm=confirm, listeners=listeners,
+                    run_id=record.id if record else None, previous=previous)
+    result: RunResult | None = None
+    try:
+        with graceful_stop(runner, transport, grace):
+            result = runner.run()
+    finally:
+        transport.close()
+        if state is not None and record is not None:
+            status = "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
+            state.set_status(record.id, status, None if status == "interrupted" else time.time())
+    print(summary(result, plan.stages), file=stream)
+    if result.interrupted:
+        print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
+        return INTERRUPTED_EXIT
+    return 1 if result.failed else 0
+
+
+def _previous_results(state: SQLiteState, run_id: str) -> dict[tuple[int, str], HostResult]:
+    return {
+        (r.stage_index, r.host): HostResult(r.stage, r.host, Outcome(r.outcome), r.message, r.attempts, 0.0, r.facts,
+                                            r.stage_index)
+        for r in state.results(run_id) if r.outcome != "running"
+    }
