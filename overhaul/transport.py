@@ -165,13 +165,19 @@ class RemoteHost:
 
     # -- running ---------------------------------------------------------------------------
     def run(
-        self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None
+        self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None,
+        durable: bool = False,
     ) -> CommandResult:
         """Run `command` with sh on the host; stdin (for secrets and file contents) never shows in logs.
 
-        Exit codes are returned, not raised: the step decides what a failure means.
+        Exit codes are returned, not raised: the step decides what a failure means. With `durable`, the
+        command's output goes to files on the host until it ends, so a dropped connection (or a killed
+        controller) cannot kill it half-way with SIGPIPE: package installs and reconfigures finish.
         """
         timeout = timeout or self.command_timeout
+        if durable:
+            command = (f'o=$(mktemp) e=$(mktemp); ( {command} ) >"$o" 2>"$e"; rc=$?; '
+                       f'cat "$o"; cat "$e" >&2; rm -f "$o" "$e"; exit $rc')
         use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
         line = f"timeout -k {KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
         payload = stdin or ""

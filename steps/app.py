@@ -45,10 +45,19 @@ class AppReconfigure(Step[ReconfigureParams]):
         return Check(True, f"reconfigured for {installed}, every program RUNNING")
 
     def apply(self, host: RemoteHost) -> str:
-        result = host.run(f"{self.params.ctl_command} reconfigure")
+        installed = installed_version(host, self.params.package) or ""
+        seen = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
+        # One durable command under a host lock: the marker is written if and only if reconfigure succeeded,
+        # even when the connection drops meanwhile; and if another run (say, one killed mid-command whose
+        # reconfigure carried on) changed the marker since we looked, its reconfigure stands and ours is skipped.
+        marker, state_dir = shlex.quote(self.marker), shlex.quote(self.params.state_dir)
+        script = (
+            f'[ "$(cat {marker} 2>/dev/null)" = {shlex.quote(seen)} ] || exit 0; '
+            f"{self.params.ctl_command} reconfigure && echo {shlex.quote(installed)} > {marker}.new && mv {marker}.new {marker}"
+        )
+        result = host.run(
+            f"mkdir -p {state_dir} && flock -w 600 {state_dir}/reconfigure.lock sh -c {shlex.quote(script)}", durable=True
+        )
         if not result.ok:
             raise StepFailed(f"`{self.params.ctl_command} reconfigure` exited {result.exited}: {result.tail()}")
-        installed = installed_version(host, self.params.package) or ""
-        host.run(f"mkdir -p {shlex.quote(self.params.state_dir)}")
-        host.write_file(self.marker, installed + "\n", mode=0o644)
         return f"reconfigured for {self.params.package} {installed}"

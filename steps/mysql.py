@@ -58,9 +58,6 @@ class MysqlBackup(Step[BackupParams]):
     name = "mysql.backup"
     Params = BackupParams
 
-    def _bash(self, host: RemoteHost, script: str, stdin: str | None = None):
-        return host.run(f"bash -c {shlex.quote(script)}", stdin=stdin)
-
     def check(self, host: RemoteHost) -> Check:
         folder = shlex.quote(self.params.backup_dir)
         listing = host.run(
@@ -73,7 +70,7 @@ class MysqlBackup(Step[BackupParams]):
             if age_hours > self.params.max_age_hours:
                 break
             path = f"{self.params.backup_dir}/{name}"
-            if self._bash(host, VERIFY.format(file=shlex.quote(path))).ok:
+            if host.run(f"bash -c {shlex.quote(VERIFY.format(file=shlex.quote(path)))}").ok:
                 digest = host.run(f"cut -d' ' -f1 {shlex.quote(path)}.sha256").stdout.strip()
                 facts = {"path": path, "size": int(size), "sha256": digest}
                 return Check(True, f"verified backup {path} ({int(size)} bytes, {age_hours:.1f} h old)", facts)
@@ -99,7 +96,7 @@ class MysqlBackup(Step[BackupParams]):
             name=shlex.quote(name), dump=shlex.quote(self.params.mysqldump), options=options,
         )
         host.run(f"mkdir -p {shlex.quote(folder)} && chmod 700 {shlex.quote(folder)}")
-        result = self._bash(host, script, stdin=credentials)
+        result = host.run(f"bash -c {shlex.quote(script)}", stdin=credentials, durable=True)
         if not result.ok:
             raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")
         size, digest = result.stdout.split()[-2:]

@@ -75,11 +75,12 @@ class PackageUpgrade(Step[UpgradeParams]):
             )
         name = shlex.quote(f"{self.params.name}={target}" if manager == "apt" else f"{self.params.name}-{target}")
         if manager == "apt":
-            command = (f"apt-get update -q && {APT_ENV} apt-get install -y -q --allow-downgrades "
-                       f"-o Dpkg::Options::=--force-confold {name}")
+            # Finish any install an earlier, interrupted run left half done; wait for another apt's lock.
+            command = (f"{APT_ENV} dpkg --configure -a; apt-get update -q && {APT_ENV} apt-get install -y -q "
+                       f"--allow-downgrades -o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold {name}")
         else:
             command = f"yum install -y {name} || yum downgrade -y {name}"
-        result = host.run(command)
+        result = host.run(command, durable=True)
         if not result.ok:
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
             raise StepFailed(f"{manager} could not install {self.params.name} {target}: " + " | ".join(errors))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from helpers import PROCESS_OCTET
 
 from overhaul.lab import Lab
 
@@ -22,8 +23,8 @@ def _start(root: Path, subnet: str, hosts: int) -> Lab:
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The shared lab (db1, worker1, app1, app2 at 127.30.0.1-4): tests must leave it as they found it."""
-    lab = _start(tmp_path_factory.mktemp("lab"), "127.30.0", 4)
+    """The shared lab (db1, worker1, app1, app2 at 127.30.P.1-4): tests must leave it as they found it."""
+    lab = _start(tmp_path_factory.mktemp("lab"), f"127.30.{PROCESS_OCTET}", 4)
     yield lab
     lab.down()
 
@@ -34,7 +35,7 @@ def fresh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[in
     started: list[Lab] = []
 
     def start(hosts: int = 3) -> Lab:
-        started.append(_start(tmp_path_factory.mktemp("fresh-lab"), f"127.{next(_subnets)}.0", hosts))
+        started.append(_start(tmp_path_factory.mktemp("fresh-lab"), f"127.{next(_subnets)}.{PROCESS_OCTET}", hosts))
         return started[-1]
 
     yield start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from overhaul.runbook import load_runbook
 from overhaul.runner import Runner, RunResult
 from overhaul.step import Registry
 from overhaul.transport import Transport
+
+# Labs of the tests use 127.N.P.x, P from our PID, so two test runs at once (CI and a full sweep) never collide.
+PROCESS_OCTET = os.getpid() % 250
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from helpers import PROCESS_OCTET
 
 from overhaul.lab import Lab, faults
 from overhaul.lab.lab import farm_layout
@@ -216,7 +217,8 @@ def test_up_is_idempotent_and_repairs_a_dead_host(fresh_lab, shell):
 
 
 def test_down_leaves_no_process_no_mount_and_is_idempotent(tmp_path):
-    lab = Lab(home=tmp_path / "lab", inventory=tmp_path / "lab.yaml", subnet="127.29.0", log=lambda _: None)
+    subnet = f"127.29.{PROCESS_OCTET}"
+    lab = Lab(home=tmp_path / "lab", inventory=tmp_path / "lab.yaml", subnet=subnet, log=lambda _: None)
     lab.up(2)
     pids = [pid for host in lab.hosts() for pid in host.processes()]
     assert len(pids) >= 4  # init, sshd, supervisord, its programs...
@@ -227,6 +229,6 @@ def test_down_leaves_no_process_no_mount_and_is_idempotent(tmp_path):
     assert str(tmp_path) not in mounts
     assert not (tmp_path / "lab" / "hosts").exists() and not (tmp_path / "lab.yaml").exists()
     assert lab.status() == []
-    probe = subprocess.run(["ss", "-ltn", "src", "127.29.0.1"], capture_output=True, text=True).stdout
+    probe = subprocess.run(["ss", "-ltn", "src", f"{subnet}.1"], capture_output=True, text=True).stdout
     assert ":22" not in probe
 
