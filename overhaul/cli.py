@@ -16,9 +16,9 @@ from typing import Any
 
 from invoke import Collection, Exit, Program, task
 
-from overhaul import __version__
+from overhaul import __version__, verification
 from overhaul.errors import OverhaulError
-from overhaul.execution import file_sha256, journal_path, open_state, operator, run_plan
+from overhaul.execution import exit_code, file_sha256, journal_path, open_state, operator, run_plan
 from overhaul.inventory import Inventory, load_inventory
 from overhaul.lab import Lab
 from overhaul.plan import Plan, PlannedStage, build_plan
@@ -100,7 +100,7 @@ def finish(code: int) -> None:
 def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Run a runbook on an environment's hosts."""
     plan = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
-    finish(run_plan(plan, confirm=ask(yes)))
+    finish(exit_code(run_plan(plan, confirm=ask(yes))))
 
 
 @task(positional=["runbook"], iterable=["param"], help={"runbook": "runbook name or path", **COMMON_HELP})
@@ -108,7 +108,7 @@ def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir=
 def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Show what a runbook would change on each host (runs only the read-only checks)."""
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
-    finish(run_plan(planned, check_only=True))
+    finish(exit_code(run_plan(planned, check_only=True)))
 
 
 @task(help={"version": "package version to upgrade to (default: the newest available)",
@@ -122,14 +122,42 @@ def upgrade(c, env, version="latest", yes=False, hosts_dir="hosts", runbooks_dir
             raise OverhaulError(f"environment {env!r} is protected: run with --yes to upgrade it")
         if input(f"Upgrade protected environment {env!r} to {version}? [y/N] ").strip().lower() not in ("y", "yes"):
             raise Exit("not confirmed: nothing was changed", code=1)
-    finish(run_plan(planned, confirm=ask(yes)))
+    finish(exit_code(run_plan(planned, confirm=ask(yes))))
 
 
-@task(help=PATHS_HELP)
+@task(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
+            "junit": "write a JUnit XML report here", "json": "write a JSON report here",
+            "concurrency": "hosts checked at once (default 8)", **PATHS_HELP})
 @friendly
-def verify(c, env, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
-    """Check an environment is healthy: supervisor up, every service RUNNING, disks below 80 %. Read-only."""
-    finish(run_plan(load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}), mutating=False))
+def verify(c, env, checks="", junit="", json="", concurrency=8, hosts_dir="hosts", runbooks_dir="runbooks",
+           steps_dir="steps"):
+    """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
+    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {})
+    result = run_plan(planned, mutating=False)
+    cases = verification.runbook_cases(result)
+    folder = Path(checks or planned.inventory.checks or "checks")
+    if folder.is_dir():
+        hosts = [host.name for host in planned.inventory.hosts]
+        cases += verification.run_checks(env, hosts_dir, folder, hosts, int(concurrency),
+                                         {"expected_version": expected_version(env)})
+    elif checks or planned.inventory.checks:
+        raise OverhaulError(f"checks folder {folder} does not exist")
+    verification.print_summary(cases)
+    if junit:
+        verification.write_junit(cases, Path(junit), env)
+    if json:
+        verification.write_json(cases, Path(json), env)
+    failed = any(case.status == "failed" for case in cases)
+    finish(exit_code(result) or (1 if failed else 0))
+
+
+def expected_version(env: str) -> str | None:
+    """The version of the newest successful upgrade of `env` in the journal (None when unknown)."""
+    for record in open_state().runs(env, limit=100):
+        if record.runbook == "upgrade" and record.status == "succeeded":
+            version = record.params.get("version")
+            return None if version in (None, "latest") else str(version)
+    return None
 
 
 @task(iterable=["param"], help={
@@ -166,7 +194,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, hosts_dir="host
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to resume")
     inventory = load_inventory(record.environment, Path(hosts_dir))
     planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params)
-    finish(run_plan(planned, resume=record, confirm=ask(yes), state=state))
+    finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state)))
 
 
 @task(help={"run": "the run to abandon"})

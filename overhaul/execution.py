@@ -154,8 +154,8 @@ def run_plan(
     state: SQLiteState | None = None,
     stream: TextIO = sys.stdout,
     grace: float = 30.0,
-) -> int:
-    """Run (or only check) a plan with a live report; return the exit code (0, 1, or 130 interrupted)."""
+) -> RunResult:
+    """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means."""
     if check_only:
         return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace)
     state = state or open_state()
@@ -191,7 +191,8 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str) -> RunRecord:
 
 
 def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
-             confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float, resumed: bool = False) -> int:
+             confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
+             resumed: bool = False) -> RunResult:
     transport = Transport(plan.inventory)
     listeners: list = [ConsoleReport(stream, check_only=check_only)]
     previous: dict[tuple[int, str], HostResult] = {}
@@ -215,6 +216,12 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     print(summary(result, plan.stages), file=stream)
     if result.interrupted:
         print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
+    return result
+
+
+def exit_code(result: RunResult) -> int:
+    """0 success, 1 some host failed (or the run stopped), 130 interrupted (resumable)."""
+    if result.interrupted:
         return INTERRUPTED_EXIT
     return 1 if result.failed else 0
 

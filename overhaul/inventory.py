@@ -85,6 +85,7 @@ class Inventory(Strict):
     role_vars: dict[str, dict[str, Any]] = {}
     secrets: dict[str, SecretRef] = {}
     policy: Policy = Policy()
+    checks: str | None = None  # folder of testinfra checks for `verify` (relative to where overhaul runs)
 
     def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems across fields (duplicates, stray role_vars), each with the location it is about."""

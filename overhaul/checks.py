@@ -1,0 +1,80 @@
+"""pytest-testinfra over Overhaul's own connections: strict host keys, bastion, sudo, one pooled
+connection per host, timeouts and redaction, instead of testinfra's paramiko backend (which accepts
+any host key and opens connections of its own).
+
+    import overhaul.checks, testinfra
+    host = testinfra.get_host("overhaul://db1", env="production")   # or overhaul.checks.get_host("production", "db1")
+    assert host.package("scalr-server").version == "1.1.0"
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import testinfra
+import testinfra.backend
+from testinfra.backend.base import BaseBackend, CommandResult
+
+from overhaul.inventory import Inventory, load_inventory
+from overhaul.transport import RemoteHost, Transport
+
+ENV_VARIABLE = "OVERHAUL_CHECKS_ENV"
+HOSTS_DIR_VARIABLE = "OVERHAUL_CHECKS_HOSTS_DIR"
+
+_transports: dict[tuple[str, str], Transport] = {}
+_transports_lock = threading.Lock()
+
+
+def transport_for(env: str, hosts_dir: str = "hosts") -> Transport:
+    """The one Transport of this process for an environment: every check reuses its connections."""
+    key = (env, str(Path(hosts_dir).resolve()))
+    with _transports_lock:
+        if key not in _transports:
+            _transports[key] = Transport(load_inventory(env, Path(hosts_dir)))
+        return _transports[key]
+
+
+def inventory_for(env: str, hosts_dir: str = "hosts") -> Inventory:
+    return transport_for(env, hosts_dir).inventory
+
+
+@atexit.register
+def close_all() -> None:
+    with _transports_lock:
+        for transport in _transports.values():
+            transport.close()
+        _transports.clear()
+
+
+class OverhaulBackend(BaseBackend):
+    """testinfra backend `overhaul://HOST`, the environment given as `env=` or by OVERHAUL_CHECKS_ENV."""
+
+    NAME = "overhaul"
+
+    def __init__(self, hostname: str, *args: Any, env: str | None = None, hosts_dir: str | None = None, **kwargs: Any):
+        super().__init__(hostname, *args, **kwargs)
+        env = env or os.environ.get(ENV_VARIABLE)
+        if not env:
+            raise RuntimeError(f"overhaul://{hostname}: say which environment (env=... or {ENV_VARIABLE})")
+        self.env = env
+        self.hosts_dir = hosts_dir or os.environ.get(HOSTS_DIR_VARIABLE, "hosts")
+
+    @property
+    def remote(self) -> RemoteHost:
+        return transport_for(self.env, self.hosts_dir).host(self.hostname)
+
+    def run(self, command: str, *args: str, **kwargs: Any) -> CommandResult:
+        command = self.get_command(command, *args)  # testinfra's own sudo wrapping, if asked for
+        result = self.remote.run(command, sudo=False)
+        return self.result(result.exited, self.encode(command), result.stdout, result.stderr)
+
+
+testinfra.backend.BACKENDS.setdefault("overhaul", f"{__name__}.OverhaulBackend")
+
+
+def get_host(env: str, name: str, hosts_dir: str = "hosts", **kwargs: Any) -> testinfra.host.Host:
+    return testinfra.get_host(f"overhaul://{name}", env=env, hosts_dir=hosts_dir, **kwargs)

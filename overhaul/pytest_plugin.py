@@ -1,0 +1,79 @@
+"""pytest plugin: run testinfra checks against an environment's hosts through Overhaul's transport.
+
+    pytest checks/ --overhaul-env production          # every test runs once per host of production
+
+`@pytest.mark.roles("db")` keeps a test to hosts having one of those roles; the `overhaul_vars`
+fixture gives the host's inventory variables. Inert unless --overhaul-env is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("overhaul")
+    group.addoption("--overhaul-env", default=None, help="run testinfra checks on this environment's hosts")
+    group.addoption("--overhaul-hosts-dir", default="hosts", help="folder of inventories (default hosts)")
+    group.addoption("--overhaul-only", default=None, help="comma-separated host names (default: every host)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "roles(*names): run only on hosts having one of these roles")
+    env = config.getoption("overhaul_env")
+    if not env:
+        return
+    from overhaul import checks
+    from overhaul.inventory import load_inventory
+
+    hosts_dir = config.getoption("overhaul_hosts_dir")
+    os.environ[checks.ENV_VARIABLE] = env
+    os.environ[checks.HOSTS_DIR_VARIABLE] = hosts_dir
+    only = config.getoption("overhaul_only")
+    names = only.split(",") if only else [h.name for h in load_inventory(env, __import__("pathlib").Path(hosts_dir)).hosts]
+    if not config.getoption("hosts", default=None):
+        config.option.hosts = ",".join(f"overhaul://{name}" for name in names)
+
+
+def _host_name(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    target = callspec.params.get("_testinfra_host") if callspec else None
+    return getattr(getattr(target, "backend", None), "hostname", None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    env = config.getoption("overhaul_env")
+    if not env:
+        return
+    from overhaul.checks import inventory_for
+
+    inventory = inventory_for(env, config.getoption("overhaul_hosts_dir"))
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("roles")
+        name = _host_name(item)
+        if marker is None or name is None or set(marker.args) & set(inventory.host(name).roles):
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture
+def overhaul_vars(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The inventory variables of the host this test runs on (plus `expected_version` when known)."""
+    from overhaul.checks import inventory_for
+
+    env = request.config.getoption("overhaul_env")
+    if not env:
+        pytest.fail("overhaul_vars needs --overhaul-env")
+    inventory = inventory_for(env, request.config.getoption("overhaul_hosts_dir"))
+    values = inventory.host_vars(inventory.host(_host_name(request.node)))
+    extra = os.environ.get("OVERHAUL_CHECKS_VARS")
+    return {**json.loads(extra), **values} if extra else values

@@ -1,0 +1,120 @@
+"""`overhaul verify`: the built-in verify runbook plus the operator's testinfra checks, in one report.
+
+The checks folder runs once per host, hosts in parallel (a bounded pool of pytest processes, each
+holding one connection to its one host), so a check never opens a connection of its own. Results
+become one case per (check, host): printed, and written as JUnit XML and JSON for CI and dashboards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TextIO
+
+from overhaul.runner import RunResult
+from overhaul.step import Outcome
+
+
+@dataclass
+class Case:
+    """One check on one host."""
+
+    check: str
+    host: str
+    status: str  # passed | failed | skipped
+    message: str = ""
+    duration: float = 0.0
+    source: str = "runbook"  # runbook (built-in verify) or the checks file
+
+
+def runbook_cases(result: RunResult) -> list[Case]:
+    status = {Outcome.OK: "passed", Outcome.CHANGED: "passed", Outcome.FAILED: "failed", Outcome.SKIPPED: "skipped"}
+    return [Case(r.stage, r.host, status[r.outcome], r.message, r.duration) for r in result.results]
+
+
+def run_checks(env: str, hosts_dir: str, checks: Path, hosts: list[str], concurrency: int = 8,
+               extra_vars: dict | None = None) -> list[Case]:
+    """Run the checks folder against each host (in parallel) and collect one case per (check, host)."""
+    with tempfile.TemporaryDirectory(prefix="overhaul-checks-") as tmp:
+        def one(host: str) -> list[Case]:
+            report = Path(tmp) / f"{host}.xml"
+            env_vars = dict(os.environ, OVERHAUL_CHECKS_VARS=json.dumps(extra_vars or {}))
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", str(checks), "-q", "-p", "no:cacheprovider", "--overhaul-env", env,
+                 "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", host, f"--junitxml={report}"],
+                capture_output=True, text=True, env=env_vars,
+            )
+            if proc.returncode not in (0, 1, 5) or not report.exists():
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+                return [Case("checks", host, "failed", f"pytest exited {proc.returncode}: " + " | ".join(tail),
+                             source=str(checks))]
+            return _cases_from_junit(report, host, str(checks))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(hosts)))) as pool:
+            return [case for cases in pool.map(one, hosts) for case in cases]
+
+
+def _cases_from_junit(report: Path, host: str, source: str) -> list[Case]:
+    cases = []
+    for element in ET.parse(report).getroot().iter("testcase"):
+        name = element.get("name", "?").split("[", 1)[0]
+        module = element.get("classname", "").rsplit(".", 1)[-1]
+        problem = element.find("failure")
+        if problem is None:
+            problem = element.find("error")
+        skipped = element.find("skipped")
+        if problem is not None:
+            status, message = "failed", (problem.get("message") or problem.text or "").strip().splitlines()[0:1]
+        elif skipped is not None:
+            status, message = "skipped", [skipped.get("message", "")]
+        else:
+            status, message = "passed", []
+        cases.append(Case(f"{module}::{name}", host, status, " ".join(message)[:300],
+                          float(element.get("time", 0)), source))
+    return cases
+
+
+def print_summary(cases: list[Case], stream: TextIO = sys.stdout) -> None:
+    checks = [c for c in cases if c.source != "runbook"]
+    if checks:
+        print(f"\n== checks ({len({c.check for c in checks})} checks x {len({c.host for c in checks})} hosts)",
+              file=stream)
+        for case in checks:
+            print(f"   {case.host:<14} {case.status:<8} {case.check}{': ' + case.message if case.message else ''}",
+                  file=stream)
+    counts = {status: sum(1 for c in cases if c.status == status) for status in ("passed", "failed", "skipped")}
+    print(f"\nverify: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+          f"({len(cases)} checks x hosts)", file=stream)
+    for case in cases:
+        if case.status == "failed":
+            print(f"FAILED {case.check} on {case.host}: {case.message}", file=stream)
+
+
+def write_junit(cases: list[Case], path: Path, env: str) -> None:
+    suites = ET.Element("testsuites", name=f"overhaul verify {env}")
+    for source in dict.fromkeys(c.source for c in cases):
+        mine = [c for c in cases if c.source == source]
+        suite = ET.SubElement(suites, "testsuite", name=f"{env}: {source}", tests=str(len(mine)),
+                              failures=str(sum(c.status == "failed" for c in mine)),
+                              skipped=str(sum(c.status == "skipped" for c in mine)))
+        for case in mine:
+            element = ET.SubElement(suite, "testcase", classname=f"{env}.{case.host}", name=f"{case.check} [{case.host}]",
+                                    time=f"{case.duration:.3f}")
+            if case.status == "failed":
+                ET.SubElement(element, "failure", message=case.message).text = case.message
+            elif case.status == "skipped":
+                ET.SubElement(element, "skipped", message=case.message)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(suites).write(path, encoding="unicode", xml_declaration=True)
+
+
+def write_json(cases: list[Case], path: Path, env: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "cases": [asdict(c) for c in cases]}, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""testinfra through Overhaul's transport: every module works, keys are strict, one connection per host,
+and `overhaul verify` reports the operator's checks per (check, host) beside the built-in ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+from helpers import write
+
+from overhaul import checks
+from overhaul.errors import HostUnreachable
+from overhaul.transport import RemoteHost
+
+
+@pytest.fixture
+def isolated(monkeypatch):
+    """Each test gets its own connections (and the plugin's environment variables are restored after)."""
+    monkeypatch.setenv(checks.ENV_VARIABLE, "")
+    monkeypatch.setenv(checks.HOSTS_DIR_VARIABLE, "")
+    checks.close_all()
+    yield
+    checks.close_all()
+
+
+def test_testinfra_modules_work_through_the_backend(lab, isolated):
+    hosts_dir = str(lab.inventory.parent)
+    app = checks.get_host("lab", "app1", hosts_dir=hosts_dir)
+    assert app.backend.get_connection_type() == "overhaul"
+    assert app.run("hostname").stdout.strip() == "app1"
+    assert app.package("scalr-server").is_installed and app.package("scalr-server").version == "1.0.0"
+    assert app.service("scalr").is_running  # `service scalr status`, as the vendor's page says
+    conf = "/opt/scalr-server/etc/supervisor/supervisord.conf"
+    assert app.supervisor("scalr-httpd", supervisorctl_path="supervisorctl", supervisorctl_conf=conf).is_running
+    assert app.file("/etc/scalr-server/scalr-server.conf").contains("ROLE=app")
+    assert app.mount_point("/opt/scalr-server/data").filesystem == "tmpfs"
+    assert not app.file("/nonexistent").exists
+
+
+def test_a_host_whose_key_does_not_match_is_refused(lab, tmp_path, isolated):
+    keys = dict(line.split(" ", 1) for line in lab.known_hosts.read_text().splitlines())
+    app1, db1 = lab.host("app1").spec.address, lab.host("db1").spec.address
+    forged = "".join(f"{addr} {keys[db1] if addr == app1 else key}\n" for addr, key in keys.items())
+    write(tmp_path / "hosts/known_hosts", forged)
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    write(tmp_path / "hosts/lab.yaml", text.replace(str(lab.known_hosts), str(tmp_path / "hosts/known_hosts")))
+    host = checks.get_host("lab", "app1", hosts_dir=str(tmp_path / "hosts"))
+    with pytest.raises(HostUnreachable, match="host key does not match"):
+        host.run("true")
+
+
+def test_checks_open_one_connection_per_host_however_many_checks(lab, tmp_path, isolated, monkeypatch):
+    write(tmp_path / "checks/test_many.py", """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(5))
+        def test_file(host, n):
+            assert host.file("/etc/hostname").exists
+
+        def test_package(host):
+            assert host.package("scalr-server").is_installed
+
+        @pytest.mark.roles("db")
+        def test_db_only(host):
+            assert host.run("mysqladmin ping").rc == 0
+    """)
+    opened: list[str] = []
+    real_open = RemoteHost._open
+
+    def counting_open(self):
+        opened.append(self.name)
+        return real_open(self)
+
+    monkeypatch.setattr(RemoteHost, "_open", counting_open)
+    code = pytest.main([str(tmp_path / "checks"), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                        "--overhaul-env", "lab", "--overhaul-hosts-dir", str(lab.inventory.parent),
+                        "--overhaul-only", "db1,app1"])
+    assert code == 0
+    assert sorted(opened) == ["app1", "db1"]  # 13 checks ran (6 x 2 hosts + 1 on db1), 2 connections
+
+
+def verify(lab, cwd, *args):
+    env = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"))
+    return subprocess.run([sys.executable, "-m", "overhaul", "verify", "--env", "lab", "--hosts-dir",
+                           str(lab.inventory.parent), *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, tmp_path):
+    write(tmp_path / "checks/test_ops.py", """
+        import pytest
+
+        def test_no_maintenance_marker(host):
+            assert not host.file("/root/under-maintenance").exists
+
+        @pytest.mark.roles("db")
+        def test_schema_is_readable(host):
+            assert host.run("mysql -N -e 'SELECT version FROM scalr.schema_version'").rc == 0
+    """)
+    args = ["--checks", str(tmp_path / "checks"), "--junit", str(tmp_path / "out/junit.xml"),
+            "--json", str(tmp_path / "out/verify.json")]
+    passing = verify(lab, tmp_path, *args)
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    assert "verify: 17 passed, 0 failed, 0 skipped" in passing.stdout  # 12 built-in + 4 + 1 (db only)
+
+    lab.host("app1").exec("touch /root/under-maintenance")
+    try:
+        failing = verify(lab, tmp_path, *args)
+    finally:
+        lab.host("app1").exec("rm -f /root/under-maintenance")
+    assert failing.returncode == 1
+    failed = [line for line in failing.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].startswith("FAILED test_ops::test_no_maintenance_marker on app1: ")
+    cases = ET.parse(tmp_path / "out/junit.xml").getroot().iter("testcase")
+    failures = [case.get("name") for case in cases if case.find("failure") is not None]
+    assert failures == ["test_ops::test_no_maintenance_marker [app1]"]
+    report = json.loads((tmp_path / "out/verify.json").read_text())
+    by_case = {(c["check"], c["host"]): c["status"] for c in report["cases"]}
+    assert by_case[("test_ops::test_schema_is_readable", "db1")] == "passed"
+    assert ("test_ops::test_schema_is_readable", "app1") not in by_case  # the roles marker kept it to db
+    assert by_case[("services running", "app1")] == "passed"
+    assert len(by_case) == 17
