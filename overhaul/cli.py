@@ -272,6 +272,15 @@ def show(c, run):
 
 @task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
 @friendly
+def synthetic(c, env, hosts_dir="hosts"):
+    """Launch a small farm, prove it comes up and works, tear it down; exit code names a failed phase."""
+    from overhaul.synthetic.run import SyntheticRun, workdir_default
+
+    finish(SyntheticRun(load_inventory(env, Path(hosts_dir)), open_state(), workdir_default()).run())
+
+
+@task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
+@friendly
 def inventory(c, env, hosts_dir="hosts"):
     """Show an environment's resolved hosts (roles, address, user, variables)."""
     loaded = load_inventory(env, Path(hosts_dir))
@@ -342,6 +351,6 @@ def _print_status(lab: Lab) -> None:
 
 
 lab = Collection("lab", up, down, status)
-namespace = Collection(upgrade, verify, resume, abandon, unlock, history, show, run, plan, inventory, schema, lab)
+namespace = Collection(upgrade, verify, synthetic, resume, abandon, unlock, history, show, run, plan, inventory, schema, lab)
 
 program = Program(namespace=namespace, name="overhaul", version=__version__)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from overhaul.config import Document, dotted, load_document
 from overhaul.errors import ConfigError
 from overhaul.secrets import SecretRef
+from overhaul.synthetic.config import SyntheticConfig
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -86,6 +87,7 @@ class Inventory(Strict):
     secrets: dict[str, SecretRef] = {}
     policy: Policy = Policy()
     checks: str | None = None  # folder of testinfra checks for `verify` (relative to where overhaul runs)
+    synthetic: SyntheticConfig | None = None  # the farm `overhaul synthetic` launches
 
     def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems across fields (duplicates, stray role_vars), each with the location it is about."""

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, stage_index, host)
 );
 CREATE TABLE IF NOT EXISTS events (at REAL, environment TEXT, run_id TEXT, kind TEXT, detail TEXT);
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT, run_id TEXT, at REAL, expires REAL);
 CREATE TABLE IF NOT EXISTS locks (
     environment TEXT PRIMARY KEY, run_id TEXT, holder TEXT, hostname TEXT, pid INTEGER, pid_started INTEGER,
     acquired REAL, heartbeat REAL
@@ -132,6 +133,24 @@ class SQLiteState:
             return self._db.execute(
                 "SELECT at, run_id, kind, detail FROM events WHERE environment = ? ORDER BY at", (environment,)
             ).fetchall()
+
+    # -- claims: one run per key (e.g. per environment and night), even after the run ended ------
+    def claim(self, key: str, holder: str, run_id: str, expires: float) -> dict | None:
+        """Claim `key` until `expires`; return the existing claim when another run holds it."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT holder, run_id, at, expires FROM claims WHERE key = ?", (key,)).fetchone()
+                if row is not None and row[3] > now:
+                    self._db.execute("ROLLBACK")
+                    return {"holder": row[0], "run_id": row[1], "at": row[2]}
+                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (key, holder, run_id, now, expires))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return None
 
     # -- locks -----------------------------------------------------------------------------
     def acquire(self, environment: str, run_id: str, holder: str) -> LockInfo | None:

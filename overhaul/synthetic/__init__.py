@@ -1,0 +1,1 @@
+"""The nightly synthetic farm-launch test (see docs/synthetic.md)."""

@@ -1,0 +1,309 @@
+"""One synthetic farm-launch test: claim the window, launch, prove, tear down, tell.
+
+Phases, in order (the exit code names the one that failed: 20 + its position):
+claim, credentials, sweep, launch, running, ssh, verify, endpoints, terminate, terminated.
+Teardown runs on every exit path (failure, timeout, Ctrl-C, SIGTERM): a synthetic test never leaks
+a server. Unlike the vendor's example, every error is reported and fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import paramiko
+
+from overhaul.errors import HostUnreachable, OverhaulError
+from overhaul.execution import new_run_id, operator
+from overhaul.inventory import Host, Inventory, SSHSettings
+from overhaul.plan import build_plan
+from overhaul.report import ConsoleReport
+from overhaul.runbook import load_runbook
+from overhaul.runner import Runner
+from overhaul.state import ResultRecord, RunRecord, SQLiteState
+from overhaul.step import Outcome, Registry
+from overhaul.synthetic import alerts
+from overhaul.synthetic.aws import claim_dynamodb
+from overhaul.synthetic.config import SyntheticConfig
+from overhaul.synthetic.providers import Farm, Provider, provider_class
+from overhaul.transport import Transport
+
+PHASES = ["claim", "credentials", "sweep", "launch", "running", "ssh", "verify", "endpoints", "terminate", "terminated"]
+EXIT_CODES = {name: 20 + index for index, name in enumerate(PHASES)}
+
+
+class PhaseFailed(Exception):
+    def __init__(self, phase: str, message: str):
+        self.phase, self.message = phase, message
+        super().__init__(f"{phase}: {message}")
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that teardown runs."""
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    status: str  # ok | failed | skipped
+    seconds: float
+    message: str
+
+
+class SyntheticRun:
+    def __init__(self, inventory: Inventory, state: SQLiteState, workdir: Path, stream: TextIO = sys.stdout,
+                 registry: Registry | None = None):
+        if inventory.synthetic is None:
+            raise OverhaulError(f"the inventory of {inventory.environment!r} has no `synthetic:` section")
+        self.inventory = inventory
+        self.config: SyntheticConfig = inventory.synthetic
+        self.environment = inventory.environment
+        self.state = state
+        self.stream = stream
+        self.registry = registry or Registry()
+        self.run_id = new_run_id()
+        self.provider: Provider = provider_class(self.config.provider)(self.config, self.environment, workdir)
+        self.farm = Farm(self.run_id)
+        self.phases: list[PhaseResult] = []
+        self.farm_inventory: Inventory | None = None
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> int:
+        window = int(time.time() // self.config.window)
+        holder = self._claim(window)
+        if holder is not None:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["at"])))
+            self._say(f"synthetic {self.environment}: this window is already claimed by {holder['holder']} "
+                      f"(run {holder['run_id']}, at {at}): nothing to do")
+            return 0
+        self.state.start_run(RunRecord(self.run_id, "synthetic", self.config.provider, "", self.environment,
+                                       {"provider": self.config.provider, "window": window}, operator(), time.time()))
+        failure: PhaseFailed | None = None
+        previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
+        if _main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            self._phase("credentials", self.provider.check_credentials)
+            self._phase("sweep", self._sweep)
+            self._phase("launch", self._launch)
+            self._phase("running", self._running)
+            for name, action in (("ssh", self._ssh), ("verify", self._verify), ("endpoints", self._endpoints)):
+                if self.config.connect:
+                    self._phase(name, action)
+                else:
+                    self._skip(name, "connect: false (cloud API only)")
+            if self.config.hold:
+                time.sleep(self.config.hold)
+        except PhaseFailed as exc:
+            failure = exc
+        except (Terminated, KeyboardInterrupt) as exc:
+            current = PHASES[min(len(self.phases), len(PHASES) - 1)]
+            failure = PhaseFailed(current, f"interrupted by {'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'}")
+            self._record(PhaseResult(current, "failed", 0.0, failure.message))
+        finally:
+            failure = self._teardown() or failure
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return self._finish(failure)
+
+    def _phase(self, name: str, action: Callable[[], str | None]) -> None:
+        self._say(f"-- {name}")
+        started = time.monotonic()
+        try:
+            message = action() or ""
+        except (OverhaulError, HostUnreachable) as exc:
+            self._record(PhaseResult(name, "failed", time.monotonic() - started, str(exc)))
+            raise PhaseFailed(name, str(exc)) from None
+        self._record(PhaseResult(name, "ok", time.monotonic() - started, message))
+
+    def _skip(self, name: str, why: str) -> None:
+        self._record(PhaseResult(name, "skipped", 0.0, why))
+
+    def _record(self, result: PhaseResult) -> None:
+        self.phases.append(result)
+        self._say(f"   {result.name:<12} {result.status:<8} {result.seconds:7.2f} s  {result.message}")
+        now = time.time()
+        self.state.record(ResultRecord(self.run_id, PHASES.index(result.name), result.name, "farm",
+                                       {"ok": "ok", "failed": "failed", "skipped": "skipped"}[result.status],
+                                       1, now - result.seconds, now, result.message))
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    # -- phases ------------------------------------------------------------------------------
+    def _claim(self, window: int) -> dict | None:
+        key = f"synthetic:{self.environment}:{window}"
+        expires = (window + 1) * self.config.window
+        claim = self.config.claim
+        if claim.backend == "dynamodb":
+            if not claim.table:
+                raise OverhaulError("synthetic.claim.table is needed with the dynamodb backend")
+            return claim_dynamodb(claim.table, key, operator(), self.run_id, expires, self.config.region,
+                                  self.config.endpoint_url)
+        return self.state.claim(key, operator(), self.run_id, expires)
+
+    def _sweep(self) -> str:
+        swept = self.provider.sweep(time.time() - self.config.max_age)
+        if swept:
+            return f"terminated {len(swept)} server(s) left by earlier runs: {', '.join(swept)}"
+        return "nothing left by earlier runs"
+
+    def _launch(self) -> str:
+        self.provider.launch(self.farm)
+        return f"{len(self.farm.servers)} server(s): " + ", ".join(f"{s.name} ({s.id})" for s in self.farm.servers)
+
+    def _running(self) -> str:
+        self.provider.wait_running(self.farm, self.config.timeouts.launch)
+        return ", ".join(f"{s.name} {s.address or '?'}" for s in self.farm.servers)
+
+    def _ssh(self) -> str:
+        self.farm_inventory, trusted = self._inventory_for_farm()
+        deadline = time.monotonic() + self.config.timeouts.ssh
+        transport = Transport(self.farm_inventory)
+        try:
+            while True:
+                failures = transport.connect([s.name for s in self.farm.servers])
+                if not failures:
+                    break
+                if time.monotonic() > deadline:
+                    raise OverhaulError("; ".join(str(e) for e in failures.values()))
+                time.sleep(2)
+        finally:
+            transport.close()
+        note = f" (trust on first use for {', '.join(trusted)}: throw-away farm)" if trusted else ""
+        return f"strict SSH to {len(self.farm.servers)} server(s){note}"
+
+    def _inventory_for_farm(self) -> tuple[Inventory, list[str]]:
+        folder = Path(tempfile.mkdtemp(prefix=f"overhaul-synthetic-{self.run_id}-"))
+        trusted = []
+        lines = []
+        for server in self.farm.servers:
+            key = server.host_key
+            if key is None:
+                key = _first_use_key(server.address, self.config.timeouts.ssh)
+                trusted.append(server.name)
+            lines.append(f"{server.address} {key}\n")
+        (folder / "known_hosts").write_text("".join(lines))
+        key_file = self.provider.ssh_identity(self.farm) or self.config.key_file or self.inventory.ssh.key_file
+        ssh = SSHSettings(user=self.config.user, key_file=key_file, known_hosts=folder / "known_hosts",
+                          connect_timeout=min(10, self.config.timeouts.ssh), connect_retries=2)
+        hosts = [Host(name=s.name, address=s.address, roles=[s.role]) for s in self.farm.servers]
+        inventory = Inventory(environment=f"{self.environment}-synthetic", ssh=ssh, hosts=hosts)
+        return inventory, trusted
+
+    def _verify(self) -> str:
+        assert self.farm_inventory is not None
+        runbooks = ([self.config.setup_runbook] if self.config.setup_runbook else []) + ["verify"]
+        for name in runbooks:
+            params = self.config.verify_params if name == "verify" else {}
+            plan = build_plan(load_runbook(name), self.farm_inventory, self.registry, params)
+            transport = Transport(self.farm_inventory)
+            try:
+                result = Runner(plan, transport, listeners=[ConsoleReport(self.stream)]).run()
+            finally:
+                transport.close()
+            failed = [r for r in result.results if r.outcome is Outcome.FAILED]
+            if failed or result.stopped_at:
+                detail = "; ".join(f"{r.stage} on {r.host}: {r.message}" for r in failed) or result.stop_reason
+                raise OverhaulError(f"runbook {name!r} failed: {detail}")
+        return f"{' + '.join(runbooks)} passed on every server"
+
+    def _endpoints(self) -> str:
+        if not self.config.endpoints:
+            return "no endpoints configured"
+        assert self.farm_inventory is not None
+        addresses = {s.name: s.address for s in self.farm.servers}
+        targets = [endpoint.format(**addresses) for endpoint in self.config.endpoints]
+        transport = Transport(self.farm_inventory)
+        problems = []
+        try:
+            for server in self.farm.servers:
+                host = transport.host(server.name)
+                for target in targets:
+                    address, _, port = target.rpartition(":")
+                    probe = f"timeout {self.config.timeouts.endpoints:g} bash -c {shlex.quote(f'</dev/tcp/{address}/{port}')}"
+                    if not host.run(probe).ok:
+                        problems.append(f"{server.name} cannot reach {target}")
+        finally:
+            transport.close()
+        if problems:
+            raise OverhaulError("; ".join(problems))
+        return f"every server reaches {', '.join(targets)}"
+
+    def _teardown(self) -> PhaseFailed | None:
+        if not self.farm.servers:
+            return None
+        for name, action in (("terminate", lambda: self.provider.terminate(self.farm)),
+                             ("terminated", lambda: self.provider.wait_terminated(self.farm, self.config.timeouts.terminate))):
+            try:
+                self._phase(name, action)
+            except PhaseFailed as exc:
+                ids = ", ".join(s.id for s in self.farm.servers)
+                self._say(f"LEAK: servers may still run: {ids} (the next run's sweep will retry)")
+                return exc
+            except (Terminated, KeyboardInterrupt):
+                continue  # a second signal must not stop the teardown
+        return None
+
+    def _finish(self, failure: PhaseFailed | None) -> int:
+        succeeded = failure is None
+        self.state.set_status(self.run_id, "succeeded" if succeeded else "failed", time.time())
+        if self.config.metrics_file:
+            alerts.write_metrics(self.config.metrics_file, self.environment, succeeded,
+                                 [(p.name, p.status, p.seconds) for p in self.phases], failure.phase if failure else None)
+        self._notify(failure)
+        if failure:
+            self._say(f"synthetic {self.environment}: FAILED in phase {failure.phase}: {failure.message}")
+            return EXIT_CODES[failure.phase]
+        self._say(f"synthetic {self.environment}: passed ({len(self.farm.servers)} servers launched, proven, terminated)")
+        return 0
+
+    def _notify(self, failure: PhaseFailed | None) -> None:
+        if self.config.webhook is None:
+            return
+        earlier = [r for r in self.state.runs(self.environment, limit=50) if r.runbook == "synthetic" and r.id != self.run_id
+                   and r.status in ("succeeded", "failed")]
+        recovered = failure is None and bool(earlier) and earlier[0].status == "failed"
+        if failure is None and not recovered:
+            return
+        text = (f"Overhaul synthetic test of {self.environment} FAILED in phase {failure.phase}: {failure.message} "
+                f"(run {self.run_id})" if failure else
+                f"Overhaul synthetic test of {self.environment} recovered: passed (run {self.run_id})")
+        try:
+            alerts.notify(self.config.webhook.resolve(), text)
+        except (OSError, OverhaulError) as exc:
+            self._say(f"warning: the webhook could not be told: {exc}")
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _first_use_key(address: str, timeout: float) -> str:
+    """The host key the server offers, taken on trust (only for servers this run just launched)."""
+    sock = socket.create_connection((address, 22), timeout=timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
+    finally:
+        transport.close()
+
+
+def workdir_default() -> Path:
+    return Path(os.environ.get("OVERHAUL_SYNTHETIC_DIR", ".overhaul/synthetic"))
