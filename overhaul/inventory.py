@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -78,10 +78,23 @@ class Policy(Strict):
     promotion_from: str | None = Field(None, pattern=NAME)
 
 
+class Ec2Source(Strict):
+    """Hosts found by EC2 tags instead of listed: running instances matching every filter."""
+
+    provider: Literal["aws-ec2"] = "aws-ec2"
+    filters: dict[str, str] = Field(min_length=1)  # tag name -> value
+    region: str | None = None
+    endpoint_url: str | None = None
+    role_tag: str = "overhaul:role"  # comma-separated roles
+    name_tag: str = "Name"
+    address: Literal["private", "public"] = "private"
+
+
 class Inventory(Strict):
     environment: str = Field(pattern=NAME)
     ssh: SSHSettings = SSHSettings()
-    hosts: list[Host] = Field(min_length=1)
+    hosts: list[Host] = []
+    source: Ec2Source | None = None
     vars: dict[str, Any] = {}
     role_vars: dict[str, dict[str, Any]] = {}
     secrets: dict[str, SecretRef] = {}
@@ -92,6 +105,8 @@ class Inventory(Strict):
     def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems across fields (duplicates, stray role_vars), each with the location it is about."""
         found: list[tuple[tuple[str | int, ...], str]] = []
+        if not self.hosts:
+            found.append((("hosts",), "no hosts: list at least one, or find them with `source:`"))
         names: dict[str, int] = {}
         endpoints: dict[tuple[str, int], int] = {}
         for index, host in enumerate(self.hosts):
@@ -148,6 +163,13 @@ def load_inventory(env: str, hosts_dir: Path = Path("hosts")) -> Inventory:
 def load_inventory_file(path: Path, expected_env: str | None = None) -> Inventory:
     document = load_document(path)
     inventory = document.validate(Inventory)
+    if inventory.source is not None:
+        from overhaul.synthetic.aws import ec2_hosts
+
+        source = inventory.source
+        found = ec2_hosts(source.region, source.endpoint_url, source.filters, source.role_tag, source.name_tag,
+                          source.address)
+        inventory.hosts += [Host.model_validate(entry) for entry in found]
     problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in inventory.conflicts()]
     if expected_env and inventory.environment != expected_env:
         problems.append(

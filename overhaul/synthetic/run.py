@@ -1,7 +1,8 @@
 """One synthetic farm-launch test: claim the window, launch, prove, tear down, tell.
 
 Phases, in order (the exit code names the one that failed: 20 + its position):
-claim, credentials, sweep, launch, running, ssh, verify, endpoints, terminate, terminated.
+claim 20, credentials 21, sweep 22, launch 23, running 24, ssh 25, verify 26, endpoints 27, hold 28,
+terminate 29, terminated 30.
 Teardown runs on every exit path (failure, timeout, Ctrl-C, SIGTERM): a synthetic test never leaks
 a server. Unlike the vendor's example, every error is reported and fails the run.
 """
@@ -38,7 +39,8 @@ from overhaul.synthetic.config import SyntheticConfig
 from overhaul.synthetic.providers import Farm, Provider, provider_class
 from overhaul.transport import Transport
 
-PHASES = ["claim", "credentials", "sweep", "launch", "running", "ssh", "verify", "endpoints", "terminate", "terminated"]
+PHASES = ["claim", "credentials", "sweep", "launch", "running", "ssh", "verify", "endpoints", "hold", "terminate",
+          "terminated"]
 EXIT_CODES = {name: 20 + index for index, name in enumerate(PHASES)}
 
 
@@ -76,6 +78,7 @@ class SyntheticRun:
         self.farm = Farm(self.run_id)
         self.phases: list[PhaseResult] = []
         self.farm_inventory: Inventory | None = None
+        self.current = "claim"
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -103,13 +106,12 @@ class SyntheticRun:
                 else:
                     self._skip(name, "connect: false (cloud API only)")
             if self.config.hold:
-                time.sleep(self.config.hold)
+                self._phase("hold", lambda: time.sleep(self.config.hold) or f"held the farm {self.config.hold:g} s")
         except PhaseFailed as exc:
             failure = exc
         except (Terminated, KeyboardInterrupt) as exc:
-            current = PHASES[min(len(self.phases), len(PHASES) - 1)]
-            failure = PhaseFailed(current, f"interrupted by {'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'}")
-            self._record(PhaseResult(current, "failed", 0.0, failure.message))
+            failure = PhaseFailed(self.current, f"interrupted by {'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'}")
+            self._record(PhaseResult(self.current, "failed", 0.0, failure.message))
         finally:
             failure = self._teardown() or failure
             if previous is not None:
@@ -118,6 +120,7 @@ class SyntheticRun:
 
     def _phase(self, name: str, action: Callable[[], str | None]) -> None:
         self._say(f"-- {name}")
+        self.current = name
         started = time.monotonic()
         try:
             message = action() or ""
