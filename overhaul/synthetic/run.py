@@ -215,7 +215,8 @@ class SyntheticRun:
                 result = Runner(plan, transport, listeners=[ConsoleReport(self.stream)]).run()
             finally:
                 transport.close()
-            failed = [r for r in result.results if r.outcome is Outcome.FAILED]
+            order = [server.name for server in self.farm.servers]
+            failed = sorted((r for r in result.results if r.outcome is Outcome.FAILED), key=lambda r: order.index(r.host))
             if failed or result.stopped_at:
                 detail = "; ".join(f"{r.stage} on {r.host}: {r.message}" for r in failed) or result.stop_reason
                 raise OverhaulError(f"runbook {name!r} failed: {detail}")
