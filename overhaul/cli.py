@@ -23,6 +23,7 @@ from overhaul.inventory import Inventory, load_inventory
 from overhaul.lab import Lab
 from overhaul.plan import Plan, PlannedStage, build_plan
 from overhaul.runbook import Runbook, load_runbook
+from overhaul.state import RunRecord, SQLiteState
 from overhaul.step import Registry
 
 COMMON_HELP = {
@@ -169,10 +170,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, hosts_dir="host
     """Continue an interrupted run: finished work is skipped once its check confirms it still holds."""
     state = open_state()
     if run:
-        try:
-            record = state.run(run)
-        except KeyError:
-            raise OverhaulError(f"no run {run!r} in {journal_path()}") from None
+        record = journaled_run(state, run)
     else:
         if not env:
             raise OverhaulError("give --env (resume its newest unfinished run) or --run ID")
@@ -197,15 +195,19 @@ def resume(c, env="", run="", version="", param=None, yes=False, hosts_dir="host
     finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state)))
 
 
+def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:
+    try:
+        return state.run(run_id)
+    except KeyError:
+        raise OverhaulError(f"no run {run_id!r} in {journal_path()}") from None
+
+
 @task(help={"run": "the run to abandon"})
 @friendly
 def abandon(c, run):
     """Mark an unfinished run abandoned, so a new upgrade may start (the journal keeps it)."""
     state = open_state()
-    try:
-        record = state.run(run)
-    except KeyError:
-        raise OverhaulError(f"no run {run!r} in {journal_path()}") from None
+    record = journaled_run(state, run)
     if record.status not in ("running", "interrupted", "failed"):
         raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
     lock = state.lock(record.environment)
@@ -252,10 +254,7 @@ def history(c, env="", limit=20):
 def show(c, run):
     """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
     state = open_state()
-    try:
-        record = state.run(run)
-    except KeyError:
-        raise OverhaulError(f"no run {run!r} in {journal_path()}") from None
+    record = journaled_run(state, run)
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
           f"params {json.dumps(record.params, sort_keys=True)}")
     for result in state.results(run):

@@ -102,27 +102,21 @@ class SQLiteState:
                           (environment, *UNFINISHED))
 
     def _runs(self, where: str, args: tuple) -> list[RunRecord]:
-        names = [f.name for f in fields(RunRecord)]
-        with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(names)} FROM runs {where}", args).fetchall()
-        runs = []
-        for row in rows:
-            record = RunRecord(**dict(zip(names, row, strict=True)))
-            record.params = json.loads(record.params)  # type: ignore[arg-type]
-            runs.append(record)
-        return runs
+        return self._select(RunRecord, "params", "runs", where, args)
 
     def results(self, run_id: str) -> list[ResultRecord]:
-        names = [f.name for f in fields(ResultRecord)]
+        return self._select(ResultRecord, "facts", "results", "WHERE run_id = ? ORDER BY stage_index, started", (run_id,))
+
+    def _select(self, record: type, json_field: str, table: str, where: str, args: tuple) -> list:
+        """Rows of `table` as `record` dataclasses, the one JSON column decoded."""
+        names = [f.name for f in fields(record)]
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(names)} FROM results WHERE run_id = ? ORDER BY stage_index, started", (run_id,)
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {', '.join(names)} FROM {table} {where}", args).fetchall()
         records = []
         for row in rows:
-            record = ResultRecord(**dict(zip(names, row, strict=True)))
-            record.facts = json.loads(record.facts)  # type: ignore[arg-type]
-            records.append(record)
+            values = dict(zip(names, row, strict=True))
+            values[json_field] = json.loads(values[json_field])
+            records.append(record(**values))
         return records
 
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
