@@ -118,12 +118,29 @@ def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks"
 def upgrade(c, env, version="latest", yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
     planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version})
+    check_promotion(planned.inventory, version)
     if planned.inventory.policy.protected and not yes:
         if not sys.stdin.isatty():
             raise OverhaulError(f"environment {env!r} is protected: run with --yes to upgrade it")
         if input(f"Upgrade protected environment {env!r} to {version}? [y/N] ").strip().lower() not in ("y", "yes"):
             raise Exit("not confirmed: nothing was changed", code=1)
     finish(exit_code(run_plan(planned, confirm=ask(yes))))
+
+
+def check_promotion(inventory: Inventory, version: str) -> None:
+    """policy.promotion_from: the version must have been upgraded to, successfully, on that environment first."""
+    source = inventory.policy.promotion_from
+    if not source:
+        return
+    if version == "latest":
+        raise OverhaulError(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
+    for record in open_state().runs(source, limit=1000):
+        if record.runbook == "upgrade" and record.status == "succeeded" and str(record.params.get("version")) == version:
+            return
+    raise OverhaulError(
+        f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
+        f"{source}): upgrade {source} to {version} first"
+    )
 
 
 @task(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",

@@ -1,0 +1,40 @@
+"""Environment policy: a protected environment needs confirmation; a promoted one takes only versions
+that passed on its source environment first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from helpers import write
+
+
+def overhaul(cwd, *args):
+    env = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"))
+    return subprocess.run([sys.executable, "-m", "overhaul", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+
+
+def test_production_takes_only_versions_that_passed_on_its_source(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    hosts = lab.inventory.parent
+    # "production": the same hosts under another name, protected, promoted from the lab environment.
+    text = lab.inventory.read_text().replace("environment: lab", "environment: production")
+    write(hosts / "production.yaml", text + "policy: {protected: true, promotion_from: lab}\n")
+    common = ("--hosts-dir", str(hosts))
+
+    early = overhaul(tmp_path, "upgrade", "--env", "production", "--version", "1.1.0", "--yes", *common)
+    assert early.returncode == 2
+    assert "version 1.1.0 has not passed on 'lab' yet" in early.stderr
+    assert lab.host("db1").exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.0.0"  # untouched
+
+    assert overhaul(tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes", *common).returncode == 0
+
+    unconfirmed = overhaul(tmp_path, "upgrade", "--env", "production", "--version", "1.1.0", *common)
+    assert unconfirmed.returncode == 2 and "is protected: run with --yes" in unconfirmed.stderr
+    other = overhaul(tmp_path, "upgrade", "--env", "production", "--version", "1.2.0", "--yes", *common)
+    assert other.returncode == 2 and "version 1.2.0 has not passed on 'lab' yet" in other.stderr
+    promoted = overhaul(tmp_path, "upgrade", "--env", "production", "--version", "1.1.0", "--yes", *common)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert "run succeeded" in promoted.stdout
