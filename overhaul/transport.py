@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fabric
@@ -244,6 +245,15 @@ class RemoteHost:
         """Create `path` with `mode` from the start (no window where others can read it); content on stdin."""
         quoted = shlex.quote(path)
         return self.run(f"umask 077 && cat > {quoted} && chmod {mode:o} {quoted}", stdin=content, sudo=sudo)
+
+    def download(self, remote_path: str, local_path: Path) -> None:
+        """Copy a file from the host over this host's connection (SFTP)."""
+        self.connect()
+        assert self._connection is not None
+        try:
+            self._connection.sftp().get(remote_path, str(local_path))
+        except TRANSIENT as exc:
+            raise HostUnreachable(f"{self.name}: cannot copy {remote_path}: {exc}") from None
 
     def secret(self, name: str) -> str:
         """The value of an inventory secret; from now on it is redacted from every output."""

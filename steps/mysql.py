@@ -9,8 +9,11 @@ with the same label younger than `max_age_hours`, so a run repeated soon after d
 
 from __future__ import annotations
 
+import base64
 import shlex
+import tempfile
 import time
+from pathlib import Path
 
 from pydantic import Field
 
@@ -41,6 +44,10 @@ cut -d' ' -f1 {final}.sha256
 """
 
 
+def _b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
 class BackupParams(Params):
     label: str = Field("backup", pattern=r"^[A-Za-z0-9._-]+$")
     backup_dir: str = "/var/backups/overhaul"
@@ -52,6 +59,10 @@ class BackupParams(Params):
     keep: int = Field(5, ge=1)  # retention: the newest N backups stay
     max_age_hours: float = Field(24, gt=0)
     space_factor: float = Field(1.5, ge=1)  # free space needed: last backup's size x this
+    s3_bucket: str | None = None  # also keep a copy in S3 (uploaded from the controller with boto3)
+    s3_prefix: str = ""
+    s3_region: str | None = None
+    s3_endpoint_url: str | None = None
 
 
 class MysqlBackup(Step[BackupParams]):
@@ -59,6 +70,16 @@ class MysqlBackup(Step[BackupParams]):
     Params = BackupParams
 
     def check(self, host: RemoteHost) -> Check:
+        local = self._verified_backup(host)
+        if local is None:
+            return Check(False, f"no verified {self.params.label} backup younger than {self.params.max_age_hours:g} h")
+        if self.params.s3_bucket and not self._s3_copy_matches(local):
+            return Check(False, f"{local['path']} is not yet in s3://{self.params.s3_bucket}/{self._s3_key(local)}")
+        where = f", copy in s3://{self.params.s3_bucket}/{self._s3_key(local)}" if self.params.s3_bucket else ""
+        return Check(True, f"verified backup {local['path']} ({local['size']} bytes{where})", local)
+
+    def _verified_backup(self, host: RemoteHost) -> dict | None:
+        """The newest backup of this label, younger than max_age, that passes every check again."""
         folder = shlex.quote(self.params.backup_dir)
         listing = host.run(
             f"cd {folder} 2>/dev/null && for f in $(ls -1t {self.params.label}-*.sql.gz 2>/dev/null); do "
@@ -66,20 +87,58 @@ class MysqlBackup(Step[BackupParams]):
         ).stdout.split("\n")
         for line in filter(None, listing):
             modified, size, name = line.split(maxsplit=2)
-            age_hours = (time.time() - int(modified)) / 3600  # both clocks are this farm's
-            if age_hours > self.params.max_age_hours:
-                break
+            if (time.time() - int(modified)) / 3600 > self.params.max_age_hours:  # both clocks are this farm's
+                return None
             path = f"{self.params.backup_dir}/{name}"
             if host.run(f"bash -c {shlex.quote(VERIFY.format(file=shlex.quote(path)))}").ok:
                 digest = host.run(f"cut -d' ' -f1 {shlex.quote(path)}.sha256").stdout.strip()
-                facts = {"path": path, "size": int(size), "sha256": digest}
-                return Check(True, f"verified backup {path} ({int(size)} bytes, {age_hours:.1f} h old)", facts)
-        return Check(False, f"no verified {self.params.label} backup younger than {self.params.max_age_hours:g} h")
+                return {"path": path, "size": int(size), "sha256": digest}
+        return None
+
+    def _s3(self):
+        import boto3
+
+        return boto3.client("s3", region_name=self.params.s3_region, endpoint_url=self.params.s3_endpoint_url)
+
+    def _s3_key(self, backup: dict) -> str:
+        return self.params.s3_prefix + backup["path"].rsplit("/", 1)[-1]
+
+    def _s3_copy_matches(self, backup: dict) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self._s3().head_object(Bucket=self.params.s3_bucket, Key=self._s3_key(backup), ChecksumMode="ENABLED")
+        except ClientError:
+            return False
+        return head["ContentLength"] == backup["size"] and head.get("Metadata", {}).get("sha256") == backup["sha256"] \
+            and head.get("ChecksumSHA256", _b64(backup["sha256"])) == _b64(backup["sha256"])
+
+    def _upload(self, host: RemoteHost, backup: dict) -> None:
+        """Copy the backup to S3 (S3 checks the SHA-256 on arrival), then check size and checksum again."""
+        with tempfile.TemporaryDirectory(prefix="overhaul-backup-") as tmp:
+            local = Path(tmp) / "backup.sql.gz"
+            host.download(backup["path"], local)
+            with open(local, "rb") as body:
+                self._s3().put_object(Bucket=self.params.s3_bucket, Key=self._s3_key(backup), Body=body,
+                                      ChecksumSHA256=_b64(backup["sha256"]), Metadata={"sha256": backup["sha256"]})
+        if not self._s3_copy_matches(backup):
+            raise StepFailed(f"the S3 copy of {backup['path']} does not match its size and SHA-256")
 
     def verify(self, host: RemoteHost) -> Check:
         return self.check(host)
 
     def apply(self, host: RemoteHost) -> str:
+        backup = self._verified_backup(host)
+        message = f"verified backup {backup['path']} already there" if backup else self._dump(host)
+        if self.params.s3_bucket:
+            backup = backup or self._verified_backup(host)
+            if backup is None:
+                raise StepFailed("the new backup does not verify")
+            self._upload(host, backup)
+            message += f"; copied to s3://{self.params.s3_bucket}/{self._s3_key(backup)}"
+        return message
+
+    def _dump(self, host: RemoteHost) -> str:
         folder = self.params.backup_dir
         self._ensure_space(host, folder)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -90,7 +149,8 @@ class MysqlBackup(Step[BackupParams]):
                                       ("--routines --events", self.params.routines)) if wanted
         )
         password = host.secret(self.params.password_secret)
-        credentials = f"[client]\nuser={self.params.user}\npassword={password}\n"
+        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+        credentials = f'[client]\nuser={self.params.user}\npassword="{quoted}"\n'
         script = DUMP.format(
             partial=shlex.quote(final + ".partial"), final=shlex.quote(final), folder=shlex.quote(folder),
             name=shlex.quote(name), dump=shlex.quote(self.params.mysqldump), options=options,

@@ -6,61 +6,18 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import boto3
-import pytest
 from helpers import PROCESS_OCTET, write
 
 from overhaul.inventory import load_inventory_file
 from overhaul.state import SQLiteState
-
-
-@pytest.fixture(scope="session")
-def moto_url(tmp_path_factory):
-    """moto's server on 127.0.0.1 (AMI ids validated, so a bad image fails like on AWS)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, MOTO_ENABLE_AMI_VALIDATION="true")
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto's server did not start"
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
-
-
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
-
-
-@pytest.fixture
-def aws(moto_url, monkeypatch):
-    """A clean emulated AWS account; returns (url, ec2 client, a valid AMI id)."""
-    for name, value in AWS_ENV.items():
-        monkeypatch.setenv(name, value)
-    urllib.request.urlopen(urllib.request.Request(moto_url + "/moto-api/reset", method="POST")).read()
-    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_url)
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    return moto_url, ec2, image
 
 
 def inventory_file(folder: Path, synthetic: str, env: str = "nightly") -> Path:

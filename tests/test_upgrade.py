@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import boto3
 from helpers import lab_inventory, outcomes, run
 
 from overhaul.lab import faults
@@ -49,7 +52,7 @@ class ArgvSampler(threading.Thread):
                     self.seen.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
 
 
-def test_upgrade_takes_every_host_to_1_1_0_safely_and_a_rerun_changes_nothing(fresh_lab):
+def test_upgrade_takes_every_host_to_1_1_0_safely_and_a_rerun_changes_nothing(fresh_lab, tmp_path):
     lab = fresh_lab(3)
     inventory = lab_inventory(lab)
     password = lab.secret_file("mysql-backup").read_text().strip()
@@ -77,6 +80,15 @@ def test_upgrade_takes_every_host_to_1_1_0_safely_and_a_rerun_changes_nothing(fr
     # A second run finds everything done.
     again, _ = upgrade(inventory)
     assert {r.outcome.value for r in again.results} == {"ok"}
+
+    # Going back is refused unless asked for.
+    downgrade = """
+        name: downgrade
+        stages: [{name: down, step: package.upgrade, hosts: [app1], params: {version: 1.0.0}}]
+    """
+    refused = run(downgrade, tmp_path, inventory)
+    assert [r.message for r in refused.results] == [
+        "refusing to downgrade scalr-server from 1.1.0 to 1.0.0 (set allow_downgrade: true)"]
 
     # The backup is whole and restores: delete data, restore the dump, the data is back.
     db = lab.host("db1")
@@ -155,3 +167,47 @@ def test_a_broken_package_stops_the_run_at_the_package_stage(fresh_lab):
     assert "apt could not install scalr-server 1.1.1" in message
     assert "post-installation script" in message
     assert set(outcomes(result, "reconfigure db").values()) == {"skipped"}
+
+
+def test_a_backup_copy_in_s3_matches_and_a_rerun_uploads_nothing(lab, aws, tmp_path):
+    url, _, _ = aws
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=url)
+    s3.create_bucket(Bucket="backups")
+    folder = f"/var/backups/overhaul-s3-{tmp_path.name}"
+    runbook = f"""
+        name: backup to s3
+        stages:
+          - name: backup
+            step: mysql.backup
+            roles: [db]
+            params: {{label: s3test, backup_dir: {folder}, s3_bucket: backups, s3_prefix: lab/,
+                      s3_endpoint_url: "{url}", s3_region: us-east-1}}
+    """
+    try:
+        first = run(runbook, tmp_path, lab_inventory(lab))
+        assert [(r.outcome.value, r.message.split(";")[-1].strip()) for r in first.results] == [
+            ("changed", f"copied to s3://backups/lab/{first.results[0].facts['path'].rsplit('/', 1)[-1]}")]
+        facts = first.results[0].facts
+        head = s3.head_object(Bucket="backups", Key="lab/" + facts["path"].rsplit("/", 1)[-1])
+        assert head["ContentLength"] == facts["size"] and head["Metadata"]["sha256"] == facts["sha256"]
+        body = s3.get_object(Bucket="backups", Key="lab/" + facts["path"].rsplit("/", 1)[-1])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == facts["sha256"]
+        second = run(runbook, tmp_path, lab_inventory(lab))
+        assert [r.outcome.value for r in second.results] == ["ok"]
+        assert len(s3.list_objects_v2(Bucket="backups")["Contents"]) == 1
+    finally:
+        lab.host("db1").exec(f"rm -rf {folder}")
+
+
+def test_retention_keeps_the_newest_backups(fresh_lab, tmp_path):
+    lab = fresh_lab(1)
+    runbook = """
+        name: backups
+        stages:
+          - {name: backup, step: mysql.backup, roles: [db], params: {label: LABEL, keep: 2}}
+    """
+    for label in ("one", "two", "three"):
+        assert not run(runbook.replace("LABEL", label), tmp_path, lab_inventory(lab)).failed
+        time.sleep(1.1)  # distinct modification times
+    kept = lab.host("db1").exec("cd /var/backups/overhaul && ls *.sql.gz *.sha256").stdout.split()
+    assert sorted(name.split("-")[0] for name in kept) == ["three", "three", "two", "two"]
