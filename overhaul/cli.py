@@ -151,7 +151,7 @@ def verify(c, env, checks="", junit="", json="", concurrency=8, hosts_dir="hosts
            steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {})
-    result = run_plan(planned, mutating=False)
+    result = run_plan(planned, mutating=False, show_summary=False)  # one summary below, checks included
     cases = verification.runbook_cases(result)
     folder = Path(checks or planned.inventory.checks or "checks")
     if folder.is_dir():

@@ -154,15 +154,18 @@ def run_plan(
     state: SQLiteState | None = None,
     stream: TextIO = sys.stdout,
     grace: float = 30.0,
+    show_summary: bool = True,
 ) -> RunResult:
     """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means."""
     if check_only:
-        return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace)
+        return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace,
+                        show_summary=show_summary)
     state = state or open_state()
     environment = plan.inventory.environment
     run_id = resume.id if resume else new_run_id()
     if not mutating:
-        return _execute(plan, state, _journal_new_run(state, plan, run_id), confirm=confirm, stream=stream, grace=grace)
+        return _execute(plan, state, _journal_new_run(state, plan, run_id), confirm=confirm, stream=stream, grace=grace,
+                        show_summary=show_summary)
     with LockKeeper(state, environment, run_id):
         if resume is None:
             unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
@@ -177,7 +180,8 @@ def run_plan(
             record = resume
             state.set_status(run_id, "running")
             state.event(environment, "resume", f"{operator()} resumed the run", run_id)
-        return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None)
+        return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
+                        show_summary=show_summary)
 
 
 def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str) -> RunRecord:
@@ -192,7 +196,7 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str) -> RunRecord:
 
 def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
-             resumed: bool = False) -> RunResult:
+             resumed: bool = False, show_summary: bool = True) -> RunResult:
     transport = Transport(plan.inventory)
     listeners: list = [ConsoleReport(stream, check_only=check_only)]
     previous: dict[tuple[int, str], HostResult] = {}
@@ -213,7 +217,8 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
         if state is not None and record is not None:
             status = "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
             state.set_status(record.id, status, None if status == "interrupted" else time.time())
-    print(summary(result, plan.stages), file=stream)
+    if show_summary:
+        print(summary(result, plan.stages), file=stream)
     if result.interrupted:
         print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
     return result
