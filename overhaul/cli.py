@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from overhaul.plan import Plan, PlannedStage, build_plan
 from overhaul.runbook import Runbook, load_runbook
 from overhaul.state import RunRecord, SQLiteState
 from overhaul.step import Registry
+from overhaul.transport import Transport
 
 COMMON_HELP = {
     "env": "environment: loads hosts/<env>.yaml",
@@ -46,6 +48,8 @@ def friendly(task_function: Callable) -> Callable:
             return task_function(*args, **kwargs)
         except OverhaulError as exc:
             raise Exit(f"error: {exc}", code=2) from None
+        except sqlite3.Error as exc:
+            raise Exit(f"error: the journal {journal_path()}: {exc}", code=2) from None
 
     return wrapper
 
@@ -101,6 +105,7 @@ def finish(code: int) -> None:
 def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Run a runbook on an environment's hosts."""
     plan = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
+    enforce_policy(plan, yes)
     finish(exit_code(run_plan(plan, confirm=ask(yes))))
 
 
@@ -117,14 +122,39 @@ def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks"
 @friendly
 def upgrade(c, env, version="latest", yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
+    if version == "latest":
+        version = newest_available(load_inventory(env, Path(hosts_dir)))
+        print(f"latest available version: {version}")
     planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version})
-    check_promotion(planned.inventory, version)
-    if planned.inventory.policy.protected and not yes:
-        if not sys.stdin.isatty():
-            raise OverhaulError(f"environment {env!r} is protected: run with --yes to upgrade it")
-        if input(f"Upgrade protected environment {env!r} to {version}? [y/N] ").strip().lower() not in ("y", "yes"):
-            raise Exit("not confirmed: nothing was changed", code=1)
+    enforce_policy(planned, yes)
     finish(exit_code(run_plan(planned, confirm=ask(yes))))
+
+
+def newest_available(inventory: Inventory) -> str:
+    """Resolve "latest" once, on the first host, so every host gets the same, journaled version."""
+    from overhaul.steps.package import newest_version, package_manager
+
+    transport = Transport(inventory)
+    try:
+        host = transport.host(inventory.hosts[0].name)
+        package = str(inventory.host_vars(inventory.hosts[0]).get("package", "scalr-server"))
+        return newest_version(host, package_manager(host), package)
+    finally:
+        transport.close()
+
+
+def enforce_policy(planned: Plan, yes: bool) -> None:
+    """A protected environment needs --yes (or a yes at the prompt); a promoted one, a promoted version."""
+    inventory = planned.inventory
+    if "version" in planned.run_params:
+        check_promotion(inventory, str(planned.run_params["version"]))
+    if inventory.policy.protected and not yes:
+        env = inventory.environment
+        if not sys.stdin.isatty():
+            raise OverhaulError(f"environment {env!r} is protected: run with --yes")
+        if input(f"Run {planned.runbook.runbook.name!r} on protected environment {env!r}? [y/N] ").strip().lower() \
+                not in ("y", "yes"):
+            raise Exit("not confirmed: nothing was changed", code=1)
 
 
 def check_promotion(inventory: Inventory, version: str) -> None:

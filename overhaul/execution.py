@@ -93,6 +93,7 @@ class LockKeeper:
         self.state, self.environment, self.run_id, self.interval = state, environment, run_id, interval
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
+        self.on_lost: Callable[[], None] | None = None
 
     def __enter__(self) -> LockKeeper:
         taken_over = self.state.acquire(self.environment, self.run_id, operator())
@@ -104,7 +105,17 @@ class LockKeeper:
 
     def _beat(self) -> None:
         while not self._done.wait(self.interval):
-            self.state.heartbeat(self.environment, self.run_id)
+            try:
+                ours = self.state.heartbeat(self.environment, self.run_id)
+            except Exception as exc:  # keep beating: a busy journal is not a lost lock
+                print(f"warning: lock heartbeat failed: {exc}", file=sys.stderr)
+                continue
+            if not ours:
+                print(f"error: the lock of {self.environment!r} was taken from this run (unlock --force?): "
+                      "stopping after the running steps", file=sys.stderr, flush=True)
+                if self.on_lost is not None:
+                    self.on_lost()
+                return
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
@@ -164,9 +175,9 @@ def run_plan(
     environment = plan.inventory.environment
     run_id = resume.id if resume else new_run_id()
     if not mutating:
-        return _execute(plan, state, _journal_new_run(state, plan, run_id), confirm=confirm, stream=stream, grace=grace,
-                        show_summary=show_summary)
-    with LockKeeper(state, environment, run_id):
+        return _execute(plan, state, _journal_new_run(state, plan, run_id, mutating=False), confirm=confirm,
+                        stream=stream, grace=grace, show_summary=show_summary)
+    with LockKeeper(state, environment, run_id) as keeper:
         if resume is None:
             unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
             if unfinished:
@@ -181,14 +192,14 @@ def run_plan(
             state.set_status(run_id, "running")
             state.event(environment, "resume", f"{operator()} resumed the run", run_id)
         return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
-                        show_summary=show_summary)
+                        show_summary=show_summary, keeper=keeper)
 
 
-def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str) -> RunRecord:
+def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
         runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
-        params=plan.run_params, operator=operator(), started=time.time(),
+        params=plan.run_params, operator=operator(), started=time.time(), mutating=mutating,
     )
     state.start_run(record)
     return record
@@ -196,7 +207,7 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str) -> RunRecord:
 
 def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
-             resumed: bool = False, show_summary: bool = True) -> RunResult:
+             resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None) -> RunResult:
     transport = Transport(plan.inventory)
     listeners: list = [ConsoleReport(stream, check_only=check_only)]
     previous: dict[tuple[int, str], HostResult] = {}
@@ -208,6 +219,8 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
                   "(stage, host) pairs were done; each is skipped once its check confirms it still holds", file=stream)
     runner = Runner(plan, transport, check_only=check_only, confirm=confirm, listeners=listeners,
                     run_id=record.id if record else None, previous=previous)
+    if keeper is not None:
+        keeper.on_lost = runner.request_stop  # someone took the lock: start nothing more
     result: RunResult | None = None
     try:
         with graceful_stop(runner, transport, grace):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from overhaul.config import Document, dotted, load_document
 from overhaul.errors import ConfigError
@@ -169,7 +169,12 @@ def load_inventory_file(path: Path, expected_env: str | None = None) -> Inventor
         source = inventory.source
         found = ec2_hosts(source.region, source.endpoint_url, source.filters, source.role_tag, source.name_tag,
                           source.address)
-        inventory.hosts += [Host.model_validate(entry) for entry in found]
+        for entry in found:
+            try:
+                inventory.hosts.append(Host.model_validate(entry))
+            except ValidationError as exc:
+                raise ConfigError([f"{document.where(('source',))}: source: instance {entry['vars']['instance_id']}: "
+                                   f"{error['loc'][0]}: {error['msg']}" for error in exc.errors()]) from None
     problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in inventory.conflicts()]
     if expected_env and inventory.environment != expected_env:
         problems.append(

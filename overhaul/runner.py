@@ -72,7 +72,7 @@ class Runner:
         check_only: bool = False,
         confirm: Callable[[PlannedStage], bool] | None = None,
         listeners: list[Listener] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
         run_id: str | None = None,
         previous: dict[tuple[int, str], HostResult] | None = None,
     ):
@@ -82,11 +82,11 @@ class Runner:
         self.check_only = check_only
         self.confirm = confirm or (lambda planned: False)
         self.listeners = listeners or []
-        self.sleep = sleep
+        self._stopping = threading.Event()
+        self.sleep = sleep or self._stopping.wait  # a retry's wait ends early on Ctrl-C
         self.previous = previous or {}  # results of the run being resumed
         self._lock = threading.Lock()
         self._results: list[HostResult] = []
-        self._stopping = threading.Event()
 
     def request_stop(self) -> None:
         """Start no new (stage, host); let the running ones finish. The run ends interrupted."""
@@ -173,8 +173,8 @@ class Runner:
         attempts = 0
 
         def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None) -> HostResult:
-            return HostResult(stage.name, name, outcome, message, attempts, time.monotonic() - started, facts or {},
-                              planned.index, host.history[first_command:])
+            return HostResult(stage.name, name, outcome, host.redactor(message), attempts, time.monotonic() - started,
+                              facts or {}, planned.index, host.history[first_command:])
 
         while True:
             attempts += 1
@@ -185,9 +185,11 @@ class Runner:
                 error = str(exc)
             except Exception as exc:  # a bug in a step fails this host, not the whole run
                 error = f"step {stage.step!r} raised {type(exc).__name__}: {exc}"
-            if attempts >= stage.retry.attempts:
+            if attempts >= stage.retry.attempts or self._stopping.is_set():
                 return result(Outcome.FAILED, error)
             self.sleep(delay)
+            if self._stopping.is_set():
+                return result(Outcome.FAILED, f"{error} (not retried: the run is stopping)")
             delay *= stage.retry.backoff
 
     def _attempt(self, step, host, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Self
 
@@ -60,13 +61,17 @@ class Redactor:
 
     def __init__(self) -> None:
         self._values: set[str] = set()
+        self._lock = threading.Lock()
 
     def add(self, value: str) -> str:
-        if len(value) >= 4:  # shorter values would redact ordinary text
-            self._values.add(value)
+        if len(value) >= 4:  # shorter values would redact ordinary text (and are no secret anyway)
+            with self._lock:
+                self._values.add(value)
         return value
 
     def __call__(self, text: str) -> str:
-        for value in sorted(self._values, key=len, reverse=True):
+        with self._lock:
+            values = sorted(self._values, key=len, reverse=True)
+        for value in values:
             text = text.replace(value, REDACTED)
         return text

@@ -32,7 +32,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from overhaul.errors import HostUnreachable
+from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.inventory import Host, Inventory
 from overhaul.secrets import Redactor
 
@@ -88,7 +88,8 @@ class CommandResult:
 class RemoteHost:
     """An inventory host as steps see it: its name, roles and vars, and commands run on it."""
 
-    def __init__(self, host: Host, inventory: Inventory, redactor: Redactor, gateway: fabric.Connection | None):
+    def __init__(self, host: Host, inventory: Inventory, redactor: Redactor, gateway: fabric.Connection | None,
+                 gateway_lock: threading.Lock | None = None):
         self.host = host
         self.inventory = inventory
         self.redactor = redactor
@@ -97,6 +98,8 @@ class RemoteHost:
         self.run_id = "adhoc"  # set by the runner: steps name their artefacts with it
         self.history: list[CommandResult] = []
         self._gateway = gateway
+        self._gateway_lock = gateway_lock or threading.Lock()
+        self._sudo_password_needed: bool | None = None
         self._connection: fabric.Connection | None = None
         self._lock = threading.Lock()
 
@@ -153,8 +156,16 @@ class RemoteHost:
         kwargs: dict[str, Any] = {}
         if self._gateway is None:
             kwargs["sock"] = _fast_socket(self.host.address, port, ssh.connect_timeout)
+        else:
+            with self._gateway_lock:  # one thread opens the shared bastion connection; the others reuse it
+                self._gateway.open()
+                _set_nodelay(self._gateway)
         connection = make_connection(self.host.address, port, self.user, self.inventory, self._gateway, kwargs)
-        connection.open()
+        try:
+            connection.open()
+        except BaseException:
+            connection.client.close()
+            raise
         _set_nodelay(connection)
         return connection
 
@@ -182,14 +193,15 @@ class RemoteHost:
         use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
         line = f"timeout -k {KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
         payload = stdin or ""
+        self.connect()
         if use_sudo and self.user != "root":
-            password = self.inventory.ssh.sudo_password
-            if password is not None:
-                line = f"sudo -S -p '' -- {line}"
-                payload = self.redactor.add(password.resolve()) + "\n" + payload
+            if self._sudo_needs_password():
+                # -k: sudo ignores any cached ticket, so it always reads the password first and the
+                # command's own stdin never receives it.
+                line = f"sudo -k -S -p '' -- {line}"
+                payload = self.redactor.add(self._sudo_password()) + "\n" + payload
             else:
                 line = f"sudo -n -- {line}"
-        self.connect()
         started = time.monotonic()
         exited, out, err, timed_out = self._exec(line, payload.encode(), started + timeout + KILL_GRACE + 5)
         result = CommandResult(
@@ -198,6 +210,18 @@ class RemoteHost:
         )
         self.history.append(result)
         return result
+
+    def _sudo_needs_password(self) -> bool:
+        """Asked once per host: does sudo want a password here (no NOPASSWD rule)?"""
+        if self._sudo_password_needed is None:
+            probe = self._exec("sudo -k -n true", b"", time.monotonic() + self.inventory.ssh.connect_timeout)
+            self._sudo_password_needed = probe[0] != 0
+        return self._sudo_password_needed
+
+    def _sudo_password(self) -> str:
+        if self.inventory.ssh.sudo_password is None:
+            raise HostUnreachable(f"{self.name}: sudo needs a password here, and the inventory has no ssh.sudo_password")
+        return self.inventory.ssh.sudo_password.resolve()
 
     def _exec(self, line: str, stdin: bytes, deadline: float) -> tuple[int, str, str, bool]:
         assert self._connection is not None
@@ -224,6 +248,11 @@ class RemoteHost:
                 elif channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
                 elif channel.exit_status_ready() or channel.closed:
+                    # The transport thread may have fed the last data just before the exit status: drain it.
+                    while channel.recv_ready():
+                        out += channel.recv(65536)
+                    while channel.recv_stderr_ready():
+                        err += channel.recv_stderr(65536)
                     break
                 else:
                     remaining = deadline - time.monotonic()
@@ -261,7 +290,7 @@ class RemoteHost:
             ref = self.inventory.secrets[name]
         except KeyError:
             known = ", ".join(sorted(self.inventory.secrets)) or "none"
-            raise HostUnreachable(f"no secret named {name!r} in the inventory (secrets: {known})") from None
+            raise StepFailed(f"no secret named {name!r} in the inventory (secrets: {known})") from None
         return self.redactor.add(ref.resolve())
 
 
@@ -309,6 +338,7 @@ class Transport:
         self.max_workers = max_workers
         self._hosts: dict[str, RemoteHost] = {}
         self._gateway = self._make_gateway()
+        self._gateway_lock = threading.Lock()
 
     def _make_gateway(self) -> fabric.Connection | None:
         bastion = self.inventory.ssh.bastion
@@ -323,7 +353,8 @@ class Transport:
 
     def host(self, name: str) -> RemoteHost:
         if name not in self._hosts:
-            self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway)
+            self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
+                                           self._gateway_lock)
         return self._hosts[name]
 
     def connect(self, names: list[str]) -> dict[str, HostUnreachable]:

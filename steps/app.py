@@ -39,7 +39,10 @@ class AppReconfigure(Step[ReconfigureParams]):
             return Check(False, f"{self.params.package} is not installed")
         if done_for != installed:
             return Check(False, f"not yet reconfigured for {self.params.package} {installed}")
-        bad = describe(program_states(host, self.params.manage_command), ("RUNNING",))
+        states = program_states(host, self.params.manage_command)
+        if not states:
+            return Check(False, f"reconfigured for {installed}, but the supervisor is not available")
+        bad = describe(states, ("RUNNING",))
         if bad:
             return Check(False, f"reconfigured for {installed}, but not RUNNING: {bad}")
         return Check(True, f"reconfigured for {installed}, every program RUNNING")

@@ -57,7 +57,7 @@ class BackupParams(Params):
     single_transaction: bool = True
     routines: bool = True
     keep: int = Field(5, ge=1)  # retention: the newest N backups stay
-    max_age_hours: float = Field(24, gt=0)
+    max_age_hours: float = Field(1, gt=0)  # another run's backup older than this is not trusted
     space_factor: float = Field(1.5, ge=1)  # free space needed: last backup's size x this
     s3_bucket: str | None = None  # also keep a copy in S3 (uploaded from the controller with boto3)
     s3_prefix: str = ""
@@ -82,18 +82,25 @@ class MysqlBackup(Step[BackupParams]):
         """The newest backup of this label, younger than max_age, that passes every check again."""
         folder = shlex.quote(self.params.backup_dir)
         listing = host.run(
-            f"cd {folder} 2>/dev/null && for f in $(ls -1t {self.params.label}-*.sql.gz 2>/dev/null); do "
-            f'[ -e "$f.sha256" ] && echo "$(stat -c "%Y %s" "$f") $f"; done'
+            f"cd {folder} 2>/dev/null && for f in $(ls -1t {self._pattern()} 2>/dev/null); do "
+            f'[ -e "$f.sha256" ] && echo "$(date +%s) $(stat -c "%Y %s" "$f") $f"; done'
         ).stdout.split("\n")
         for line in filter(None, listing):
-            modified, size, name = line.split(maxsplit=2)
-            if (time.time() - int(modified)) / 3600 > self.params.max_age_hours:  # both clocks are this farm's
-                return None
+            now, modified, size, name = line.split(maxsplit=3)
+            # This run's own backup always counts (a resume after the services were stopped cannot dump
+            # again); another run's only while it is fresh, so a stopped run's old dump is no safety net.
+            fresh = (int(now) - int(modified)) / 3600 <= self.params.max_age_hours  # the host's own clock
+            if not (fresh or name.endswith(f"-{host.run_id}.sql.gz")):
+                continue
             path = f"{self.params.backup_dir}/{name}"
             if host.run(f"bash -c {shlex.quote(VERIFY.format(file=shlex.quote(path)))}").ok:
                 digest = host.run(f"cut -d' ' -f1 {shlex.quote(path)}.sha256").stdout.strip()
                 return {"path": path, "size": int(size), "sha256": digest}
         return None
+
+    def _pattern(self, label: str | None = None) -> str:
+        """Backups of a label: LABEL-<UTC timestamp>-<run id>.sql.gz (so label 2.0 never matches 2.0-rc1)."""
+        return f"{label or self.params.label}-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]T[0-9]*Z-*.sql.gz"
 
     def _s3(self):
         import boto3
@@ -167,7 +174,7 @@ class MysqlBackup(Step[BackupParams]):
         """Refuse to start when the last backup (or the data, for a first one) would not fit with margin."""
         quoted = shlex.quote(folder)
         probe = host.run(f"mkdir -p {quoted} && df -P -B1 {quoted} | tail -n 1 | tr -s ' ' | cut -d' ' -f4; "
-                         f"ls -1t {quoted}/*.sql.gz 2>/dev/null | head -n 1 | xargs -r stat -c %s")
+                         f"cd {quoted} && ls -1t {self._pattern()} 2>/dev/null | head -n 1 | xargs -r stat -c %s")
         numbers = probe.stdout.split()
         if not probe.ok or not numbers:
             raise StepFailed(f"cannot measure free space in {folder}: {probe.tail()}")
@@ -181,5 +188,5 @@ class MysqlBackup(Step[BackupParams]):
 
     def _prune(self, host: RemoteHost, folder: str) -> None:
         quoted = shlex.quote(folder)
-        host.run(f"cd {quoted} && ls -1t *.sql.gz | tail -n +{self.params.keep + 1} | "
+        host.run(f"cd {quoted} && ls -1t {self._pattern()} | tail -n +{self.params.keep + 1} | "
                  f"while read -r old; do rm -f -- \"$old\" \"$old.sha256\"; done")

@@ -19,6 +19,11 @@ def package_manager(host: RemoteHost) -> str:
     return manager
 
 
+def same_version(installed: str | None, target: str) -> bool:
+    """apt versions compare whole; an rpm VERSION-RELEASE also matches a pin of its VERSION alone."""
+    return installed is not None and (installed == target or ("-" not in target and installed.split("-")[0] == target))
+
+
 def installed_version(host: RemoteHost, package: str) -> str | None:
     """The version of `package` installed and fully configured, or None."""
     name = shlex.quote(package)
@@ -28,6 +33,21 @@ def installed_version(host: RemoteHost, package: str) -> str | None:
     )
     status, _, version = result.stdout.strip().partition("|")
     return version if result.ok and status == "install ok installed" else None
+
+
+def newest_version(host: RemoteHost, manager: str, package: str) -> str:
+    """The newest version of `package` the host's repositories offer."""
+    name = shlex.quote(package)
+    if manager == "apt":
+        host.run("apt-get update -q")
+        for line in host.run(f"apt-cache policy {name}").stdout.splitlines():
+            if line.strip().startswith("Candidate:") and "(none)" not in line:
+                return line.split(":", 1)[1].strip()
+    else:
+        info = host.run(f"yum -q list available --showduplicates {name} | tail -n 1").stdout.split()
+        if len(info) >= 2:
+            return info[1]
+    raise StepFailed(f"no installable version of {package} found")
 
 
 class UpgradeParams(Params):
@@ -45,23 +65,12 @@ class PackageUpgrade(Step[UpgradeParams]):
     def _target(self, host: RemoteHost, manager: str) -> str:
         if self.params.version != "latest":
             return self.params.version
-        name = shlex.quote(self.params.name)
-        if manager == "apt":
-            host.run("apt-get update -q")
-            policy = host.run(f"apt-cache policy {name}").stdout
-            for line in policy.splitlines():
-                if line.strip().startswith("Candidate:"):
-                    return line.split(":", 1)[1].strip()
-        else:
-            info = host.run(f"yum -q list available --showduplicates {name} | tail -n 1").stdout.split()
-            if len(info) >= 2:
-                return info[1]
-        raise StepFailed(f"no installable version of {self.params.name} found")
+        return newest_version(host, manager, self.params.name)
 
     def check(self, host: RemoteHost) -> Check:
         target = self._target(host, package_manager(host))
         installed = installed_version(host, self.params.name)
-        if installed == target:
+        if same_version(installed, target):
             return Check(True, f"{self.params.name} {installed} installed", {"version": installed})
         return Check(False, f"{self.params.name} {installed or '(not installed)'} -> {target}")
 
@@ -90,4 +99,7 @@ class PackageUpgrade(Step[UpgradeParams]):
         if manager == "apt":
             return host.run(f"dpkg --compare-versions {shlex.quote(target)} lt {shlex.quote(installed)}").ok
         script = f"import rpm,sys; sys.exit(0 if rpm.labelCompare(('0',{target!r},''),('0',{installed!r},''))<0 else 1)"
-        return host.run(f"python3 -c {shlex.quote(script)}").ok
+        result = host.run(f"python3 -c {shlex.quote(script)}")
+        if result.exited not in (0, 1):  # cannot tell: never guess "not older" and downgrade by accident
+            raise StepFailed(f"cannot compare versions {target} and {installed} on this host: {result.tail()}")
+        return result.ok

@@ -6,7 +6,7 @@ States come from the STATE column of supervisorctl-style status lines; exit code
 
 from __future__ import annotations
 
-from overhaul.steps.package import installed_version
+from overhaul.steps.package import installed_version, same_version
 
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -61,7 +61,7 @@ class ServicesStop(Step[StopParams]):
     def check(self, host: RemoteHost) -> Check:
         if self.params.package and self.params.version:
             installed = installed_version(host, self.params.package)
-            if installed == self.params.version:
+            if same_version(installed, self.params.version):
                 return Check(True, f"{self.params.package} is already {installed}: no need to stop")
         running = describe(program_states(host, self.params.manage_command), NOT_RUNNING)
         return Check(not running, f"running: {running}" if running else "nothing is running")

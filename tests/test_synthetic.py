@@ -109,9 +109,14 @@ def test_sigterm_mid_run_tears_the_farm_down(aws, tmp_path):
 
 def test_servers_left_by_an_earlier_run_are_swept_and_reported(aws, tmp_path):
     url, ec2, image = aws
-    old = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[
-        {"ResourceType": "instance", "Tags": [{"Key": "overhaul:synthetic", "Value": "an-old-run"}]}])
-    old_id = old["Instances"][0]["InstanceId"]
+    def leftover(run: str, environment: str) -> str:
+        tags = [{"Key": "overhaul:synthetic", "Value": run}, {"Key": "overhaul:environment", "Value": environment}]
+        reply = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1,
+                                  TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+        return reply["Instances"][0]["InstanceId"]
+
+    old_id = leftover("an-old-run", "nightly")
+    leftover("another-environments-run", "staging")  # not this environment's to sweep
     time.sleep(1.2)
     inventory_file(tmp_path, aws_config(url, image, "max_age: 1"))
     proc = synthetic(tmp_path)
@@ -119,6 +124,8 @@ def test_servers_left_by_an_earlier_run_are_swept_and_reported(aws, tmp_path):
     assert f"terminated 1 server(s) left by earlier runs: {old_id}" in proc.stdout
     [state] = [i["State"]["Name"] for i in instances(ec2, **{"overhaul:synthetic": "an-old-run"})]
     assert state == "terminated"
+    [other] = [i["State"]["Name"] for i in instances(ec2, **{"overhaul:synthetic": "another-environments-run"})]
+    assert other == "running"
 
 
 def test_two_schedulers_at_once_make_one_run_the_other_names_the_holder(aws, tmp_path):

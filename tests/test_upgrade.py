@@ -202,15 +202,16 @@ def test_a_backup_copy_in_s3_matches_and_a_rerun_uploads_nothing(lab, aws, tmp_p
         lab.host("db1").exec(f"rm -rf {folder}")
 
 
-def test_retention_keeps_the_newest_backups(fresh_lab, tmp_path):
+def test_retention_keeps_the_newest_backups_of_the_label(fresh_lab, tmp_path):
     lab = fresh_lab(1)
     runbook = """
         name: backups
         stages:
-          - {name: backup, step: mysql.backup, roles: [db], params: {label: LABEL, keep: 2}}
+          - {name: backup, step: mysql.backup, roles: [db], params: {label: LABEL, keep: 2, max_age_hours: 0.0001}}
     """
-    for label in ("one", "two", "three"):
-        assert not run(runbook.replace("LABEL", label), tmp_path, lab_inventory(lab)).failed
-        time.sleep(1.1)  # distinct modification times
-    kept = lab.host("db1").exec("cd /var/backups/overhaul && ls *.sql.gz *.sha256").stdout.split()
-    assert sorted(name.split("-")[0] for name in kept) == ["three", "three", "two", "two"]
+    for label in ("nightly", "nightly", "other", "nightly"):  # max_age 0.36 s: each run dumps anew
+        result = run(runbook.replace("LABEL", label), tmp_path, lab_inventory(lab))
+        assert [r.outcome.value for r in result.results] == ["changed"]
+        time.sleep(1.1)  # distinct timestamps
+    kept = lab.host("db1").exec("cd /var/backups/overhaul && ls -1t *.sql.gz").stdout.split()
+    assert [name.split("-")[0] for name in kept] == ["nightly", "other", "nightly"]  # the oldest nightly went

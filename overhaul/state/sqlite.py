@@ -22,7 +22,7 @@ from overhaul.state.records import UNFINISHED, LockHeld, LockInfo, ResultRecord,
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, runbook TEXT, runbook_path TEXT, runbook_sha256 TEXT, environment TEXT,
-    params TEXT, operator TEXT, started REAL, ended REAL, status TEXT
+    params TEXT, operator TEXT, started REAL, ended REAL, status TEXT, mutating INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_by_environment ON runs (environment, started);
 CREATE TABLE IF NOT EXISTS results (
@@ -98,7 +98,7 @@ class SQLiteState:
 
     def unfinished(self, environment: str) -> list[RunRecord]:
         marks = ", ".join("?" * len(UNFINISHED))
-        return self._runs(f"WHERE environment = ? AND status IN ({marks}) ORDER BY started DESC",
+        return self._runs(f"WHERE environment = ? AND mutating AND status IN ({marks}) ORDER BY started DESC",
                           (environment, *UNFINISHED))
 
     def _runs(self, where: str, args: tuple) -> list[RunRecord]:
@@ -186,9 +186,11 @@ class SQLiteState:
         with self._lock:
             return self._lock_row(environment)
 
-    def heartbeat(self, environment: str, run_id: str) -> None:
-        self._write("UPDATE locks SET heartbeat = ? WHERE environment = ? AND run_id = ?",
-                    (time.time(), environment, run_id), journal=False)
+    def heartbeat(self, environment: str, run_id: str) -> bool:
+        """Refresh the lock's heartbeat; False when the lock is no longer ours (force-unlocked, taken over)."""
+        with self._lock:
+            return self._db.execute("UPDATE locks SET heartbeat = ? WHERE environment = ? AND run_id = ?",
+                                    (time.time(), environment, run_id)).rowcount == 1
 
     def release(self, environment: str, run_id: str) -> None:
         self._write("DELETE FROM locks WHERE environment = ? AND run_id = ?", (environment, run_id), journal=False)

@@ -47,6 +47,7 @@ class EC2Provider(Provider):
         stale = [
             instance["InstanceId"]
             for instance in self._instances([{"Name": "tag-key", "Values": [TAG]},
+                                             {"Name": "tag:overhaul:environment", "Values": [self.environment]},
                                              {"Name": "instance-state-name", "Values": ["pending", "running", "stopped"]}])
             if instance["LaunchTime"].timestamp() < older_than
         ]

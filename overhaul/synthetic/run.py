@@ -127,6 +127,10 @@ class SyntheticRun:
         except (OverhaulError, HostUnreachable) as exc:
             self._record(PhaseResult(name, "failed", time.monotonic() - started, str(exc)))
             raise PhaseFailed(name, str(exc)) from None
+        except Exception as exc:  # a provider's or the cloud's surprise still fails this phase, loudly
+            text = f"{type(exc).__name__}: {exc}"
+            self._record(PhaseResult(name, "failed", time.monotonic() - started, text))
+            raise PhaseFailed(name, text) from None
         self._record(PhaseResult(name, "ok", time.monotonic() - started, message))
 
     def _skip(self, name: str, why: str) -> None:
@@ -170,8 +174,15 @@ class SyntheticRun:
         return ", ".join(f"{s.name} {s.address or '?'}" for s in self.farm.servers)
 
     def _ssh(self) -> str:
-        self.farm_inventory, trusted = self._inventory_for_farm()
         deadline = time.monotonic() + self.config.timeouts.ssh
+        while True:  # a new server's sshd may not answer yet
+            try:
+                self.farm_inventory, trusted = self._inventory_for_farm()
+                break
+            except (OSError, paramiko.SSHException) as exc:
+                if time.monotonic() > deadline:
+                    raise OverhaulError(f"no SSH host key could be read: {exc}") from None
+                time.sleep(2)
         transport = Transport(self.farm_inventory)
         try:
             while True:
@@ -249,14 +260,16 @@ class SyntheticRun:
             return None
         for name, action in (("terminate", lambda: self.provider.terminate(self.farm)),
                              ("terminated", lambda: self.provider.wait_terminated(self.farm, self.config.timeouts.terminate))):
-            try:
-                self._phase(name, action)
-            except PhaseFailed as exc:
-                ids = ", ".join(s.id for s in self.farm.servers)
-                self._say(f"LEAK: servers may still run: {ids} (the next run's sweep will retry)")
-                return exc
-            except (Terminated, KeyboardInterrupt):
-                continue  # a second signal must not stop the teardown
+            for _attempt in range(3):  # a signal during teardown must not stop it: do the same action again
+                try:
+                    self._phase(name, action)
+                    break
+                except PhaseFailed as exc:
+                    ids = ", ".join(s.id for s in self.farm.servers)
+                    self._say(f"LEAK: servers may still run: {ids} (the next run's sweep will retry)")
+                    return exc
+                except (Terminated, KeyboardInterrupt):
+                    self._say(f"   {name}: signal received during teardown; carrying on")
         return None
 
     def _finish(self, failure: PhaseFailed | None) -> int:
