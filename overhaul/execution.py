@@ -224,6 +224,9 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     result: RunResult | None = None
     try:
         with graceful_stop(runner, transport, grace):
+            # Every host's connection, opened at once in parallel; one that fails now is retried (and
+            # reported) by its first stage.
+            transport.connect(list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts)))
             result = runner.run()
     finally:
         transport.close()
