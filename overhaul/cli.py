@@ -164,13 +164,17 @@ def check_promotion(inventory: Inventory, version: str) -> None:
         return
     if version == "latest":
         raise OverhaulError(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
-    for record in open_state().runs(source, limit=1000):
-        if record.runbook == "upgrade" and record.status == "succeeded" and str(record.params.get("version")) == version:
-            return
-    raise OverhaulError(
-        f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
-        f"{source}): upgrade {source} to {version} first"
-    )
+    if version not in upgraded_versions(source):
+        raise OverhaulError(
+            f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
+            f"{source}): upgrade {source} to {version} first"
+        )
+
+
+def upgraded_versions(env: str) -> list[str]:
+    """The versions successful upgrades of `env` went to, newest first (from the journal)."""
+    return [str(record.params["version"]) for record in open_state().runs(env, limit=1000)
+            if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")]
 
 
 @task(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
@@ -201,11 +205,8 @@ def verify(c, env, checks="", junit="", json="", concurrency=8, hosts_dir="hosts
 
 def expected_version(env: str) -> str | None:
     """The version of the newest successful upgrade of `env` in the journal (None when unknown)."""
-    for record in open_state().runs(env, limit=100):
-        if record.runbook == "upgrade" and record.status == "succeeded":
-            version = record.params.get("version")
-            return None if version in (None, "latest") else str(version)
-    return None
+    versions = upgraded_versions(env)
+    return versions[0] if versions and versions[0] != "latest" else None
 
 
 @task(iterable=["param"], help={

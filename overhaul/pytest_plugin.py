@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[checks.ENV_VARIABLE] = env
     os.environ[checks.HOSTS_DIR_VARIABLE] = hosts_dir
     only = config.getoption("overhaul_only")
-    names = only.split(",") if only else [h.name for h in load_inventory(env, __import__("pathlib").Path(hosts_dir)).hosts]
+    names = only.split(",") if only else [h.name for h in load_inventory(env, Path(hosts_dir)).hosts]
     if not config.getoption("hosts", default=None):
         config.option.hosts = ",".join(f"overhaul://{name}" for name in names)
 

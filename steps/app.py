@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from overhaul.steps.package import installed_version
-from overhaul.steps.services import describe, program_states
+from overhaul.steps.services import not_all_running
 
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -39,12 +39,9 @@ class AppReconfigure(Step[ReconfigureParams]):
             return Check(False, f"{self.params.package} is not installed")
         if done_for != installed:
             return Check(False, f"not yet reconfigured for {self.params.package} {installed}")
-        states = program_states(host, self.params.manage_command)
-        if not states:
-            return Check(False, f"reconfigured for {installed}, but the supervisor is not available")
-        bad = describe(states, ("RUNNING",))
-        if bad:
-            return Check(False, f"reconfigured for {installed}, but not RUNNING: {bad}")
+        problem, _ = not_all_running(host, self.params.manage_command)
+        if problem:
+            return Check(False, f"reconfigured for {installed}, but {problem}")
         return Check(True, f"reconfigured for {installed}, every program RUNNING")
 
     def apply(self, host: RemoteHost) -> str:

@@ -36,6 +36,15 @@ def describe(states: dict[str, str], wanted: tuple[str, ...]) -> str:
     return ", ".join(f"{name} {state}" for name, state in sorted(states.items()) if state not in wanted)
 
 
+def not_all_running(host: RemoteHost, manage: str) -> tuple[str | None, dict[str, str]]:
+    """Why not every program is RUNNING (None when all are), and the states read."""
+    states = program_states(host, manage)
+    if not states:
+        return f"`{manage} status`: supervisor not available", states
+    bad = describe(states, ("RUNNING",))
+    return (f"not RUNNING: {bad}" if bad else None), states
+
+
 class AssertionStep(Step):
     """A read-only step: `check` is the whole of it, `apply` only reports why it does not hold."""
 
@@ -85,13 +94,8 @@ class ServicesVerify(AssertionStep):
     Params = ManageParams
 
     def check(self, host: RemoteHost) -> Check:
-        states = program_states(host, self.params.manage_command)
-        if not states:
-            return Check(False, f"`{self.params.manage_command} status`: supervisor not available")
-        bad = describe(states, ("RUNNING",))
-        if bad:
-            return Check(False, f"not RUNNING: {bad}")
-        return Check(True, f"{len(states)} programs RUNNING")
+        problem, states = not_all_running(host, self.params.manage_command)
+        return Check(problem is None, problem or f"{len(states)} programs RUNNING")
 
 
 class SupervisorParams(Params):

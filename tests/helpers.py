@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +18,14 @@ from overhaul.transport import Transport
 
 # Labs of the tests use 127.N.P.x, P from our PID, so two test runs at once (CI and a full sweep) never collide.
 PROCESS_OCTET = os.getpid() % 250
+
+
+def overhaul_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `overhaul` command in `cwd`, its journal in cwd/journal.sqlite, no standard input."""
+    environ = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "overhaul", *args], cwd=cwd, env=environ, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def write(path: Path, text: str) -> Path:

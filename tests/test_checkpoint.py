@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import overhaul_cli
 
 from overhaul.state import SQLiteState
 from overhaul.state.sqlite import KILL_AFTER_WRITES
@@ -23,15 +24,9 @@ BOUNDARIES = [1 + 2 * sum(STAGE_HOSTS[: i + 1]) for i in range(len(STAGE_HOSTS))
 SAMPLE = sorted({1, 2, 5, 12, 16, 24, 30, *BOUNDARIES} - {TOTAL_WRITES})
 
 
-def cli(lab, cwd: Path, *args: str, kill_after: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"))
-    env.pop(KILL_AFTER_WRITES, None)
-    if kill_after is not None:
-        env[KILL_AFTER_WRITES] = str(kill_after)
-    return subprocess.run(
-        [sys.executable, "-m", "overhaul", *args, "--hosts-dir", str(lab.inventory.parent)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+def cli(lab, cwd: Path, *args: str, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    kill = {KILL_AFTER_WRITES: str(kill_after) if kill_after is not None else ""}
+    return overhaul_cli(cwd, *args, "--hosts-dir", str(lab.inventory.parent), env=kill)
 
 
 def upgrade_args() -> tuple[str, ...]:
@@ -129,13 +124,9 @@ def test_unlock_needs_force_and_is_journaled(lab, tmp_path):
     state.acquire("lab", "run-of-a-live-process", "someone@elsewhere")  # this test process: alive
     refused = cli(lab, tmp_path, *upgrade_args())
     assert refused.returncode == 2 and "locked by someone@elsewhere" in refused.stderr
-    unforced = subprocess.run([sys.executable, "-m", "overhaul", "unlock", "--env", "lab"], cwd=tmp_path,
-                              env=dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite")),
-                              capture_output=True, text=True)
+    unforced = overhaul_cli(tmp_path, "unlock", "--env", "lab")
     assert unforced.returncode == 2 and "add --force" in unforced.stderr
-    forced = subprocess.run([sys.executable, "-m", "overhaul", "unlock", "--env", "lab", "--force"], cwd=tmp_path,
-                            env=dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite")),
-                            capture_output=True, text=True)
+    forced = overhaul_cli(tmp_path, "unlock", "--env", "lab", "--force")
     assert forced.returncode == 0
     assert state.lock("lab") is None
     [(_, run_id, kind, detail)] = state.events("lab")
@@ -151,9 +142,7 @@ def test_an_unfinished_run_blocks_a_new_upgrade_until_resumed_or_abandoned(fresh
     other_version = cli(lab, tmp_path, "resume", "--env", "lab", "--version", "1.2.0")
     assert other_version.returncode == 2 and "a resumed run keeps its parameters" in other_version.stderr
     [run] = SQLiteState(tmp_path / "journal.sqlite").runs("lab")
-    env = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))
-    abandoned = subprocess.run([sys.executable, "-m", "overhaul", "abandon", "--run", run.id], cwd=tmp_path, env=env,
-                               capture_output=True, text=True)
+    abandoned = overhaul_cli(tmp_path, "abandon", "--run", run.id)
     assert abandoned.returncode == 0, abandoned.stderr
     fresh = cli(lab, tmp_path, *upgrade_args())
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
@@ -185,13 +174,10 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(fresh_lab, tmp_path):
 def test_history_and_show_tell_the_run_and_no_secret_is_journaled(fresh_lab, tmp_path):
     lab = fresh_lab(3)
     assert cli(lab, tmp_path, *upgrade_args()).returncode == 0
-    env = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))
-    history = subprocess.run([sys.executable, "-m", "overhaul", "history", "--env", "lab"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True).stdout
+    history = overhaul_cli(tmp_path, "history", "--env", "lab").stdout
     [run] = SQLiteState(tmp_path / "journal.sqlite").runs("lab")
     assert run.id in history and "succeeded" in history and "upgrade" in history
-    shown = subprocess.run([sys.executable, "-m", "overhaul", "show", run.id], cwd=tmp_path, env=env,
-                           capture_output=True, text=True).stdout
+    shown = overhaul_cli(tmp_path, "show", run.id).stdout
     assert '"sha256": ' in shown and "/var/backups/overhaul/pre-upgrade-1.1.0-" in shown
     logs = list((tmp_path / "runs" / run.id).glob("*.log"))
     assert logs and "output: " + str(logs[0]) in shown

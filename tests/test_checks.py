@@ -4,13 +4,10 @@ and `overhaul verify` reports the operator's checks per (check, host) beside the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from helpers import write
+from helpers import overhaul_cli, write
 
 from overhaul import checks
 from overhaul.errors import HostUnreachable
@@ -84,9 +81,7 @@ def test_checks_open_one_connection_per_host_however_many_checks(lab, tmp_path, 
 
 
 def verify(lab, cwd, *args):
-    env = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"))
-    return subprocess.run([sys.executable, "-m", "overhaul", "verify", "--env", "lab", "--hosts-dir",
-                           str(lab.inventory.parent), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return overhaul_cli(cwd, "verify", "--env", "lab", "--hosts-dir", str(lab.inventory.parent), *args)
 
 
 def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, tmp_path):

@@ -3,17 +3,8 @@ that passed on its source environment first."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
+from helpers import overhaul_cli as overhaul
 from helpers import write
-
-
-def overhaul(cwd, *args):
-    env = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"))
-    return subprocess.run([sys.executable, "-m", "overhaul", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=300)
 
 
 def test_production_takes_only_versions_that_passed_on_its_source(fresh_lab, tmp_path):

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import boto3
-from helpers import lab_inventory, outcomes, run
+from helpers import lab_inventory, outcomes, overhaul_cli, run
 
 from overhaul.lab import faults
 from overhaul.plan import build_plan
@@ -136,10 +133,7 @@ def test_verify_names_the_broken_service_and_the_full_mount(lab, tmp_path):
 
 def verify_builtin(lab, cwd):
     """`overhaul verify` from a folder without checks/: the built-in verify runbook only."""
-    return subprocess.run(
-        [sys.executable, "-m", "overhaul", "verify", "--env", "lab", "--hosts-dir", str(lab.inventory.parent)],
-        capture_output=True, text=True, cwd=cwd, env=dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite")),
-    )
+    return overhaul_cli(cwd, "verify", "--env", "lab", "--hosts-dir", str(lab.inventory.parent))
 
 
 def test_verify_passes_on_a_healthy_farm(lab, tmp_path):

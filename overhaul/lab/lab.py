@@ -137,7 +137,7 @@ class Lab:
             hosts = [recorded.get(s.name) or LabHost(s, self.home / "hosts" / s.name) for s in specs]
             for host in hosts:
                 if not host.running():
-                    self._prepare(host, specs)
+                    self._prepare(host, specs, rootfs)
                     host.start(rootfs, self.repo, self.data_mb)
                     self._save(hosts)
             for host in hosts:
@@ -179,7 +179,7 @@ class Lab:
                 path.touch(mode=0o600)
                 path.write_text(secrets.token_urlsafe(18) + "\n")
 
-    def _prepare(self, host: LabHost, farm: list[HostSpec]) -> None:
+    def _prepare(self, host: LabHost, farm: list[HostSpec], rootfs: Path) -> None:
         """Put the files a fresh host needs on its disk: keys, names of its peers, its role's config."""
         upper = host.upper
         (upper / "etc").mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ class Lab:
             ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (ssh_dir / "authorized_keys").write_text(public_key)
             if owner:
-                uid, gid = _passwd_ids(ensure_rootfs(self.log), owner)
+                uid, gid = _passwd_ids(rootfs, owner)
                 for path in (upper / home, ssh_dir, ssh_dir / "authorized_keys"):
                     os.chown(path, uid, gid)
         etc = upper / "etc/scalr-server"
