@@ -1,6 +1,7 @@
 """The command line: invoke tasks, used both by `invoke` (through tasks.py) and the `overhaul` script.
 
-Exit codes: 0 success, 1 the run failed on some host, 2 bad input (nothing was touched).
+Exit codes are a contract (see EXIT_CODES): 0 success, 1 a host failed during the run, 2 bad input
+or usage (nothing touched), 3 refused before any change, 130 interrupted (resumable).
 """
 
 from __future__ import annotations
@@ -15,43 +16,97 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from invoke import Collection, Exit, Program, task
+from invoke import Collection, Exit, ParseError, Program, Task, task
 
 from overhaul import __version__, verification
-from overhaul.errors import OverhaulError
-from overhaul.execution import exit_code, file_sha256, journal_path, open_state, operator, run_plan
-from overhaul.inventory import Inventory, load_inventory
+from overhaul.errors import HostUnreachable, OverhaulError, Refused, StepFailed
+from overhaul.execution import (
+    INTERRUPTED_EXIT,
+    REFUSED_EXIT,
+    Gate,
+    exit_code,
+    file_sha256,
+    journal_path,
+    open_state,
+    operator,
+    run_plan,
+)
+from overhaul.inventory import Inventory, inventory_path, load_inventory
 from overhaul.lab import Lab
 from overhaul.plan import Plan, PlannedStage, build_plan
+from overhaul.planfile import check_unchanged, read_plan, saved_plan, write_plan
 from overhaul.runbook import Runbook, load_runbook
 from overhaul.state import RunRecord, SQLiteState
 from overhaul.step import Registry
 from overhaul.transport import Transport
 
+USAGE_EXIT = 2
+EXIT_CODES = """\
+Exit codes:
+  0    success
+  1    a host failed during the run
+  2    bad input or usage (unknown flag, bad file, bad value): nothing was touched
+  3    refused before any change (preflight, drift, policy, lock held, not confirmed)
+  130  interrupted (resumable with `overhaul resume`)"""
+
 COMMON_HELP = {
-    "env": "environment: loads hosts/<env>.yaml",
+    "env": "environment: loads hosts/<env>.yaml (required)",
     "hosts_dir": "folder of inventories (default hosts)",
     "runbooks_dir": "folder of the operator's runbooks (default runbooks; built-ins are found too)",
     "steps_dir": "folder of the operator's own steps (default steps)",
     "param": "a runbook parameter, NAME=VALUE (repeatable)",
+    "yes": "do not ask: confirm a protected environment (after its plan is shown) and every gated stage",
+    "skip_unreachable": "leave unreachable hosts out of the whole run instead of refusing it",
 }
 
-PATHS_HELP = {name: text for name, text in COMMON_HELP.items() if name != "param"}
+PATHS_HELP = {name: COMMON_HELP[name] for name in ("env", "hosts_dir", "runbooks_dir", "steps_dir")}
+SHORT_FLAGS = {"env": "e", "param": "p", "yes": "y"}  # the same letter means the same thing in every task
+
+
+class OverhaulTask(Task):
+    """Long flags only, but for the few short ones of SHORT_FLAGS (so no task flag ever takes -h)."""
+
+    def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
+        opts = super().arg_opts(name, default, taken_names)
+        if name in SHORT_FLAGS:
+            opts["names"].append(SHORT_FLAGS[name])
+        return opts
+
+
+def command(*, positional: tuple[str, ...] = (), iterable: tuple[str, ...] = (),
+            help: dict[str, str] | None = None) -> Callable[[Callable], Task]:
+    """An Overhaul task: no positional argument unless named, explicit short flags, errors as exit codes."""
+
+    def wrap(function: Callable) -> Task:
+        return task(klass=OverhaulTask, positional=list(positional), iterable=list(iterable), auto_shortflags=False,
+                    help=dict(help or {}))(friendly(function))
+
+    return wrap
 
 
 def friendly(task_function: Callable) -> Callable:
-    """Turn Overhaul's own errors into a clear message and exit code 2, never a traceback."""
+    """Overhaul's own errors as a clear message and their exit code, never a traceback."""
 
     @functools.wraps(task_function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return task_function(*args, **kwargs)
+        except Refused as exc:
+            raise Exit(f"refused: {exc}", code=REFUSED_EXIT) from None
         except OverhaulError as exc:
-            raise Exit(f"error: {exc}", code=2) from None
+            raise Exit(f"error: {exc}", code=USAGE_EXIT) from None
         except sqlite3.Error as exc:
-            raise Exit(f"error: the journal {journal_path()}: {exc}", code=2) from None
+            raise Exit(f"error: the journal {journal_path()}: {exc}", code=USAGE_EXIT) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=INTERRUPTED_EXIT) from None
 
     return wrapper
+
+
+def need(value: str, flag: str) -> str:
+    if not value or not value.strip():
+        raise OverhaulError(f"{flag} is required")
+    return value
 
 
 def registry(steps_dir: str) -> Registry:
@@ -71,11 +126,16 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 
 
 def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_dir: str,
-              params: dict[str, Any]) -> Plan:
-    """Everything that can be checked without touching a host, checked."""
-    inventory = load_inventory(env, Path(hosts_dir))
+              params: dict[str, Any], flags: dict[str, str] | None = None) -> Plan:
+    """Everything that can be checked without touching a host, checked; then `latest` resolved, once."""
+    inventory = load_inventory(need(env, "--env"), Path(hosts_dir))
     loaded = load_runbook(runbook, Path(runbooks_dir))
-    return build_plan(loaded, inventory, registry(steps_dir), params)
+    plan = build_plan(loaded, inventory, registry(steps_dir), params, flags)
+    if plan.run_params.get("version") == "latest":
+        version = newest_available(inventory)
+        print(f"latest available version: {version}")
+        plan = build_plan(loaded, inventory, registry(steps_dir), {**params, "version": version}, flags)
+    return plan
 
 
 def ask(yes: bool) -> Callable[[PlannedStage], bool]:
@@ -91,70 +151,136 @@ def ask(yes: bool) -> Callable[[PlannedStage], bool]:
     return confirm
 
 
+def approval(planned: Plan, yes: bool) -> Callable[[str], bool] | None:
+    """A protected environment: show what the run would change, then ask (no terminal: refuse)."""
+    inventory = planned.inventory
+    if not inventory.policy.protected or yes:
+        return None
+
+    def approve(changes: str) -> bool:
+        print(changes)
+        env = inventory.environment
+        if not sys.stdin.isatty():
+            print(f"environment {env!r} is protected: review the above, then run with --yes", file=sys.stderr)
+            return False
+        answer = input(f"Run {planned.runbook.runbook.name!r} on protected environment {env!r}? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    return approve
+
+
 def finish(code: int) -> None:
     if code:
         raise Exit(code=code)
 
 
-@task(
-    positional=["runbook"], iterable=["param"],
-    help={"runbook": "runbook name (runbooks/NAME.yaml or built-in) or path", "yes": "confirm every gated stage",
-          **COMMON_HELP},
-)
-@friendly
-def run(c, runbook, env, param=None, yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
-    """Run a runbook on an environment's hosts."""
-    plan = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
-    enforce_policy(plan, yes)
-    finish(exit_code(run_plan(plan, confirm=ask(yes))))
+def dry_run(c: Any) -> bool:
+    """`invoke --dry TASK`: invoke's flag for "echo commands instead of running"; here it means `plan`."""
+    dry = bool(getattr(getattr(c, "config", None), "run", {}).get("dry", False)) if c is not None else False
+    if dry:
+        print("--dry: showing the plan; nothing is changed")
+    return dry
 
 
-@task(positional=["runbook"], iterable=["param"], help={"runbook": "runbook name or path", **COMMON_HELP})
-@friendly
-def plan(c, runbook, env, param=None, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
-    """Show what a runbook would change on each host (runs only the read-only checks)."""
+def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None) -> None:
+    """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run."""
+    if "version" in planned.run_params:
+        check_promotion(planned.inventory, str(planned.run_params["version"]))
+    gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes))
+    finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate)))
+
+
+@command(positional=("runbook",), iterable=("param",), help={
+    "runbook": "runbook name (runbooks/NAME.yaml or built-in) or path", **COMMON_HELP})
+def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts", runbooks_dir="runbooks",
+        steps_dir="steps"):
+    """Run a runbook on an environment's hosts, after every preflight passed on every host."""
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
-    finish(exit_code(run_plan(planned, check_only=True)))
+    if dry_run(c):
+        return show_plan(planned, skip_unreachable)
+    execute(planned, yes, skip_unreachable)
 
 
-@task(help={"version": "package version to upgrade to (default: the newest available)",
-            "yes": "do not ask: confirm a protected environment and every gated stage", **PATHS_HELP})
-@friendly
-def upgrade(c, env, version="latest", yes=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+@command(positional=("runbook",), iterable=("param",), help={
+    "runbook": "runbook name or path", "out": "save the plan to this JSON file, for `overhaul apply`",
+    **{k: v for k, v in COMMON_HELP.items() if k != "yes"}})
+def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, hosts_dir="hosts", runbooks_dir="runbooks",
+         steps_dir="steps"):
+    """Show what a runbook would change on each host: every preflight, then the read-only checks."""
+    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
+    show_plan(planned, skip_unreachable, out)
+
+
+def show_plan(planned: Plan, skip_unreachable: bool, out: str = "") -> None:
+    result = run_plan(planned, check_only=True, gate=Gate(skip_unreachable=skip_unreachable))
+    if out and not result.refused and not result.interrupted:
+        assert planned.inventory.path is not None
+        saved = saved_plan(planned, result, operator(), file_sha256(planned.runbook.path),
+                           file_sha256(planned.inventory.path))
+        write_plan(saved, Path(out))
+        print(f"plan saved to {out}: apply exactly this with `overhaul apply {out}`")
+    finish(exit_code(result))
+
+
+@command(positional=("plan_file",), help={
+    "plan_file": "a plan saved by `overhaul plan ... --out FILE`",
+    "max_age": "refuse a plan older than this many hours (default 24)",
+    "yes": COMMON_HELP["yes"], "hosts_dir": COMMON_HELP["hosts_dir"], "steps_dir": COMMON_HELP["steps_dir"]})
+def apply(c, plan_file, yes=False, max_age=24.0, hosts_dir="hosts", steps_dir="steps"):
+    """Run exactly a reviewed plan: refused if its runbook, inventory, parameters or any host's state changed."""
+    if dry_run(c):
+        raise OverhaulError("--dry with apply: the plan file is the dry run; nothing was changed")
+    apply_saved(Path(plan_file), yes, float(max_age), hosts_dir, steps_dir)
+
+
+def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir: str) -> None:
+    saved = read_plan(path)
+    runbook_file = Path(saved.runbook_path)
+    if not runbook_file.exists():
+        raise Refused(f"the plan's runbook {runbook_file} is gone: plan again")
+    inventory_file = inventory_path(saved.environment, Path(hosts_dir))
+    check_unchanged(saved, file_sha256(runbook_file), file_sha256(inventory_file), max_age)
+    inventory = load_inventory(saved.environment, Path(hosts_dir))
+    planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), saved.params)
+    print(f"applying {path}: {saved.runbook} on {saved.environment}, made by {saved.created_by} "
+          f"{saved.age_hours():.1f} h ago, params {json.dumps(saved.params, sort_keys=True)}")
+    execute(planned, yes, bool(saved.excluded), reviewed=saved)
+
+
+@command(help={"version": "package version to upgrade to (default: the newest available)",
+               "plan": "apply this saved plan (from `overhaul plan upgrade ... --out FILE`) instead",
+               "yes": COMMON_HELP["yes"], "skip_unreachable": COMMON_HELP["skip_unreachable"], **PATHS_HELP})
+def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=False, hosts_dir="hosts",
+            runbooks_dir="runbooks", steps_dir="steps"):
     """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
-    if version == "latest":
-        version = newest_available(load_inventory(env, Path(hosts_dir)))
-        print(f"latest available version: {version}")
-    planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version})
-    enforce_policy(planned, yes)
-    finish(exit_code(run_plan(planned, confirm=ask(yes))))
+    if plan:
+        if dry_run(c):
+            raise OverhaulError("--dry with --plan: the plan file is the dry run; nothing was changed")
+        return apply_saved(Path(plan), yes, 24.0, hosts_dir, steps_dir)
+    planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version},
+                        flags={"version": "--version"})
+    if dry_run(c):
+        return show_plan(planned, skip_unreachable)
+    execute(planned, yes, skip_unreachable)
 
 
 def newest_available(inventory: Inventory) -> str:
-    """Resolve "latest" once, on the first host, so every host gets the same, journaled version."""
+    """Resolve "latest" once, on the first host that answers, so every host gets the same, journaled version."""
     from overhaul.steps.package import newest_version, package_manager
 
     transport = Transport(inventory)
+    problems = []
     try:
-        host = transport.host(inventory.hosts[0].name)
-        package = str(inventory.host_vars(inventory.hosts[0]).get("package", "scalr-server"))
-        return newest_version(host, package_manager(host), package)
+        for entry in inventory.hosts:
+            try:
+                host = transport.host(entry.name)
+                package = str(inventory.host_vars(entry).get("package", "scalr-server"))
+                return newest_version(host, package_manager(host), package)
+            except (HostUnreachable, StepFailed) as exc:
+                problems.append(str(exc))
     finally:
         transport.close()
-
-
-def enforce_policy(planned: Plan, yes: bool) -> None:
-    """A protected environment needs --yes (or a yes at the prompt); a promoted one, a promoted version."""
-    inventory = planned.inventory
-    if "version" in planned.run_params:
-        check_promotion(inventory, str(planned.run_params["version"]))
-    if inventory.policy.protected and not yes:
-        env = inventory.environment
-        if not sys.stdin.isatty():
-            raise OverhaulError(f"environment {env!r} is protected: run with --yes")
-        if input(f"Run {planned.runbook.runbook.name!r} on protected environment {env!r}? [y/N] ").strip().lower() \
-                not in ("y", "yes"):
-            raise Exit("not confirmed: nothing was changed", code=1)
+    raise Refused("cannot resolve version 'latest': " + "; ".join(problems))
 
 
 def check_promotion(inventory: Inventory, version: str) -> None:
@@ -163,9 +289,9 @@ def check_promotion(inventory: Inventory, version: str) -> None:
     if not source:
         return
     if version == "latest":
-        raise OverhaulError(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
+        raise Refused(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
     if version not in upgraded_versions(source):
-        raise OverhaulError(
+        raise Refused(
             f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
             f"{source}): upgrade {source} to {version} first"
         )
@@ -177,11 +303,10 @@ def upgraded_versions(env: str) -> list[str]:
             if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")]
 
 
-@task(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
-            "junit": "write a JUnit XML report here", "json": "write a JSON report here",
-            "concurrency": "hosts checked at once (default 8)", **PATHS_HELP})
-@friendly
-def verify(c, env, checks="", junit="", json="", concurrency=8, hosts_dir="hosts", runbooks_dir="runbooks",
+@command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
+               "junit": "write a JUnit XML report here", "json": "write a JSON report here",
+               "concurrency": "hosts checked at once (default 8)", **PATHS_HELP})
+def verify(c, env="", checks="", junit="", json="", concurrency=8, hosts_dir="hosts", runbooks_dir="runbooks",
            steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {})
@@ -209,12 +334,12 @@ def expected_version(env: str) -> str | None:
     return versions[0] if versions and versions[0] != "latest" else None
 
 
-@task(iterable=["param"], help={
+@command(iterable=("param",), help={
     "run": "the run to resume (default: the newest unfinished run of --env)",
     "version": "must equal the run's version if given", "yes": "confirm gated stages",
     **{k: v for k, v in COMMON_HELP.items() if k != "runbooks_dir"}})
-@friendly
-def resume(c, env="", run="", version="", param=None, yes=False, hosts_dir="hosts", steps_dir="steps"):
+def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts",
+           steps_dir="steps"):
     """Continue an interrupted run: finished work is skipped once its check confirms it still holds."""
     state = open_state()
     if run:
@@ -240,7 +365,10 @@ def resume(c, env="", run="", version="", param=None, yes=False, hosts_dir="host
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to resume")
     inventory = load_inventory(record.environment, Path(hosts_dir))
     planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params)
-    finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state)))
+    if dry_run(c):
+        raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
+    gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
+    finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate)))
 
 
 def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:
@@ -250,12 +378,11 @@ def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:
         raise OverhaulError(f"no run {run_id!r} in {journal_path()}") from None
 
 
-@task(help={"run": "the run to abandon"})
-@friendly
-def abandon(c, run):
+@command(help={"run": "the run to abandon"})
+def abandon(c, run=""):
     """Mark an unfinished run abandoned, so a new upgrade may start (the journal keeps it)."""
     state = open_state()
-    record = journaled_run(state, run)
+    record = journaled_run(state, need(run, "--run"))
     if record.status not in ("running", "interrupted", "failed"):
         raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
     lock = state.lock(record.environment)
@@ -266,12 +393,11 @@ def abandon(c, run):
     print(f"run {run} abandoned")
 
 
-@task(help={"env": COMMON_HELP["env"], "force": "remove the lock even though its holder may be alive"})
-@friendly
-def unlock(c, env, force=False):
+@command(help={"env": COMMON_HELP["env"], "force": "remove the lock even though its holder may be alive"})
+def unlock(c, env="", force=False):
     """Remove an environment's lock (with --force); the removal is journaled."""
     state = open_state()
-    lock = state.lock(env)
+    lock = state.lock(need(env, "--env"))
     if lock is None:
         print(f"{env}: not locked")
         return
@@ -282,8 +408,7 @@ def unlock(c, env, force=False):
     print(f"{env}: lock of {lock.holder} (run {lock.run_id}) removed; journaled")
 
 
-@task(help={"env": "only this environment", "limit": "how many runs (default 20)"})
-@friendly
+@command(help={"env": "only this environment", "limit": "how many runs (default 20)"})
 def history(c, env="", limit=20):
     """Runs, newest first: id, runbook, environment, status, duration, who."""
     runs = open_state().runs(env or None, int(limit))
@@ -297,8 +422,7 @@ def history(c, env="", limit=20):
               f"{record.duration:>6.0f}s  {record.operator}")
 
 
-@task(positional=["run"], help={"run": "the run id (see history)"})
-@friendly
+@command(positional=("run",), help={"run": "the run id (see history)"})
 def show(c, run):
     """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
     state = open_state()
@@ -317,20 +441,18 @@ def show(c, run):
             print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
 
 
-@task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
-@friendly
-def synthetic(c, env, hosts_dir="hosts"):
+@command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
+def synthetic(c, env="", hosts_dir="hosts"):
     """Launch a small farm, prove it comes up and works, tear it down; exit code names a failed phase."""
     from overhaul.synthetic.run import SyntheticRun, workdir_default
 
-    finish(SyntheticRun(load_inventory(env, Path(hosts_dir)), open_state(), workdir_default()).run())
+    finish(SyntheticRun(load_inventory(need(env, "--env"), Path(hosts_dir)), open_state(), workdir_default()).run())
 
 
-@task(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
-@friendly
-def inventory(c, env, hosts_dir="hosts"):
+@command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
+def inventory(c, env="", hosts_dir="hosts"):
     """Show an environment's resolved hosts (roles, address, user, variables)."""
-    loaded = load_inventory(env, Path(hosts_dir))
+    loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
     print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts)"
           f"{', protected' if loaded.policy.protected else ''}")
     for host in loaded.hosts:
@@ -340,7 +462,7 @@ def inventory(c, env, hosts_dir="hosts"):
               f"vars={json.dumps(loaded.host_vars(host), sort_keys=True)}")
 
 
-@task(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)"})
+@command(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)"})
 def schema(c, out=""):
     """Publish the JSON Schema of inventory and runbook files (for editor completion)."""
     schemas = {"inventory": Inventory.model_json_schema(), "runbook": Runbook.model_json_schema()}
@@ -363,7 +485,7 @@ def _lab(home: str, inventory: str) -> Lab:
     return Lab(home=home, inventory=inventory)
 
 
-@task(help={"hosts": "number of hosts: one db, one worker, the rest app (default 4)", **LAB_HELP})
+@command(help={"hosts": "number of hosts: one db, one worker, the rest app (default 4)", **LAB_HELP})
 def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml"):
     """Start the lab (or repair a half-started one): real hosts with scalr-server 1.0.0."""
     lab = _lab(home, inventory)
@@ -371,14 +493,14 @@ def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml"):
     _print_status(lab)
 
 
-@task(help=LAB_HELP)
+@command(help=LAB_HELP)
 def down(c, home=".overhaul/lab", inventory="hosts/lab.yaml"):
     """Stop every lab host and remove the lab's hosts and inventory."""
     _lab(home, inventory).down()
     print("lab: down")
 
 
-@task(help=LAB_HELP)
+@command(help=LAB_HELP)
 def status(c, home=".overhaul/lab", inventory="hosts/lab.yaml"):
     """Show each lab host: role, address, whether it runs and whether sshd answers."""
     _print_status(_lab(home, inventory))
@@ -398,6 +520,62 @@ def _print_status(lab: Lab) -> None:
 
 
 lab = Collection("lab", up, down, status)
-namespace = Collection(upgrade, verify, synthetic, resume, abandon, unlock, history, show, run, plan, inventory, schema, lab)
+namespace = Collection(upgrade, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply, inventory,
+                       schema, lab)
 
-program = Program(namespace=namespace, name="overhaul", version=__version__)
+CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")
+
+
+class OverhaulProgram(Program):
+    """The `overhaul` command: invoke's core flags reduced to those Overhaul honours, as Fabric does for `fab`.
+
+    `--dry`, `--echo`, `--warn-only`, `--pty` and the other flags for invoke's own `run()` do not exist here
+    (an unknown flag is a usage error, exit 2); `TASK --help` prints the task's help for every task.
+    """
+
+    def core_args(self) -> list:
+        return [argument for argument in super().core_args() if argument.name in CORE_FLAGS]
+
+    def normalize_argv(self, argv: list[str] | str | None) -> None:
+        super().normalize_argv(argv)
+        words = self.argv[1:]
+        if any(word in ("-h", "--help") for word in words):
+            tasks = [word for word in words if word in self.namespace.task_names]
+            if tasks:  # `overhaul TASK ... --help`, whatever else was given: the task's help
+                self.argv = [self.argv[0], "--help", tasks[0]]
+
+    def parse_core(self, argv: list[str] | str | None) -> None:
+        self.normalize_argv(argv)
+        self._usage(self.parse_core_args)
+        if self.args.version.value:
+            self.print_version()
+            raise Exit
+        if self.args["print-completion-script"].value:
+            from invoke.completion.complete import print_completion_script
+
+            print_completion_script(shell=self.args["print-completion-script"].value, names=self.binary_names)
+            raise Exit
+
+    def parse_tasks(self) -> None:
+        self._usage(super().parse_tasks)
+
+    def parse_cleanup(self) -> None:
+        self._usage(super().parse_cleanup)
+
+    def update_config(self, merge: bool = True) -> None:
+        if merge:
+            self.config.merge()  # no flag of ours changes invoke's run() settings
+
+    def print_help(self) -> None:
+        super().print_help()
+        print(EXIT_CODES + "\n")
+
+    @staticmethod
+    def _usage(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except ParseError as exc:
+            raise Exit(f"error: {exc} (see `overhaul --help`)", code=USAGE_EXIT) from None
+
+
+program = OverhaulProgram(namespace=namespace, name="overhaul", version=__version__)

@@ -21,3 +21,7 @@ class StepFailed(OverhaulError):
 
 class HostUnreachable(OverhaulError):
     """The host could not be reached over SSH, or the connection was lost during a command."""
+
+
+class Refused(OverhaulError):
+    """The run was refused before any change: preflight, drift, policy, a held lock or no confirmation."""

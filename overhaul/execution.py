@@ -1,10 +1,12 @@
 """One run of a plan, made durable: the environment lock, the journal, captured output, Ctrl-C, resume.
 
-Order of a mutating run: take the environment's lock (or fail naming its holder); refuse if an
-earlier run of the environment is unfinished (resume or abandon it first); journal the run; run the
-plan, journaling every (stage, host) as it starts and as it ends; mark the run succeeded, failed or
-interrupted; release the lock. A Ctrl-C or SIGTERM lets running commands finish (up to a grace
-period), leaves the journal consistent and says how to resume.
+Order of a mutating run: take the environment's lock (or refuse, naming its holder); refuse if an
+earlier run of the environment is unfinished (resume or abandon it first); journal the run; pass the
+gate (every preflight on every host, then the reviewed plan and the operator's yes where asked), or
+end `refused` having changed nothing; run the plan, journaling every (stage, host) as it starts and
+as it ends; mark the run succeeded, failed or interrupted; release the lock. A Ctrl-C or SIGTERM
+lets running commands finish (up to a grace period), leaves the journal consistent and says how to
+resume.
 """
 
 from __future__ import annotations
@@ -19,19 +21,35 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from overhaul.errors import OverhaulError
+from overhaul.errors import Refused
 from overhaul.plan import Plan, PlannedStage
-from overhaul.report import ConsoleReport, summary
+from overhaul.preflight import print_report, run_preflight
+from overhaul.report import ConsoleReport, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
 from overhaul.state import ResultRecord, RunRecord, SQLiteState
 from overhaul.step import Outcome
 from overhaul.transport import Transport
 
+if TYPE_CHECKING:
+    from overhaul.planfile import SavedPlan
+
 DEFAULT_JOURNAL = ".overhaul/journal.sqlite"
+FAILED_EXIT = 1
+REFUSED_EXIT = 3
 INTERRUPTED_EXIT = 130
+
+
+@dataclass
+class Gate:
+    """What must hold before a run's first change, besides every stage's preflight on every host."""
+
+    skip_unreachable: bool = False  # leave unreachable hosts out of the run instead of refusing it
+    reviewed: SavedPlan | None = None  # `apply`: the plan that was reviewed; any drift from it refuses
+    approve: Callable[[str], bool] | None = None  # shown what would change, says yes (a protected environment)
 
 
 def journal_path() -> Path:
@@ -166,11 +184,17 @@ def run_plan(
     stream: TextIO = sys.stdout,
     grace: float = 30.0,
     show_summary: bool = True,
+    gate: Gate | None = None,
 ) -> RunResult:
-    """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means."""
+    """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means.
+
+    A mutating run, and a check-only one (a plan), pass the gate first; only a read-only run (verify)
+    goes without it.
+    """
+    gate = gate or Gate()
     if check_only:
         return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace,
-                        show_summary=show_summary)
+                        show_summary=show_summary, gate=gate)
     state = state or open_state()
     environment = plan.inventory.environment
     run_id = resume.id if resume else new_run_id()
@@ -181,7 +205,7 @@ def run_plan(
         if resume is None:
             unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
             if unfinished:
-                raise OverhaulError(
+                raise Refused(
                     f"run {unfinished[0].id} ({unfinished[0].runbook}) of {environment!r} is unfinished "
                     f"({unfinished[0].status}): resume it with `overhaul resume --env {environment}` or abandon it "
                     f"with `overhaul abandon --run {unfinished[0].id}`"
@@ -192,7 +216,7 @@ def run_plan(
             state.set_status(run_id, "running")
             state.event(environment, "resume", f"{operator()} resumed the run", run_id)
         return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
-                        show_summary=show_summary, keeper=keeper)
+                        show_summary=show_summary, keeper=keeper, gate=gate)
 
 
 def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
@@ -207,7 +231,8 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool
 
 def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
-             resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None) -> RunResult:
+             resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
+             gate: Gate | None = None) -> RunResult:
     transport = Transport(plan.inventory)
     listeners: list = [ConsoleReport(stream, check_only=check_only)]
     previous: dict[tuple[int, str], HostResult] = {}
@@ -224,27 +249,83 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     result: RunResult | None = None
     try:
         with graceful_stop(runner, transport, grace):
-            # Every host's connection, opened at once in parallel; one that fails now is retried (and
-            # reported) by its first stage.
-            transport.connect(list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts)))
-            result = runner.run()
+            if gate is None:
+                # A read-only run: every host's connection opened at once in parallel; one that fails
+                # now is retried (and reported) by its first stage.
+                transport.connect(plan.hosts)
+                result = runner.run()
+            else:
+                result = _gated(runner, transport, gate, stream)
     finally:
         transport.close()
         if state is not None and record is not None:
-            status = "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
-            state.set_status(record.id, status, None if status == "interrupted" else time.time())
+            _journal_end(state, record, result, resumed)
+    if result.refused:
+        print(f"refused before any change ({len(result.refused)} problem{'s' if len(result.refused) != 1 else ''}): "
+              "nothing was changed on any host", file=stream)
+        return result
     if show_summary:
-        print(summary(result, plan.stages), file=stream)
+        print(summary(result, runner.plan.stages), file=stream)
     if result.interrupted:
         print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
     return result
 
 
+def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> RunResult:
+    """Preflight every stage on every host, then the reviewed plan and the yes; run only if all hold."""
+    plan = runner.plan
+    report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable)
+    print_report(report, stream)
+    refusals = report.refusals
+    if not refusals and report.excluded:
+        runner.plan = plan.without(set(report.excluded))
+        refusals = [f"stage {p.index + 1} {p.stage.name}: no host left once {', '.join(report.excluded)} "
+                    "is left out" for p, before in zip(runner.plan.stages, plan.stages, strict=True)
+                    if before.hosts and not p.hosts]
+    if not refusals and (gate.reviewed is not None or gate.approve is not None):
+        preview = Runner(runner.plan, transport, check_only=True, run_id=runner.run_id).run()
+        if gate.reviewed is not None:
+            from overhaul.planfile import drift
+
+            refusals = [f"drift: {line}" for line in drift(gate.reviewed, runner.plan, preview)]
+            for line in refusals:
+                print(f"refused: {line}", file=stream)
+        if not refusals and gate.approve is not None and not gate.approve(describe_changes(preview, runner.plan.stages)):
+            refusals = ["not confirmed"]
+    if runner._stopping.is_set():
+        return RunResult([], interrupted=True, refused=["interrupted before any change"], preflight=report)
+    if refusals:
+        return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
+    result = runner.run()
+    result.preflight = report
+    return result
+
+
+def _journal_end(state: SQLiteState, record: RunRecord, result: RunResult | None, resumed: bool) -> None:
+    """The run's final status; a refused run also keeps its reasons (a refused resume stays resumable)."""
+    environment = record.environment
+    if result is not None and result.preflight is not None:
+        for host, why in result.preflight.excluded.items():
+            state.event(environment, "excluded", f"{host}: {why}", record.id)
+    if result is not None and result.refused:
+        for line in result.refused:
+            state.event(environment, "refused", line, record.id)
+        if resumed:
+            state.set_status(record.id, record.status)  # what it was before this attempt: still resumable
+        else:
+            state.set_status(record.id, "refused", time.time())
+        return
+    status = "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
+    state.set_status(record.id, status, None if status == "interrupted" else time.time())
+
+
 def exit_code(result: RunResult) -> int:
-    """0 success, 1 some host failed (or the run stopped), 130 interrupted (resumable)."""
+    """0 success, 1 some host failed (or the run stopped), 3 refused before any change, 130 interrupted."""
     if result.interrupted:
         return INTERRUPTED_EXIT
-    return 1 if result.failed else 0
+    if result.refused:
+        return REFUSED_EXIT
+    return FAILED_EXIT if result.failed else 0
 
 
 def _previous_results(state: SQLiteState, run_id: str) -> dict[tuple[int, str], HostResult]:

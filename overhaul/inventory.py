@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from overhaul.config import Document, dotted, load_document
 from overhaul.errors import ConfigError
@@ -101,6 +101,12 @@ class Inventory(Strict):
     policy: Policy = Policy()
     checks: str | None = None  # folder of testinfra checks for `verify` (relative to where overhaul runs)
     synthetic: SyntheticConfig | None = None  # the farm `overhaul synthetic` launches
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path | None:
+        """The file this inventory was loaded from."""
+        return self._path
 
     def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems across fields (duplicates, stray role_vars), each with the location it is about."""
@@ -163,6 +169,7 @@ def load_inventory(env: str, hosts_dir: Path = Path("hosts")) -> Inventory:
 def load_inventory_file(path: Path, expected_env: str | None = None) -> Inventory:
     document = load_document(path)
     inventory = document.validate(Inventory)
+    inventory._path = path
     if inventory.source is not None:
         from overhaul.synthetic.aws import ec2_hosts
 

@@ -35,15 +35,35 @@ class Plan:
     run_params: dict[str, Any]  # the parameters the operator gave (defaults and inventory vars apart)
     stages: list[PlannedStage]
 
+    @property
+    def hosts(self) -> list[str]:
+        """Every host some stage targets, in inventory order."""
+        return list(dict.fromkeys(host for planned in self.stages for host in planned.hosts))
+
+    def without(self, excluded: set[str]) -> Plan:
+        """The same plan with some hosts left out of every stage."""
+        stages = [PlannedStage(p.index, p.stage, p.step, {h: v for h, v in p.params.items() if h not in excluded})
+                  for p in self.stages]
+        return Plan(self.runbook, self.inventory, self.run_params, stages)
+
 
 def build_plan(
-    loaded: LoadedRunbook, inventory: Inventory, registry: Registry, given: dict[str, Any] | None = None
+    loaded: LoadedRunbook, inventory: Inventory, registry: Registry, given: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
 ) -> Plan:
-    """Resolve every stage's hosts and params; raise ConfigError listing every problem found."""
+    """Resolve every stage's hosts and params; raise ConfigError listing every problem found.
+
+    `flags` names the command-line flag of a parameter where it is not `--param NAME=VALUE`.
+    """
     runbook = loaded.runbook
     problems: list[str] = []
     given = {name: value for name, value in (given or {}).items() if value is not None}
+    flags = flags or {}
     _unknown_params(loaded, given, problems)
+    for name, value in given.items():
+        if isinstance(value, str) and (not value.strip() or value != value.strip()):
+            problems.append(f"{flags.get(name, f'--param {name}')}: {value!r}: an empty value "
+                            f"or one with surrounding blanks is not a {name} (is a shell variable unset?)")
     stages = []
     for index, stage in enumerate(runbook.stages):
         try:
@@ -57,7 +77,8 @@ def build_plan(
             values = {**runbook.params, **inventory.host_vars(host), **given, "host": host.name, "address": host.address}
             for name in [name for name in runbook.params if values[name] is None]:
                 problems.append(
-                    f"{loaded.document.where(('params', name))}: params.{name}: required: give it with --{name}"
+                    f"{loaded.document.where(('params', name))}: params.{name}: required: give it with "
+                    f"{flags.get(name, f'--param {name}=VALUE')}"
                 )
             try:
                 raw = substitute(stage.params, values)

@@ -55,3 +55,19 @@ def summary(run: RunResult, stages: list[PlannedStage]) -> str:
     elif not run.failed:
         lines.append("run succeeded")
     return "\n".join(lines)
+
+
+def describe_changes(preview: RunResult, stages: list[PlannedStage]) -> str:
+    """What a check-only pass says each stage would do, hosts grouped by finding (shown before a yes)."""
+    lines = ["what this run would change:"]
+    for planned in stages:
+        label = f"  {planned.index + 1} {planned.stage.name}"
+        changing: dict[str, list[str]] = {}
+        for result in preview.results:
+            if result.stage_index == planned.index and result.outcome is Outcome.CHANGED:
+                changing.setdefault(result.message, []).append(result.host)
+        if not changing:
+            lines.append(f"{label}: nothing to do ({len(planned.hosts)} hosts)")
+        for message, hosts in changing.items():
+            lines.append(f"{label}: {', '.join(hosts)}: {message}")
+    return "\n".join(lines)

@@ -89,9 +89,16 @@ class Stage(Strict):
         return self
 
 
+class PreflightPolicy(Strict):
+    """What the preflight gate tolerates: by default nothing (every host must be reachable)."""
+
+    unreachable: Literal["refuse", "skip"] = "refuse"  # skip: leave unreachable hosts out of the whole run
+
+
 class Runbook(Strict):
     name: str = Field(min_length=1)
     description: str = ""
+    preflight: PreflightPolicy = PreflightPolicy()
     params: dict[str, Any] = {}  # run parameters and their defaults (None: must be given)
     stages: list[Stage] = Field(min_length=1)
 

@@ -15,13 +15,16 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult, Transport
+
+if TYPE_CHECKING:
+    from overhaul.preflight import PreflightReport
 
 
 @dataclass
@@ -44,6 +47,8 @@ class RunResult:
     stop_reason: str = ""
     check_only: bool = False
     interrupted: bool = False  # stopped by request (Ctrl-C, SIGTERM): resumable
+    refused: list[str] = field(default_factory=list)  # why the run was refused before any change
+    preflight: PreflightReport | None = None
 
     @property
     def failed(self) -> bool:

@@ -1,7 +1,8 @@
 """The step contract and the step registry.
 
-A step reads state in `check` (never changes anything), changes it in `apply`, and proves the change
-in `verify`. The runner calls `apply` only when `check` says the work is not done, so a runbook run
+A step proves in `preflight` that its work could be done (before the run changes anything anywhere),
+reads state in `check` (never changes anything), changes it in `apply`, and proves the change in
+`verify`. The runner calls `apply` only when `check` says the work is not done, so a runbook run
 twice in a row reports no change the second time.
 """
 
@@ -56,9 +57,18 @@ class Step(Generic[P]):
 
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    read_only: ClassVar[bool] = False  # True: an assertion that never changes a host (apply only reports)
 
     def __init__(self, params: P):
         self.params = params
+
+    def preflight(self, host: RemoteHost) -> Check:
+        """Read-only: could `apply` succeed on this host, now? Run for every stage before the first change.
+
+        Prove what can be proven before anything stops (a version exists, a database answers, a command
+        exists); the default proves nothing and passes.
+        """
+        return Check(True, "nothing to prove")
 
     def check(self, host: RemoteHost) -> Check:
         """Read-only: is the work already done on this host?"""

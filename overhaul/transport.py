@@ -145,9 +145,9 @@ class RemoteHost:
             except paramiko.AuthenticationException as exc:
                 raise HostUnreachable(f"{endpoint}: authentication failed: {exc}") from None
             except TRANSIENT as exc:
-                reason = str(exc) or type(exc).__name__
+                reason = (exc.strerror or str(exc)).lower() if isinstance(exc, OSError) else str(exc)
                 raise HostUnreachable(
-                    f"{endpoint}: cannot connect after {ssh.connect_retries} attempts: {reason}"
+                    f"{endpoint}: {reason or type(exc).__name__} after {ssh.connect_retries} attempts"
                 ) from None
 
     def _open(self) -> fabric.Connection:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from overhaul.steps.package import installed_version
-from overhaul.steps.services import not_all_running
+from overhaul.steps.services import not_all_running, supervisor_ready
 
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -32,6 +32,9 @@ class AppReconfigure(Step[ReconfigureParams]):
     def marker(self) -> str:
         return f"{self.params.state_dir}/reconfigured-{self.params.package}"
 
+    def preflight(self, host: RemoteHost) -> Check:
+        return supervisor_ready(host, self.params.manage_command, self.params.ctl_command)
+
     def check(self, host: RemoteHost) -> Check:
         installed = installed_version(host, self.params.package)
         done_for = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
@@ -51,9 +54,10 @@ class AppReconfigure(Step[ReconfigureParams]):
         # even when the connection drops meanwhile; and if another run (say, one killed mid-command whose
         # reconfigure carried on) changed the marker since we looked, its reconfigure stands and ours is skipped.
         marker, state_dir = shlex.quote(self.marker), shlex.quote(self.params.state_dir)
+        ctl = shlex.quote(self.params.ctl_command)
         script = (
             f'[ "$(cat {marker} 2>/dev/null)" = {shlex.quote(seen)} ] || exit 0; '
-            f"{self.params.ctl_command} reconfigure && echo {shlex.quote(installed)} > {marker}.new && mv {marker}.new {marker}"
+            f"{ctl} reconfigure && echo {shlex.quote(installed)} > {marker}.new && mv {marker}.new {marker}"
         )
         result = host.run(
             f"mkdir -p {state_dir} && flock -w 600 {state_dir}/reconfigure.lock sh -c {shlex.quote(script)}", durable=True

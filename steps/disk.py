@@ -21,6 +21,11 @@ class DiskUsage(AssertionStep):
     name = "disk.usage"
     Params = DiskParams
 
+    def preflight(self, host: RemoteHost) -> Check:
+        script = " ".join(f"[ -e {shlex.quote(mount)} ] || echo {shlex.quote(mount)};" for mount in self.params.mounts)
+        missing = host.run(script).stdout.split()
+        return Check(not missing, f"missing: {', '.join(missing)}" if missing else "every mount exists")
+
     def check(self, host: RemoteHost) -> Check:
         result = host.run("df -P " + " ".join(shlex.quote(m) for m in self.params.mounts))
         if not result.ok:

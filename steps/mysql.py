@@ -44,6 +44,24 @@ cut -d' ' -f1 {final}.sha256
 """
 
 
+# Preflight, read-only: the database answers with the backup credentials (and says how big its data
+# is), the nearest existing folder on the backup path is writable, and how much space is free there.
+PROBE = """\
+set -u
+cnf=$(mktemp)
+trap 'rm -f "$cnf"' EXIT
+cat > "$cnf"
+echo "data=$({mysql} --defaults-extra-file="$cnf" -N -B -e \
+  'SELECT COALESCE(SUM(data_length + index_length), 0) FROM information_schema.tables' 2>&1 | tr '\\n' ' ')"
+d={folder}
+while [ ! -e "$d" ]; do d=$(dirname "$d"); done
+if [ -d "$d" ] && [ -w "$d" ]; then echo "writable=yes"; else echo "writable=$d"; fi
+echo "free=$(df -P -B1 "$d" | tail -n 1 | tr -s ' ' | cut -d' ' -f4)"
+echo "last=$(cd {folder} 2>/dev/null && ls -1t {pattern} 2>/dev/null | head -n 1 | xargs -r stat -c %s)"
+"""
+MIN_FREE = 1024 * 1024
+
+
 def _b64(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
@@ -51,9 +69,10 @@ def _b64(hex_digest: str) -> str:
 class BackupParams(Params):
     label: str = Field("backup", pattern=r"^[A-Za-z0-9._-]+$")
     backup_dir: str = "/var/backups/overhaul"
-    user: str = "backup"
+    user: str = Field("backup", pattern=r"^[A-Za-z0-9_.@%-]+$")
     password_secret: str = "mysql_backup_password"
     mysqldump: str = "mysqldump"
+    mysql: str = "mysql"  # the client preflight asks the database with
     single_transaction: bool = True
     routines: bool = True
     keep: int = Field(5, ge=1)  # retention: the newest N backups stay
@@ -68,6 +87,34 @@ class BackupParams(Params):
 class MysqlBackup(Step[BackupParams]):
     name = "mysql.backup"
     Params = BackupParams
+
+    def preflight(self, host: RemoteHost) -> Check:
+        """A usable backup is already there, or: the database answers, the folder is writable, the dump fits."""
+        existing = self._verified_backup(host)
+        if existing is not None:
+            return Check(True, f"verified backup {existing['path']} already there")
+        return self._can_dump(host)
+
+    def _can_dump(self, host: RemoteHost) -> Check:
+        script = PROBE.format(mysql=shlex.quote(self.params.mysql), folder=shlex.quote(self.params.backup_dir),
+                              pattern=self._pattern())
+        probe = dict(line.partition("=")[::2] for line in
+                     host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host)).stdout.splitlines())
+        data = probe.get("data", "").strip()
+        if not data.isdigit():
+            return Check(False, f"the database does not answer as {self.params.user!r}: {data or '(no output)'}")
+        if probe.get("writable") != "yes":
+            return Check(False, f"cannot write {self.params.backup_dir}: {probe.get('writable') or 'unknown'} is not writable")
+        free, last = probe.get("free", ""), probe.get("last", "")
+        if not free.isdigit():
+            return Check(False, f"cannot measure free space for {self.params.backup_dir}")
+        # A first backup is estimated from the database's data size (a dump is rarely bigger than the data).
+        basis, size = ("last backup", int(last)) if last.isdigit() else ("data size", int(data))
+        needed = max(int(size * self.params.space_factor), MIN_FREE)
+        if int(free) < needed:
+            return Check(False, f"not enough free space for {self.params.backup_dir}: {free} bytes free, need "
+                                f"{needed} ({basis} {size} x {self.params.space_factor:g})")
+        return Check(True, f"database answers ({data} bytes of data), {free} bytes free, need {needed}")
 
     def check(self, host: RemoteHost) -> Check:
         local = self._verified_backup(host)
@@ -147,7 +194,9 @@ class MysqlBackup(Step[BackupParams]):
 
     def _dump(self, host: RemoteHost) -> str:
         folder = self.params.backup_dir
-        self._ensure_space(host, folder)
+        ready = self._can_dump(host)
+        if not ready.done:
+            raise StepFailed(f"{ready.message}; nothing was stopped")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = f"{self.params.label}-{stamp}-{host.run_id}.sql.gz"
         final = f"{folder}/{name}"
@@ -155,36 +204,25 @@ class MysqlBackup(Step[BackupParams]):
             flag for flag, wanted in (("--single-transaction", self.params.single_transaction),
                                       ("--routines --events", self.params.routines)) if wanted
         )
-        password = host.secret(self.params.password_secret)
-        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
-        credentials = f'[client]\nuser={self.params.user}\npassword="{quoted}"\n'
         script = DUMP.format(
             partial=shlex.quote(final + ".partial"), final=shlex.quote(final), folder=shlex.quote(folder),
             name=shlex.quote(name), dump=shlex.quote(self.params.mysqldump), options=options,
         )
         host.run(f"mkdir -p {shlex.quote(folder)} && chmod 700 {shlex.quote(folder)}")
-        result = host.run(f"bash -c {shlex.quote(script)}", stdin=credentials, durable=True)
+        result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host), durable=True)
         if not result.ok:
             raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")
         size, digest = result.stdout.split()[-2:]
         self._prune(host, folder)
         return f"backup {final} ({size} bytes, sha256 {digest[:12]}...)"
 
-    def _ensure_space(self, host: RemoteHost, folder: str) -> None:
-        """Refuse to start when the last backup (or the data, for a first one) would not fit with margin."""
-        quoted = shlex.quote(folder)
-        probe = host.run(f"mkdir -p {quoted} && df -P -B1 {quoted} | tail -n 1 | tr -s ' ' | cut -d' ' -f4; "
-                         f"cd {quoted} && ls -1t {self._pattern()} 2>/dev/null | head -n 1 | xargs -r stat -c %s")
-        numbers = probe.stdout.split()
-        if not probe.ok or not numbers:
-            raise StepFailed(f"cannot measure free space in {folder}: {probe.tail()}")
-        free = int(numbers[0])
-        needed = int(int(numbers[1]) * self.params.space_factor) if len(numbers) > 1 else 0
-        if free < needed or free < 1024 * 1024:
-            raise StepFailed(
-                f"not enough free space in {folder}: {free} bytes free, need {max(needed, 1024 * 1024)} "
-                f"(last backup x {self.params.space_factor:g}); nothing was stopped"
-            )
+    def _credentials(self, host: RemoteHost) -> str:
+        """The option file for mysql/mysqldump (sent on stdin, never on a command line)."""
+        password = host.secret(self.params.password_secret)
+        if "\n" in password:
+            raise StepFailed(f"secret {self.params.password_secret!r} contains a newline: an option file cannot hold it")
+        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+        return f'[client]\nuser={self.params.user}\npassword="{quoted}"\n'
 
     def _prune(self, host: RemoteHost, folder: str) -> None:
         quoted = shlex.quote(folder)

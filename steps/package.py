@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shlex
 
+from pydantic import Field
+
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
 from overhaul.transport import RemoteHost
@@ -35,6 +37,19 @@ def installed_version(host: RemoteHost, package: str) -> str | None:
     return version if result.ok and status == "install ok installed" else None
 
 
+def available_versions(host: RemoteHost, manager: str, package: str) -> list[str]:
+    """Every version of `package` the host's repositories offer, after refreshing apt's package lists."""
+    name = shlex.quote(package)
+    if manager == "apt":
+        refreshed = host.run("apt-get update -q")
+        if not refreshed.ok:
+            raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
+        rows = [line.split("|") for line in host.run(f"apt-cache madison {name}").stdout.splitlines()]
+        return [row[1].strip() for row in rows if len(row) >= 3]
+    listing = host.run(f"yum -q list available --showduplicates {name}").stdout.splitlines()
+    return [line.split()[1] for line in listing if len(line.split()) >= 2 and line.split()[0].startswith(package + ".")]
+
+
 def newest_version(host: RemoteHost, manager: str, package: str) -> str:
     """The newest version of `package` the host's repositories offer."""
     name = shlex.quote(package)
@@ -50,9 +65,13 @@ def newest_version(host: RemoteHost, manager: str, package: str) -> str:
     raise StepFailed(f"no installable version of {package} found")
 
 
+VERSION = r"^[A-Za-z0-9][A-Za-z0-9.+~:_-]*$"  # what apt and rpm accept in a version (never a shell character)
+PACKAGE = r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$"
+
+
 class UpgradeParams(Params):
-    name: str = "scalr-server"
-    version: str = "latest"  # a pinned version, or "latest"
+    name: str = Field("scalr-server", pattern=PACKAGE)
+    version: str = Field("latest", pattern=VERSION)  # a pinned version, or "latest"
     allow_downgrade: bool = False
 
 
@@ -66,6 +85,22 @@ class PackageUpgrade(Step[UpgradeParams]):
         if self.params.version != "latest":
             return self.params.version
         return newest_version(host, manager, self.params.name)
+
+    def preflight(self, host: RemoteHost) -> Check:
+        """The target version is in this host's repositories, and installing it is not a refused downgrade."""
+        manager = package_manager(host)
+        available = available_versions(host, manager, self.params.name)
+        target = self.params.version if self.params.version != "latest" else (available[0] if available else "")
+        installed = installed_version(host, self.params.name)
+        if installed and same_version(installed, target):
+            return Check(True, f"{self.params.name} {installed} already installed")
+        if not any(same_version(version, target) for version in available):
+            offered = ", ".join(available) or "none"
+            return Check(False, f"{self.params.name} {self.params.version} is not in this host's repositories "
+                                f"(available: {offered})")
+        if installed and not self.params.allow_downgrade and self._older(host, manager, target, installed):
+            return Check(False, f"{self.params.name} {target} would downgrade {installed} (set allow_downgrade: true)")
+        return Check(True, f"{self.params.name} {installed or '(not installed)'} -> {target}: available")
 
     def check(self, host: RemoteHost) -> Check:
         target = self._target(host, package_manager(host))

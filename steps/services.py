@@ -6,7 +6,10 @@ States come from the STATE column of supervisorctl-style status lines; exit code
 
 from __future__ import annotations
 
-from overhaul.steps.package import installed_version, same_version
+import shlex
+
+from overhaul.steps.package import PACKAGE, VERSION, installed_version, same_version
+from pydantic import Field
 
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -18,7 +21,7 @@ STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FA
 
 def program_states(host: RemoteHost, manage: str) -> dict[str, str]:
     """program -> STATE from `<manage> status`; empty when the supervisor is not available."""
-    result = host.run(f"{manage} status")
+    result = host.run(f"{shlex.quote(manage)} status")
     if "Not available yet!" in result.stdout:
         return {}
     states = {}
@@ -29,6 +32,21 @@ def program_states(host: RemoteHost, manage: str) -> dict[str, str]:
     if not states and not result.ok:
         raise StepFailed(f"`{manage} status` exited {result.exited}: {result.tail()}")
     return states
+
+
+def supervisor_ready(host: RemoteHost, manage: str, *commands: str) -> Check:
+    """Preflight of the steps that drive the supervisor: the commands exist and the supervisor answers."""
+    missing = [command for command in (manage, *commands)
+               if not host.run(f"command -v {shlex.quote(command)}").ok]
+    if missing:
+        return Check(False, f"not found on the host: {', '.join(missing)}")
+    try:
+        states = program_states(host, manage)
+    except StepFailed as exc:
+        return Check(False, str(exc))
+    if not states:
+        return Check(False, f"`{manage} status`: supervisor not available")
+    return Check(True, f"supervisor answers ({len(states)} programs)")
 
 
 def describe(states: dict[str, str], wanted: tuple[str, ...]) -> str:
@@ -48,6 +66,8 @@ def not_all_running(host: RemoteHost, manage: str) -> tuple[str | None, dict[str
 class AssertionStep(Step):
     """A read-only step: `check` is the whole of it, `apply` only reports why it does not hold."""
 
+    read_only = True
+
     def apply(self, host: RemoteHost) -> str:
         raise StepFailed(self.check(host).message)
 
@@ -57,8 +77,8 @@ class ManageParams(Params):
 
 
 class StopParams(ManageParams):
-    package: str | None = None  # with version: nothing to stop when the package is already there
-    version: str | None = None
+    package: str | None = Field(None, pattern=PACKAGE)  # with version: nothing to stop when the package is there
+    version: str | None = Field(None, pattern=VERSION)
 
 
 class ServicesStop(Step[StopParams]):
@@ -66,6 +86,9 @@ class ServicesStop(Step[StopParams]):
 
     name = "services.stop"
     Params = StopParams
+
+    def preflight(self, host: RemoteHost) -> Check:
+        return supervisor_ready(host, self.params.manage_command)
 
     def check(self, host: RemoteHost) -> Check:
         if self.params.package and self.params.version:
@@ -76,7 +99,7 @@ class ServicesStop(Step[StopParams]):
         return Check(not running, f"running: {running}" if running else "nothing is running")
 
     def apply(self, host: RemoteHost) -> str:
-        result = host.run(f"{self.params.manage_command} stop all")
+        result = host.run(f"{shlex.quote(self.params.manage_command)} stop all")
         if "ERROR" in result.stdout + result.stderr and not result.ok:
             raise StepFailed(f"`{self.params.manage_command} stop all` failed: {result.tail()}")
         return "stopped all services"
@@ -109,6 +132,6 @@ class SupervisorUp(AssertionStep):
     Params = SupervisorParams
 
     def check(self, host: RemoteHost) -> Check:
-        result = host.run(f"service {self.params.service} status")
+        result = host.run(f"service {shlex.quote(self.params.service)} status")
         said = result.stdout.strip() or result.stderr.strip()
         return Check(result.ok and said.endswith("is running"), said or f"exit {result.exited}")

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from overhaul.errors import OverhaulError
+from overhaul.errors import Refused
 
 UNFINISHED = ("running", "interrupted")
 
@@ -22,7 +22,7 @@ class RunRecord:
     operator: str
     started: float
     ended: float | None = None
-    status: str = "running"  # running | interrupted | succeeded | failed | abandoned
+    status: str = "running"  # running | interrupted | succeeded | failed | refused | abandoned
     mutating: bool = True  # False: a read-only run (verify), never "unfinished", never resumed
 
     @property
@@ -57,7 +57,7 @@ class LockInfo:
     heartbeat: float
 
 
-class LockHeld(OverhaulError):
+class LockHeld(Refused):
     def __init__(self, lock: LockInfo):
         self.lock = lock
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lock.acquired))

@@ -1,0 +1,141 @@
+"""The preflight gate: before a mutating run changes anything, prove every stage could succeed on every host.
+
+For every host the run will touch (in parallel, bounded): the host is reachable over strict SSH, sudo
+works when the inventory asks for it, and each of its stages' `preflight` passes. Any failure refuses
+the whole run before its first change. An unreachable host is decided here, once; a runbook (or
+`--skip-unreachable`) may allow it, and then the host is left out of the whole run.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from overhaul.errors import HostUnreachable, StepFailed
+from overhaul.plan import Plan, PlannedStage
+from overhaul.step import Check
+from overhaul.transport import RemoteHost, Transport
+
+PREFLIGHT_TIMEOUT = 120.0  # per command: a preflight reads state, it never waits on work
+HOST_COLUMN = -1  # the (stage index) of the host-level checks: reachable, sudo
+
+
+@dataclass
+class PreflightReport:
+    """Every (stage, host) preflight outcome, and the hosts left out as unreachable by policy."""
+
+    stages: list[PlannedStage]
+    checks: dict[tuple[int, str], Check] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # host -> why (unreachable, allowed by policy)
+
+    @property
+    def refusals(self) -> list[str]:
+        """One line per problem: "host: reason" for a host, "host: stage N name: reason" for a stage."""
+        names = {planned.index: f"stage {planned.index + 1} {planned.stage.name}: " for planned in self.stages}
+        return [f"{host}: {names.get(index, '')}{check.message}"
+                for (index, host), check in self.checks.items() if not check.done and host not in self.excluded]
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals
+
+    def hosts(self) -> list[str]:
+        return list(dict.fromkeys(host for _, host in self.checks))
+
+
+def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreachable: bool = False) -> PreflightReport:
+    """Run every stage's preflight on every host it targets; never changes a host."""
+    report = PreflightReport(plan.stages)
+    hosts = list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts))
+    unreachable = transport.connect(hosts)
+    skip = skip_unreachable or plan.runbook.runbook.preflight.unreachable == "skip"
+    for host, error in unreachable.items():
+        report.checks[(HOST_COLUMN, host)] = Check(False, f"unreachable: {_reason(host, error)}")
+        if skip:
+            report.excluded[host] = f"unreachable: {_reason(host, error)}"
+
+    def one(host: str) -> None:
+        remote = transport.host(host)
+        remote.command_timeout = PREFLIGHT_TIMEOUT
+        remote.run_id = run_id  # a step finds what this run made (a backup) by it
+        try:
+            report.checks[(HOST_COLUMN, host)] = _host_ready(remote)
+        except (StepFailed, HostUnreachable) as exc:
+            report.checks[(HOST_COLUMN, host)] = Check(False, str(exc))
+            return
+        for planned in plan.stages:
+            if host in planned.hosts:
+                report.checks[(planned.index, host)] = _stage_ready(planned, host, transport)
+
+    reachable = [host for host in hosts if host not in unreachable]
+    with ThreadPoolExecutor(max_workers=max(1, min(transport.max_workers, len(reachable)))) as pool:
+        list(pool.map(one, reachable))
+    report.checks = dict(sorted(report.checks.items(), key=lambda item: (hosts.index(item[0][1]), item[0][0])))
+    return report
+
+
+def _reason(host: str, error: HostUnreachable) -> str:
+    """The transport's message without the host's name in front (the report names the host)."""
+    text = str(error)
+    return text.split(": ", 1)[1] if text.startswith(host) and ": " in text else text
+
+
+def _host_ready(remote: RemoteHost) -> Check:
+    if remote.inventory.ssh.sudo and remote.user != "root":
+        probe = remote.run("true", sudo=True)
+        if not probe.ok:
+            return Check(False, f"sudo does not work for {remote.user}: {probe.tail()}")
+        return Check(True, "reachable, sudo works")
+    return Check(True, "reachable")
+
+
+def _stage_ready(planned: PlannedStage, host: str, transport: Transport) -> Check:
+    step = planned.step(planned.params[host])
+    try:
+        return step.preflight(transport.host(host))
+    except (StepFailed, HostUnreachable) as exc:
+        return Check(False, str(exc))
+    except Exception as exc:  # a bug in a step's preflight refuses the run, it does not crash it
+        return Check(False, f"preflight of {planned.stage.step!r} raised {type(exc).__name__}: {exc}")
+
+
+def print_report(report: PreflightReport, stream: TextIO = sys.stdout) -> None:
+    """One table, host x stage: ok or the reason; then each refusal on a line of its own."""
+    console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
+    table = Table(title="preflight", title_justify="left", show_lines=False)
+    hosts = report.hosts()
+    host_width = max([len(host) for host in hosts] + [len(f"({len(hosts)} more)")])
+    table.add_column("host", min_width=host_width, no_wrap=True)
+    # A cell holds the start of a reason; the lines below the table hold all of it.
+    cell_width = max(8, (console.width - host_width - 4) // (len(report.stages) + 1) - 3)
+    for title in ["ssh", *(f"{p.index + 1} {p.stage.name}" for p in report.stages)]:
+        table.add_column(title, max_width=cell_width, overflow="ellipsis")
+    quiet = 0
+    for host in hosts:
+        cells = [_cell(report, index, host) for index in (HOST_COLUMN, *(p.index for p in report.stages))]
+        if len(report.checks) > 40 and all(cell in ("ok", "-") for cell in cells):
+            quiet += 1  # a big farm: only the hosts with something to say get a row
+            continue
+        table.add_row(Text(host), *(Text(cell, no_wrap=True, overflow="ellipsis") for cell in cells))
+    if quiet:
+        table.add_row(f"({quiet} more)", *["ok"] * (len(report.stages) + 1))
+    console.print(table)
+    for host, why in report.excluded.items():
+        console.print(f"excluded from this run: {host}: {why}")
+    for line in report.refusals:
+        console.print(f"refused: {line}", markup=False)
+
+
+def _cell(report: PreflightReport, index: int, host: str) -> str:
+    check = report.checks.get((index, host))
+    if check is None:
+        return "-"
+    if host in report.excluded:
+        return "excluded"
+    return "ok" if check.done else check.message
