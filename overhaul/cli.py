@@ -169,6 +169,14 @@ def approval(planned: Plan, yes: bool) -> Callable[[str], bool] | None:
     return approve
 
 
+def help_asked(value: str, task_name: str) -> bool:
+    """invoke's parser gives a `--help` that follows a task to its missing positional argument: show the help."""
+    if value not in ("-h", "--help"):
+        return False
+    OverhaulProgram(namespace=namespace, name="overhaul", version=__version__).run(["overhaul", "--help", task_name], exit=False)
+    return True
+
+
 def finish(code: int) -> None:
     if code:
         raise Exit(code=code)
@@ -195,6 +203,8 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
 def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts", runbooks_dir="runbooks",
         steps_dir="steps"):
     """Run a runbook on an environment's hosts, after every preflight passed on every host."""
+    if help_asked(runbook, "run"):
+        return
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
     if dry_run(c):
         return show_plan(planned, skip_unreachable)
@@ -207,6 +217,8 @@ def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, hosts
 def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, hosts_dir="hosts", runbooks_dir="runbooks",
          steps_dir="steps"):
     """Show what a runbook would change on each host: every preflight, then the read-only checks."""
+    if help_asked(runbook, "plan"):
+        return
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
     show_plan(planned, skip_unreachable, out)
 
@@ -228,6 +240,8 @@ def show_plan(planned: Plan, skip_unreachable: bool, out: str = "") -> None:
     "yes": COMMON_HELP["yes"], "hosts_dir": COMMON_HELP["hosts_dir"], "steps_dir": COMMON_HELP["steps_dir"]})
 def apply(c, plan_file, yes=False, max_age=24.0, hosts_dir="hosts", steps_dir="steps"):
     """Run exactly a reviewed plan: refused if its runbook, inventory, parameters or any host's state changed."""
+    if help_asked(plan_file, "apply"):
+        return
     if dry_run(c):
         raise OverhaulError("--dry with apply: the plan file is the dry run; nothing was changed")
     apply_saved(Path(plan_file), yes, float(max_age), hosts_dir, steps_dir)
@@ -425,6 +439,8 @@ def history(c, env="", limit=20):
 @command(positional=("run",), help={"run": "the run id (see history)"})
 def show(c, run):
     """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
+    if help_asked(run, "show"):
+        return
     state = open_state()
     record = journaled_run(state, run)
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
@@ -530,19 +546,11 @@ class OverhaulProgram(Program):
     """The `overhaul` command: invoke's core flags reduced to those Overhaul honours, as Fabric does for `fab`.
 
     `--dry`, `--echo`, `--warn-only`, `--pty` and the other flags for invoke's own `run()` do not exist here
-    (an unknown flag is a usage error, exit 2); `TASK --help` prints the task's help for every task.
+    (an unknown flag is a usage error, exit 2).
     """
 
     def core_args(self) -> list:
         return [argument for argument in super().core_args() if argument.name in CORE_FLAGS]
-
-    def normalize_argv(self, argv: list[str] | str | None) -> None:
-        super().normalize_argv(argv)
-        words = self.argv[1:]
-        if any(word in ("-h", "--help") for word in words):
-            tasks = [word for word in words if word in self.namespace.task_names]
-            if tasks:  # `overhaul TASK ... --help`, whatever else was given: the task's help
-                self.argv = [self.argv[0], "--help", tasks[0]]
 
     def parse_core(self, argv: list[str] | str | None) -> None:
         self.normalize_argv(argv)
@@ -576,6 +584,9 @@ class OverhaulProgram(Program):
             step()
         except ParseError as exc:
             raise Exit(f"error: {exc} (see `overhaul --help`)", code=USAGE_EXIT) from None
+        except ValueError as exc:  # invoke casting a flag's value: `--limit many`
+            raise Exit(f"error: a flag's value is not of its type: {exc} (see `overhaul TASK --help`)",
+                       code=USAGE_EXIT) from None
 
 
 program = OverhaulProgram(namespace=namespace, name="overhaul", version=__version__)

@@ -279,9 +279,9 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
     refusals = report.refusals
     if not refusals and report.excluded:
         runner.plan = plan.without(set(report.excluded))
-        refusals = [f"stage {p.index + 1} {p.stage.name}: no host left once {', '.join(report.excluded)} "
-                    "is left out" for p, before in zip(runner.plan.stages, plan.stages, strict=True)
-                    if before.hosts and not p.hosts]
+        left_out = ", ".join(report.excluded)
+        refusals = [f"stage {p.index + 1} {p.stage.name}: no host left without {left_out}"
+                    for p, before in zip(runner.plan.stages, plan.stages, strict=True) if before.hosts and not p.hosts]
     if not refusals and (gate.reviewed is not None or gate.approve is not None):
         preview = Runner(runner.plan, transport, check_only=True, run_id=runner.run_id).run()
         if gate.reviewed is not None:

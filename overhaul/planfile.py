@@ -66,11 +66,12 @@ def saved_plan(plan: Plan, result: RunResult, operator: str, runbook_sha256: str
     assert result.preflight is not None and plan.inventory.path is not None
     stages = []
     for planned in plan.stages:
+        found = {r.host: r for r in result.results if r.stage_index == planned.index}
         hosts = {}
-        for found in (r for r in result.results if r.stage_index == planned.index):
-            preflight = result.preflight.checks.get((planned.index, found.host))
-            hosts[found.host] = PlannedHost(outcome=found.outcome.value, message=found.message,
-                                            preflight=preflight.message if preflight else "")
+        for host in planned.hosts:  # in the plan's order, so that apply compares like with like
+            preflight = result.preflight.checks.get((planned.index, host))
+            hosts[host] = PlannedHost(outcome=found[host].outcome.value, message=found[host].message,
+                                      preflight=preflight.message if preflight else "")
         stages.append(SavedStage(index=planned.index, name=planned.stage.name, step=planned.stage.step, hosts=hosts))
     return SavedPlan(
         format=FORMAT, overhaul=__version__, created=time.time(), created_by=operator,

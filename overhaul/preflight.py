@@ -55,7 +55,7 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
     hosts = list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts))
     unreachable = transport.connect(hosts)
     skip = skip_unreachable or plan.runbook.runbook.preflight.unreachable == "skip"
-    for host, error in unreachable.items():
+    for host, error in sorted(unreachable.items(), key=lambda item: hosts.index(item[0])):
         report.checks[(HOST_COLUMN, host)] = Check(False, f"unreachable: {_reason(host, error)}")
         if skip:
             report.excluded[host] = f"unreachable: {_reason(host, error)}"

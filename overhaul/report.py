@@ -62,10 +62,11 @@ def describe_changes(preview: RunResult, stages: list[PlannedStage]) -> str:
     lines = ["what this run would change:"]
     for planned in stages:
         label = f"  {planned.index + 1} {planned.stage.name}"
+        found = {r.host: r for r in preview.results if r.stage_index == planned.index and r.outcome is Outcome.CHANGED}
         changing: dict[str, list[str]] = {}
-        for result in preview.results:
-            if result.stage_index == planned.index and result.outcome is Outcome.CHANGED:
-                changing.setdefault(result.message, []).append(result.host)
+        for host in planned.hosts:  # in inventory order, hosts with the same finding on one line
+            if host in found:
+                changing.setdefault(found[host].message, []).append(host)
         if not changing:
             lines.append(f"{label}: nothing to do ({len(planned.hosts)} hosts)")
         for message, hosts in changing.items():

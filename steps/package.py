@@ -37,13 +37,14 @@ def installed_version(host: RemoteHost, package: str) -> str | None:
     return version if result.ok and status == "install ok installed" else None
 
 
-def available_versions(host: RemoteHost, manager: str, package: str) -> list[str]:
-    """Every version of `package` the host's repositories offer, after refreshing apt's package lists."""
+def available_versions(host: RemoteHost, manager: str, package: str, refresh: bool = False) -> list[str]:
+    """Every version of `package` the host's repositories offer (apt: after refreshing its lists if asked)."""
     name = shlex.quote(package)
     if manager == "apt":
-        refreshed = host.run("apt-get update -q")
-        if not refreshed.ok:
-            raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
+        if refresh:
+            refreshed = host.run("apt-get update -q")
+            if not refreshed.ok:
+                raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
         rows = [line.split("|") for line in host.run(f"apt-cache madison {name}").stdout.splitlines()]
         return [row[1].strip() for row in rows if len(row) >= 3]
     listing = host.run(f"yum -q list available --showduplicates {name}").stdout.splitlines()
@@ -89,11 +90,16 @@ class PackageUpgrade(Step[UpgradeParams]):
     def preflight(self, host: RemoteHost) -> Check:
         """The target version is in this host's repositories, and installing it is not a refused downgrade."""
         manager = package_manager(host)
-        available = available_versions(host, manager, self.params.name)
-        target = self.params.version if self.params.version != "latest" else (available[0] if available else "")
         installed = installed_version(host, self.params.name)
+        target = self.params.version
         if installed and same_version(installed, target):
             return Check(True, f"{self.params.name} {installed} already installed")
+        # The lists as they are first (read-only, and no wait on the lists lock); refreshed only when they lack it.
+        available = available_versions(host, manager, self.params.name)
+        if target == "latest" or not any(same_version(version, target) for version in available):
+            available = available_versions(host, manager, self.params.name, refresh=True)
+        if target == "latest":
+            target = available[0] if available else "latest"
         if not any(same_version(version, target) for version in available):
             offered = ", ".join(available) or "none"
             return Check(False, f"{self.params.name} {self.params.version} is not in this host's repositories "

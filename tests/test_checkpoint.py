@@ -113,7 +113,7 @@ def test_a_second_upgrade_fails_at_once_naming_the_holder(lab, tmp_path):
         assert time.monotonic() < deadline, "the first run never took the lock"
         time.sleep(0.05)
     second = cli(lab, tmp_path, *upgrade_args())
-    assert second.returncode == 2
+    assert second.returncode == 3  # refused before any change
     assert f"environment 'lab' is locked by {state.lock('lab').holder} (pid {first.pid}" in second.stderr
     assert first.wait(timeout=60) == 0
     assert state.lock("lab") is None  # released at the end of the run
@@ -123,7 +123,7 @@ def test_unlock_needs_force_and_is_journaled(lab, tmp_path):
     state = SQLiteState(tmp_path / "journal.sqlite")
     state.acquire("lab", "run-of-a-live-process", "someone@elsewhere")  # this test process: alive
     refused = cli(lab, tmp_path, *upgrade_args())
-    assert refused.returncode == 2 and "locked by someone@elsewhere" in refused.stderr
+    assert refused.returncode == 3 and "locked by someone@elsewhere" in refused.stderr
     unforced = overhaul_cli(tmp_path, "unlock", "--env", "lab")
     assert unforced.returncode == 2 and "add --force" in unforced.stderr
     forced = overhaul_cli(tmp_path, "unlock", "--env", "lab", "--force")
@@ -138,7 +138,7 @@ def test_an_unfinished_run_blocks_a_new_upgrade_until_resumed_or_abandoned(fresh
     lab = fresh_lab(3)
     assert cli(lab, tmp_path, *upgrade_args(), kill_after=BOUNDARIES[1]).returncode == -signal.SIGKILL
     blocked = cli(lab, tmp_path, *upgrade_args())
-    assert blocked.returncode == 2 and "is unfinished" in blocked.stderr and "overhaul resume --env lab" in blocked.stderr
+    assert blocked.returncode == 3 and "is unfinished" in blocked.stderr and "overhaul resume --env lab" in blocked.stderr
     other_version = cli(lab, tmp_path, "resume", "--env", "lab", "--version", "1.2.0")
     assert other_version.returncode == 2 and "a resumed run keeps its parameters" in other_version.stderr
     [run] = SQLiteState(tmp_path / "journal.sqlite").runs("lab")

@@ -147,7 +147,7 @@ def test_a_full_backup_disk_stops_the_upgrade_before_anything_is_stopped(fresh_l
     faults.fill_data(lab.host("db1"), 99)
     result, _ = upgrade(lab_inventory(lab), backup_dir="/opt/scalr-server/data/backups")
     assert outcomes(result, "backup database") == {"db1": "failed"}
-    assert "not enough free space in /opt/scalr-server/data/backups" in result.results[0].message
+    assert "not enough free space for /opt/scalr-server/data/backups" in result.results[0].message
     assert result.stopped_at == "backup database"
     assert set(outcomes(result, "stop services").values()) == {"skipped"}
     for host in ("db1", "worker1", "app1"):

@@ -1,0 +1,111 @@
+"""The command line means what it says: every task's --help, no invoke flag that is ignored, exit codes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import overhaul_cli, write
+
+from overhaul.cli import EXIT_CODES, SHORT_FLAGS, namespace
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = sorted(namespace.task_names)
+
+
+def invoke_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`invoke` with this repository's tasks.py, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args], cwd=cwd,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_prints_its_help_with_overhaul_and_with_invoke(task, tmp_path):
+    for proc in (overhaul_cli(tmp_path, task, "--help"), invoke_cli(tmp_path, task, "--help")):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"Usage: overhaul [--core-opts] {task} " in proc.stdout or f"{task} [--options]" in proc.stdout
+        assert "Options:" in proc.stdout or "none" in proc.stdout
+        assert "Traceback" not in proc.stderr
+        # -h always means help: no task flag takes it.
+        assert not re.search(r"^\s+-h\b", proc.stdout, re.M), proc.stdout
+
+
+def test_short_flags_mean_the_same_in_every_task(tmp_path):
+    seen: dict[str, set[str]] = {}
+    for task in TASKS:
+        for short, long in re.findall(r"^\s+-(\w)(?: \w+)?, --([\w-]+)", overhaul_cli(tmp_path, task, "--help").stdout, re.M):
+            seen.setdefault(short, set()).add(long)
+    assert seen == {letter: {name} for name, letter in SHORT_FLAGS.items() if letter in seen}
+    assert set(seen) == set(SHORT_FLAGS.values())
+
+
+def test_help_lists_only_the_core_flags_overhaul_honours_and_the_exit_codes(tmp_path):
+    out = overhaul_cli(tmp_path, "--help").stdout
+    for ignored in ("--dry", "--echo", "--warn-only", "--pty", "--command-timeout", "--prompt-for-sudo-password",
+                    "--hide", "--config", "--debug", "--write-pyc"):
+        assert ignored not in out
+    for kept in ("--help", "--version", "--list", "--print-completion-script"):
+        assert kept in out
+    assert EXIT_CODES in out
+
+
+def test_overhaul_dry_is_a_usage_error_and_changes_nothing(lab, tmp_path):
+    proc = overhaul_cli(tmp_path, "--dry", "upgrade", "--env", "lab", "--version", "1.1.0", "--yes",
+                        "--hosts-dir", str(lab.inventory.parent))
+    assert proc.returncode == 2
+    assert "No idea what '--dry' is!" in proc.stderr
+    assert not (tmp_path / "journal.sqlite").exists()
+    assert lab.host("db1").exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.0.0"
+
+
+def test_invoke_dry_shows_the_plan_and_changes_nothing(lab, tmp_path):
+    proc = invoke_cli(tmp_path, "--dry", "upgrade", "--env", "lab", "--version", "1.1.0", "--yes",
+                      "--hosts-dir", str(lab.inventory.parent))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--dry: showing the plan; nothing is changed" in proc.stdout
+    assert "plan only: nothing was changed" in proc.stdout
+    for host in ("db1", "worker1", "app1", "app2"):
+        assert lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.0.0"
+        states = {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status").stdout.splitlines()}
+        assert states == {"RUNNING"}
+
+
+def test_exit_code_1_when_a_host_fails_during_the_run(lab, tmp_path):
+    runbooks = tmp_path / "runbooks"
+    write(runbooks / "fails.yaml", """
+        name: fails
+        stages:
+          - {name: fail on app1, step: shell, hosts: [app1], params: {command: "exit 7"}}
+    """)
+    proc = overhaul_cli(tmp_path, "run", "fails", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+                        "--runbooks-dir", str(runbooks))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED fail on app1 on app1: `exit 7` exited 7" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("upgrade", "--env", "lab", "--no-such-flag", "--hosts-dir", "{hosts}"), "No idea what '--no-such-flag' is!"),
+    (("upgrade", "--hosts-dir", "{hosts}"), "--env is required"),
+    (("no-such-task",), "No idea what 'no-such-task' is!"),
+    (("run", "no-such-runbook", "--env", "lab", "--hosts-dir", "{hosts}"), "unknown runbook 'no-such-runbook'"),
+    (("apply", "missing-plan.json"), "missing-plan.json: no such plan file"),
+    (("history", "--limit", "many"), "invalid literal for int()"),
+    (("upgrade", "--env", "nowhere", "--version", "1.1.0", "--hosts-dir", "{hosts}"), "unknown environment 'nowhere'"),
+])
+def test_exit_code_2_for_bad_input_or_usage(lab, tmp_path, args, says):
+    proc = overhaul_cli(tmp_path, *(arg.format(hosts=lab.inventory.parent) for arg in args))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert says in proc.stderr
+
+
+def test_exit_code_2_for_a_plan_file_that_is_not_a_plan(tmp_path):
+    for name, content in (("bad.json", "{not json"), ("other.json", '{"format": 1}'), ("binary.json", b"\xff\xfe")):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        proc = overhaul_cli(tmp_path, "apply", str(path))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert str(path) in proc.stderr and "Traceback" not in proc.stderr

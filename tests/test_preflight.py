@@ -1,0 +1,210 @@
+"""The preflight gate on real lab hosts: nothing goes down unless everything can come back.
+
+Each of the three ordinary mistakes (one host unreachable, a version no repository has, an empty
+version) ends before any change: the right exit code, every service on every host still RUNNING, no
+backup taken, and the journal holding the refused run with its reasons.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import overhaul_cli, write
+
+from overhaul.lab import faults
+from overhaul.state import SQLiteState
+
+HOSTS = ("db1", "worker1", "app1", "app2")
+
+
+def cli(lab, cwd: Path, *args: str):
+    return overhaul_cli(cwd, *args, "--hosts-dir", str(lab.inventory.parent))
+
+
+def states(lab, host: str) -> set[str]:
+    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
+
+
+def version(lab, host: str) -> str:
+    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
+
+
+def assert_untouched(lab, hosts=HOSTS, installed: str = "1.0.0") -> None:
+    """Every program RUNNING, the package as it was, and no backup taken."""
+    for host in hosts:
+        assert states(lab, host) == {"RUNNING"}, host
+        assert version(lab, host) == installed, host
+    backups = lab.host("db1").exec("ls /var/backups/overhaul 2>/dev/null | wc -l", check=False).stdout.strip()
+    assert backups == "0", "a backup was taken"
+
+
+def refused_run(cwd: Path) -> tuple[str, list[str]]:
+    """The one run journaled in cwd: its status, and the reasons of its refusal."""
+    state = SQLiteState(cwd / "journal.sqlite")
+    [run] = state.runs("lab")
+    return run.status, [detail for _, run_id, kind, detail in state.events("lab") if run_id == run.id and kind == "refused"]
+
+
+def test_an_unreachable_host_refuses_the_run_before_anything_stops(lab, tmp_path):
+    faults.stop_sshd(lab.host("app2"))
+    try:
+        proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes")
+    finally:
+        faults.start_sshd(lab.host("app2"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "refused: app2: unreachable: connection refused after 3 attempts" in proc.stdout
+    assert "Traceback" not in proc.stderr and "paramiko" not in proc.stderr
+    assert_untouched(lab)
+    status, reasons = refused_run(tmp_path)
+    assert status == "refused"
+    assert reasons == ["app2: unreachable: connection refused after 3 attempts"]
+    history = overhaul_cli(tmp_path, "history", "--env", "lab").stdout
+    assert "refused" in history
+    shown = overhaul_cli(tmp_path, "show", SQLiteState(tmp_path / "journal.sqlite").runs("lab")[0].id).stdout
+    assert "refused: app2: unreachable: connection refused after 3 attempts" in shown
+
+
+def test_a_version_no_repository_has_is_refused_by_plan_and_by_upgrade(lab, tmp_path):
+    planned = cli(lab, tmp_path, "plan", "upgrade", "--env", "lab", "--param", "version=9.9.9")
+    assert planned.returncode == 3, planned.stdout + planned.stderr
+    assert "would change" not in planned.stdout
+    reason = "stage 3 upgrade package: scalr-server 9.9.9 is not in this host's repositories (available: 1.1.0, 1.0.0)"
+    for host in HOSTS:
+        assert f"refused: {host}: {reason}" in planned.stdout
+
+    proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "9.9.9", "--yes")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert_untouched(lab)
+    status, reasons = refused_run(tmp_path)
+    assert status == "refused" and sorted(reasons) == sorted(f"{host}: {reason}" for host in HOSTS)
+
+
+def test_an_empty_version_is_an_input_error_before_anything_connects(lab, tmp_path):
+    for bad in ("", "   ", " 1.1.0", "1.1.0; touch /tmp/x"):
+        proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", bad, "--yes")
+        assert proc.returncode == 2, (bad, proc.stdout + proc.stderr)
+        assert "--version" in proc.stderr or "params.version" in proc.stderr, proc.stderr
+        assert "preflight" not in proc.stdout  # refused while reading input, not at the hosts
+    assert not (tmp_path / "journal.sqlite").exists() or not SQLiteState(tmp_path / "journal.sqlite").runs("lab")
+    assert_untouched(lab)
+
+
+def test_a_full_backup_disk_refuses_the_upgrade_naming_the_space(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    faults.fill_data(lab.host("db1"), 99)
+    runbooks = tmp_path / "runbooks"
+    text = Path("runbooks/upgrade.yaml").read_text().replace("backup_dir: /var/backups/overhaul",
+                                                             "backup_dir: /opt/scalr-server/data/backups")
+    write(runbooks / "upgrade.yaml", text)
+    proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes", "--runbooks-dir", str(runbooks))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "refused: db1: stage 1 backup database: not enough free space for /opt/scalr-server/data/backups" in proc.stdout
+    assert "(data size" in proc.stdout  # a first backup is estimated from the database's data, not 1 MiB
+    assert_untouched(lab, ("db1", "worker1", "app1"))
+
+
+def test_skip_unreachable_leaves_the_host_out_of_the_whole_run_and_says_so(fresh_lab, tmp_path):
+    lab = fresh_lab(4)
+    faults.stop_sshd(lab.host("app2"))
+    try:
+        proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes", "--skip-unreachable")
+    finally:
+        faults.start_sshd(lab.host("app2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    top = proc.stdout.split("== stage 1")[0]
+    assert "excluded from this run: app2: unreachable: connection refused after 3 attempts" in top
+    for host in ("db1", "worker1", "app1"):
+        assert version(lab, host) == "1.1.0"
+    assert version(lab, "app2") == "1.0.0" and states(lab, "app2") == {"RUNNING"}
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    [run] = state.runs("lab")
+    assert run.status == "succeeded"
+    assert [kind for _, run_id, kind, _ in state.events("lab") if run_id == run.id] == ["excluded"]
+
+
+def test_skipping_the_only_host_of_a_stage_is_refused(lab, tmp_path):
+    # With app1 and app2 both unreachable, "reconfigure app" would have no host: a half upgrade. Refused.
+    for host in ("app1", "app2"):
+        faults.stop_sshd(lab.host(host))
+    try:
+        proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes", "--skip-unreachable")
+    finally:
+        for host in ("app1", "app2"):
+            faults.start_sshd(lab.host(host))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "stage 6 reconfigure app: no host left without app1, app2" in refused_run(tmp_path)[1][0]
+    assert_untouched(lab)
+
+
+def test_a_reviewed_plan_is_refused_after_a_change_by_hand_naming_the_host(lab, tmp_path):
+    plan_file = tmp_path / "plan.json"
+    planned = cli(lab, tmp_path, "plan", "upgrade", "--env", "lab", "--param", "version=1.1.0", "--out", str(plan_file))
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    saved = json.loads(plan_file.read_text())
+    assert saved["params"] == {"version": "1.1.0"} and saved["environment"] == "lab"
+    assert saved["stages"][2]["hosts"]["app1"]["outcome"] == "changed"
+    assert saved["stages"][2]["hosts"]["app1"]["message"] == "scalr-server 1.0.0 -> 1.1.0"
+
+    lab.host("app1").exec("scalr-server-manage stop plotter")
+    try:
+        proc = cli(lab, tmp_path, "apply", str(plan_file), "--yes")
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "refused: drift: app1: stage 2 stop services:" in proc.stdout
+        assert "drift: app1: stage 8 services running: planned 'ok: 4 programs RUNNING'" in proc.stdout
+        assert "drift: db1" not in proc.stdout and "drift: app2" not in proc.stdout
+        assert states(lab, "app1") == {"RUNNING", "STOPPED"}  # nothing else was stopped
+    finally:
+        lab.host("app1").exec("scalr-server-manage start plotter")
+    assert_untouched(lab)
+
+    too_old = cli(lab, tmp_path, "apply", str(plan_file), "--yes", "--max-age", "0")
+    assert too_old.returncode == 3 and "plan again" in too_old.stderr
+
+
+def test_a_plan_whose_runbook_changed_is_refused(lab, tmp_path):
+    runbooks = tmp_path / "runbooks"
+    write(runbooks / "upgrade.yaml", Path("runbooks/upgrade.yaml").read_text())
+    plan_file = tmp_path / "plan.json"
+    common = ("--runbooks-dir", str(runbooks))
+    assert cli(lab, tmp_path, "plan", "upgrade", "--env", "lab", "-p", "version=1.1.0", "--out", str(plan_file),
+               *common).returncode == 0
+    (runbooks / "upgrade.yaml").write_text((runbooks / "upgrade.yaml").read_text().replace("disk_threshold: 80",
+                                                                                           "disk_threshold: 90"))
+    proc = cli(lab, tmp_path, "apply", str(plan_file), "--yes")
+    assert proc.returncode == 3
+    assert f"runbook {runbooks.resolve() / 'upgrade.yaml'} changed since the plan was made" in proc.stderr
+    assert_untouched(lab)
+
+
+def test_a_reviewed_plan_applied_to_an_untouched_farm_runs_it(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    plan_file = tmp_path / "plan.json"
+    assert cli(lab, tmp_path, "plan", "upgrade", "--env", "lab", "-p", "version=1.1.0", "--out",
+               str(plan_file)).returncode == 0
+    proc = cli(lab, tmp_path, "upgrade", "--plan", str(plan_file), "--yes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run succeeded" in proc.stdout
+    for host in ("db1", "worker1", "app1"):
+        assert version(lab, host) == "1.1.0" and states(lab, host) == {"RUNNING"}
+    # The same plan again: the farm moved on (it was applied), so it is drift, not a second run.
+    again = cli(lab, tmp_path, "apply", str(plan_file), "--yes")
+    assert again.returncode == 3 and "refused: drift: db1: stage 3 upgrade package" in again.stdout
+
+
+def test_a_protected_environment_shows_what_would_change_before_it_asks(lab, tmp_path):
+    hosts = lab.inventory.parent
+    text = lab.inventory.read_text().replace("environment: lab", "environment: prod")
+    write(hosts / "prod.yaml", text + "policy: {protected: true}\n")
+    try:
+        proc = overhaul_cli(tmp_path, "upgrade", "--env", "prod", "--version", "1.1.0", "--hosts-dir", str(hosts))
+    finally:
+        (hosts / "prod.yaml").unlink()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "what this run would change:" in proc.stdout
+    assert "3 upgrade package: db1, worker1, app1, app2: scalr-server 1.0.0 -> 1.1.0" in proc.stdout
+    assert "2 stop services: app1, app2: running: plotter RUNNING" in proc.stdout
+    assert "is protected: review the above, then run with --yes" in proc.stderr
+    [run] = SQLiteState(tmp_path / "journal.sqlite").runs("prod")
+    assert run.status == "refused"
+    assert_untouched(lab)
