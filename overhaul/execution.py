@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -73,35 +75,55 @@ def file_sha256(path: Path) -> str:
 
 
 class JournalRecorder:
-    """A runner listener that journals each (stage, host) when it starts and when it ends."""
+    """A runner listener that journals each (stage, host) when it starts and when it ends.
+
+    The controller's own disk can fail (full, read-only): then the run must not go on unrecorded. The
+    first failed write stops the run (no new pair starts; it ends interrupted, resumable) and is kept
+    in `error` to be told.
+    """
 
     def __init__(self, state: SQLiteState, run_id: str, outputs: Path):
         self.state = state
         self.run_id = run_id
         self.outputs = outputs
+        self.error = ""
+        self.on_error: Callable[[], None] = lambda: None
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
         pass
 
     def host_started(self, planned: PlannedStage, host: str) -> None:
-        self.state.record(ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running",
-                                       started=time.time()))
+        self._safely("the journal", lambda: self.state.record(
+            ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())))
 
     def host_finished(self, result: HostResult) -> None:
-        output_path = ""
-        if result.output:
-            path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as log:
-                for command in result.output:
-                    log.write(f"$ {command.command}\n{command.stdout}{command.stderr}[exit {command.exited}, "
-                              f"{command.duration * 1000:.0f} ms]\n")
-            output_path = str(path)
+        path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"
+        wrote = (result.output or result.traceback) and self._safely(f"the run log {path}", lambda: _write_log(path, result))
         now = time.time()
-        self.state.record(ResultRecord(
+        self._safely("the journal", lambda: self.state.record(ResultRecord(
             self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
-            now - result.duration, now, result.message, output_path, result.facts,
-        ))
+            now - result.duration, now, result.message, str(path) if wrote else "", result.facts,
+        )))
+
+    def _safely(self, what: str, write: Callable[[], object]) -> bool:
+        try:
+            write()
+            return True
+        except (sqlite3.Error, OSError) as exc:
+            if not self.error:
+                self.error = f"cannot write {what}: {exc}"
+                self.on_error()
+            return False
+
+
+def _write_log(path: Path, result: HostResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        for command in result.output:
+            log.write(f"$ {command.command}\n{command.stdout}{command.stderr}[exit {command.exited}, "
+                      f"{command.duration * 1000:.0f} ms]\n")
+        if result.traceback:
+            log.write(f"! {result.message}\n{result.traceback}")
 
 
 class LockKeeper:
@@ -138,7 +160,11 @@ class LockKeeper:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
-        self.state.release(self.environment, self.run_id)
+        try:
+            self.state.release(self.environment, self.run_id)
+        except sqlite3.Error as error:  # the next run takes the lock over: this process will be gone
+            print(f"warning: the lock of {self.environment!r} could not be released ({error}); the next run "
+                  "takes it over once this process has ended", file=sys.stderr)
 
 
 @contextmanager
@@ -223,7 +249,8 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
         runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
-        params=plan.run_params, operator=operator(), started=time.time(), mutating=mutating,
+        params=json.loads(plan.redactor(json.dumps(plan.run_params))), operator=operator(), started=time.time(),
+        mutating=mutating,
     )
     state.start_run(record)
     return record
@@ -233,11 +260,13 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
              resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
              gate: Gate | None = None) -> RunResult:
-    transport = Transport(plan.inventory)
+    transport = Transport(plan.inventory, plan.redactor)
     listeners: list = [ConsoleReport(stream, check_only=check_only)]
     previous: dict[tuple[int, str], HostResult] = {}
+    recorder = None
     if state is not None and record is not None:
-        listeners.append(JournalRecorder(state, record.id, journal_path().parent / "runs" / record.id))
+        recorder = JournalRecorder(state, record.id, journal_path().parent / "runs" / record.id)
+        listeners.append(recorder)
         if resumed:
             previous = _previous_results(state, record.id)
             print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
@@ -246,6 +275,8 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
                     run_id=record.id if record else None, previous=previous)
     if keeper is not None:
         keeper.on_lost = runner.request_stop  # someone took the lock: start nothing more
+    if recorder is not None:
+        recorder.on_error = runner.request_stop  # the controller cannot record: start nothing more
     result: RunResult | None = None
     try:
         with graceful_stop(runner, transport, grace):
@@ -259,7 +290,14 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     finally:
         transport.close()
         if state is not None and record is not None:
-            _journal_end(state, record, result, resumed)
+            try:
+                _journal_end(state, record, result, resumed)
+            except sqlite3.Error as exc:
+                print(f"error: cannot write the run's end to the journal: {exc}", file=sys.stderr)
+    if recorder is not None and recorder.error:
+        print(f"error: {recorder.error}: the run stopped after the running steps (no step ran unrecorded); "
+              f"fix the controller's disk, then: overhaul resume --env {plan.inventory.environment}",
+              file=sys.stderr, flush=True)
     if result.refused:
         print(f"refused before any change ({len(result.refused)} problem{'s' if len(result.refused) != 1 else ''}): "
               "nothing was changed on any host", file=stream)
@@ -268,6 +306,9 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
         print(summary(result, runner.plan.stages), file=stream)
     if result.interrupted:
         print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
+    elif result.failed and record is not None and record.mutating:
+        print(f"after repairing the cause, continue with: overhaul resume --env {plan.inventory.environment} "
+              f"(or give the run up: overhaul abandon --run {record.id})", file=stream)
     return result
 
 

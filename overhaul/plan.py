@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from overhaul.errors import ConfigError
+from overhaul.errors import ConfigError, OverhaulError
 from overhaul.inventory import Host, Inventory
 from overhaul.runbook import LoadedRunbook, Stage
+from overhaul.secrets import Redactor
 from overhaul.step import Params, Registry, Step
 
-REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+REFERENCE = re.compile(r"\$\{(q:)?([A-Za-z_][A-Za-z0-9_]*)\}")  # ${name}, or ${q:name} quoted for a shell
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Plan:
     inventory: Inventory
     run_params: dict[str, Any]  # the parameters the operator gave (defaults and inventory vars apart)
     stages: list[PlannedStage]
+    redactor: Redactor = field(default_factory=Redactor)  # knows every secret the run's steps read
 
     @property
     def hosts(self) -> list[str]:
@@ -44,7 +47,7 @@ class Plan:
         """The same plan with some hosts left out of every stage."""
         stages = [PlannedStage(p.index, p.stage, p.step, {h: v for h, v in p.params.items() if h not in excluded})
                   for p in self.stages]
-        return Plan(self.runbook, self.inventory, self.run_params, stages)
+        return Plan(self.runbook, self.inventory, self.run_params, stages, self.redactor)
 
 
 def build_plan(
@@ -72,7 +75,11 @@ def build_plan(
             problems.append(f"{loaded.where(index, 'step')}: stages[{index}].step: {exc.args[0]}")
             continue
         planned = PlannedStage(index, stage, step)
-        for host in select_hosts(stage, inventory, loaded, index, problems):
+        selected = select_hosts(stage, inventory, loaded, index, problems)
+        if not selected and not stage.optional:
+            problems.append(f"{loaded.where(index)}: stages[{index}] ({stage.name!r}): selects no host of "
+                            f"{inventory.environment!r}: check roles/hosts/exclude, or say `optional: true`")
+        for host in selected:
             # Precedence: runbook defaults < inventory vars (host over role over environment) < given.
             values = {**runbook.params, **inventory.host_vars(host), **given, "host": host.name, "address": host.address}
             for name in [name for name in runbook.params if values[name] is None]:
@@ -94,9 +101,27 @@ def build_plan(
                     for line in loaded.document.explain(exc, prefix=("stages", index, "params"))
                 ]
         stages.append(planned)
+    redactor = Redactor()
+    if not problems:
+        _resolve_secrets(stages, inventory, redactor, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, not per host
-    return Plan(loaded, inventory, given, stages)
+    return Plan(loaded, inventory, given, stages, redactor)
+
+
+def _resolve_secrets(stages: list[PlannedStage], inventory: Inventory, redactor: Redactor, problems: list[str]) -> None:
+    """Read every secret a stage's step needs now, so a missing one is an input error before anything connects."""
+    names = {name for planned in stages for params in planned.params.values() for name in planned.step(params).secrets()}
+    for name in sorted(names):
+        ref = inventory.secrets.get(name)
+        if ref is None:
+            known = ", ".join(sorted(inventory.secrets)) or "none"
+            problems.append(f"secret {name!r} is not in the inventory of {inventory.environment!r} (secrets: {known})")
+            continue
+        try:
+            redactor.add(ref.resolve())
+        except OverhaulError as exc:
+            problems.append(str(exc))
 
 
 def _unknown_params(loaded: LoadedRunbook, given: dict[str, Any], problems: list[str]) -> None:
@@ -130,14 +155,22 @@ def select_hosts(
 
 
 def substitute(value: Any, values: dict[str, Any]) -> Any:
-    """Replace ${name} references in strings (recursively); a whole-string reference keeps its type."""
+    """Replace ${name} references in strings (recursively); a whole-string reference keeps its type.
+
+    `${q:name}` inserts the value quoted for a POSIX shell (shlex.quote): the form to use inside a
+    `shell` step's command, where a plain `${name}` would let the value's own characters be shell syntax.
+    """
     if isinstance(value, str):
         whole = REFERENCE.fullmatch(value)
-        if whole:
-            return values[whole.group(1)]
-        return REFERENCE.sub(lambda m: str(values[m.group(1)]), value)
+        if whole and not whole.group(1):
+            return values[whole.group(2)]
+        return REFERENCE.sub(lambda m: _insert(values[m.group(2)], quoted=bool(m.group(1))), value)
     if isinstance(value, dict):
         return {key: substitute(item, values) for key, item in value.items()}
     if isinstance(value, list):
         return [substitute(item, values) for item in value]
     return value
+
+
+def _insert(value: Any, quoted: bool) -> str:
+    return shlex.quote(str(value)) if quoted else str(value)

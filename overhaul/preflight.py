@@ -17,10 +17,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from overhaul.context import StepHost
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.step import Check
-from overhaul.transport import RemoteHost, Transport
+from overhaul.transport import Transport
 
 PREFLIGHT_TIMEOUT = 120.0  # per command: a preflight reads state, it never waits on work
 HOST_COLUMN = -1  # the (stage index) of the host-level checks: reachable, sudo
@@ -61,17 +62,16 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
             report.excluded[host] = f"unreachable: {_reason(host, error)}"
 
     def one(host: str) -> None:
-        remote = transport.host(host)
-        remote.command_timeout = PREFLIGHT_TIMEOUT
-        remote.run_id = run_id  # a step finds what this run made (a backup) by it
+        # run_id: a step finds what this run made (a backup, on a resume) by it.
+        view = StepHost(transport.host(host), timeout=PREFLIGHT_TIMEOUT, run_id=run_id)
         try:
-            report.checks[(HOST_COLUMN, host)] = _host_ready(remote)
+            report.checks[(HOST_COLUMN, host)] = _host_ready(view)
         except (StepFailed, HostUnreachable) as exc:
             report.checks[(HOST_COLUMN, host)] = Check(False, str(exc))
             return
         for planned in plan.stages:
             if host in planned.hosts:
-                report.checks[(planned.index, host)] = _stage_ready(planned, host, transport)
+                report.checks[(planned.index, host)] = _stage_ready(planned, view)
 
     reachable = [host for host in hosts if host not in unreachable]
     with ThreadPoolExecutor(max_workers=max(1, min(transport.max_workers, len(reachable)))) as pool:
@@ -86,19 +86,19 @@ def _reason(host: str, error: HostUnreachable) -> str:
     return text.split(": ", 1)[1] if text.startswith(host) and ": " in text else text
 
 
-def _host_ready(remote: RemoteHost) -> Check:
-    if remote.inventory.ssh.sudo and remote.user != "root":
-        probe = remote.run("true", sudo=True)
+def _host_ready(host: StepHost) -> Check:
+    if host.inventory.ssh.sudo and host.user != "root":
+        probe = host.run("true", sudo=True)
         if not probe.ok:
-            return Check(False, f"sudo does not work for {remote.user}: {probe.tail()}")
+            return Check(False, f"sudo does not work for {host.user}: {probe.tail()}")
         return Check(True, "reachable, sudo works")
     return Check(True, "reachable")
 
 
-def _stage_ready(planned: PlannedStage, host: str, transport: Transport) -> Check:
-    step = planned.step(planned.params[host])
+def _stage_ready(planned: PlannedStage, host: StepHost) -> Check:
+    step = planned.step(planned.params[host.name])
     try:
-        return step.preflight(transport.host(host))
+        return step.preflight(host)
     except (StepFailed, HostUnreachable) as exc:
         return Check(False, str(exc))
     except Exception as exc:  # a bug in a step's preflight refuses the run, it does not crash it

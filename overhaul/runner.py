@@ -2,14 +2,20 @@
 
 Per (stage, host): `check`; if the work is not done, `apply` then `verify`. Every pair ends `ok`,
 `changed`, `failed` or `skipped`. A host that failed is skipped by later stages. A stage whose
-failures exceed its `max_failures` stops the run (unless `on_failure: continue`): later stages are
-skipped, so nothing downstream of a failed safeguard runs.
+failures exceed its `max_failures` stops the run (unless `on_failure: continue`, which runs every
+host and stops nothing): later stages are skipped, so nothing downstream of a failed safeguard runs.
+
+A pair is retried (its stage's `retry`) only when a step reported a failure (`StepFailed`) or the host
+could not be reached (`HostUnreachable`); any other exception is a bug and fails the pair at once,
+its traceback in the host's log.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -17,10 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from overhaul.context import StepHost
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
-from overhaul.step import Outcome
+from overhaul.step import Outcome, Step
 from overhaul.transport import CommandResult, Transport
 
 if TYPE_CHECKING:
@@ -38,6 +47,7 @@ class HostResult:
     facts: dict[str, Any] = field(default_factory=dict)
     stage_index: int = 0
     output: list[CommandResult] = field(default_factory=list)  # the commands it ran, redacted
+    traceback: str = ""  # a step's bug: where it raised (redacted), for the host log
 
 
 @dataclass
@@ -56,6 +66,10 @@ class RunResult:
 
     def counts(self, stage: str) -> Counter[Outcome]:
         return Counter(r.outcome for r in self.results if r.stage == stage)
+
+
+class _NotRetried(Exception):
+    """A failed pair is not tried again because the run is stopping."""
 
 
 class Listener(Protocol):
@@ -147,7 +161,7 @@ class Runner:
                 return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "failed in an earlier stage",
                                                stage_index=planned.index))
             with self._lock:
-                over_budget = failures["failed"] > budget
+                over_budget = failures["failed"] > budget and stage.on_failure == "stop"
             if over_budget:
                 return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded",
                                                stage_index=planned.index))
@@ -168,37 +182,47 @@ class Runner:
 
     def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
         stage = planned.stage
-        host = self.transport.host(name)
-        host.command_timeout = stage.timeout
-        host.run_id = self.run_id
+        host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id)
         step = planned.step(planned.params[name])
         started = time.monotonic()
-        first_command = len(host.history)
-        delay = stage.retry.delay
+        previous = self.previous.get((planned.index, name))
         attempts = 0
+        retrying = Retrying(
+            retry=retry_if_exception_type((StepFailed, HostUnreachable)),
+            stop=stop_after_attempt(stage.retry.attempts),
+            wait=wait_exponential(multiplier=stage.retry.delay, exp_base=stage.retry.backoff, max=3600),
+            sleep=self.sleep,  # ends early on Ctrl-C
+            reraise=True,
+        )
 
-        def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None) -> HostResult:
-            return HostResult(stage.name, name, outcome, host.redactor(message), attempts, time.monotonic() - started,
-                              facts or {}, planned.index, host.history[first_command:])
+        last_error = ""
 
-        while True:
+        def attempt() -> tuple[Outcome, str, dict[str, Any]]:
+            nonlocal attempts, last_error
+            if attempts and self._stopping.is_set():
+                raise _NotRetried(f"{last_error} (not retried: the run is stopping)")
             attempts += 1
             try:
-                outcome, message, facts = self._attempt(step, host, self.previous.get((planned.index, name)))
-                return result(outcome, message, facts)
+                return self._attempt(step, host, previous)
             except (StepFailed, HostUnreachable) as exc:
-                error = str(exc)
-            except Exception as exc:  # a bug in a step fails this host, not the whole run
-                error = f"step {stage.step!r} raised {type(exc).__name__}: {exc}"
-            if attempts >= stage.retry.attempts or self._stopping.is_set():
-                return result(Outcome.FAILED, error)
-            self.sleep(delay)
-            if self._stopping.is_set():
-                return result(Outcome.FAILED, f"{error} (not retried: the run is stopping)")
-            delay *= stage.retry.backoff
+                last_error = str(exc)
+                raise
 
-    def _attempt(self, step, host, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:
-        host.connect()
+        def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None, trace: str = "") -> HostResult:
+            redact = host.redactor
+            return HostResult(stage.name, name, outcome, redact(message), attempts, time.monotonic() - started,
+                              json.loads(redact(json.dumps(facts or {}))), planned.index, host.history, redact(trace))
+
+        try:
+            return result(*retrying(attempt))
+        except (StepFailed, HostUnreachable, _NotRetried) as exc:
+            return result(Outcome.FAILED, str(exc))
+        except Exception as exc:  # a bug in a step fails this pair, not the run, and is never retried
+            return result(Outcome.FAILED, f"step {stage.step!r} raised {type(exc).__name__}: {exc}",
+                          trace=traceback.format_exc())
+
+    def _attempt(self, step: Step, host: StepHost, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:
+        host.remote.connect()
         check = step.check(host)
         if check.done and previous is not None and previous.outcome in (Outcome.OK, Outcome.CHANGED):
             # Finished before the interruption, and check confirms it still holds: keep what it did.

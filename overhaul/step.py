@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from overhaul.errors import ConfigError, OverhaulError
 
 if TYPE_CHECKING:
-    from overhaul.transport import RemoteHost
+    from overhaul.context import StepHost
 
 ENTRY_POINT_GROUP = "overhaul.steps"
 
@@ -62,7 +62,12 @@ class Step(Generic[P]):
     def __init__(self, params: P):
         self.params = params
 
-    def preflight(self, host: RemoteHost) -> Check:
+    def secrets(self) -> list[str]:
+        """Names of the inventory secrets this step reads: resolved when the run is loaded (a missing one is an
+        input error before anything connects) and redacted from everything the run prints or journals."""
+        return []
+
+    def preflight(self, host: StepHost) -> Check:
         """Read-only: could `apply` succeed on this host, now? Run for every stage before the first change.
 
         Prove what can be proven before anything stops (a version exists, a database answers, a command
@@ -70,15 +75,15 @@ class Step(Generic[P]):
         """
         return Check(True, "nothing to prove")
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         """Read-only: is the work already done on this host?"""
         raise NotImplementedError
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         """Do the work; return a short message. Raise StepFailed when it cannot be done."""
         raise NotImplementedError
 
-    def verify(self, host: RemoteHost) -> Check:
+    def verify(self, host: StepHost) -> Check:
         """Prove the work holds. By default: check again."""
         return self.check(host)
 

@@ -8,6 +8,11 @@
 - Connecting is retried with exponential backoff and jitter on transient faults; authentication and
   host-key failures are not retried. A command that was running when the link dropped is reported,
   not silently re-run: its effect on the host is unknown.
+- A host that stops answering (frozen, overloaded) costs one deadline, not one per command: SSH
+  keepalives run on every connection, and a command with no answer by its deadline closes the
+  connection and reports the host unreachable.
+- Durable commands run under a host-side lock named by the caller, so a retry or a resume waits for
+  the one still running (from a dropped link or a killed controller) instead of starting a second.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from overhaul.inventory import Host, Inventory
 from overhaul.secrets import Redactor
 
 KILL_GRACE = 5  # seconds `timeout` waits after SIGTERM before SIGKILL on the host
+DEFAULT_TIMEOUT = 300.0  # per command, when the caller gives none
+KEEPALIVE = 15  # seconds between SSH keepalives
+LOCKS = "/var/lib/overhaul/locks"  # host-side locks of durable commands
+KILLED = -1  # `exited` of a command whose process died by a signal (paramiko ignores exit-signal)
 
 
 class UnknownHostKey(paramiko.SSHException):
@@ -80,7 +89,13 @@ class CommandResult:
     def ok(self) -> bool:
         return self.exited == 0
 
+    @property
+    def killed(self) -> bool:
+        return self.exited == KILLED
+
     def tail(self, limit: int = 400) -> str:
+        if self.killed:
+            return "killed by a signal on the host (the connection is fine)"
         text = (self.stderr.strip() or self.stdout.strip()) or "(no output)"
         return text if len(text) <= limit else "..." + text[-limit:]
 
@@ -94,8 +109,6 @@ class RemoteHost:
         self.inventory = inventory
         self.redactor = redactor
         self.vars = inventory.host_vars(host)
-        self.command_timeout: float = 300
-        self.run_id = "adhoc"  # set by the runner: steps name their artefacts with it
         self.history: list[CommandResult] = []
         self._gateway = gateway
         self._gateway_lock = gateway_lock or threading.Lock()
@@ -167,6 +180,7 @@ class RemoteHost:
             connection.client.close()
             raise
         _set_nodelay(connection)
+        connection.transport.set_keepalive(KEEPALIVE)
         return connection
 
     def close(self) -> None:
@@ -178,18 +192,19 @@ class RemoteHost:
     # -- running ---------------------------------------------------------------------------
     def run(
         self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None,
-        durable: bool = False,
+        durable: str | None = None,
     ) -> CommandResult:
         """Run `command` with sh on the host; stdin (for secrets and file contents) never shows in logs.
 
-        Exit codes are returned, not raised: the step decides what a failure means. With `durable`, the
-        command's output goes to files on the host until it ends, so a dropped connection (or a killed
-        controller) cannot kill it half-way with SIGPIPE: package installs and reconfigures finish.
+        Exit codes are returned, not raised: the step decides what a failure means. With `durable` (a lock
+        name), the command's output goes to files on the host until it ends, so a dropped connection (or a
+        killed controller) cannot kill it half-way with SIGPIPE: package installs and reconfigures finish.
+        It runs under the host-side lock `durable`: a second one (a retry, a resume) waits for the first to
+        end, and should then find its work done (the command checks that itself, under the lock).
         """
-        timeout = timeout or self.command_timeout
+        timeout = timeout or DEFAULT_TIMEOUT
         if durable:
-            command = (f'o=$(mktemp) e=$(mktemp); ( {command} ) >"$o" 2>"$e"; rc=$?; '
-                       f'cat "$o"; cat "$e" >&2; rm -f "$o" "$e"; exit $rc')
+            command = _durable(command, durable, timeout)
         use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
         line = f"timeout -k {KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
         payload = stdin or ""
@@ -204,6 +219,8 @@ class RemoteHost:
                 line = f"sudo -n -- {line}"
         started = time.monotonic()
         exited, out, err, timed_out = self._exec(line, payload.encode(), started + timeout + KILL_GRACE + 5)
+        if exited == KILLED:
+            err += "\n[the command was killed by a signal on the host]"
         result = CommandResult(
             command=self.redactor(command), exited=124 if timed_out else exited, stdout=self.redactor(out),
             stderr=self.redactor(err), duration=time.monotonic() - started, timed_out=timed_out or exited == 124,
@@ -226,10 +243,14 @@ class RemoteHost:
     def _exec(self, line: str, stdin: bytes, deadline: float) -> tuple[int, str, str, bool]:
         assert self._connection is not None
         transport = self._connection.transport
+        wait = max(0.1, min(self.inventory.ssh.connect_timeout, deadline - time.monotonic()))
         try:
-            channel = transport.open_session(timeout=self.inventory.ssh.connect_timeout)
+            channel = transport.open_session(timeout=wait)
         except TRANSIENT as exc:
-            # The command never started: reconnect once and try again.
+            if transport.is_active():  # the link is up, the host does not answer: frozen or overloaded
+                self.close()
+                raise HostUnreachable(f"{self.name}: no answer within {wait:g} s (host frozen or overloaded?)") from None
+            # The link dropped and the command never started: reconnect once and try again.
             self.close()
             self.connect()
             try:
@@ -257,7 +278,10 @@ class RemoteHost:
                 else:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        return 124, out.decode(errors="replace"), err.decode(errors="replace"), True
+                        # Past the remote `timeout` and its grace: the host itself is not answering.
+                        self.close()
+                        raise HostUnreachable(f"{self.name}: no answer by the command's deadline (timeout + "
+                                              f"{KILL_GRACE + 5} s): host frozen or overloaded?")
                     select.select([channel], [], [], min(remaining, 1.0))
             status = channel.recv_exit_status()
         except TRANSIENT as exc:
@@ -265,15 +289,10 @@ class RemoteHost:
             raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown): {exc}") from None
         finally:
             channel.close()
-        if status == -1:
+        if status == -1 and not transport.is_active():
             self.close()
             raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown)")
         return status, out.decode(errors="replace"), err.decode(errors="replace"), False
-
-    def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:
-        """Create `path` with `mode` from the start (no window where others can read it); content on stdin."""
-        quoted = shlex.quote(path)
-        return self.run(f"umask 077 && cat > {quoted} && chmod {mode:o} {quoted}", stdin=content, sudo=sudo)
 
     def download(self, remote_path: str, local_path: Path) -> None:
         """Copy a file from the host over this host's connection (SFTP)."""
@@ -292,6 +311,18 @@ class RemoteHost:
             known = ", ".join(sorted(self.inventory.secrets)) or "none"
             raise StepFailed(f"no secret named {name!r} in the inventory (secrets: {known})") from None
         return self.redactor.add(ref.resolve())
+
+
+def _durable(command: str, lock: str, wait: float) -> str:
+    """`command` under the host-side lock `lock`, its output kept in files until it ends.
+
+    `flock -o`: the lock belongs to flock itself, not to daemons the command may start.
+    """
+    path = shlex.quote(f"{LOCKS}/{lock}.lock")
+    body = shlex.quote(f'o=$(mktemp) e=$(mktemp); ( {command} ) >"$o" 2>"$e"; rc=$?; '
+                       f'cat "$o"; cat "$e" >&2; rm -f "$o" "$e"; exit $rc')
+    return (f"mkdir -p {LOCKS} && {{ flock -o -n {path} true || echo 'overhaul: waiting for the same command, still "
+            f"running on this host ({lock})' >&2; }} && flock -o -w {wait:g} {path} sh -c {body}")
 
 
 def make_connection(

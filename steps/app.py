@@ -12,9 +12,9 @@ import shlex
 from overhaul.steps.package import installed_version
 from overhaul.steps.services import not_all_running, supervisor_ready
 
+from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
-from overhaul.transport import RemoteHost
 
 
 class ReconfigureParams(Params):
@@ -32,10 +32,10 @@ class AppReconfigure(Step[ReconfigureParams]):
     def marker(self) -> str:
         return f"{self.params.state_dir}/reconfigured-{self.params.package}"
 
-    def preflight(self, host: RemoteHost) -> Check:
+    def preflight(self, host: StepHost) -> Check:
         return supervisor_ready(host, self.params.manage_command, self.params.ctl_command)
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         installed = installed_version(host, self.params.package)
         done_for = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
         if installed is None:
@@ -47,10 +47,10 @@ class AppReconfigure(Step[ReconfigureParams]):
             return Check(False, f"reconfigured for {installed}, but {problem}")
         return Check(True, f"reconfigured for {installed}, every program RUNNING")
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         installed = installed_version(host, self.params.package) or ""
         seen = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
-        # One durable command under a host lock: the marker is written if and only if reconfigure succeeded,
+        # One durable command under its host lock: the marker is written if and only if reconfigure succeeded,
         # even when the connection drops meanwhile; and if another run (say, one killed mid-command whose
         # reconfigure carried on) changed the marker since we looked, its reconfigure stands and ours is skipped.
         marker, state_dir = shlex.quote(self.marker), shlex.quote(self.params.state_dir)
@@ -59,9 +59,8 @@ class AppReconfigure(Step[ReconfigureParams]):
             f'[ "$(cat {marker} 2>/dev/null)" = {shlex.quote(seen)} ] || exit 0; '
             f"{ctl} reconfigure && echo {shlex.quote(installed)} > {marker}.new && mv {marker}.new {marker}"
         )
-        result = host.run(
-            f"mkdir -p {state_dir} && flock -w 600 {state_dir}/reconfigure.lock sh -c {shlex.quote(script)}", durable=True
-        )
+        result = host.run(f"mkdir -p {state_dir} && sh -c {shlex.quote(script)}",
+                          durable=f"reconfigure-{self.params.package}")
         if not result.ok:
             raise StepFailed(f"`{self.params.ctl_command} reconfigure` exited {result.exited}: {result.tail()}")
         return f"reconfigured for {self.params.package} {installed}"

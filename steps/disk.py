@@ -7,9 +7,9 @@ import shlex
 from overhaul.steps.services import AssertionStep
 from pydantic import Field
 
+from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params
-from overhaul.transport import RemoteHost
 
 
 class DiskParams(Params):
@@ -21,12 +21,12 @@ class DiskUsage(AssertionStep):
     name = "disk.usage"
     Params = DiskParams
 
-    def preflight(self, host: RemoteHost) -> Check:
+    def preflight(self, host: StepHost) -> Check:
         script = " ".join(f"[ -e {shlex.quote(mount)} ] || echo {shlex.quote(mount)};" for mount in self.params.mounts)
         missing = host.run(script).stdout.split()
         return Check(not missing, f"missing: {', '.join(missing)}" if missing else "every mount exists")
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         result = host.run("df -P " + " ".join(shlex.quote(m) for m in self.params.mounts))
         if not result.ok:
             raise StepFailed(f"df failed: {result.tail()}")

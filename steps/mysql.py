@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pydantic import Field
 
+from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
-from overhaul.transport import RemoteHost
 
 VERIFY = """\
 f={file}
@@ -29,6 +29,12 @@ gzip -t "$f" && [ -s "$f" ] && (cd "$(dirname "$f")" && sha256sum --status -c "$
 
 DUMP = """\
 set -eu -o pipefail
+# Under the host lock: a dump of this run that finished meanwhile (a killed controller's) is the backup.
+for done in {folder}/{label}-*-{run_id}.sql.gz; do
+  if [ -e "$done.sha256" ] && bash -c {verify_done} "$done"; then
+    echo "$done"; stat -c %s "$done"; cut -d' ' -f1 "$done.sha256"; exit 0
+  fi
+done
 cnf=$(mktemp)
 partial={partial}
 trap 'rm -f "$cnf" "$partial"' EXIT
@@ -39,6 +45,7 @@ gzip -t "$partial"
 [ "$(zcat "$partial" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
 mv "$partial" {final}
 (cd {folder} && sha256sum {name} > {name}.sha256)
+echo {final}
 stat -c %s {final}
 cut -d' ' -f1 {final}.sha256
 """
@@ -88,14 +95,17 @@ class MysqlBackup(Step[BackupParams]):
     name = "mysql.backup"
     Params = BackupParams
 
-    def preflight(self, host: RemoteHost) -> Check:
+    def secrets(self) -> list[str]:
+        return [self.params.password_secret]
+
+    def preflight(self, host: StepHost) -> Check:
         """A usable backup is already there, or: the database answers, the folder is writable, the dump fits."""
         existing = self._verified_backup(host)
         if existing is not None:
             return Check(True, f"verified backup {existing['path']} already there")
         return self._can_dump(host)
 
-    def _can_dump(self, host: RemoteHost) -> Check:
+    def _can_dump(self, host: StepHost) -> Check:
         script = PROBE.format(mysql=shlex.quote(self.params.mysql), folder=shlex.quote(self.params.backup_dir),
                               pattern=self._pattern())
         probe = dict(line.partition("=")[::2] for line in
@@ -116,7 +126,7 @@ class MysqlBackup(Step[BackupParams]):
                                 f"{needed} ({basis} {size} x {self.params.space_factor:g})")
         return Check(True, f"database answers ({data} bytes of data), {free} bytes free, need {needed}")
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         local = self._verified_backup(host)
         if local is None:
             return Check(False, f"no verified {self.params.label} backup younger than {self.params.max_age_hours:g} h")
@@ -125,7 +135,7 @@ class MysqlBackup(Step[BackupParams]):
         where = f", copy in s3://{self.params.s3_bucket}/{self._s3_key(local)}" if self.params.s3_bucket else ""
         return Check(True, f"verified backup {local['path']} ({local['size']} bytes{where})", local)
 
-    def _verified_backup(self, host: RemoteHost) -> dict | None:
+    def _verified_backup(self, host: StepHost) -> dict | None:
         """The newest backup of this label, younger than max_age, that passes every check again."""
         folder = shlex.quote(self.params.backup_dir)
         listing = host.run(
@@ -167,7 +177,7 @@ class MysqlBackup(Step[BackupParams]):
         return head["ContentLength"] == backup["size"] and head.get("Metadata", {}).get("sha256") == backup["sha256"] \
             and head.get("ChecksumSHA256", _b64(backup["sha256"])) == _b64(backup["sha256"])
 
-    def _upload(self, host: RemoteHost, backup: dict) -> None:
+    def _upload(self, host: StepHost, backup: dict) -> None:
         """Copy the backup to S3 (S3 checks the SHA-256 on arrival), then check size and checksum again."""
         with tempfile.TemporaryDirectory(prefix="overhaul-backup-") as tmp:
             local = Path(tmp) / "backup.sql.gz"
@@ -178,10 +188,10 @@ class MysqlBackup(Step[BackupParams]):
         if not self._s3_copy_matches(backup):
             raise StepFailed(f"the S3 copy of {backup['path']} does not match its size and SHA-256")
 
-    def verify(self, host: RemoteHost) -> Check:
+    def verify(self, host: StepHost) -> Check:
         return self.check(host)
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         backup = self._verified_backup(host)
         message = f"verified backup {backup['path']} already there" if backup else self._dump(host)
         if self.params.s3_bucket:
@@ -192,7 +202,7 @@ class MysqlBackup(Step[BackupParams]):
             message += f"; copied to s3://{self.params.s3_bucket}/{self._s3_key(backup)}"
         return message
 
-    def _dump(self, host: RemoteHost) -> str:
+    def _dump(self, host: StepHost) -> str:
         folder = self.params.backup_dir
         ready = self._can_dump(host)
         if not ready.done:
@@ -207,16 +217,18 @@ class MysqlBackup(Step[BackupParams]):
         script = DUMP.format(
             partial=shlex.quote(final + ".partial"), final=shlex.quote(final), folder=shlex.quote(folder),
             name=shlex.quote(name), dump=shlex.quote(self.params.mysqldump), options=options,
+            label=self.params.label, run_id=shlex.quote(host.run_id), verify_done=shlex.quote(VERIFY.format(file='"$0"')),
         )
         host.run(f"mkdir -p {shlex.quote(folder)} && chmod 700 {shlex.quote(folder)}")
-        result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host), durable=True)
+        result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host),
+                          durable=f"mysql-backup-{self.params.label}")
         if not result.ok:
             raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")
-        size, digest = result.stdout.split()[-2:]
+        path, size, digest = result.stdout.split()[-3:]
         self._prune(host, folder)
-        return f"backup {final} ({size} bytes, sha256 {digest[:12]}...)"
+        return f"backup {path} ({size} bytes, sha256 {digest[:12]}...)"
 
-    def _credentials(self, host: RemoteHost) -> str:
+    def _credentials(self, host: StepHost) -> str:
         """The option file for mysql/mysqldump (sent on stdin, never on a command line)."""
         password = host.secret(self.params.password_secret)
         if "\n" in password:
@@ -224,7 +236,7 @@ class MysqlBackup(Step[BackupParams]):
         quoted = password.replace("\\", "\\\\").replace('"', '\\"')
         return f'[client]\nuser={self.params.user}\npassword="{quoted}"\n'
 
-    def _prune(self, host: RemoteHost, folder: str) -> None:
+    def _prune(self, host: StepHost, folder: str) -> None:
         quoted = shlex.quote(folder)
         host.run(f"cd {quoted} && ls -1t {self._pattern()} | tail -n +{self.params.keep + 1} | "
                  f"while read -r old; do rm -f -- \"$old\" \"$old.sha256\"; done")

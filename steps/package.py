@@ -6,14 +6,14 @@ import shlex
 
 from pydantic import Field
 
+from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
-from overhaul.transport import RemoteHost
 
 APT_ENV = "DEBIAN_FRONTEND=noninteractive"
 
 
-def package_manager(host: RemoteHost) -> str:
+def package_manager(host: StepHost) -> str:
     result = host.run("command -v apt-get >/dev/null && echo apt || { command -v yum >/dev/null && echo yum; }")
     manager = result.stdout.strip()
     if manager not in ("apt", "yum"):
@@ -26,18 +26,22 @@ def same_version(installed: str | None, target: str) -> bool:
     return installed is not None and (installed == target or ("-" not in target and installed.split("-")[0] == target))
 
 
-def installed_version(host: RemoteHost, package: str) -> str | None:
+# "Status|Version" of a package, apt or rpm alike.
+INSTALLED = ("if command -v dpkg-query >/dev/null; then dpkg-query -W -f '${{Status}}|${{Version}}' {name} 2>/dev/null; "
+             "else rpm -q --qf 'install ok installed|%{{VERSION}}-%{{RELEASE}}' {name} 2>/dev/null; fi")
+# Finish what an interrupted dpkg left; while another dpkg holds its lock, wait (up to 2 minutes) and try again.
+DPKG_CONFIGURE = (f"for i in $(seq 60); do out=$({APT_ENV} dpkg --configure -a 2>&1) && break; "
+                  "case $out in *lock*) sleep 2 ;; *) echo \"$out\" >&2; break ;; esac; done")
+
+
+def installed_version(host: StepHost, package: str) -> str | None:
     """The version of `package` installed and fully configured, or None."""
-    name = shlex.quote(package)
-    result = host.run(
-        f"if command -v dpkg-query >/dev/null; then dpkg-query -W -f '${{Status}}|${{Version}}' {name}; "
-        f"else rpm -q --qf 'install ok installed|%{{VERSION}}-%{{RELEASE}}' {name}; fi"
-    )
+    result = host.run(INSTALLED.format(name=shlex.quote(package)))
     status, _, version = result.stdout.strip().partition("|")
     return version if result.ok and status == "install ok installed" else None
 
 
-def available_versions(host: RemoteHost, manager: str, package: str, refresh: bool = False) -> list[str]:
+def available_versions(host: StepHost, manager: str, package: str, refresh: bool = False) -> list[str]:
     """Every version of `package` the host's repositories offer (apt: after refreshing its lists if asked)."""
     name = shlex.quote(package)
     if manager == "apt":
@@ -51,7 +55,7 @@ def available_versions(host: RemoteHost, manager: str, package: str, refresh: bo
     return [line.split()[1] for line in listing if len(line.split()) >= 2 and line.split()[0].startswith(package + ".")]
 
 
-def newest_version(host: RemoteHost, manager: str, package: str) -> str:
+def newest_version(host: StepHost, manager: str, package: str) -> str:
     """The newest version of `package` the host's repositories offer."""
     name = shlex.quote(package)
     if manager == "apt":
@@ -82,12 +86,16 @@ class PackageUpgrade(Step[UpgradeParams]):
     name = "package.upgrade"
     Params = UpgradeParams
 
-    def _target(self, host: RemoteHost, manager: str) -> str:
+    def _target(self, host: StepHost, manager: str) -> str:
+        """The pinned version, or the newest the host's lists offer as they are (a check never refreshes them)."""
         if self.params.version != "latest":
             return self.params.version
-        return newest_version(host, manager, self.params.name)
+        available = available_versions(host, manager, self.params.name)
+        if not available:
+            raise StepFailed(f"no installable version of {self.params.name} in this host's package lists")
+        return available[0]
 
-    def preflight(self, host: RemoteHost) -> Check:
+    def preflight(self, host: StepHost) -> Check:
         """The target version is in this host's repositories, and installing it is not a refused downgrade."""
         manager = package_manager(host)
         installed = installed_version(host, self.params.name)
@@ -108,14 +116,14 @@ class PackageUpgrade(Step[UpgradeParams]):
             return Check(False, f"{self.params.name} {target} would downgrade {installed} (set allow_downgrade: true)")
         return Check(True, f"{self.params.name} {installed or '(not installed)'} -> {target}: available")
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         target = self._target(host, package_manager(host))
         installed = installed_version(host, self.params.name)
         if same_version(installed, target):
             return Check(True, f"{self.params.name} {installed} installed", {"version": installed})
         return Check(False, f"{self.params.name} {installed or '(not installed)'} -> {target}")
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         manager = package_manager(host)
         target = self._target(host, manager)
         installed = installed_version(host, self.params.name)
@@ -124,19 +132,25 @@ class PackageUpgrade(Step[UpgradeParams]):
                 f"refusing to downgrade {self.params.name} from {installed} to {target} (set allow_downgrade: true)"
             )
         name = shlex.quote(f"{self.params.name}={target}" if manager == "apt" else f"{self.params.name}-{target}")
+        # Under the host lock, first: an install of this version that finished meanwhile (one a dropped link or a
+        # killed controller left running) is the install.
+        wanted = shlex.quote(f"install ok installed|{target}")
+        said = shlex.quote(f"{self.params.name} {target} already installed")
+        done = f'[ "$({INSTALLED.format(name=shlex.quote(self.params.name))})" = {wanted} ] && {{ echo {said}; exit 0; }}; '
         if manager == "apt":
-            # Finish any install an earlier, interrupted run left half done; wait for another apt's lock.
-            command = (f"{APT_ENV} dpkg --configure -a; apt-get update -q && {APT_ENV} apt-get install -y -q "
-                       f"--allow-downgrades -o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold {name}")
+            # Finish any install an earlier, interrupted run left half done (waiting for another dpkg's lock), then
+            # install, waiting for another apt's lock.
+            command = (f"{done}{DPKG_CONFIGURE}; apt-get update -q && {APT_ENV} apt-get install -y -q --allow-downgrades "
+                       f"-o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold {name}")
         else:
-            command = f"yum install -y {name} || yum downgrade -y {name}"
-        result = host.run(command, durable=True)
+            command = f"{done}yum install -y {name} || yum downgrade -y {name}"
+        result = host.run(command, durable=f"package-{self.params.name}")
         if not result.ok:
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
             raise StepFailed(f"{manager} could not install {self.params.name} {target}: " + " | ".join(errors))
         return f"{self.params.name} {installed or '(none)'} -> {target}"
 
-    def _older(self, host: RemoteHost, manager: str, target: str, installed: str) -> bool:
+    def _older(self, host: StepHost, manager: str, target: str, installed: str) -> bool:
         if manager == "apt":
             return host.run(f"dpkg --compare-versions {shlex.quote(target)} lt {shlex.quote(installed)}").ok
         script = f"import rpm,sys; sys.exit(0 if rpm.labelCompare(('0',{target!r},''),('0',{installed!r},''))<0 else 1)"

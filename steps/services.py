@@ -11,15 +11,15 @@ import shlex
 from overhaul.steps.package import PACKAGE, VERSION, installed_version, same_version
 from pydantic import Field
 
+from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
-from overhaul.transport import RemoteHost
 
 NOT_RUNNING = ("STOPPED", "EXITED", "FATAL")
 STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
 
 
-def program_states(host: RemoteHost, manage: str) -> dict[str, str]:
+def program_states(host: StepHost, manage: str) -> dict[str, str]:
     """program -> STATE from `<manage> status`; empty when the supervisor is not available."""
     result = host.run(f"{shlex.quote(manage)} status")
     if "Not available yet!" in result.stdout:
@@ -34,7 +34,7 @@ def program_states(host: RemoteHost, manage: str) -> dict[str, str]:
     return states
 
 
-def supervisor_ready(host: RemoteHost, manage: str, *commands: str) -> Check:
+def supervisor_ready(host: StepHost, manage: str, *commands: str) -> Check:
     """Preflight of the steps that drive the supervisor: the commands exist and the supervisor answers."""
     missing = [command for command in (manage, *commands)
                if not host.run(f"command -v {shlex.quote(command)}").ok]
@@ -54,7 +54,7 @@ def describe(states: dict[str, str], wanted: tuple[str, ...]) -> str:
     return ", ".join(f"{name} {state}" for name, state in sorted(states.items()) if state not in wanted)
 
 
-def not_all_running(host: RemoteHost, manage: str) -> tuple[str | None, dict[str, str]]:
+def not_all_running(host: StepHost, manage: str) -> tuple[str | None, dict[str, str]]:
     """Why not every program is RUNNING (None when all are), and the states read."""
     states = program_states(host, manage)
     if not states:
@@ -68,7 +68,7 @@ class AssertionStep(Step):
 
     read_only = True
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         raise StepFailed(self.check(host).message)
 
 
@@ -87,10 +87,10 @@ class ServicesStop(Step[StopParams]):
     name = "services.stop"
     Params = StopParams
 
-    def preflight(self, host: RemoteHost) -> Check:
+    def preflight(self, host: StepHost) -> Check:
         return supervisor_ready(host, self.params.manage_command)
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         if self.params.package and self.params.version:
             installed = installed_version(host, self.params.package)
             if same_version(installed, self.params.version):
@@ -98,13 +98,13 @@ class ServicesStop(Step[StopParams]):
         running = describe(program_states(host, self.params.manage_command), NOT_RUNNING)
         return Check(not running, f"running: {running}" if running else "nothing is running")
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         result = host.run(f"{shlex.quote(self.params.manage_command)} stop all")
         if "ERROR" in result.stdout + result.stderr and not result.ok:
             raise StepFailed(f"`{self.params.manage_command} stop all` failed: {result.tail()}")
         return "stopped all services"
 
-    def verify(self, host: RemoteHost) -> Check:
+    def verify(self, host: StepHost) -> Check:
         states = program_states(host, self.params.manage_command)
         still = describe(states, NOT_RUNNING)
         return Check(not still, f"still running: {still}" if still else f"{len(states)} programs stopped")
@@ -116,7 +116,7 @@ class ServicesVerify(AssertionStep):
     name = "services.verify"
     Params = ManageParams
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         problem, states = not_all_running(host, self.params.manage_command)
         return Check(problem is None, problem or f"{len(states)} programs RUNNING")
 
@@ -131,7 +131,7 @@ class SupervisorUp(AssertionStep):
     name = "supervisor.up"
     Params = SupervisorParams
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         result = host.run(f"service {shlex.quote(self.params.service)} status")
         said = result.stdout.strip() or result.stderr.strip()
         return Check(result.ok and said.endswith("is running"), said or f"exit {result.exited}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shlex
 
+from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
-from overhaul.transport import RemoteHost
 
 
 class ShellParams(Params):
@@ -25,20 +25,20 @@ class Shell(Step[ShellParams]):
     name = "shell"
     Params = ShellParams
 
-    def check(self, host: RemoteHost) -> Check:
+    def check(self, host: StepHost) -> Check:
         if self.params.creates and host.run(f"test -e {shlex.quote(self.params.creates)}", sudo=self.params.sudo).ok:
             return Check(True, f"{self.params.creates} exists")
         if self.params.unless and host.run(self.params.unless, sudo=self.params.sudo).ok:
             return Check(True, "`unless` command succeeded")
         return Check(False, f"would run: {self.params.command}")
 
-    def apply(self, host: RemoteHost) -> str:
+    def apply(self, host: StepHost) -> str:
         result = host.run(self.params.command, sudo=self.params.sudo)
         if not result.ok:
             raise StepFailed(f"`{self.params.command}` exited {result.exited}: {result.tail()}")
         return f"ran `{self.params.command}`"
 
-    def verify(self, host: RemoteHost) -> Check:
+    def verify(self, host: StepHost) -> Check:
         if self.params.creates or self.params.unless:
             return self.check(host)
         return Check(True, "command exited 0")

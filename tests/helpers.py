@@ -23,7 +23,7 @@ PROCESS_OCTET = os.getpid() % 250
 def overhaul_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
                  timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the `overhaul` command in `cwd`, its journal in cwd/journal.sqlite, no standard input."""
-    environ = dict(os.environ, OVERHAUL_JOURNAL=str(cwd / "journal.sqlite"), **(env or {}))
+    environ = {**os.environ, "OVERHAUL_JOURNAL": str(cwd / "journal.sqlite"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "overhaul", *args], cwd=cwd, env=environ, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=timeout)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from overhaul.proc import alive, start_time
-from overhaul.state.records import UNFINISHED, LockHeld, LockInfo, ResultRecord, RunRecord
+from overhaul.state.records import RESUMABLE, UNFINISHED, LockHeld, LockInfo, ResultRecord, RunRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -100,6 +100,12 @@ class SQLiteState:
         marks = ", ".join("?" * len(UNFINISHED))
         return self._runs(f"WHERE environment = ? AND mutating AND status IN ({marks}) ORDER BY started DESC",
                           (environment, *UNFINISHED))
+
+    def resumable(self, environment: str) -> RunRecord | None:
+        """The environment's last mutating run (refused ones aside), if it is unfinished or failed."""
+        last = self._runs("WHERE environment = ? AND mutating AND status != 'refused' ORDER BY started DESC LIMIT 1",
+                          (environment,))
+        return last[0] if last and last[0].status in RESUMABLE else None
 
     def _runs(self, where: str, args: tuple) -> list[RunRecord]:
         return self._select(RunRecord, "params", "runs", where, args)
