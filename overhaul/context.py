@@ -1,29 +1,95 @@
-"""What a step sees of a host during one (stage, host) pair: `StepHost`.
+"""What a step sees of a host during one (stage, host) pair: `StepHost`, and the run's `Facts`.
 
 The runner gives each pair its own view of the host's pooled connection instead of changing the
 connection's settings stage by stage: the stage's command timeout, the run's id (steps name their
-artefacts with it), and the commands this pair ran (its output for the journal and the host log).
+artefacts with it), the commands this pair ran (its output for the journal and the host log), and
+the run's facts cache.
+
+Facts are what steps read about a host (the installed version, the package manager, the programs'
+states): read once per run and shared by every step that asks the same question, until a step
+applies on that host; from then on they are read afresh (a verify after an apply never sees a value
+read before it). A `Probe` is a fact read by one shell command; probes asked back to back (by a
+step before its check, after an apply, by the preflight) go to the host as one command.
 """
 
 from __future__ import annotations
 
 import shlex
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from overhaul.inventory import Inventory
 from overhaul.secrets import Redactor
-from overhaul.transport import CommandResult, RemoteHost
+from overhaul.transport import CommandResult, RemoteHost, durable_command
+
+T = TypeVar("T")
+MARK = "::overhaul-probe::"  # separates the answers of probes sent as one command
+
+
+@dataclass(frozen=True)
+class Probe(Generic[T]):
+    """A fact read by one shell command: `parse` turns the command's result (stderr merged) into the answer."""
+
+    question: str
+    command: str
+    parse: Callable[[CommandResult], T]
+    stable: bool = False
+
+
+class Facts:
+    """The run's cache of host facts: (host, question) -> answer.
+
+    A stable fact (the package manager, whether a command exists) is not changed by the run's steps and
+    survives their applies; every other fact is forgotten when a step applies on its host.
+    """
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, str], Any] = {}
+        self._stable: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def get(self, host: str, question: str, read: Callable[[], T], stable: bool = False) -> T:
+        key = (host, question)
+        with self._lock:
+            if key in self._answers:
+                return self._answers[key]
+        answer = read()  # outside the lock: hosts read in parallel; one host's pairs never overlap
+        with self._lock:
+            self._answers[key] = answer
+            if stable:
+                self._stable.add(key)
+        return answer
+
+    def known(self, host: str, question: str) -> bool:
+        with self._lock:
+            return (host, question) in self._answers
+
+    def put(self, host: str, question: str, answer: Any, stable: bool = False) -> None:
+        with self._lock:
+            self._answers[(host, question)] = answer
+            if stable:
+                self._stable.add((host, question))
+
+    def forget(self, host: str) -> None:
+        """A step applied on `host` (or may have): what was read there before no longer holds."""
+        with self._lock:
+            for key in [key for key in self._answers if key[0] == host and key not in self._stable]:
+                del self._answers[key]
 
 
 class StepHost:
     """One host, for one step: run commands on it, read its vars and secrets."""
 
-    def __init__(self, remote: RemoteHost, *, timeout: float, run_id: str):
+    def __init__(self, remote: RemoteHost, *, timeout: float, run_id: str, facts: Facts | None = None):
         self.remote = remote
         self.timeout = timeout
         self.run_id = run_id
+        self.facts = facts or Facts()
         self.history: list[CommandResult] = []  # every command of this pair, redacted
+        self._reported: list[tuple[str, Any, bool]] = []
 
     @property
     def name(self) -> str:
@@ -52,6 +118,55 @@ class StepHost:
     def __repr__(self) -> str:
         return f"<StepHost {self.name} run {self.run_id}>"
 
+    def fact(self, question: str, read: Callable[[StepHost], T], stable: bool = False) -> T:
+        """The answer to `question` about this host: read with `read(self)` once, then shared until an apply
+        on this host (for ever, if `stable`: the run's steps do not change it)."""
+        return self.facts.get(self.name, question, lambda: read(self), stable)
+
+    def read(self, probe: Probe[T]) -> T:
+        """The answer of `probe` on this host (read now unless already known)."""
+        return self.facts.get(self.name, probe.question, lambda: probe.parse(self.run(probe.command)), probe.stable)
+
+    def prefetch(self, probes: Iterable[Probe]) -> None:
+        """Read every probe not yet known in one command, so the steps that ask later find their answers."""
+        missing = list({p.question: p for p in probes if not self.facts.known(self.name, p.question)}.values())
+        if len(missing) < 2:
+            return  # a single probe is read when it is asked
+        result = self.run(_probe_script(missing))
+        self._keep(missing, result.stdout, self.facts.put)
+
+    def run_then_read(self, command: str, probes: list[Probe], *, stdin: str | None = None,
+                      durable: str | None = None) -> CommandResult:
+        """Run `command` (see `run`), then read `probes` in the same round trip; returns the command's result.
+
+        The probes' answers are read after the change, so they hold after it: the runner keeps them once the
+        apply has ended (everything read before it is forgotten then).
+        """
+        body = durable_command(command, durable, self.timeout) if durable else command
+        result = self.run(f"{{ {body}\n}}; rc=$?; {_probe_script(probes)}; exit $rc", stdin=stdin)
+        output, _, answers = result.stdout.partition(MARK + "\n")
+        self._keep(probes, MARK + "\n" + answers, lambda host, question, answer, stable: self._reported.append(
+            (question, answer, stable)))
+        return CommandResult(result.command, result.exited, output, result.stderr, result.duration, result.timed_out)
+
+    def forget(self) -> None:
+        """This step just changed the host: what was read of it before no longer holds (read it again)."""
+        self.facts.forget(self.name)
+
+    def keep_reported(self) -> None:
+        """Cache what an apply read after its change (see `run_then_read`); called by the runner after it."""
+        for question, answer, stable in self._reported:
+            self.facts.put(self.name, question, answer, stable)
+        self._reported.clear()
+
+    def _keep(self, probes: list[Probe], stdout: str, store: Callable[[str, str, Any, bool], None]) -> None:
+        for probe, (exited, output) in zip(probes, _sections(stdout), strict=False):
+            try:
+                answer = probe.parse(CommandResult(probe.command, exited, output, "", 0.0))
+            except Exception:  # not cached: the step's own read reports it
+                continue
+            store(self.name, probe.question, answer, probe.stable)
+
     def run(self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None,
             durable: str | None = None) -> CommandResult:
         """Run `command` with sh on the host (see `RemoteHost.run`); the stage's timeout unless given."""
@@ -70,3 +185,19 @@ class StepHost:
     def secret(self, name: str) -> str:
         """The value of an inventory secret; from now on it is redacted from every output."""
         return self.remote.secret(name)
+
+
+def _probe_script(probes: list[Probe]) -> str:
+    """One shell script that prints each probe's output and exit code between marks."""
+    return "; ".join(f"printf '%s\\n' {MARK}; ( {p.command} ) 2>&1; printf '\\n%s%d\\n' {MARK} $?" for p in probes)
+
+
+def _sections(stdout: str) -> list[tuple[int, str]]:
+    """(exit code, output) of each probe in a prefetch's output."""
+    found = []
+    for chunk in stdout.split(MARK + "\n")[1:]:
+        output, _, tail = chunk.rpartition("\n" + MARK)
+        code = tail.strip()
+        if code.lstrip("-").isdigit():
+            found.append((int(code), output))
+    return found

@@ -315,7 +315,7 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
 def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> RunResult:
     """Preflight every stage on every host, then the reviewed plan and the yes; run only if all hold."""
     plan = runner.plan
-    report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable)
+    report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable, facts=runner.facts)
     print_report(report, stream)
     refusals = report.refusals
     if not refusals and report.excluded:
@@ -324,7 +324,7 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
         refusals = [f"stage {p.index + 1} {p.stage.name}: no host left without {left_out}"
                     for p, before in zip(runner.plan.stages, plan.stages, strict=True) if before.hosts and not p.hosts]
     if not refusals and (gate.reviewed is not None or gate.approve is not None):
-        preview = Runner(runner.plan, transport, check_only=True, run_id=runner.run_id).run()
+        preview = Runner(runner.plan, transport, check_only=True, run_id=runner.run_id, facts=runner.facts).run()
         if gate.reviewed is not None:
             from overhaul.planfile import drift
 
@@ -335,6 +335,8 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
             refusals = ["not confirmed"]
     if runner._stopping.is_set():
         return RunResult([], interrupted=True, refused=["interrupted before any change"], preflight=report)
+    if gate.reviewed is None and gate.approve is None:
+        runner.fresh = set(runner.plan.hosts)  # the preflight's reads are a moment old: the first stage uses them
     if refusals:
         return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
     result = runner.run()

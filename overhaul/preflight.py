@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from overhaul.context import StepHost
+from overhaul.context import Facts, StepHost
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.step import Check
@@ -50,7 +50,8 @@ class PreflightReport:
         return list(dict.fromkeys(host for _, host in self.checks))
 
 
-def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreachable: bool = False) -> PreflightReport:
+def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreachable: bool = False,
+                  facts: Facts | None = None) -> PreflightReport:
     """Run every stage's preflight on every host it targets; never changes a host."""
     report = PreflightReport(plan.stages)
     hosts = list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts))
@@ -63,15 +64,16 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
 
     def one(host: str) -> None:
         # run_id: a step finds what this run made (a backup, on a resume) by it.
-        view = StepHost(transport.host(host), timeout=PREFLIGHT_TIMEOUT, run_id=run_id)
+        view = StepHost(transport.host(host), timeout=PREFLIGHT_TIMEOUT, run_id=run_id, facts=facts)
         try:
             report.checks[(HOST_COLUMN, host)] = _host_ready(view)
         except (StepFailed, HostUnreachable) as exc:
             report.checks[(HOST_COLUMN, host)] = Check(False, str(exc))
             return
-        for planned in plan.stages:
-            if host in planned.hosts:
-                report.checks[(planned.index, host)] = _stage_ready(planned, view)
+        mine = [planned for planned in plan.stages if host in planned.params]
+        view.prefetch(probe for planned in mine for probe in planned.step(planned.params[host]).probes())
+        for planned in mine:
+            report.checks[(planned.index, host)] = _stage_ready(planned, view)
 
     reachable = [host for host in hosts if host not in unreachable]
     with ThreadPoolExecutor(max_workers=max(1, min(transport.max_workers, len(reachable)))) as pool:

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from overhaul.context import StepHost
+from overhaul.context import Facts, StepHost
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
 from overhaul.step import Outcome, Step
-from overhaul.transport import CommandResult, Transport
+from overhaul.transport import FORKS, CommandResult, Transport
 
 if TYPE_CHECKING:
     from overhaul.preflight import PreflightReport
@@ -94,6 +94,7 @@ class Runner:
         sleep: Callable[[float], object] | None = None,
         run_id: str | None = None,
         previous: dict[tuple[int, str], HostResult] | None = None,
+        facts: Facts | None = None,
     ):
         self.run_id = run_id or time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.plan = plan
@@ -106,6 +107,8 @@ class Runner:
         self.previous = previous or {}  # results of the run being resumed
         self._lock = threading.Lock()
         self._results: list[HostResult] = []
+        self.facts = facts or Facts()  # shared with the preflight and the preview of this run
+        self.fresh: set[str] = set()  # hosts whose facts the gate just read: their first pair may use them
 
     def request_stop(self) -> None:
         """Start no new (stage, host); let the running ones finish. The run ends interrupted."""
@@ -114,7 +117,12 @@ class Runner:
     def run(self) -> RunResult:
         failed_hosts: set[str] = set()
         stopped_at, reason = None, ""
+        last_stage = {host: planned.index for planned in self.plan.stages for host in planned.hosts}
         for planned in self.plan.stages:
+            if not self.check_only:  # a host with no stage left: its connection (and its thread) is not kept
+                for host in [h for h, index in last_stage.items() if index < planned.index]:
+                    self.transport.host(host).close()
+                    del last_stage[host]
             name = planned.stage.name
             if self._stopping.is_set():
                 return RunResult(self._results, None, "interrupted", self.check_only, interrupted=True)
@@ -147,7 +155,7 @@ class Runner:
         total = len(planned.hosts)
         budget = resolve_count(stage.max_failures, total, 0)
         if stage.strategy == "parallel":
-            width = stage.concurrency
+            width = stage.concurrency or min(FORKS, total)
             batches = [planned.hosts]
         else:
             width = 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, total, 1)
@@ -182,7 +190,7 @@ class Runner:
 
     def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
         stage = planned.stage
-        host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id)
+        host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts)
         step = planned.step(planned.params[name])
         started = time.monotonic()
         previous = self.previous.get((planned.index, name))
@@ -206,6 +214,7 @@ class Runner:
                 return self._attempt(step, host, previous)
             except (StepFailed, HostUnreachable) as exc:
                 last_error = str(exc)
+                self.facts.forget(name)  # a failed attempt may have changed the host: a retry reads afresh
                 raise
 
         def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None, trace: str = "") -> HostResult:
@@ -223,6 +232,14 @@ class Runner:
 
     def _attempt(self, step: Step, host: StepHost, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:
         host.remote.connect()
+        # A new stage reads the host afresh (a change by hand between two stages is seen), unless the gate read
+        # it a moment ago; what the step will read goes in one command.
+        with self._lock:
+            just_read = host.name in self.fresh
+            self.fresh.discard(host.name)
+        if not just_read:
+            self.facts.forget(host.name)
+        host.prefetch(step.probes())
         check = step.check(host)
         if check.done and previous is not None and previous.outcome in (Outcome.OK, Outcome.CHANGED):
             # Finished before the interruption, and check confirms it still holds: keep what it did.
@@ -231,7 +248,12 @@ class Runner:
             return Outcome.OK, check.message, check.facts or {}
         if self.check_only:
             return Outcome.CHANGED, check.message, {}
-        message = step.apply(host)
+        try:
+            message = step.apply(host)
+        finally:
+            self.facts.forget(host.name)  # nothing read before the apply is trusted after it ...
+            host.keep_reported()  # ... but what the apply read after its change is
+        host.prefetch(step.probes())
         verified = step.verify(host)
         if not verified.done:
             raise StepFailed(f"applied, but verify failed: {verified.message}")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from overhaul.errors import ConfigError, OverhaulError
 
 if TYPE_CHECKING:
-    from overhaul.context import StepHost
+    from overhaul.context import Probe, StepHost
 
 ENTRY_POINT_GROUP = "overhaul.steps"
 
@@ -65,6 +65,11 @@ class Step(Generic[P]):
     def secrets(self) -> list[str]:
         """Names of the inventory secrets this step reads: resolved when the run is loaded (a missing one is an
         input error before anything connects) and redacted from everything the run prints or journals."""
+        return []
+
+    def probes(self) -> list[Probe]:
+        """What this step reads about a host, as probes: the runner reads those not yet known in one command
+        before the step's check (and after an apply), with those of the host's later stages."""
         return []
 
     def preflight(self, host: StepHost) -> Check:

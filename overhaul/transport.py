@@ -46,6 +46,7 @@ DEFAULT_TIMEOUT = 300.0  # per command, when the caller gives none
 KEEPALIVE = 15  # seconds between SSH keepalives
 LOCKS = "/var/lib/overhaul/locks"  # host-side locks of durable commands
 KILLED = -1  # `exited` of a command whose process died by a signal (paramiko ignores exit-signal)
+FORKS = 100  # hosts connected to (and worked on) at once, at most, unless a stage says otherwise
 
 
 class UnknownHostKey(paramiko.SSHException):
@@ -104,7 +105,7 @@ class RemoteHost:
     """An inventory host as steps see it: its name, roles and vars, and commands run on it."""
 
     def __init__(self, host: Host, inventory: Inventory, redactor: Redactor, gateway: fabric.Connection | None,
-                 gateway_lock: threading.Lock | None = None):
+                 gateway_lock: threading.Lock | None = None, host_keys: paramiko.HostKeys | None = None):
         self.host = host
         self.inventory = inventory
         self.redactor = redactor
@@ -112,6 +113,7 @@ class RemoteHost:
         self.history: list[CommandResult] = []
         self._gateway = gateway
         self._gateway_lock = gateway_lock or threading.Lock()
+        self._host_keys = host_keys
         self._sudo_password_needed: bool | None = None
         self._connection: fabric.Connection | None = None
         self._lock = threading.Lock()
@@ -173,7 +175,8 @@ class RemoteHost:
             with self._gateway_lock:  # one thread opens the shared bastion connection; the others reuse it
                 self._gateway.open()
                 _set_nodelay(self._gateway)
-        connection = make_connection(self.host.address, port, self.user, self.inventory, self._gateway, kwargs)
+        connection = make_connection(self.host.address, port, self.user, self.inventory, self._gateway, kwargs,
+                                     self._host_keys)
         try:
             connection.open()
         except BaseException:
@@ -204,7 +207,7 @@ class RemoteHost:
         """
         timeout = timeout or DEFAULT_TIMEOUT
         if durable:
-            command = _durable(command, durable, timeout)
+            command = durable_command(command, durable, timeout)
         use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
         line = f"timeout -k {KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
         payload = stdin or ""
@@ -313,7 +316,7 @@ class RemoteHost:
         return self.redactor.add(ref.resolve())
 
 
-def _durable(command: str, lock: str, wait: float) -> str:
+def durable_command(command: str, lock: str, wait: float) -> str:
     """`command` under the host-side lock `lock`, its output kept in files until it ends.
 
     `flock -o`: the lock belongs to flock itself, not to daemons the command may start.
@@ -325,11 +328,37 @@ def _durable(command: str, lock: str, wait: float) -> str:
             f"running on this host ({lock})' >&2; }} && flock -o -w {wait:g} {path} sh -c {body}")
 
 
+def load_known_hosts(path: Path) -> paramiko.HostKeys:
+    """known_hosts parsed once, in linear time (paramiko's own load checks each line against all before it).
+
+    Duplicate lines are kept rather than merged: a lookup finds the first, as OpenSSH does.
+    """
+    keys = paramiko.HostKeys()
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return keys
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        except paramiko.SSHException:
+            continue
+        if entry is not None:
+            keys._entries.append(entry)
+    return keys
+
+
 def make_connection(
     address: str, port: int, user: str, inventory: Inventory, gateway: fabric.Connection | None,
-    connect_kwargs: dict[str, Any] | None = None,
+    connect_kwargs: dict[str, Any] | None = None, host_keys: paramiko.HostKeys | None = None,
 ) -> fabric.Connection:
-    """A Fabric connection that checks host keys strictly and ignores ~/.ssh/config."""
+    """A Fabric connection that checks host keys strictly and ignores ~/.ssh/config.
+
+    `host_keys`: the run's known_hosts, parsed once and shared (read-only) by every connection.
+    """
     ssh = inventory.ssh
     kwargs: dict[str, Any] = {
         "look_for_keys": False, "allow_agent": False,
@@ -343,7 +372,7 @@ def make_connection(
         address, user=user, port=port, config=config, gateway=gateway,
         connect_timeout=ssh.connect_timeout, connect_kwargs=kwargs,
     )
-    connection.client.load_host_keys(str(ssh.known_hosts))
+    connection.client._host_keys = host_keys if host_keys is not None else load_known_hosts(ssh.known_hosts)
     connection.client.set_missing_host_key_policy(_RejectUnknown(str(ssh.known_hosts)))
     return connection
 
@@ -363,10 +392,11 @@ def _set_nodelay(connection: fabric.Connection) -> None:
 class Transport:
     """The connections of one run: one per host, opened in parallel, closed together."""
 
-    def __init__(self, inventory: Inventory, redactor: Redactor | None = None, max_workers: int = 16):
+    def __init__(self, inventory: Inventory, redactor: Redactor | None = None, max_workers: int | None = None):
         self.inventory = inventory
         self.redactor = redactor or Redactor()
-        self.max_workers = max_workers
+        self.max_workers = max_workers or max(1, min(FORKS, len(inventory.hosts)))
+        self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
         self._hosts: dict[str, RemoteHost] = {}
         self._gateway = self._make_gateway()
         self._gateway_lock = threading.Lock()
@@ -379,13 +409,14 @@ class Transport:
         if bastion.key_file:
             kwargs["key_filename"] = str(bastion.key_file)
         return make_connection(
-            bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory, None, kwargs
+            bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory, None, kwargs,
+            self.host_keys,
         )
 
     def host(self, name: str) -> RemoteHost:
         if name not in self._hosts:
             self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
-                                           self._gateway_lock)
+                                           self._gateway_lock, self.host_keys)
         return self._hosts[name]
 
     def connect(self, names: list[str]) -> dict[str, HostUnreachable]:

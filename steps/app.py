@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import shlex
 
-from overhaul.steps.package import installed_version
-from overhaul.steps.services import not_all_running, supervisor_ready
+from overhaul.steps.package import installed_probe, installed_version
+from overhaul.steps.services import missing_probe, not_all_running, states_probe, supervisor_ready
 
-from overhaul.context import StepHost
+from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
 
@@ -32,12 +32,22 @@ class AppReconfigure(Step[ReconfigureParams]):
     def marker(self) -> str:
         return f"{self.params.state_dir}/reconfigured-{self.params.package}"
 
+    def probes(self) -> list[Probe]:
+        marker = Probe(f"marker {self.marker}", f"cat {shlex.quote(self.marker)} 2>/dev/null",
+                       lambda result: result.stdout.strip())
+        manage, ctl = self.params.manage_command, self.params.ctl_command
+        return [installed_probe(self.params.package), marker, states_probe(manage), missing_probe(manage, ctl)]
+
+    def _reconfigured_for(self, host: StepHost) -> str:
+        """The version the marker says this host was last reconfigured for ("" if never)."""
+        return host.read(self.probes()[1])
+
     def preflight(self, host: StepHost) -> Check:
         return supervisor_ready(host, self.params.manage_command, self.params.ctl_command)
 
     def check(self, host: StepHost) -> Check:
         installed = installed_version(host, self.params.package)
-        done_for = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
+        done_for = self._reconfigured_for(host)
         if installed is None:
             return Check(False, f"{self.params.package} is not installed")
         if done_for != installed:
@@ -49,7 +59,7 @@ class AppReconfigure(Step[ReconfigureParams]):
 
     def apply(self, host: StepHost) -> str:
         installed = installed_version(host, self.params.package) or ""
-        seen = host.run(f"cat {shlex.quote(self.marker)} 2>/dev/null").stdout.strip()
+        seen = self._reconfigured_for(host)
         # One durable command under its host lock: the marker is written if and only if reconfigure succeeded,
         # even when the connection drops meanwhile; and if another run (say, one killed mid-command whose
         # reconfigure carried on) changed the marker since we looked, its reconfigure stands and ours is skipped.
@@ -59,8 +69,8 @@ class AppReconfigure(Step[ReconfigureParams]):
             f'[ "$(cat {marker} 2>/dev/null)" = {shlex.quote(seen)} ] || exit 0; '
             f"{ctl} reconfigure && echo {shlex.quote(installed)} > {marker}.new && mv {marker}.new {marker}"
         )
-        result = host.run(f"mkdir -p {state_dir} && sh -c {shlex.quote(script)}",
-                          durable=f"reconfigure-{self.params.package}")
+        result = host.run_then_read(f"mkdir -p {state_dir} && sh -c {shlex.quote(script)}", self.probes()[:3],
+                                    durable=f"reconfigure-{self.params.package}")
         if not result.ok:
             raise StepFailed(f"`{self.params.ctl_command} reconfigure` exited {result.exited}: {result.tail()}")
         return f"reconfigured for {self.params.package} {installed}"

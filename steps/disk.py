@@ -7,7 +7,7 @@ import shlex
 from overhaul.steps.services import AssertionStep
 from pydantic import Field
 
-from overhaul.context import StepHost
+from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params
 
@@ -21,13 +21,18 @@ class DiskUsage(AssertionStep):
     name = "disk.usage"
     Params = DiskParams
 
+    def probes(self) -> list[Probe]:
+        mounts = " ".join(shlex.quote(mount) for mount in self.params.mounts)
+        return [Probe(f"missing mounts {mounts}", f'for m in {mounts}; do [ -e "$m" ] || echo "$m"; done',
+                      lambda result: result.stdout.split()),
+                Probe(f"df {mounts}", f"df -P {mounts}", lambda result: result)]
+
     def preflight(self, host: StepHost) -> Check:
-        script = " ".join(f"[ -e {shlex.quote(mount)} ] || echo {shlex.quote(mount)};" for mount in self.params.mounts)
-        missing = host.run(script).stdout.split()
+        missing = host.read(self.probes()[0])
         return Check(not missing, f"missing: {', '.join(missing)}" if missing else "every mount exists")
 
     def check(self, host: StepHost) -> Check:
-        result = host.run("df -P " + " ".join(shlex.quote(m) for m in self.params.mounts))
+        result = host.read(self.probes()[1])
         if not result.ok:
             raise StepFailed(f"df failed: {result.tail()}")
         usage = {}

@@ -136,7 +136,10 @@ class MysqlBackup(Step[BackupParams]):
         return Check(True, f"verified backup {local['path']} ({local['size']} bytes{where})", local)
 
     def _verified_backup(self, host: StepHost) -> dict | None:
-        """The newest backup of this label, younger than max_age, that passes every check again."""
+        """The newest backup of this label, younger than max_age, that passes every check (a fact, until an apply)."""
+        return host.fact(f"backup {self.params.backup_dir} {self.params.label}", self._find_backup)
+
+    def _find_backup(self, host: StepHost) -> dict | None:
         folder = shlex.quote(self.params.backup_dir)
         listing = host.run(
             f"cd {folder} 2>/dev/null && for f in $(ls -1t {self._pattern()} 2>/dev/null); do "
@@ -222,6 +225,7 @@ class MysqlBackup(Step[BackupParams]):
         host.run(f"mkdir -p {shlex.quote(folder)} && chmod 700 {shlex.quote(folder)}")
         result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host),
                           durable=f"mysql-backup-{self.params.label}")
+        host.forget()  # a new backup exists (or a failed dump left its folder changed)
         if not result.ok:
             raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")
         path, size, digest = result.stdout.split()[-3:]

@@ -6,16 +6,21 @@ import shlex
 
 from pydantic import Field
 
-from overhaul.context import StepHost
+from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
+from overhaul.transport import CommandResult
 
 APT_ENV = "DEBIAN_FRONTEND=noninteractive"
 
 
+MANAGER: Probe[str] = Probe("package manager", "command -v apt-get >/dev/null && echo apt || "
+                            "{ command -v yum >/dev/null && echo yum; }", lambda result: result.stdout.strip(), stable=True)
+
+
 def package_manager(host: StepHost) -> str:
-    result = host.run("command -v apt-get >/dev/null && echo apt || { command -v yum >/dev/null && echo yum; }")
-    manager = result.stdout.strip()
+    """apt or yum."""
+    manager = host.read(MANAGER)
     if manager not in ("apt", "yum"):
         raise StepFailed("neither apt-get nor yum found on the host")
     return manager
@@ -34,11 +39,35 @@ DPKG_CONFIGURE = (f"for i in $(seq 60); do out=$({APT_ENV} dpkg --configure -a 2
                   "case $out in *lock*) sleep 2 ;; *) echo \"$out\" >&2; break ;; esac; done")
 
 
-def installed_version(host: StepHost, package: str) -> str | None:
-    """The version of `package` installed and fully configured, or None."""
-    result = host.run(INSTALLED.format(name=shlex.quote(package)))
+def _installed(result: CommandResult) -> str | None:
     status, _, version = result.stdout.strip().partition("|")
     return version if result.ok and status == "install ok installed" else None
+
+
+def installed_probe(package: str) -> Probe[str | None]:
+    return Probe(f"installed {package}", INSTALLED.format(name=shlex.quote(package)), _installed)
+
+
+def installed_version(host: StepHost, package: str) -> str | None:
+    """The version of `package` installed and fully configured, or None."""
+    return host.read(installed_probe(package))
+
+
+def _madison(result: CommandResult) -> list[str]:
+    rows = [line.split("|") for line in result.stdout.splitlines()]
+    return [row[1].strip() for row in rows if len(row) >= 3]
+
+
+def available_probe(package: str) -> Probe[list[str]]:
+    """apt's versions of `package` from its package lists as they are (newest first)."""
+    return Probe(f"available {package}", f"apt-cache madison {shlex.quote(package)}", _madison)
+
+
+def older_probe(package: str, target: str) -> Probe[bool]:
+    """apt: is `target` older than the installed version (installing it would downgrade)?"""
+    command = (f"dpkg --compare-versions {shlex.quote(target)} lt "
+               f"\"$(dpkg-query -W -f '${{Version}}' {shlex.quote(package)} 2>/dev/null)\"")
+    return Probe(f"older {package} {target}", command, lambda result: result.ok)
 
 
 def available_versions(host: StepHost, manager: str, package: str, refresh: bool = False) -> list[str]:
@@ -49,8 +78,8 @@ def available_versions(host: StepHost, manager: str, package: str, refresh: bool
             refreshed = host.run("apt-get update -q")
             if not refreshed.ok:
                 raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
-        rows = [line.split("|") for line in host.run(f"apt-cache madison {name}").stdout.splitlines()]
-        return [row[1].strip() for row in rows if len(row) >= 3]
+            return _madison(host.run(f"apt-cache madison {name}"))
+        return host.read(available_probe(package))
     listing = host.run(f"yum -q list available --showduplicates {name}").stdout.splitlines()
     return [line.split()[1] for line in listing if len(line.split()) >= 2 and line.split()[0].startswith(package + ".")]
 
@@ -85,6 +114,12 @@ class PackageUpgrade(Step[UpgradeParams]):
 
     name = "package.upgrade"
     Params = UpgradeParams
+
+    def probes(self) -> list[Probe]:
+        found: list[Probe] = [MANAGER, installed_probe(self.params.name), available_probe(self.params.name)]
+        if self.params.version != "latest":
+            found.append(older_probe(self.params.name, self.params.version))
+        return found
 
     def _target(self, host: StepHost, manager: str) -> str:
         """The pinned version, or the newest the host's lists offer as they are (a check never refreshes them)."""
@@ -144,7 +179,7 @@ class PackageUpgrade(Step[UpgradeParams]):
                        f"-o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold {name}")
         else:
             command = f"{done}yum install -y {name} || yum downgrade -y {name}"
-        result = host.run(command, durable=f"package-{self.params.name}")
+        result = host.run_then_read(command, [installed_probe(self.params.name)], durable=f"package-{self.params.name}")
         if not result.ok:
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
             raise StepFailed(f"{manager} could not install {self.params.name} {target}: " + " | ".join(errors))
@@ -152,7 +187,7 @@ class PackageUpgrade(Step[UpgradeParams]):
 
     def _older(self, host: StepHost, manager: str, target: str, installed: str) -> bool:
         if manager == "apt":
-            return host.run(f"dpkg --compare-versions {shlex.quote(target)} lt {shlex.quote(installed)}").ok
+            return host.read(older_probe(self.params.name, target))
         script = f"import rpm,sys; sys.exit(0 if rpm.labelCompare(('0',{target!r},''),('0',{installed!r},''))<0 else 1)"
         result = host.run(f"python3 -c {shlex.quote(script)}")
         if result.exited not in (0, 1):  # cannot tell: never guess "not older" and downgrade by accident

@@ -8,20 +8,35 @@ from __future__ import annotations
 
 import shlex
 
-from overhaul.steps.package import PACKAGE, VERSION, installed_version, same_version
+from overhaul.steps.package import PACKAGE, VERSION, installed_probe, installed_version, same_version
 from pydantic import Field
 
-from overhaul.context import StepHost
+from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
+from overhaul.transport import CommandResult
 
 NOT_RUNNING = ("STOPPED", "EXITED", "FATAL")
 STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
 
 
+def states_probe(manage: str) -> Probe[dict[str, str]]:
+    return Probe(f"states {manage}", f"{shlex.quote(manage)} status", lambda result: _states(result, manage))
+
+
+def missing_probe(*commands: str) -> Probe[list[str]]:
+    """Which of `commands` the host does not have."""
+    wanted = " ".join(shlex.quote(command) for command in commands)
+    return Probe(f"missing {wanted}", f'for c in {wanted}; do command -v "$c" >/dev/null || echo "$c"; done',
+                 lambda result: result.stdout.split(), stable=True)
+
+
 def program_states(host: StepHost, manage: str) -> dict[str, str]:
     """program -> STATE from `<manage> status`; empty when the supervisor is not available."""
-    result = host.run(f"{shlex.quote(manage)} status")
+    return host.read(states_probe(manage))
+
+
+def _states(result: CommandResult, manage: str) -> dict[str, str]:
     if "Not available yet!" in result.stdout:
         return {}
     states = {}
@@ -36,8 +51,7 @@ def program_states(host: StepHost, manage: str) -> dict[str, str]:
 
 def supervisor_ready(host: StepHost, manage: str, *commands: str) -> Check:
     """Preflight of the steps that drive the supervisor: the commands exist and the supervisor answers."""
-    missing = [command for command in (manage, *commands)
-               if not host.run(f"command -v {shlex.quote(command)}").ok]
+    missing = host.read(missing_probe(manage, *commands))
     if missing:
         return Check(False, f"not found on the host: {', '.join(missing)}")
     try:
@@ -87,6 +101,10 @@ class ServicesStop(Step[StopParams]):
     name = "services.stop"
     Params = StopParams
 
+    def probes(self) -> list[Probe]:
+        package = [installed_probe(self.params.package)] if self.params.package else []
+        return [*package, states_probe(self.params.manage_command), missing_probe(self.params.manage_command)]
+
     def preflight(self, host: StepHost) -> Check:
         return supervisor_ready(host, self.params.manage_command)
 
@@ -99,7 +117,8 @@ class ServicesStop(Step[StopParams]):
         return Check(not running, f"running: {running}" if running else "nothing is running")
 
     def apply(self, host: StepHost) -> str:
-        result = host.run(f"{shlex.quote(self.params.manage_command)} stop all")
+        manage = self.params.manage_command
+        result = host.run_then_read(f"{shlex.quote(manage)} stop all", [states_probe(manage)])
         if "ERROR" in result.stdout + result.stderr and not result.ok:
             raise StepFailed(f"`{self.params.manage_command} stop all` failed: {result.tail()}")
         return "stopped all services"
@@ -116,6 +135,9 @@ class ServicesVerify(AssertionStep):
     name = "services.verify"
     Params = ManageParams
 
+    def probes(self) -> list[Probe]:
+        return [states_probe(self.params.manage_command)]
+
     def check(self, host: StepHost) -> Check:
         problem, states = not_all_running(host, self.params.manage_command)
         return Check(problem is None, problem or f"{len(states)} programs RUNNING")
@@ -131,7 +153,10 @@ class SupervisorUp(AssertionStep):
     name = "supervisor.up"
     Params = SupervisorParams
 
+    def probes(self) -> list[Probe]:
+        return [Probe(f"service {self.params.service}", f"service {shlex.quote(self.params.service)} status",
+                      lambda result: (result.ok, result.stdout.strip() or result.stderr.strip(), result.exited))]
+
     def check(self, host: StepHost) -> Check:
-        result = host.run(f"service {shlex.quote(self.params.service)} status")
-        said = result.stdout.strip() or result.stderr.strip()
-        return Check(result.ok and said.endswith("is running"), said or f"exit {result.exited}")
+        ok, said, exited = host.read(self.probes()[0])
+        return Check(ok and said.endswith("is running"), said or f"exit {exited}")

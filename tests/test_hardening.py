@@ -3,13 +3,16 @@ the controller's own disk, read-only checks, resuming a failed run, stages witho
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,10 @@ from helpers import lab_inventory, outcomes, overhaul_cli, plan_for, run, write
 from overhaul.errors import ConfigError
 from overhaul.lab import faults
 from overhaul.plan import Plan
+from overhaul.preflight import run_preflight
 from overhaul.runner import Runner
 from overhaul.state import SQLiteState
+from overhaul.step import Registry
 from overhaul.transport import Transport
 
 
@@ -341,3 +346,125 @@ def test_a_link_dropped_during_the_install_then_resume_installs_once(fresh_lab, 
     for host in ("db1", "worker1", "app1"):
         assert count(lab, host, "grep -c 'upgrade scalr-server:all 1.0.0 1.1.0' /var/log/dpkg.log") == 1, host
         assert lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.1.0"
+
+
+def _string_fields(step) -> list[tuple[str, bool]]:
+    """(field, is a list) for every string parameter of a step's Params."""
+    found = []
+    for name, info in step.Params.model_fields.items():
+        annotation = str(info.annotation)
+        if annotation in ("<class 'str'>", "str | None", "typing.Optional[str]", "list[str]"):
+            found.append((name, annotation == "list[str]"))
+    return found
+
+
+COMMANDS_BY_DESIGN = {("shell", "command"), ("shell", "unless")}  # a shell command is what these are for
+
+
+def test_shell_metacharacters_in_any_parameter_of_any_built_in_step_run_nothing(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    inventory = lab_inventory(lab)
+    registry = Registry()
+    marker = "/tmp/overhaul-pwned"
+    payloads = [f"a'\"; touch {marker}; $(touch {marker}) `touch {marker}` #", f"b\ntouch {marker}\n"]
+    tried = 0
+    for step_name in registry.names():
+        step = registry.get(step_name)
+        for field, is_list in _string_fields(step):
+            if (step_name, field) in COMMANDS_BY_DESIGN:
+                continue
+            for payload in payloads:
+                params = {field: [payload] if is_list else payload}
+                if step_name == "shell":
+                    params.setdefault("command", "true")
+                runbook = {"name": "probe", "stages": [{"name": "probe", "step": step_name, "hosts": ["db1"],
+                                                        "params": params}]}
+                try:
+                    plan = plan_for(json.dumps(runbook), tmp_path, inventory, registry=registry)
+                except ConfigError:
+                    continue  # refused as input: nothing reached a host
+                tried += 1
+                transport = Transport(inventory, plan.redactor)
+                try:
+                    run_preflight(plan, transport, "probe")
+                    Runner(plan, transport, check_only=True, sleep=lambda _: None).run()  # plan
+                    Runner(plan, transport, sleep=lambda _: None).run()  # run
+                finally:
+                    transport.close()
+    assert tried >= 10, tried
+    for host in ("db1", "worker1", "app1"):
+        assert lab.host(host).exec(f"test -e {marker}", check=False).returncode != 0, host
+    assert not Path(marker).exists()
+
+
+LEAKY_STEP = '''
+import base64, json, urllib.parse
+
+from overhaul.errors import StepFailed
+from overhaul.step import Check, Params, Step
+
+
+class LeakParams(Params):
+    fail: bool = False
+
+
+class Leak(Step[LeakParams]):
+    """Prints its secret every way it can: stdout, stderr, encoded, in facts and in an error."""
+
+    name = "local.leak"
+    Params = LeakParams
+
+    def secrets(self):
+        return ["leaky"]
+
+    def check(self, host):
+        return Check(False, "not yet")
+
+    def apply(self, host):
+        value = host.secret("leaky")
+        forms = [base64.b64encode(value.encode()).decode(), urllib.parse.quote(value), json.dumps(value)[1:-1]]
+        host.run('cat; cat >&2; printf "%s\\\\n" "$@"', stdin=value + "\\\\n")
+        host.run("cat", stdin="\\\\n".join(forms) + "\\\\n")
+        if self.params.fail:
+            raise StepFailed(f"could not use {value}")
+        return "leaked"
+
+    def verify(self, host):
+        return Check(True, "ok", {"token": host.secret("leaky")})
+'''
+
+
+def test_a_secret_a_step_prints_is_masked_everywhere(lab, tmp_path):
+    secret = 'Zx9"q/w+e r&t=Yu'  # characters that every encoding changes
+    (tmp_path / "leaky.secret").write_text(secret + "\n")
+    (tmp_path / "leaky.secret").chmod(0o600)
+    hosts = lab.inventory.parent  # beside the lab's inventory: its relative key paths hold
+    text = lab.inventory.read_text().replace("environment: lab", "environment: leak")
+    text = text.replace("secrets:\n", f"secrets:\n  leaky: {{file: {tmp_path / 'leaky.secret'}}}\n")
+    write(hosts / "leak.yaml", text)
+    write(tmp_path / "steps" / "leak.py", LEAKY_STEP)
+    write(tmp_path / "runbooks" / "leak.yaml", """
+        name: leak
+        params: {note: ""}
+        stages:
+          - {name: print it, step: local.leak, hosts: [app1]}
+          - {name: fail with it, step: local.leak, hosts: [app1], params: {fail: true}}
+    """)
+    try:
+        proc = overhaul_cli(tmp_path, "run", "leak", "--env", "leak", "--hosts-dir", str(hosts), "--steps-dir",
+                            str(tmp_path / "steps"), "--runbooks-dir", str(tmp_path / "runbooks"), "--param",
+                            f"note={secret}")
+    finally:
+        (hosts / "leak.yaml").unlink()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    [record] = state.runs("leak")
+    shown = overhaul_cli(tmp_path, "show", record.id).stdout
+    logs = list((tmp_path / "runs" / record.id).glob("*.log"))
+    assert logs and "********" in logs[0].read_text() and "********" in shown
+    forms = [secret, base64.b64encode(secret.encode()).decode(), urllib.parse.quote(secret), json.dumps(secret)[1:-1]]
+    texts = {"console": proc.stdout + proc.stderr, "show": shown}
+    texts |= {str(path): path.read_bytes().decode(errors="replace") for path in [*logs, *tmp_path.glob("journal.sqlite*")]}
+    for where, text in texts.items():
+        for form in forms:
+            assert form not in text, (where, form)

@@ -17,12 +17,13 @@ def test_the_wheel_installs_steps_runbooks_and_the_lab_inside_the_package(tmp_pa
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("overhaul/steps/mysql.py", "overhaul/steps/shell.py", "overhaul/runbooks/upgrade.yaml",
                      "overhaul/runbooks/verify.yaml", "overhaul/lab/fixture/bin/scalr-server-ctl",
-                     "overhaul/synthetic/run.py", "overhaul/state/sqlite.py"):
+                     "overhaul/synthetic/run.py", "overhaul/state/sqlite.py", "overhaul/sources/ec2.py"):
         assert expected in names, expected
     [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "overhaul = overhaul.cli:program.run" in text
     assert "mysql.backup = overhaul.steps.mysql:MysqlBackup" in text
+    assert "aws-ec2 = overhaul.sources.ec2:Ec2Source" in text  # dynamic inventories are found through it
     assert "overhaul = overhaul.pytest_plugin" in text
     # Installed on its own (no source tree on the path), the package finds its built-in steps and runbooks.
     target = tmp_path / "site"

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import ast
+import http.client
 import http.server
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import boto3
+import pytest
 from helpers import PROCESS_OCTET, write
 
+from overhaul.errors import ConfigError, OverhaulError
 from overhaul.inventory import load_inventory_file
 from overhaul.state import SQLiteState
+from overhaul.synthetic import alerts
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def inventory_file(folder: Path, synthetic: str, env: str = "nightly") -> Path:
@@ -33,8 +43,8 @@ def inventory_file(folder: Path, synthetic: str, env: str = "nightly") -> Path:
     return write(folder / "hosts" / f"{env}.yaml", base + "synthetic:\n" + settings)
 
 
-def synthetic(folder: Path, env: str = "nightly", extra_env: dict | None = None, wait: bool = True):
-    command = [sys.executable, "-m", "overhaul", "synthetic", "--env", env, "--hosts-dir", str(folder / "hosts")]
+def synthetic(folder: Path, env: str = "nightly", extra_env: dict | None = None, wait: bool = True, args: tuple = ()):
+    command = [sys.executable, "-m", "overhaul", "synthetic", "--env", env, "--hosts-dir", str(folder / "hosts"), *args]
     environ = dict(os.environ, OVERHAUL_JOURNAL=str(folder / "journal.sqlite"),
                    OVERHAUL_SYNTHETIC_DIR=str(folder / "synthetic"), **(extra_env or {}))
     if not wait:
@@ -177,20 +187,27 @@ def test_an_inventory_can_find_its_hosts_by_ec2_tags(aws, tmp_path):
 
 class Webhook(http.server.BaseHTTPRequestHandler):
     received: list[dict] = []
+    failures = 0  # the first `failures` posts are answered 500
 
     def do_POST(self):
         Webhook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
+        self.send_response(500 if len(Webhook.received) <= Webhook.failures else 200)
         self.end_headers()
 
     def log_message(self, *args):
         pass
 
 
-def test_the_lab_farm_runs_for_real_fails_loudly_and_recovers(tmp_path, lab):
-    Webhook.received = []
+def webhook_server(failures: int = 0) -> http.server.HTTPServer:
+    """A Slack-like receiver on loopback, served from a thread."""
+    Webhook.received, Webhook.failures = [], failures
     server = http.server.HTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_lab_farm_runs_for_real_fails_loudly_and_recovers(tmp_path, lab):
+    server = webhook_server()
     write(tmp_path / "webhook.url", f"http://127.0.0.1:{server.server_port}/hook\n")
     metrics = tmp_path / "metrics/overhaul.prom"
     config = f"""
@@ -231,3 +248,341 @@ def test_the_lab_farm_runs_for_real_fails_loudly_and_recovers(tmp_path, lab):
     runs = SQLiteState(tmp_path / "journal.sqlite").runs("nightly")
     assert [r.status for r in runs] == ["succeeded", "failed"]
     server.shutdown()
+
+
+# -- faults between Overhaul and AWS: a proxy on loopback in front of moto ----------------------------------------
+
+EC2_ERROR = ('<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+             '<Message>injected by the test</Message></Error></Errors><RequestID>test</RequestID></Response>')
+
+
+class AwsProxy(http.server.ThreadingHTTPServer):
+    """Forwards every request to moto and records its Action and parameters; `faults[action]` lists what the next
+    requests of that action get instead of moto's answer: (forwarded first?, HTTP status, error code)."""
+
+    def __init__(self, upstream: str):
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        self.faults: dict[str, list[tuple[bool, int, str]]] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def params(self, action: str, name: str) -> list[str | None]:
+        return [form.get(name, [None])[0] for seen, form in self.requests if seen == action]
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: AwsProxy
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        form = urllib.parse.parse_qs(body.decode(errors="replace"))
+        action = form.get("Action", [self.headers.get("X-Amz-Target", "?")])[0]
+        with self.server.lock:
+            self.server.requests.append((action, form))
+            pending = self.server.faults.get(action)
+            fault = pending.pop(0) if pending else None
+        if fault is None or fault[0]:
+            upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=30)
+            upstream.request("POST", self.path, body, dict(self.headers))
+            reply = upstream.getresponse()
+            status, content_type, payload = reply.status, reply.getheader("Content-Type", "text/xml"), reply.read()
+            upstream.close()
+        if fault is not None:  # moto's answer (if it was asked) is lost: the client sees the fault
+            status, content_type, payload = fault[1], "text/xml", EC2_ERROR.format(code=fault[2]).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def proxy(aws):
+    server = AwsProxy(aws[0])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def journal_runs(folder: Path) -> list:
+    return SQLiteState(folder / "journal.sqlite").runs("nightly")
+
+
+def the_run(folder: Path):
+    [run] = journal_runs(folder)
+    return run
+
+
+def test_a_launch_retried_after_a_lost_reply_carries_one_client_token_per_role_and_leaks_nothing(aws, proxy, tmp_path):
+    _, ec2, image = aws
+    proxy.faults["RunInstances"] = [(True, 503, "ServiceUnavailable")]  # the db servers start; the reply is lost
+    inventory_file(tmp_path, aws_config(proxy.url, image))
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # botocore sent the db request twice (same token: on AWS the retry returns the first servers), then app's.
+    tokens = proxy.params("RunInstances", "ClientToken")
+    assert len(tokens) == 3 and tokens[0] and tokens[0] == tokens[1] != tokens[2], tokens
+    # moto ignores the token, so the lost reply left a second db server: teardown found it by the run's tag.
+    launched = instances(ec2, **{"overhaul:synthetic": the_run(tmp_path).id})
+    assert sorted(tags_of(i)["overhaul:role"] for i in launched) == ["app", "app", "db", "db"]
+    assert {i["State"]["Name"] for i in launched} == {"terminated"}
+
+
+def test_teardown_terminates_by_the_runs_tag_when_the_launch_never_answered(aws, proxy, tmp_path):
+    _, ec2, image = aws
+    proxy.faults["RunInstances"] = [(True, 400, "UnsupportedOperation")]  # the server starts; the call "fails"
+    inventory_file(tmp_path, aws_config(proxy.url, image))
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 23, proc.stdout + proc.stderr
+    [db] = instances(ec2, **{"overhaul:synthetic": the_run(tmp_path).id})
+    assert db["State"]["Name"] == "terminated", proc.stdout
+    assert "   terminate    ok" in proc.stdout and "LEAK" not in proc.stdout
+
+
+def test_terminate_is_retried_with_backoff_and_a_leak_is_reported_only_after_its_timeout(aws, proxy, tmp_path):
+    _, ec2, image = aws
+    proxy.faults["TerminateInstances"] = [(False, 400, "DependencyViolation")] * 2
+    inventory_file(tmp_path, aws_config(proxy.url, image))
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("terminate: terminating the servers of run") == 2 and "trying again" in proc.stdout
+    assert {i["State"]["Name"] for i in instances(ec2, team="ops")} == {"terminated"}
+
+    proxy.faults["TerminateInstances"] = [(False, 400, "DependencyViolation")] * 100
+    folder = tmp_path / "always-failing"
+    inventory_file(folder, aws_config(proxy.url, image).replace("terminate: 30", "terminate: 3"))
+    started = time.monotonic()
+    proc = synthetic(folder)
+    assert proc.returncode == 29, proc.stdout + proc.stderr
+    ids = {i["InstanceId"] for i in instances(ec2, **{"overhaul:synthetic": the_run(folder).id})}
+    [leak] = [line for line in proc.stdout.splitlines() if line.startswith("LEAK: servers may still run: ")]
+    assert set(leak.removeprefix("LEAK: servers may still run: ").split(" (")[0].split(", ")) == ids, leak
+    assert len(ids) == 3
+    assert proc.stdout.count("trying again") >= 1 and time.monotonic() - started < 30
+
+
+def test_a_broken_claim_backend_fails_the_claim_phase_clearly_and_launches_nothing(aws, tmp_path):
+    url, ec2, image = aws
+    inventory_file(tmp_path, aws_config(url, image, "claim: {backend: dynamodb, table: no-such-table}"))
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 20, proc.stdout + proc.stderr
+    assert "FAILED in phase claim: claim in DynamoDB table no-such-table: ResourceNotFoundException" in proc.stdout
+    assert "Traceback" not in proc.stderr and instances(ec2, team="ops") == []
+    run = the_run(tmp_path)
+    assert run.status == "failed"
+    assert [(r.stage, r.outcome) for r in SQLiteState(tmp_path / "journal.sqlite").results(run.id)] == [("claim", "failed")]
+
+    with socket.socket() as probe:  # a port nothing listens on: the endpoint refuses
+        probe.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    folder = tmp_path / "refused"
+    inventory_file(folder, aws_config(refusing, image, "claim: {backend: dynamodb, table: overhaul-claims}"))
+    proc = synthetic(folder)
+    assert proc.returncode == 20, proc.stdout + proc.stderr
+    assert (f'FAILED in phase claim: claim in DynamoDB table overhaul-claims: Could not connect to the endpoint URL: '
+            f'"{refusing}/"' in proc.stdout), proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def within(seconds: float, proc: subprocess.Popen) -> tuple[subprocess.Popen, str, str]:
+    """The run's outcome, or a failed test when it takes longer (the run is then stopped by SIGTERM: it tears down)."""
+    try:
+        out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+        pytest.fail(f"the run took more than {seconds} s:\n{out}{err}")
+    return proc, out, err
+
+
+def test_the_credentials_timeout_is_enforced(aws, tmp_path):
+    image = aws[2]
+    with socket.socket() as hole:  # accepts connections (the kernel does) and never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        config = aws_config(f"http://127.0.0.1:{hole.getsockname()[1]}", image)
+        inventory_file(tmp_path, config.replace("timeouts: {", "timeouts: {credentials: 2, "))
+        started = time.monotonic()
+        proc, out, err = within(40, synthetic(tmp_path, wait=False))
+    assert proc.returncode == 21, out + err
+    assert "FAILED in phase credentials: not done within 2 s (timeouts.credentials)" in out
+    assert time.monotonic() - started < 20
+
+
+def test_the_verify_timeout_is_enforced_and_the_farm_still_torn_down(tmp_path, lab):
+    write(tmp_path / "runbooks/slow.yaml", """
+        name: slow
+        stages:
+          - name: hang
+            step: shell
+            params: {command: "sleep 120"}
+    """)
+    inventory_file(tmp_path, f"""
+        provider: lab
+        roles: {{db: {{count: 1}}}}
+        lab_subnet: 127.61.{PROCESS_OCTET}
+        setup_runbook: slow
+        timeouts: {{ssh: 30, verify: 3}}
+    """)
+    proc, out, err = within(60, synthetic(tmp_path, wait=False))
+    assert proc.returncode == 26, out + err
+    assert "FAILED in phase verify: not done within 3 s (timeouts.verify)" in out
+    [verify] = [line for line in out.splitlines() if line.startswith("   verify ")]
+    assert float(verify.split()[2]) < 6, verify
+    assert "   terminated   ok" in out and not list((tmp_path / "synthetic").glob("*/lab/state.json"))
+
+
+def test_a_farm_the_provider_cannot_make_is_an_input_error_and_claims_nothing(aws, tmp_path):
+    url, _, image = aws
+    path = inventory_file(tmp_path, """
+        provider: lab
+        roles: {db: {count: 1}, web: {count: 2}}
+    """)
+    line = path.read_text().splitlines().index("  roles: {db: {count: 1}, web: {count: 2}}") + 1
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"{path}:{line}: synthetic.roles.web: the lab provider has roles db, worker and app, not 'web'"
+            in proc.stderr), proc.stderr
+    inventory_file(tmp_path, aws_config(url, "").replace("image: \n", "").replace("{count: 2}", "{count: 2, image: x}"))
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 2 and "synthetic.roles.db.image: no image for role 'db'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not journal_runs(tmp_path)
+    inventory_file(tmp_path, aws_config(url, image))  # fixed: the night was not taken by the refused attempts
+    proc = synthetic(tmp_path)
+    assert proc.returncode == 0 and "synthetic nightly: passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_rerun_releases_a_failed_runs_window_once_and_is_journaled(aws, tmp_path):
+    url, _, image = aws
+    inventory_file(tmp_path, aws_config(url, image).replace("app: {count: 2}", "app: {count: 2, image: ami-00000000deadbeef}"))
+    assert synthetic(tmp_path).returncode == 23
+    [failed] = journal_runs(tmp_path)
+    inventory_file(tmp_path, aws_config(url, image))  # the operator fixes the cause
+    waiting = synthetic(tmp_path)
+    assert waiting.returncode == 0 and "already claimed by" in waiting.stdout and f"(run {failed.id}" in waiting.stdout
+
+    rerun = synthetic(tmp_path, args=("--rerun",))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"taken over from failed run {failed.id}" in rerun.stdout and "synthetic nightly: passed" in rerun.stdout
+    runs = journal_runs(tmp_path)
+    assert [r.status for r in runs] == ["succeeded", "failed"]
+    [(_, run_id, kind, detail)] = SQLiteState(tmp_path / "journal.sqlite").events("nightly")
+    assert (run_id, kind) == (runs[0].id, "synthetic-rerun") and f"from failed run {failed.id}" in detail
+
+    again = synthetic(tmp_path, args=("--rerun",))
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert f"this window's run {runs[0].id} is succeeded: --rerun only takes over from a failed run" in again.stderr
+    assert len(journal_runs(tmp_path)) == 2
+
+
+def test_the_webhook_is_https_or_loopback_http_bad_urls_are_clear_and_a_failure_is_tried_again(aws, tmp_path):
+    server = webhook_server(failures=1)
+    alerts.notify(f"http://127.0.0.1:{server.server_port}/hook", "hello")  # 500 first, then told
+    server.shutdown()
+    assert Webhook.received == [{"text": "hello"}, {"text": "hello"}]
+
+    for bad, why in (("http://hooks.example.com/services/T0/B0/s3cr3t", "must be https:// (http:// only to a loopback"),
+                     ("ftp://127.0.0.1/s3cr3t", "must be https://"), ("hooks.example.com/s3cr3t", "not a valid URL"),
+                     ("https://hooks.example.com:99999/s3cr3t", "not a valid URL")):
+        with pytest.raises(OverhaulError, match=re.escape(why)) as caught:
+            alerts.notify(bad, "never sent")
+        assert "s3cr3t" not in str(caught.value)
+
+    url, _, image = aws  # in a run: an input error before anything is claimed, and the URL is not echoed
+    inventory_file(tmp_path, aws_config(url, image, "webhook: {env: NIGHTLY_HOOK}"))
+    proc = synthetic(tmp_path, extra_env={"NIGHTLY_HOOK": "http://hooks.example.com/services/T0/B0/s3cr3t"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "synthetic.webhook (env:NIGHTLY_HOOK): the webhook must be https://" in proc.stderr
+    assert "s3cr3t" not in proc.stdout + proc.stderr and not journal_runs(tmp_path)
+
+
+def test_inventory_sources_are_plug_ins_found_by_entry_point(aws, tmp_path):
+    url, ec2, image = aws
+    ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[{"ResourceType": "instance", "Tags": [
+        {"Key": "Name", "Value": "db-a"}, {"Key": "overhaul:role", "Value": "db"}, {"Key": "env", "Value": "prod"}]}])
+    write(tmp_path / "hosts/known_hosts", "")
+    path = write(tmp_path / "hosts/prod.yaml", f"""
+        environment: prod
+        ssh: {{known_hosts: known_hosts}}
+        source: {{provider: aws-ec2, endpoint_url: "{url}", region: us-east-1, filters: {{env: prod}}}}
+    """)
+    probe = ("import sys; from pathlib import Path; from overhaul.inventory import load_inventory_file; "
+             f"print([h.name for h in load_inventory_file(Path({str(path)!r})).hosts]); "
+             "print(sorted(m for m in sys.modules if m.startswith(('overhaul.synthetic', 'overhaul.sources'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    hosts, modules = out.stdout.splitlines()
+    assert hosts == "['db-a']"
+    assert "'overhaul.sources.ec2'" in modules and "overhaul.synthetic.aws" not in modules, modules
+
+    path.write_text(path.read_text().replace("provider: aws-ec2", "provider: nope"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:3: source.provider: unknown inventory source 'nope' "
+                                                    "(sources: aws-ec2")):
+        load_inventory_file(path)
+    path.write_text(path.read_text().replace("provider: nope", "provider: aws-ec2").replace("filters:", "filter:"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:3: source.filters: Field required")):
+        load_inventory_file(path)
+
+
+def test_the_core_imports_no_feature_and_the_synthetic_modules_import_no_circle():
+    graph = {module: imports(path) for module, path in modules_under("overhaul/synthetic", "overhaul/sources")}
+    assert not cycle(graph), cycle(graph)
+    # The core knows the source plug-in interface (and the `synthetic:` section's model), no feature module.
+    features = set(graph) - {"overhaul.sources", "overhaul.synthetic", "overhaul.synthetic.config"}
+    assert not imports(ROOT / "overhaul/inventory.py") & features
+
+
+def modules_under(*folders: str) -> list[tuple[str, Path]]:
+    found = []
+    for folder in folders:
+        for path in sorted((ROOT / folder).glob("*.py")):
+            name = folder.replace("/", ".") + ("" if path.stem == "__init__" else f".{path.stem}")
+            found.append((name, path))
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """The overhaul modules `path` imports, at its top or inside functions (not those only for type checking)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("overhaul"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from package import module`
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("overhaul"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle among the modules of `graph` (depth-first search), or []."""
+    state: dict[str, str] = {}
+
+    def walk(module: str, trail: list[str]) -> list[str]:
+        state[module] = "open"
+        for target in sorted(graph[module] & graph.keys()):
+            if state.get(target) == "open":
+                return [*trail[trail.index(target):], target] if target in trail else [module, target]
+            if target not in state and (found := walk(target, [*trail, target])):
+                return found
+        state[module] = "done"
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := walk(module, [module])):
+            return found
+    return []

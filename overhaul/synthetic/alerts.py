@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+
+from overhaul.errors import OverhaulError
 
 PREFIX = "overhaul_synthetic"
 
@@ -47,9 +53,37 @@ def _previous_last_success(path: Path, label: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def check_webhook(url: str) -> str:
+    """`url` if it is a webhook Overhaul posts to: https, or http to a loopback address (a local relay, a test).
+
+    The URL is a secret (a Slack webhook's path is its token): errors name the scheme and host, never the URL.
+    """
+    url = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _port = parts.hostname, parts.port  # .port raises ValueError on a bad port
+    except ValueError as exc:
+        raise OverhaulError(f"the webhook is not a valid URL: {exc}") from None
+    if not host or any(ch.isspace() for ch in url):
+        raise OverhaulError("the webhook is not a valid URL: expected https://HOST/PATH")
+    if parts.scheme == "https" or (parts.scheme == "http" and _loopback(host)):
+        return url
+    raise OverhaulError(f"the webhook must be https:// (http:// only to a loopback address), got {parts.scheme or 'no'} "
+                        f"scheme to host {host}")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def notify(url: str, text: str, timeout: float = 10) -> None:
-    """POST {"text": ...} (what Slack incoming webhooks and compatible receivers take)."""
-    request = urllib.request.Request(url, data=json.dumps({"text": text}).encode(), method="POST",
+    """POST {"text": ...} (what Slack incoming webhooks and compatible receivers take); one retry on failure."""
+    request = urllib.request.Request(check_webhook(url), data=json.dumps({"text": text}).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as reply:
-        reply.read()
+    for attempt in Retrying(stop=stop_after_attempt(2), wait=wait_fixed(1), retry=retry_if_exception_type(OSError),
+                            reraise=True):
+        with attempt, urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()

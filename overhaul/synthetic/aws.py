@@ -1,35 +1,32 @@
-"""AWS through boto3: the `aws-ec2` synthetic provider, dynamic EC2 inventories and DynamoDB claims."""
+"""AWS through boto3: the `aws-ec2` synthetic provider and the DynamoDB window claim."""
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from overhaul.errors import OverhaulError
-from overhaul.synthetic.providers import TAG, Farm, Provider, Server
+from overhaul.sources.ec2 import aws_error, client, instances
+from overhaul.synthetic.providers import TAG, Farm, Problem, Provider, Server
 
-RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+if TYPE_CHECKING:
+    from overhaul.synthetic.config import SyntheticConfig
 
-
-def client(service: str, region: str | None, endpoint_url: str | None) -> Any:
-    return boto3.client(service, region_name=region or "us-east-1", endpoint_url=endpoint_url, config=RETRIES)
-
-
-def aws_error(exc: Exception) -> str:
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return f"{error.get('Code', '?')}: {error.get('Message', exc)}"
-    return str(exc)
+LIVE = ["pending", "running", "stopping", "stopped"]  # instance states that still cost money or may come back
 
 
 class EC2Provider(Provider):
-    """EC2 instances tagged overhaul:synthetic=<run id>, overhaul:role=<role>."""
+    """EC2 instances tagged overhaul:synthetic=<run id>, overhaul:role=<role>, overhaul:environment=<env>."""
 
     name = "aws-ec2"
+
+    @classmethod
+    def config_problems(cls, config: SyntheticConfig) -> list[Problem]:
+        return [(("roles", role, "image"), f"no image for role {role!r}: set synthetic.image or roles.{role}.image")
+                for role, spec in config.roles.items() if not (spec.image or config.image)]
 
     @property
     def ec2(self) -> Any:
@@ -46,9 +43,9 @@ class EC2Provider(Provider):
     def sweep(self, older_than: float) -> list[str]:
         stale = [
             instance["InstanceId"]
-            for instance in self._instances([{"Name": "tag-key", "Values": [TAG]},
-                                             {"Name": "tag:overhaul:environment", "Values": [self.environment]},
-                                             {"Name": "instance-state-name", "Values": ["pending", "running", "stopped"]}])
+            for instance in instances(self.ec2, [{"Name": "tag-key", "Values": [TAG]},
+                                                 {"Name": "tag:overhaul:environment", "Values": [self.environment]},
+                                                 {"Name": "instance-state-name", "Values": LIVE}])
             if instance["LaunchTime"].timestamp() < older_than
         ]
         if stale:
@@ -66,6 +63,7 @@ class EC2Provider(Provider):
                 "ImageId": spec.image or config.image, "InstanceType": spec.instance_type or config.instance_type,
                 "MinCount": spec.count, "MaxCount": spec.count,
                 "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+                "ClientToken": client_token(self.environment, farm.run_id, role),
             }
             if config.subnet:
                 request["SubnetId"] = config.subnet
@@ -77,12 +75,14 @@ class EC2Provider(Provider):
                 reply = self.ec2.run_instances(**request)
             except (BotoCoreError, ClientError) as exc:
                 raise OverhaulError(f"launching {spec.count} {role} server(s) failed: {aws_error(exc)}") from None
+            known = {server.id for server in farm.servers}
             for index, instance in enumerate(reply["Instances"], start=1):
-                farm.servers.append(Server(instance["InstanceId"], f"{role}{index}", role))
+                if instance["InstanceId"] not in known:  # a repeated request answers with the same instances
+                    farm.servers.append(Server(instance["InstanceId"], f"{role}{index}", role))
 
     def wait_running(self, farm: Farm, timeout: float) -> None:
         self._wait(farm, "running", timeout)
-        by_id = {i["InstanceId"]: i for i in self._instances([], [s.id for s in farm.servers])}
+        by_id = {i["InstanceId"]: i for i in instances(self.ec2, [], [s.id for s in farm.servers])}
         key = "PrivateIpAddress" if self.config.address == "private" else "PublicIpAddress"
         for server in farm.servers:
             server.address = by_id[server.id].get(key, "")
@@ -101,15 +101,28 @@ class EC2Provider(Provider):
         return None
 
     def terminate(self, farm: Farm) -> None:
-        self.ec2.terminate_instances(InstanceIds=[s.id for s in farm.servers])
+        """Terminate the farm's instances and any other tagged with this run (e.g. a launch whose reply was lost)."""
+        try:
+            tagged = instances(self.ec2, [{"Name": f"tag:{TAG}", "Values": [farm.run_id]},
+                                          {"Name": "instance-state-name", "Values": LIVE}])
+            known = {server.id for server in farm.servers}
+            for instance in tagged:
+                if instance["InstanceId"] not in known:
+                    role = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}.get("overhaul:role", "?")
+                    farm.servers.append(Server(instance["InstanceId"], instance["InstanceId"], role))
+            if farm.servers:
+                self.ec2.terminate_instances(InstanceIds=[server.id for server in farm.servers])
+        except (BotoCoreError, ClientError) as exc:
+            raise OverhaulError(f"terminating the servers of run {farm.run_id}: {aws_error(exc)}") from None
 
     def wait_terminated(self, farm: Farm, timeout: float) -> None:
         self._wait(farm, "terminated", timeout)
 
     def _wait(self, farm: Farm, state: str, timeout: float) -> None:
+        ids = [server.id for server in farm.servers]
         deadline = time.monotonic() + timeout
-        while True:
-            states = {i["InstanceId"]: i["State"]["Name"] for i in self._instances([], [s.id for s in farm.servers])}
+        while ids:
+            states = {i["InstanceId"]: i["State"]["Name"] for i in instances(self.ec2, [], ids)}
             behind = {iid: st for iid, st in states.items() if st != state}
             if not behind:
                 return
@@ -119,12 +132,10 @@ class EC2Provider(Provider):
                 raise OverhaulError(f"not {state} after {timeout:g} s: {behind}")
             time.sleep(min(5.0, max(0.2, timeout / 100)))
 
-    def _instances(self, filters: list[dict], ids: list[str] | None = None) -> list[dict]:
-        request: dict[str, Any] = {"Filters": filters}
-        if ids:
-            request["InstanceIds"] = ids
-        pages = self.ec2.get_paginator("describe_instances").paginate(**request)
-        return [i for page in pages for reservation in page["Reservations"] for i in reservation["Instances"]]
+
+def client_token(environment: str, run_id: str, role: str) -> str:
+    """The idempotency token of one role's `run_instances`: a retried request returns the first one's instances."""
+    return hashlib.sha256(f"{environment}/{run_id}/{role}".encode()).hexdigest()  # 64 characters, EC2's maximum
 
 
 def claim_dynamodb(table: str, key: str, holder: str, run_id: str, expires: float,
@@ -134,36 +145,15 @@ def claim_dynamodb(table: str, key: str, holder: str, run_id: str, expires: floa
     item = {"pk": {"S": key}, "holder": {"S": holder}, "run_id": {"S": run_id},
             "at": {"N": f"{time.time():.3f}"}, "expires": {"N": str(int(expires))}}
     try:
-        dynamodb.put_item(TableName=table, Item=item, ConditionExpression="attribute_not_exists(pk) OR #exp < :now",
-                          ExpressionAttributeNames={"#exp": "expires"},
-                          ExpressionAttributeValues={":now": {"N": str(int(time.time()))}})
-        return None
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-            raise OverhaulError(f"claim in DynamoDB table {table}: {aws_error(exc)}") from None
-    existing = dynamodb.get_item(TableName=table, Key={"pk": {"S": key}}, ConsistentRead=True).get("Item", {})
-    return {name: next(iter(value.values())) for name, value in existing.items()}
-
-
-def ec2_hosts(region: str | None, endpoint_url: str | None, filters: dict[str, str], role_tag: str,
-              name_tag: str, address: str) -> list[dict[str, Any]]:
-    """Running instances matching tag filters, as inventory host entries (name, address, roles)."""
-    ec2 = client("ec2", region, endpoint_url)
-    request = [{"Name": f"tag:{k}", "Values": [v]} for k, v in filters.items()]
-    request.append({"Name": "instance-state-name", "Values": ["running"]})
-    hosts = []
-    try:
-        pages = ec2.get_paginator("describe_instances").paginate(Filters=request)
-        instances = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+        try:
+            dynamodb.put_item(TableName=table, Item=item, ConditionExpression="attribute_not_exists(pk) OR #exp < :now",
+                              ExpressionAttributeNames={"#exp": "expires"},
+                              ExpressionAttributeValues={":now": {"N": str(int(time.time()))}})
+            return None
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+        existing = dynamodb.get_item(TableName=table, Key={"pk": {"S": key}}, ConsistentRead=True).get("Item", {})
     except (BotoCoreError, ClientError) as exc:
-        raise OverhaulError(f"EC2 inventory source: {aws_error(exc)}") from None
-    for instance in sorted(instances, key=lambda i: i["InstanceId"]):
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        roles = [r.strip() for r in tags.get(role_tag, "").split(",") if r.strip()]
-        hosts.append({
-            "name": tags.get(name_tag) or instance["InstanceId"],
-            "address": instance.get("PrivateIpAddress" if address == "private" else "PublicIpAddress", ""),
-            "roles": roles or ["unassigned"],
-            "vars": {"instance_id": instance["InstanceId"]},
-        })
-    return hosts
+        raise OverhaulError(f"claim in DynamoDB table {table}: {aws_error(exc)}") from None
+    return {name: next(iter(value.values())) for name, value in existing.items()}

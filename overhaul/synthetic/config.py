@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from overhaul.errors import OverhaulError
 from overhaul.secrets import SecretRef
 
 
@@ -37,6 +39,12 @@ class Claim(Strict):
     backend: Literal["local", "dynamodb"] = "local"
     table: str | None = None  # dynamodb: a table whose partition key is `pk` (string)
 
+    @model_validator(mode="after")
+    def _table_for_dynamodb(self) -> Self:
+        if self.backend == "dynamodb" and not self.table:
+            raise ValueError("the dynamodb backend needs `table` (a table whose partition key is `pk`)")
+        return self
+
 
 class SyntheticConfig(Strict):
     provider: str = Field(min_length=1)  # aws-ec2 | lab | a plug-in's name
@@ -64,3 +72,19 @@ class SyntheticConfig(Strict):
     metrics_file: Path | None = None  # Prometheus textfile-collector output
     webhook: SecretRef | None = None  # Slack-compatible URL, on failure and on recovery
     lab_subnet: str = "127.60.0"  # lab provider: where the farm's hosts listen
+
+    @model_validator(mode="after")
+    def _provider_can_do_it(self) -> Self:
+        """A farm the provider would refuse is an input error when the inventory loads, not a failed night."""
+        from overhaul.synthetic.registry import provider_class  # the providers import this module's types
+
+        try:
+            problems = provider_class(self.provider).config_problems(self)
+        except OverhaulError as exc:  # an unknown provider
+            problems = [(("provider",), str(exc))]
+        if problems:  # raised as a ValidationError so that each problem keeps its own location (file:line)
+            raise ValidationError.from_exception_data("SyntheticConfig", [
+                InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                                 loc=location, input=None)
+                for location, message in problems])
+        return self

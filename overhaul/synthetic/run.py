@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import paramiko
+from tenacity import Retrying, stop_before_delay, wait_exponential_jitter
 
-from overhaul.errors import HostUnreachable, OverhaulError
+from overhaul.errors import HostUnreachable, OverhaulError, Refused
 from overhaul.execution import new_run_id, operator
 from overhaul.inventory import Host, Inventory, SSHSettings
 from overhaul.plan import build_plan
@@ -36,7 +37,8 @@ from overhaul.step import Outcome, Registry
 from overhaul.synthetic import alerts
 from overhaul.synthetic.aws import claim_dynamodb
 from overhaul.synthetic.config import SyntheticConfig
-from overhaul.synthetic.providers import Farm, Provider, provider_class
+from overhaul.synthetic.providers import TAG, Farm, Provider
+from overhaul.synthetic.registry import provider_class
 from overhaul.transport import Transport
 
 PHASES = ["claim", "credentials", "sweep", "launch", "running", "ssh", "verify", "endpoints", "hold", "terminate",
@@ -64,7 +66,11 @@ class PhaseResult:
 
 class SyntheticRun:
     def __init__(self, inventory: Inventory, state: SQLiteState, workdir: Path, stream: TextIO = sys.stdout,
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, rerun: bool = False):
+        """Everything that can be checked before the window is claimed is checked here (input errors, exit 2).
+
+        `rerun`: take this window over from its failed run (journaled), so a repaired night can run again.
+        """
         if inventory.synthetic is None:
             raise OverhaulError(f"the inventory of {inventory.environment!r} has no `synthetic:` section")
         self.inventory = inventory
@@ -79,31 +85,44 @@ class SyntheticRun:
         self.phases: list[PhaseResult] = []
         self.farm_inventory: Inventory | None = None
         self.current = "claim"
+        self.rerun = rerun
+        self.holder: dict | None = None  # the claim of another run, when this window is not ours
+        self.started = False  # journaled as a run (a run that finds the window taken is not)
+        self.launching = False  # teardown is due once a launch was asked for, even if its reply never came
+        self.webhook = self._webhook_url()
+        self._verifying: tuple[Runner, Transport] | None = None
+        self._verify_cancelled = threading.Event()
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> int:
         window = int(time.time() // self.config.window)
-        holder = self._claim(window)
-        if holder is not None:
+        try:
+            self._phase("claim", lambda: self._claim(window))
+        except PhaseFailed as exc:  # a broken claim backend: journaled and told like any failed phase
+            self._start(window)
+            return self._finish(exc)
+        if self.holder is not None:
+            holder = self.holder
             at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["at"])))
             self._say(f"synthetic {self.environment}: this window is already claimed by {holder['holder']} "
                       f"(run {holder['run_id']}, at {at}): nothing to do")
             return 0
-        self.state.start_run(RunRecord(self.run_id, "synthetic", self.config.provider, "", self.environment,
-                                       {"provider": self.config.provider, "window": window}, operator(), time.time()))
+        self._start(window)
         failure: PhaseFailed | None = None
         previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
         if _main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            self._phase("credentials", self.provider.check_credentials)
+            self._phase("credentials", self.provider.check_credentials, self.config.timeouts.credentials)
             self._phase("sweep", self._sweep)
             self._phase("launch", self._launch)
             self._phase("running", self._running)
-            for name, action in (("ssh", self._ssh), ("verify", self._verify), ("endpoints", self._endpoints)):
-                if self.config.connect:
-                    self._phase(name, action)
-                else:
+            if self.config.connect:
+                self._phase("ssh", self._ssh)
+                self._phase("verify", self._verify, self.config.timeouts.verify, cancel=self._cancel_verify)
+                self._phase("endpoints", self._endpoints)
+            else:
+                for name in ("ssh", "verify", "endpoints"):
                     self._skip(name, "connect: false (cloud API only)")
             if self.config.hold:
                 self._phase("hold", lambda: time.sleep(self.config.hold) or f"held the farm {self.config.hold:g} s")
@@ -118,12 +137,19 @@ class SyntheticRun:
                 signal.signal(signal.SIGTERM, previous)
         return self._finish(failure)
 
-    def _phase(self, name: str, action: Callable[[], str | None]) -> None:
+    def _phase(self, name: str, action: Callable[[], str | None], timeout: float | None = None,
+               cancel: Callable[[], None] | None = None) -> None:
+        """Run one phase, timed and recorded; any error fails it (PhaseFailed). A refusal is no phase failure.
+
+        With `timeout`, the phase fails when `action` has not returned by then (`cancel` is asked to stop it).
+        """
         self._say(f"-- {name}")
         self.current = name
         started = time.monotonic()
         try:
-            message = action() or ""
+            message = (action() if timeout is None else _within(timeout, action, cancel, f"timeouts.{name}")) or ""
+        except Refused:
+            raise
         except (OverhaulError, HostUnreachable) as exc:
             self._record(PhaseResult(name, "failed", time.monotonic() - started, str(exc)))
             raise PhaseFailed(name, str(exc)) from None
@@ -139,6 +165,19 @@ class SyntheticRun:
     def _record(self, result: PhaseResult) -> None:
         self.phases.append(result)
         self._say(f"   {result.name:<12} {result.status:<8} {result.seconds:7.2f} s  {result.message}")
+        if self.started:
+            self._journal(result)
+
+    def _start(self, window: int) -> None:
+        """Journal this run (a synthetic run is not resumable: never `mutating`), with the phases so far."""
+        self.state.start_run(RunRecord(self.run_id, "synthetic", self.config.provider, "", self.environment,
+                                       {"provider": self.config.provider, "window": window}, operator(), time.time(),
+                                       mutating=False))
+        self.started = True
+        for result in self.phases:
+            self._journal(result)
+
+    def _journal(self, result: PhaseResult) -> None:
         now = time.time()
         self.state.record(ResultRecord(self.run_id, PHASES.index(result.name), result.name, "farm",
                                        {"ok": "ok", "failed": "failed", "skipped": "skipped"}[result.status],
@@ -148,16 +187,43 @@ class SyntheticRun:
         print(text, file=self.stream, flush=True)
 
     # -- phases ------------------------------------------------------------------------------
-    def _claim(self, window: int) -> dict | None:
+    def _claim(self, window: int) -> str:
+        """Claim this window (one run per window, whichever scheduler fires); `self.holder` says who has it else.
+
+        With `rerun`, a window held by a failed run is taken over: the next claim is keyed on that run, so of
+        several operators rerunning at once one wins, and a scheduled run still finds the window taken.
+        """
         key = f"synthetic:{self.environment}:{window}"
+        self.holder = self._claim_key(key, window)
+        while self.rerun and self.holder is not None:
+            failed = self._failed_run(self.holder)
+            key = f"{key}:rerun-after:{failed}"
+            self.holder = self._claim_key(key, window)
+            if self.holder is None:
+                self.state.event(self.environment, "synthetic-rerun", f"window {window}: {operator()} took the claim "
+                                 f"over from failed run {failed}", self.run_id)
+                return f"window {window} taken over from failed run {failed}"
+        return f"window {window}" + (f" is held by run {self.holder['run_id']}" if self.holder else " claimed")
+
+    def _claim_key(self, key: str, window: int) -> dict | None:
         expires = (window + 1) * self.config.window
         claim = self.config.claim
         if claim.backend == "dynamodb":
-            if not claim.table:
-                raise OverhaulError("synthetic.claim.table is needed with the dynamodb backend")
+            assert claim.table is not None  # the config's validation makes sure of it
             return claim_dynamodb(claim.table, key, operator(), self.run_id, expires, self.config.region,
                                   self.config.endpoint_url)
         return self.state.claim(key, operator(), self.run_id, expires)
+
+    def _failed_run(self, holder: dict) -> str:
+        """The id of the run holding the window, when it failed (what --rerun may take over); else refused."""
+        try:
+            status = self.state.run(holder["run_id"]).status
+        except KeyError:
+            raise Refused(f"this window is held by run {holder['run_id']} of {holder['holder']}, which is not in this "
+                          f"machine's journal: rerun where it ran") from None
+        if status != "failed":
+            raise Refused(f"this window's run {holder['run_id']} is {status}: --rerun only takes over from a failed run")
+        return holder["run_id"]
 
     def _sweep(self) -> str:
         swept = self.provider.sweep(time.time() - self.config.max_age)
@@ -166,6 +232,7 @@ class SyntheticRun:
         return "nothing left by earlier runs"
 
     def _launch(self) -> str:
+        self.launching = True
         self.provider.launch(self.farm)
         return f"{len(self.farm.servers)} server(s): " + ", ".join(f"{s.name} ({s.id})" for s in self.farm.servers)
 
@@ -222,9 +289,14 @@ class SyntheticRun:
             params = self.config.verify_params if name == "verify" else {}
             plan = build_plan(load_runbook(name), self.farm_inventory, self.registry, params)
             transport = Transport(self.farm_inventory)
+            runner = Runner(plan, transport, listeners=[ConsoleReport(self.stream)])
+            self._verifying = (runner, transport)
             try:
-                result = Runner(plan, transport, listeners=[ConsoleReport(self.stream)]).run()
+                if self._verify_cancelled.is_set():
+                    raise OverhaulError("verify was cancelled")
+                result = runner.run()
             finally:
+                self._verifying = None
                 transport.close()
             order = [server.name for server in self.farm.servers]
             failed = sorted((r for r in result.results if r.outcome is Outcome.FAILED), key=lambda r: order.index(r.host))
@@ -232,6 +304,14 @@ class SyntheticRun:
                 detail = "; ".join(f"{r.stage} on {r.host}: {r.message}" for r in failed) or result.stop_reason
                 raise OverhaulError(f"runbook {name!r} failed: {detail}")
         return f"{' + '.join(runbooks)} passed on every server"
+
+    def _cancel_verify(self) -> None:
+        """Stop the verify phase's runner (it was given up): start nothing new, cut the connections."""
+        self._verify_cancelled.set()
+        if self._verifying is not None:
+            runner, transport = self._verifying
+            runner.request_stop()
+            transport.close()
 
     def _endpoints(self) -> str:
         if not self.config.endpoints:
@@ -256,21 +336,32 @@ class SyntheticRun:
         return f"every server reaches {', '.join(targets)}"
 
     def _teardown(self) -> PhaseFailed | None:
-        if not self.farm.servers:
+        if not self.launching:
             return None
-        for name, action in (("terminate", lambda: self.provider.terminate(self.farm)),
+        for name, action in (("terminate", self._terminate),
                              ("terminated", lambda: self.provider.wait_terminated(self.farm, self.config.timeouts.terminate))):
             for _attempt in range(3):  # a signal during teardown must not stop it: do the same action again
                 try:
                     self._phase(name, action)
                     break
                 except PhaseFailed as exc:
-                    ids = ", ".join(s.id for s in self.farm.servers)
+                    ids = ", ".join(s.id for s in self.farm.servers) or f"any tagged {TAG}={self.run_id}"
                     self._say(f"LEAK: servers may still run: {ids} (the next run's sweep will retry)")
                     return exc
                 except (Terminated, KeyboardInterrupt):
                     self._say(f"   {name}: signal received during teardown; carrying on")
         return None
+
+    def _terminate(self) -> str:
+        """The provider's terminate, tried again with backoff until it works or `timeouts.terminate` has passed."""
+        def retrying(state: Any) -> None:
+            self._say(f"   terminate: {state.outcome.exception()}; trying again")
+
+        for attempt in Retrying(stop=stop_before_delay(self.config.timeouts.terminate), reraise=True,
+                                wait=wait_exponential_jitter(multiplier=1, max=30, jitter=1), before_sleep=retrying):
+            with attempt:
+                self.provider.terminate(self.farm)
+        return f"{len(self.farm.servers)} server(s): {', '.join(s.id for s in self.farm.servers)}"
 
     def _finish(self, failure: PhaseFailed | None) -> int:
         succeeded = failure is None
@@ -285,8 +376,18 @@ class SyntheticRun:
         self._say(f"synthetic {self.environment}: passed ({len(self.farm.servers)} servers launched, proven, terminated)")
         return 0
 
+    def _webhook_url(self) -> str | None:
+        """The webhook's URL, read and checked before the run claims anything (a bad one is an input error)."""
+        reference = self.config.webhook
+        if reference is None:
+            return None
+        try:
+            return alerts.check_webhook(reference.resolve())
+        except OverhaulError as exc:
+            raise OverhaulError(f"{self.inventory.path}: synthetic.webhook ({reference.describe()}): {exc}") from None
+
     def _notify(self, failure: PhaseFailed | None) -> None:
-        if self.config.webhook is None:
+        if self.webhook is None:
             return
         earlier = [r for r in self.state.runs(self.environment, limit=50) if r.runbook == "synthetic" and r.id != self.run_id
                    and r.status in ("succeeded", "failed")]
@@ -297,7 +398,7 @@ class SyntheticRun:
                 f"(run {self.run_id})" if failure else
                 f"Overhaul synthetic test of {self.environment} recovered: passed (run {self.run_id})")
         try:
-            alerts.notify(self.config.webhook.resolve(), text)
+            alerts.notify(self.webhook, text)
         except (OSError, OverhaulError) as exc:
             self._say(f"warning: the webhook could not be told: {exc}")
 
@@ -308,6 +409,33 @@ def _main_thread() -> bool:
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def _within(seconds: float, action: Callable[[], str | None], cancel: Callable[[], None] | None, setting: str) -> str | None:
+    """`action()` in a thread of its own, given up after `seconds` (a thread cannot be killed: `cancel` asks it to end)."""
+    done: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            done["value"] = action()
+        except BaseException as exc:  # handed to the caller's thread
+            done["error"] = exc
+
+    worker = threading.Thread(target=target, name="synthetic-phase", daemon=True)
+    worker.start()
+    try:
+        worker.join(seconds)
+    except BaseException:  # SIGTERM or Ctrl-C while waiting: the phase is abandoned either way
+        if cancel:
+            cancel()
+        raise
+    if worker.is_alive():
+        if cancel:
+            cancel()
+        raise OverhaulError(f"not done within {seconds:g} s ({setting})")
+    if "error" in done:
+        raise done["error"]
+    return done.get("value")
 
 
 def _first_use_key(address: str, timeout: float) -> str:

@@ -1,0 +1,86 @@
+"""Facts read once: shared by the steps that ask the same question, never trusted across an apply or a stage."""
+
+from __future__ import annotations
+
+import io
+
+from helpers import lab_inventory, outcomes, plan_for
+
+from overhaul.context import MARK, Facts, _sections
+from overhaul.execution import Gate, run_plan
+from overhaul.plan import build_plan
+from overhaul.runbook import load_runbook
+from overhaul.runner import Runner
+from overhaul.state import SQLiteState
+from overhaul.step import Registry
+from overhaul.transport import RemoteHost, Transport
+
+
+def test_a_fact_is_read_once_and_forgotten_on_apply_unless_stable():
+    facts, reads = Facts(), []
+
+    def read(answer):
+        return lambda: reads.append(answer) or answer
+
+    assert facts.get("app1", "installed", read("1.0.0")) == "1.0.0"
+    assert facts.get("app1", "installed", read("other")) == "1.0.0"
+    assert facts.get("app1", "manager", read("apt"), stable=True) == "apt"
+    facts.forget("app1")
+    assert facts.get("app1", "installed", read("1.1.0")) == "1.1.0"
+    assert facts.get("app1", "manager", read("yum")) == "apt"  # stable: the run's steps do not change it
+    assert reads == ["1.0.0", "apt", "1.1.0"]
+
+
+def test_probe_answers_are_split_exactly():
+    out = f"{MARK}\nline one\nline two\n\n{MARK}0\n{MARK}\nno newline\n{MARK}3\n{MARK}\n\n{MARK}1\n"
+    assert _sections(out) == [(0, "line one\nline two\n"), (3, "no newline"), (1, "")]
+
+
+def test_a_change_by_hand_between_two_stages_is_seen(lab, tmp_path):
+    plan = plan_for("""
+        name: twice
+        stages:
+          - {name: first look, step: services.verify, hosts: [app1]}
+          - {name: second look, step: services.verify, hosts: [app1], confirm: true}
+    """, tmp_path, lab_inventory(lab))
+
+    def stop_by_hand(planned):  # runs between the two stages
+        lab.host("app1").exec("scalr-server-manage stop plotter")
+        return True
+
+    transport = Transport(plan.inventory)
+    try:
+        result = Runner(plan, transport, confirm=stop_by_hand, sleep=lambda _: None).run()
+    finally:
+        transport.close()
+        lab.host("app1").exec("scalr-server-manage start plotter")
+    assert outcomes(result, "first look") == {"app1": "ok"}
+    assert outcomes(result, "second look") == {"app1": "failed"}
+    assert "plotter STOPPED" in next(r for r in result.results if r.stage == "second look").message
+
+
+def counted(monkeypatch) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    original = RemoteHost.run
+
+    def run(self, command, **kwargs):
+        counts[self.name] = counts.get(self.name, 0) + 1
+        return original(self, command, **kwargs)
+
+    monkeypatch.setattr(RemoteHost, "run", run)
+    return counts
+
+
+def test_an_upgrade_sends_at_most_ten_commands_per_app_host_preflight_included(fresh_lab, tmp_path, monkeypatch):
+    lab = fresh_lab(3)
+    plan = build_plan(load_runbook("upgrade"), lab_inventory(lab), Registry(), {"version": "1.1.0"})
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    counts = counted(monkeypatch)
+    result = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
+    assert not result.failed and not result.refused
+    assert counts["app1"] <= 10 and counts["worker1"] <= 10, counts  # Ansible's playbook: 6; before the facts: 23
+    assert lab.host("app1").exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.1.0"
+    counts.clear()
+    again = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
+    assert {r.outcome.value for r in again.results} == {"ok"}
+    assert counts["app1"] <= 6, counts  # a no-op re-run: the gate, then one read per stage
