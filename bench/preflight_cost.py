@@ -1,26 +1,30 @@
-"""What the preflight gate costs: the upgrade's preflight on every host, as a ratio to one `verify`.
+"""What the preflight gate costs, and what a no-op upgrade costs, each as a ratio to one `verify`.
 
 Usage (as root, from the repository): .venv/bin/python bench/preflight_cost.py [--sizes 4 50] [--rounds 5]
-Starts a lab per size on 127.52.0.x (torn down afterwards). Each round, in the same process and
-interleaved: the built-in verify runbook over fresh connections, then the upgrade runbook's preflight
-over fresh connections (both include connecting). Prints min / median per side and the median of the
-per-round ratios.
+Starts a lab per size on 127.52.0.x (torn down afterwards) and upgrades it to 1.1.0 once. Then each
+round, in the same process and interleaved: the built-in verify runbook, the upgrade runbook's
+preflight alone, and a whole no-op upgrade (gate, lock, journal, every stage finding its work done),
+each over fresh connections (connecting included). Prints min / median per side and the median of
+the per-round ratios to verify.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from overhaul.execution import Gate, run_plan
 from overhaul.inventory import load_inventory_file
 from overhaul.lab import Lab
 from overhaul.plan import Plan, build_plan
 from overhaul.preflight import run_preflight
 from overhaul.runbook import load_runbook
 from overhaul.runner import Runner
+from overhaul.state import SQLiteState
 from overhaul.step import Registry
 from overhaul.transport import Transport
 
@@ -48,6 +52,18 @@ def timed_preflight(plan: Plan) -> float:
     return time.perf_counter() - started
 
 
+def timed_upgrade(plan: Plan, state: SQLiteState) -> float:
+    started = time.perf_counter()
+    result = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
+    assert not result.failed and not result.refused, result.refused
+    return time.perf_counter() - started
+
+
+def line(label: str, times: list[float], verifies: list[float]) -> str:
+    ratio = statistics.median(t / v for t, v in zip(times, verifies, strict=True))
+    return f"{label} min {min(times):5.2f} s median {statistics.median(times):5.2f} s ({ratio:4.2f}x verify)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 50], help="lab sizes (default 4 50)")
@@ -62,15 +78,17 @@ def main() -> None:
                 inventory = load_inventory_file(lab.inventory)
                 verify = build_plan(load_runbook("verify"), inventory, Registry(), {})
                 upgrade = build_plan(load_runbook("upgrade"), inventory, Registry(), {"version": "1.1.0"})
-                timed_preflight(upgrade)  # warm: apt's caches and the page cache, for both sides alike
-                verifies, preflights = [], []
+                timed_preflight(upgrade)  # warm: apt's caches and the page cache, for every side alike
+                state = SQLiteState(Path(tmp) / "journal.sqlite")
+                timed_upgrade(upgrade, state)  # the real upgrade, 1.0.0 -> 1.1.0; every later one is a no-op
+                verifies, preflights, noops = [], [], []
                 for _ in range(args.rounds):
                     verifies.append(timed_verify(verify))
                     preflights.append(timed_preflight(upgrade))
-                ratios = [p / v for p, v in zip(preflights, verifies, strict=True)]
-                print(f"{size:>3} hosts: verify min {min(verifies):5.2f} s median {statistics.median(verifies):5.2f} s | "
-                      f"upgrade preflight min {min(preflights):5.2f} s median {statistics.median(preflights):5.2f} s | "
-                      f"preflight / verify, median of {args.rounds} rounds: {statistics.median(ratios):4.2f}x")
+                    noops.append(timed_upgrade(upgrade, state))
+                print(f"{size:>3} hosts, {args.rounds} rounds: verify min {min(verifies):5.2f} s median "
+                      f"{statistics.median(verifies):5.2f} s | {line('upgrade preflight', preflights, verifies)} | "
+                      f"{line('no-op upgrade', noops, verifies)}")
             finally:
                 lab.down()
 

@@ -335,8 +335,6 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
             refusals = ["not confirmed"]
     if runner._stopping.is_set():
         return RunResult([], interrupted=True, refused=["interrupted before any change"], preflight=report)
-    if gate.reviewed is None and gate.approve is None:
-        runner.fresh = set(runner.plan.hosts)  # the preflight's reads are a moment old: the first stage uses them
     if refusals:
         return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
     result = runner.run()

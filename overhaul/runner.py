@@ -108,7 +108,7 @@ class Runner:
         self._lock = threading.Lock()
         self._results: list[HostResult] = []
         self.facts = facts or Facts()  # shared with the preflight and the preview of this run
-        self.fresh: set[str] = set()  # hosts whose facts the gate just read: their first pair may use them
+        self.touched: set[str] = set()  # hosts a step applied on (or may have): read afresh at every stage
 
     def request_stop(self) -> None:
         """Start no new (stage, host); let the running ones finish. The run ends interrupted."""
@@ -215,6 +215,8 @@ class Runner:
             except (StepFailed, HostUnreachable) as exc:
                 last_error = str(exc)
                 self.facts.forget(name)  # a failed attempt may have changed the host: a retry reads afresh
+                with self._lock:
+                    self.touched.add(name)
                 raise
 
         def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None, trace: str = "") -> HostResult:
@@ -232,13 +234,11 @@ class Runner:
 
     def _attempt(self, step: Step, host: StepHost, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:
         host.remote.connect()
-        # A new stage reads the host afresh (a change by hand between two stages is seen), unless the gate read
-        # it a moment ago; what the step will read goes in one command.
+        # Once the run has changed a host, each stage reads it afresh (a change by hand between two stages is
+        # seen); a host the run has not changed keeps what was read of it. What the step reads goes in one command.
         with self._lock:
-            just_read = host.name in self.fresh
-            self.fresh.discard(host.name)
-        if not just_read:
-            self.facts.forget(host.name)
+            if host.name in self.touched:
+                self.facts.forget(host.name)
         host.prefetch(step.probes())
         check = step.check(host)
         if check.done and previous is not None and previous.outcome in (Outcome.OK, Outcome.CHANGED):
@@ -248,6 +248,8 @@ class Runner:
             return Outcome.OK, check.message, check.facts or {}
         if self.check_only:
             return Outcome.CHANGED, check.message, {}
+        with self._lock:
+            self.touched.add(host.name)
         try:
             message = step.apply(host)
         finally:
