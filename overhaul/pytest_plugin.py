@@ -38,6 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     names = only.split(",") if only else [h.name for h in load_inventory(env, Path(hosts_dir)).hosts]
     if not config.getoption("hosts", default=None):
         config.option.hosts = ",".join(f"overhaul://{name}" for name in names)
+        checks.transport_for(env, hosts_dir).connect(names)  # every host's connection at once, reused by all checks
 
 
 def _host_name(item: pytest.Item) -> str | None:

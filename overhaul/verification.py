@@ -1,7 +1,8 @@
 """`overhaul verify`: the built-in verify runbook plus the operator's testinfra checks, in one report.
 
-The checks folder runs once per host, hosts in parallel (a bounded pool of pytest processes, each
-holding one connection to its one host), so a check never opens a connection of its own. Results
+The checks folder runs in one pytest session over every host (testinfra parametrizes each check by
+host), its connections opened in parallel at the start and reused by every check; starting Python,
+pytest and testinfra once instead of once per host is most of the cost of checks at scale. Results
 become one case per (check, host): printed, and written as JUnit XML and JSON for CI and dashboards.
 """
 
@@ -39,32 +40,40 @@ def runbook_cases(result: RunResult) -> list[Case]:
     return [Case(r.stage, r.host, status[r.outcome], r.message, r.duration) for r in result.results]
 
 
-def run_checks(env: str, hosts_dir: str, checks: Path, hosts: list[str], concurrency: int = 8,
+def run_checks(env: str, hosts_dir: str, checks: Path, hosts: list[str], processes: int = 1,
                extra_vars: dict | None = None) -> list[Case]:
-    """Run the checks folder against each host (in parallel) and collect one case per (check, host)."""
+    """Run the checks folder against every host and collect one case per (check, host).
+
+    One pytest session for all hosts by default; `processes` splits the hosts among that many sessions
+    run side by side (for very large farms on a controller with many cores).
+    """
+    groups = [hosts[i::processes] for i in range(max(1, min(processes, len(hosts))))]
     with tempfile.TemporaryDirectory(prefix="overhaul-checks-") as tmp:
-        def one(host: str) -> list[Case]:
-            report = Path(tmp) / f"{host}.xml"
+        def one(index: int) -> list[Case]:
+            group = groups[index]
+            report = Path(tmp) / f"checks-{index}.xml"
             env_vars = dict(os.environ, OVERHAUL_CHECKS_VARS=json.dumps(extra_vars or {}))
             proc = subprocess.run(
                 [sys.executable, "-m", "pytest", str(checks), "-q", "-p", "no:cacheprovider", "--overhaul-env", env,
-                 "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", host, f"--junitxml={report}"],
+                 "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", ",".join(group), f"--junitxml={report}"],
                 capture_output=True, text=True, env=env_vars,
             )
             if proc.returncode not in (0, 1, 5) or not report.exists():
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
                 return [Case("checks", host, "failed", f"pytest exited {proc.returncode}: " + " | ".join(tail),
-                             source=str(checks))]
-            return _cases_from_junit(report, host, str(checks))
+                             source=str(checks)) for host in group]
+            return _cases_from_junit(report, str(checks))
 
-        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(hosts)))) as pool:
-            return [case for cases in pool.map(one, hosts) for case in cases]
+        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+            return [case for cases in pool.map(one, range(len(groups))) for case in cases]
 
 
-def _cases_from_junit(report: Path, host: str, source: str) -> list[Case]:
+def _cases_from_junit(report: Path, source: str) -> list[Case]:
+    """One case per testcase; the host is testinfra's parameter: `test_x[overhaul://db1]`."""
     cases = []
     for element in ET.parse(report).getroot().iter("testcase"):
-        name = element.get("name", "?").split("[", 1)[0]
+        name, _, param = element.get("name", "?").partition("[")
+        host = param.rstrip("]").removeprefix("overhaul://") or "?"
         module = element.get("classname", "").rsplit(".", 1)[-1]
         problem = element.find("failure")
         if problem is None:
