@@ -12,6 +12,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from invoke import Collection, Exit, ParseError, Program, Task, task
 
 from overhaul import __version__, verification
+from overhaul.context import StepHost
 from overhaul.errors import HostUnreachable, OverhaulError, Refused, StepFailed
 from overhaul.execution import (
     INTERRUPTED_EXIT,
@@ -287,7 +289,7 @@ def newest_available(inventory: Inventory) -> str:
     try:
         for entry in inventory.hosts:
             try:
-                host = transport.host(entry.name)
+                host = StepHost(transport.host(entry.name), timeout=120, run_id="latest")
                 package = str(inventory.host_vars(entry).get("package", "scalr-server"))
                 return newest_version(host, package_manager(host), package)
             except (HostUnreachable, StepFailed) as exc:
@@ -319,27 +321,36 @@ def upgraded_versions(env: str) -> list[str]:
 
 @command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
                "junit": "write a JUnit XML report here", "json": "write a JSON report here",
-               "concurrency": "hosts checked at once (default 8)", **PATHS_HELP})
-def verify(c, env="", checks="", junit="", json="", concurrency=8, hosts_dir="hosts", runbooks_dir="runbooks",
-           steps_dir="steps"):
+               "no_checks": "only the built-in verify runbook, not the testinfra checks",
+               "checks_only": "only the testinfra checks, not the built-in verify runbook",
+               "check_processes": "pytest sessions the checks are split among (default 1: one session, every host)",
+               **PATHS_HELP})
+def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, check_processes=1,
+           hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
+    if no_checks and checks_only:
+        raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
     planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {})
-    result = run_plan(planned, mutating=False, show_summary=False)  # one summary below, checks included
-    cases = verification.runbook_cases(result)
     folder = Path(checks or planned.inventory.checks or "checks")
-    if folder.is_dir():
-        hosts = [host.name for host in planned.inventory.hosts]
-        cases += verification.run_checks(env, hosts_dir, folder, hosts, int(concurrency),
-                                         {"expected_version": expected_version(env)})
-    elif checks or planned.inventory.checks:
+    if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # The checks (their own pytest session) run while the runbook's stages do.
+        hosts = [host.name for host in planned.inventory.hosts]
+        pending = background.submit(verification.run_checks, env, hosts_dir, folder, hosts, int(check_processes),
+                                    {"expected_version": expected_version(env)}) \
+            if folder.is_dir() and not no_checks else None
+        result = None if checks_only else run_plan(planned, mutating=False, show_summary=False)  # one summary below
+        cases = verification.runbook_cases(result) if result is not None else []
+        if pending is not None:
+            cases += pending.result()
     verification.print_summary(cases)
     if junit:
         verification.write_junit(cases, Path(junit), env)
     if json:
         verification.write_json(cases, Path(json), env)
     failed = any(case.status == "failed" for case in cases)
-    finish(exit_code(result) or (1 if failed else 0))
+    finish((exit_code(result) if result is not None else 0) or (1 if failed else 0))
 
 
 def expected_version(env: str) -> str | None:
@@ -349,22 +360,22 @@ def expected_version(env: str) -> str | None:
 
 
 @command(iterable=("param",), help={
-    "run": "the run to resume (default: the newest unfinished run of --env)",
+    "run": "the run to resume (default: the last run of --env, if it is unfinished or failed)",
     "version": "must equal the run's version if given", "yes": "confirm gated stages",
     **{k: v for k, v in COMMON_HELP.items() if k != "runbooks_dir"}})
 def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts",
            steps_dir="steps"):
-    """Continue an interrupted run: finished work is skipped once its check confirms it still holds."""
+    """Continue an interrupted or failed run: finished work is skipped once its check confirms it still holds."""
     state = open_state()
     if run:
         record = journaled_run(state, run)
     else:
         if not env:
             raise OverhaulError("give --env (resume its newest unfinished run) or --run ID")
-        unfinished = state.unfinished(env)
-        if not unfinished:
-            raise OverhaulError(f"no unfinished run of {env!r} in {journal_path()}")
-        record = unfinished[0]
+        found = state.resumable(env)
+        if found is None:
+            raise OverhaulError(f"no unfinished or failed run of {env!r} to resume in {journal_path()}")
+        record = found
     if env and record.environment != env:
         raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
     if record.status in ("succeeded", "abandoned"):
@@ -457,12 +468,15 @@ def show(c, run):
             print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
 
 
-@command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
-def synthetic(c, env="", hosts_dir="hosts"):
-    """Launch a small farm, prove it comes up and works, tear it down; exit code names a failed phase."""
+@command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"],
+               "rerun": "run again this window, after its run failed and the cause was fixed (releases that run's "
+                        "claim; journaled)"})
+def synthetic(c, env="", hosts_dir="hosts", rerun=False):
+    """Launch a small farm, prove it comes up and works, tear it down; exit code names a failed phase (20-30)."""
     from overhaul.synthetic.run import SyntheticRun, workdir_default
 
-    finish(SyntheticRun(load_inventory(need(env, "--env"), Path(hosts_dir)), open_state(), workdir_default()).run())
+    loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
+    finish(SyntheticRun(loaded, open_state(), workdir_default(), rerun=rerun).run())
 
 
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
@@ -501,10 +515,12 @@ def _lab(home: str, inventory: str) -> Lab:
     return Lab(home=home, inventory=inventory)
 
 
-@command(help={"hosts": "number of hosts: one db, one worker, the rest app (default 4)", **LAB_HELP})
-def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml"):
+@command(help={"hosts": "number of hosts: one db, one worker, the rest app (default 4)",
+               "subnet": "the hosts' addresses: SUBNET.1, SUBNET.2, ... inside 127.0.0.0/8 (default 127.10.0)",
+               **LAB_HELP})
+def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127.10.0"):
     """Start the lab (or repair a half-started one): real hosts with scalr-server 1.0.0."""
-    lab = _lab(home, inventory)
+    lab = Lab(home=home, inventory=inventory, subnet=subnet)
     lab.up(int(hosts))
     _print_status(lab)
 

@@ -1,7 +1,14 @@
-"""Reading YAML documents so that every validation error names the file, the line and the field."""
+"""Reading YAML documents so that every validation error names the file, the line and the field.
+
+Loading is bounded, because an inventory or a runbook may come from anyone: a size cap, a nesting
+cap (PyYAML's composer recurses) and a cap on what aliases add once expanded (PyYAML shares one
+node per anchor, so an "alias bomb" is small as a graph and huge as a tree).
+"""
 
 from __future__ import annotations
 
+import re
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,6 +19,11 @@ from overhaul.errors import ConfigError
 
 Model = TypeVar("Model", bound=BaseModel)
 Location = tuple[str | int, ...]
+
+MAX_BYTES = 5 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_ALIAS_NODES = 100_000  # nodes that aliases may add to a document once expanded
+_SIZE_CAP = 1 << 62  # keeps the expanded sizes small integers; a document that big is refused anyway
 
 
 class Document:
@@ -49,9 +61,13 @@ class Document:
             if error["type"] not in ("missing", "value_error", "assertion_error", "extra_forbidden") and not isinstance(
                 error.get("input"), dict | list
             ):
-                got = f" (got {error['input']!r})"
+                got = f" (got {_short(repr(error['input']))})"
             problems.append(f"{self.where(location)}: {field}: {message}{got}")
         return problems
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def dotted(location: Location) -> str:
@@ -66,48 +82,155 @@ def _is_model_tag(part: str | int) -> bool:
     return isinstance(part, str) and ((part.endswith("]") and "[" in part) or part in ("int", "str", "float"))
 
 
+def plain_name(value: str, what: str) -> str:
+    """`value` when it names a file in a folder and no more (letters, digits, '.', '_', '-'; no '/' or '..').
+
+    Checked before any path is built from it, so `--env ../../etc/x` never reads a file.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) or ".." in value:
+        raise ConfigError([f"{what} {value!r}: expected a name of letters, digits, '.', '_' or '-' "
+                           "(no path separators, no '..')"])
+    return value
+
+
 def load_document(path: Path) -> Document:
-    """Parse a YAML file, refusing duplicate keys (which YAML would silently overwrite)."""
+    """Parse a YAML file within bounds, refusing duplicate keys (which YAML would silently overwrite)."""
+    text = _read_text(path)
+    loader = None
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{path}:{line}: not valid YAML: {problem}"]) from None
-    if node is None:
-        raise ConfigError([f"{path}:1: the file is empty"])
-    lines: dict[Location, int] = {}
-    problems: list[str] = []
-    _index(node, (), lines, problems, path)
-    if problems:
-        raise ConfigError(problems)
-    loader = yaml.SafeLoader("")
-    try:
+        loader = _BoundedLoader(text, path)  # its reader refuses control characters at once
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError([f"{path}:1: the file is empty"])
+        _check_aliases(node, path)
+        lines: dict[Location, int] = {}
+        problems: list[str] = []
+        _index(node, (), lines, problems, path, set())
+        if problems:
+            raise ConfigError(problems)
         data = loader.construct_document(node)
     except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}:{_error_line(exc, text)}: not valid YAML: {_problem(exc)}"]) from None
+    except (ValueError, OverflowError) as exc:  # a value YAML resolves but Python refuses: a 5000-digit int, 2024-13-45
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return Document(path, data, lines)
 
 
-def _index(node: yaml.Node, location: Location, lines: dict, problems: list[str], path: Path) -> None:
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file of at most MAX_BYTES, in UTF-8."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError([f"{path}: not a regular file"])
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_BYTES + 1)  # never more, whatever stat said
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    if len(raw) > MAX_BYTES:
+        size = max(info.st_size, len(raw))
+        raise ConfigError([f"{path}: the file is {size / 2**20:.1f} MB; an inventory or runbook may be at most "
+                           f"{MAX_BYTES // 2**20} MB"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                           "save the file as UTF-8"]) from None
+
+
+def _error_line(exc: yaml.YAMLError, text: str) -> int:
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    if isinstance(exc, yaml.reader.ReaderError):
+        return text.count("\n", 0, exc.position) + 1
+    return 1
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"control character #x{exc.character:04x} is not allowed"
+    return getattr(exc, "problem", None) or str(exc)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing to nest deeper than MAX_DEPTH (its composer recurses per level)."""
+
+    def __init__(self, text: str, path: Path):
+        super().__init__(text)
+        self._path = path
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self._depth >= MAX_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise ConfigError([f"{self._path}:{line}: nested more than {MAX_DEPTH} levels deep"])
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_aliases(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose aliases refer to their own ancestor, or add more than MAX_ALIAS_NODES nodes.
+
+    The size of each node's expanded tree is computed once per node (not once per path to it), so
+    this costs time in the number of distinct nodes, not in the size of the expansion.
+    """
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            ancestors.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(child)] for child in _children(node)), _SIZE_CAP)
+        elif key in ancestors:
+            raise ConfigError([f"{path}:{node.start_mark.line + 1}: an alias refers to a node that contains it "
+                               "(a recursive structure)"])
+        elif key not in sizes:
+            ancestors.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    added = sizes[id(root)] - len(sizes)
+    if added > MAX_ALIAS_NODES:
+        raise ConfigError([f"{path}: its aliases (*name) expand to more than {MAX_ALIAS_NODES} extra values "
+                           "(an alias bomb?); write the values out or use fewer aliases"])
+
+
+def _index(node: yaml.Node, location: Location, lines: dict, problems: list[str], path: Path, seen_nodes: set[int]) -> None:
+    """Record the line of every key and list item, visiting each node once (an alias is not walked again)."""
     lines.setdefault(location, node.start_mark.line + 1)
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(f"{path}:{line}: {dotted(location) or '(top level)'}: a key must be a plain value, "
+                                "not a list or a mapping")
+                continue
+            key = key_node.value
             if key in seen:
                 problems.append(f"{path}:{line}: {dotted((*location, key))}: duplicate key (first on line {seen[key]})")
             seen[key] = line
             lines[(*location, key)] = line
-            _index(value_node, (*location, key), lines, problems, path)
+            _index(value_node, (*location, key), lines, problems, path, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _index(item, (*location, index), lines, problems, path)
+            _index(item, (*location, index), lines, problems, path, seen_nodes)

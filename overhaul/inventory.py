@@ -4,17 +4,43 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from overhaul.config import Document, dotted, load_document
-from overhaul.errors import ConfigError
-from overhaul.secrets import SecretRef
+from overhaul.config import Document, Location, dotted, load_document, plain_name
+from overhaul.errors import ConfigError, OverhaulError
+from overhaul.secrets import SecretRef, private_file_problem
+from overhaul.sources import source_class
 from overhaul.synthetic.config import SyntheticConfig
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(?:\.{LABEL})*\.?")  # RFC 1123
+
+
+def _address(value: str) -> str:
+    """An IP address or an RFC 1123 host name: nothing a shell or ssh would read as more than a name."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not HOSTNAME.fullmatch(value):
+            raise ValueError("expected an IP address or a host name (RFC 1123: letters, digits, '-' and '.')") from None
+    return value
+
+
+def _user(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*", value):
+        raise ValueError("expected a login name: letters, digits, '_', '.', '-' or '@', not empty")
+    return value
+
+
+# YAML would turn `port: true` into 1 and accept `port: "22"`: ports are integers written as integers.
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+Address = Annotated[str, AfterValidator(_address)]
+User = Annotated[str, AfterValidator(_user)]
 
 
 class Strict(BaseModel):
@@ -24,47 +50,35 @@ class Strict(BaseModel):
 class Bastion(Strict):
     """A jump host every connection goes through (its host key must be in known_hosts too)."""
 
-    address: str
-    port: int = Field(22, ge=1, le=65535)
-    user: str | None = None
+    address: Address
+    port: Port = 22
+    user: User | None = None
     key_file: Path | None = None
 
 
 class SSHSettings(Strict):
-    user: str = "root"
-    port: int = Field(22, ge=1, le=65535)
+    user: User = "root"
+    port: Port = 22
     key_file: Path | None = None
     known_hosts: Path = Path("~/.ssh/known_hosts")
     connect_timeout: float = Field(10, gt=0, le=300)
-    connect_retries: int = Field(3, ge=1, le=20)
+    connect_retries: int = Field(3, ge=1, le=20, strict=True)
     bastion: Bastion | None = None
-    sudo: bool = False
+    sudo: bool = Field(False, strict=True)  # not "yes", which YAML 1.2 and pydantic's lax mode disagree on
     sudo_password: SecretRef | None = None
 
 
 class Host(Strict):
     name: str = Field(pattern=NAME)
-    address: str
-    port: int | None = Field(None, ge=1, le=65535)
-    user: str | None = None
+    address: Address
+    port: Port | None = None
+    user: User | None = None
     roles: list[str] = Field(min_length=1)
     vars: dict[str, Any] = {}
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            if not value or any(ch.isspace() or ch in "/@:" for ch in value):
-                raise ValueError("expected an IP address or a host name") from None
-        return value
 
     @field_validator("roles")
     @classmethod
     def _roles(cls, value: list[str]) -> list[str]:
-        import re
-
         for role in value:
             if not re.match(NAME, role):
                 raise ValueError(f"role {role!r} must be letters, digits, '.', '_' or '-'")
@@ -74,30 +88,32 @@ class Host(Strict):
 class Policy(Strict):
     """Environment policy: protected environments need confirmation; promotion names the source."""
 
-    protected: bool = False
+    protected: bool = Field(False, strict=True)
     promotion_from: str | None = Field(None, pattern=NAME)
 
 
-class Ec2Source(Strict):
-    """Hosts found by EC2 tags instead of listed: running instances matching every filter."""
+class SourceRef(BaseModel):
+    """Hosts found by an inventory-source plug-in (entry-point group `overhaul.sources`) instead of listed."""
 
-    provider: Literal["aws-ec2"] = "aws-ec2"
-    filters: dict[str, str] = Field(min_length=1)  # tag name -> value
-    region: str | None = None
-    endpoint_url: str | None = None
-    role_tag: str = "overhaul:role"  # comma-separated roles
-    name_tag: str = "Name"
-    address: Literal["private", "public"] = "private"
+    model_config = ConfigDict(extra="allow")  # the plug-in's own settings: the plug-in validates them
+    provider: str = Field(min_length=1)  # e.g. aws-ec2
+
+
+def _secret_names(value: Any) -> Any:
+    # Refused here, not by the dict type, whose message would repeat the value: it may be a secret.
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of names to secret references like {file: PATH} or {env: VAR}")
+    return value
 
 
 class Inventory(Strict):
     environment: str = Field(pattern=NAME)
     ssh: SSHSettings = SSHSettings()
     hosts: list[Host] = []
-    source: Ec2Source | None = None
+    source: SourceRef | None = None
     vars: dict[str, Any] = {}
     role_vars: dict[str, dict[str, Any]] = {}
-    secrets: dict[str, SecretRef] = {}
+    secrets: Annotated[dict[str, SecretRef], BeforeValidator(_secret_names)] = {}
     policy: Policy = Policy()
     checks: str | None = None  # folder of testinfra checks for `verify` (relative to where overhaul runs)
     synthetic: SyntheticConfig | None = None  # the farm `overhaul synthetic` launches
@@ -153,7 +169,8 @@ def environments(hosts_dir: Path) -> list[str]:
 
 
 def inventory_path(env: str, hosts_dir: Path = Path("hosts")) -> Path:
-    path = hosts_dir / f"{env}.yaml"
+    """hosts_dir/<env>.yaml, for an environment name that cannot point outside hosts_dir."""
+    path = hosts_dir / f"{plain_name(env, 'environment')}.yaml"
     if not path.exists():
         known = environments(hosts_dir)
         listing = ", ".join(known) if known else f"none: {hosts_dir}/ has no .yaml files"
@@ -170,18 +187,7 @@ def load_inventory_file(path: Path, expected_env: str | None = None) -> Inventor
     document = load_document(path)
     inventory = document.validate(Inventory)
     inventory._path = path
-    if inventory.source is not None:
-        from overhaul.synthetic.aws import ec2_hosts
-
-        source = inventory.source
-        found = ec2_hosts(source.region, source.endpoint_url, source.filters, source.role_tag, source.name_tag,
-                          source.address)
-        for entry in found:
-            try:
-                inventory.hosts.append(Host.model_validate(entry))
-            except ValidationError as exc:
-                raise ConfigError([f"{document.where(('source',))}: source: instance {entry['vars']['instance_id']}: "
-                                   f"{error['loc'][0]}: {error['msg']}" for error in exc.errors()]) from None
+    inventory.hosts += source_hosts(inventory, document)
     problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in inventory.conflicts()]
     if expected_env and inventory.environment != expected_env:
         problems.append(
@@ -189,10 +195,33 @@ def load_inventory_file(path: Path, expected_env: str | None = None) -> Inventor
             f"{inventory.environment!r} (expected {expected_env!r})"
         )
     _resolve_paths(inventory, path.parent)
-    problems += _unreadable_keys(inventory, document)
+    problems += _file_problems(inventory, document)
     if problems:
         raise ConfigError(problems)
     return inventory
+
+
+def source_hosts(inventory: Inventory, document: Document) -> list[Host]:
+    """The hosts `inventory.source` finds now (its plug-in asked once), validated like listed hosts; [] without one."""
+    ref = inventory.source
+    if ref is None:
+        return []
+    try:
+        plugin = source_class(ref.provider)
+    except OverhaulError as exc:
+        raise ConfigError([f"{document.where(('source', 'provider'))}: source.provider: {exc}"]) from None
+    try:
+        source = plugin.model_validate(ref.model_extra or {})
+    except ValidationError as exc:
+        raise ConfigError(document.explain(exc, prefix=("source",))) from None
+    hosts = []
+    for entry in source.hosts():
+        try:
+            hosts.append(Host.model_validate(entry))
+        except ValidationError as exc:
+            raise ConfigError([f"{document.where(('source',))}: source: found host {entry.get('name', '?')!r}: "
+                               f"{dotted(error['loc'])}: {error['msg']}" for error in exc.errors()]) from None
+    return hosts
 
 
 def _absolute(path: Path, base: Path) -> Path:
@@ -214,14 +243,39 @@ def _resolve_paths(inventory: Inventory, base: Path) -> None:
         ssh.sudo_password = ssh.sudo_password.model_copy(update={"file": _absolute(ssh.sudo_password.file, base)})
 
 
-def _unreadable_keys(inventory: Inventory, document: Document) -> list[str]:
+def _file_problems(inventory: Inventory, document: Document) -> list[str]:
+    """What is wrong with the files the inventory names: known_hosts unreadable; a key file that is not a
+    private key, or open to group/others; a secret file missing or open to group/others."""
     ssh = inventory.ssh
-    files = [(("ssh", "known_hosts"), ssh.known_hosts), (("ssh", "key_file"), ssh.key_file)]
-    if ssh.bastion:
-        files.append((("ssh", "bastion", "key_file"), ssh.bastion.key_file))
-    problems = []
-    for location, path in files:
-        if path is not None and not os.access(path, os.R_OK):
-            reason = "does not exist" if not path.exists() else "is not readable"
-            problems.append(f"{document.where(location)}: {'.'.join(location)}: {path} {reason}")
-    return problems
+    found: list[tuple[Location, str | None]] = []
+    if not os.access(ssh.known_hosts, os.R_OK):
+        found.append((("ssh", "known_hosts"),
+                      f"{ssh.known_hosts} {'is not readable' if ssh.known_hosts.exists() else 'does not exist'}"))
+    keys = [(("ssh", "key_file"), ssh.key_file), (("ssh", "bastion", "key_file"), ssh.bastion and ssh.bastion.key_file)]
+    found += [(location, _key_problem(path)) for location, path in keys if path is not None]
+    secrets = [(("secrets", name), ref) for name, ref in inventory.secrets.items()]
+    secrets.append((("ssh", "sudo_password"), ssh.sudo_password))
+    found += [(location, _secret_problem(ref.file)) for location, ref in secrets if ref is not None and ref.file is not None]
+    return [f"{document.where(location)}: {dotted(location)}: {problem}" for location, problem in found if problem]
+
+
+def _secret_problem(path: Path) -> str | None:
+    problem = private_file_problem(path)
+    return problem and f"the secret file {problem}"
+
+
+def _key_problem(path: Path) -> str | None:
+    """Why `path` is no usable private key, or None: checked at load, not by three "transient" retries per host."""
+    problem = private_file_problem(path)
+    if problem:
+        return problem
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from paramiko import PKey, SSHException
+
+    try:
+        PKey.from_path(path)  # never prompts: a key with a passphrase raises
+    except TypeError:
+        return f"{path} is protected by a passphrase; Overhaul uses key files without one (and no agent)"
+    except (SSHException, ValueError, UnsupportedAlgorithm):
+        return f"{path} is not a private key (expected an OpenSSH or PEM private key file)"
+    return None

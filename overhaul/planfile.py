@@ -100,6 +100,8 @@ def read_plan(path: Path) -> SavedPlan:
         raise ConfigError([f"{path}: not UTF-8 text: not a plan file"]) from None
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{path}:{exc.lineno}: not JSON: {exc.msg}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply: not a plan file"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:

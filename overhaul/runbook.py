@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from overhaul.config import Document, dotted, load_document
+from overhaul.config import Document, dotted, load_document, plain_name
 from overhaul.errors import ConfigError
 
 PERCENT = re.compile(r"^(\d{1,3})%$")
@@ -60,13 +60,14 @@ class Stage(Strict):
     hosts: list[str] = []  # or exactly these hosts by name
     exclude: list[str] = []  # minus these hosts
     strategy: Literal["parallel", "serial", "rolling"] = "parallel"
-    concurrency: int = Field(10, ge=1, le=1000)
+    concurrency: int | None = Field(None, ge=1, le=1000)  # default: every host, up to transport.FORKS (100)
     batch: Count | None = None  # rolling: hosts per batch
     max_failures: Count = 0  # failures tolerated before the run stops
     retry: RetryPolicy = RetryPolicy()
     timeout: float = Field(300, gt=0, le=86400)  # per command
     confirm: bool = False
     on_failure: Literal["stop", "continue"] = "stop"
+    optional: bool = False  # true: selecting no host is fine (else it is an input error)
 
     @field_validator("batch")
     @classmethod
@@ -133,6 +134,9 @@ def runbook_path(name: str, runbooks_dir: Path = Path("runbooks")) -> Path:
     as_path = Path(name)
     if as_path.suffix in (".yaml", ".yml") and as_path.exists():
         return as_path
+    if as_path.suffix in (".yaml", ".yml") and len(as_path.parts) > 1:
+        raise ConfigError([f"runbook {name}: no such file"])
+    plain_name(name, "runbook")  # a name, not a path: it must not lead out of the runbook folders
     for folder in (runbooks_dir, BUILTIN_RUNBOOKS):
         candidate = folder / f"{name}.yaml"
         if candidate.exists():

@@ -19,7 +19,7 @@ from helpers import PROCESS_OCTET
 
 from overhaul.lab import Lab
 
-_subnets = itertools.count(31)
+_subnets = itertools.cycle(range(31, 60))  # labs are torn down after each test; 127.60+ is synthetic's
 
 
 def _start(root: Path, subnet: str, hosts: int) -> Lab:

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from overhaul.errors import ConfigError
 from overhaul.inventory import load_inventory
@@ -31,13 +33,28 @@ hosts:
 """
 
 
-@pytest.fixture
-def hosts_dir(tmp_path: Path) -> Path:
+def write_private_key(path: Path, passphrase: bytes | None = None) -> Path:
+    """A real ed25519 private key in OpenSSH format, mode 0600 (as ssh-keygen writes it)."""
+    encryption = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    key = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                     encryption)
+    path.touch(mode=0o600)
+    path.write_bytes(key)
+    return path
+
+
+def make_hosts_dir(tmp_path: Path) -> Path:
+    """tmp_path/hosts with the key file and known_hosts that INVENTORY names."""
     folder = tmp_path / "hosts"
     folder.mkdir()
-    (folder / "id_test").write_text("not a real key; only its readability is checked here\n")
+    write_private_key(folder / "id_test")  # loading parses the key: it must be a real one, private to its owner
     (folder / "known_hosts").write_text("")
     return folder
+
+
+@pytest.fixture
+def hosts_dir(tmp_path: Path) -> Path:
+    return make_hosts_dir(tmp_path)
 
 
 def inventory_error(hosts_dir: Path, text: str) -> str:
@@ -83,6 +100,28 @@ INVENTORY_CASES = [
      "staging.yaml:4: ssh.bastion.address: Field required"),
     ("hosts is a mapping", INVENTORY.split("\nhosts:")[0] + "\n" + "hosts:\n  db1: 127.0.0.1\n",
      "staging.yaml:6: hosts: Input should be a valid list"),
+    # YAML coerces; the inventory does not: `port: true` is no port 1, `port: "22"` no port 22.
+    ("port is a boolean", INVENTORY.replace("    roles: [db]\n", "    roles: [db]\n    port: true\n"),
+     "staging.yaml:10: hosts[0].port: Input should be a valid integer (got True)"),
+    ("port is a string", INVENTORY.replace("  user: root\n", "  user: root\n  port: '22'\n"),
+     "staging.yaml:4: ssh.port: Input should be a valid integer (got '22')"),
+    ("bastion port is a string", INVENTORY.replace("  user: root\n", "  user: root\n  bastion: {address: jump1, port: '22'}\n"),
+     "staging.yaml:4: ssh.bastion.port: Input should be a valid integer (got '22')"),
+    ("sudo is a string", INVENTORY.replace("  user: root\n", "  user: root\n  sudo: 'no'\n"),
+     "staging.yaml:4: ssh.sudo: Input should be a valid boolean (got 'no')"),
+    ("empty user", INVENTORY.replace("  user: root", "  user: ''"),
+     "staging.yaml:3: ssh.user: expected a login name: letters, digits, '_', '.', '-' or '@', not empty"),
+    ("empty host user", INVENTORY.replace("    roles: [app]\n", "    roles: [app]\n    user: ''\n"),
+     "staging.yaml:13: hosts[1].user: expected a login name"),
+    ("address with shell characters", INVENTORY.replace("127.0.0.2", "'app1;touch /tmp/owned'"),
+     "staging.yaml:11: hosts[1].address: expected an IP address or a host name (RFC 1123"),
+    ("address with a command substitution", INVENTORY.replace("127.0.0.2", "'$(reboot)'"),
+     "staging.yaml:11: hosts[1].address: expected an IP address or a host name"),
+    ("address starting with a dash", INVENTORY.replace("127.0.0.2", "-oProxyCommand=x"),
+     "staging.yaml:11: hosts[1].address: expected an IP address or a host name"),
+    ("bastion address with shell characters",
+     INVENTORY.replace("  user: root\n", "  user: root\n  bastion: {address: 'a`id`'}\n"),
+     "staging.yaml:4: ssh.bastion.address: expected an IP address or a host name"),
 ]
 
 
@@ -155,7 +194,7 @@ def test_a_required_run_parameter_must_be_given(hosts_dir, tmp_path):
     (hosts_dir / "staging.yaml").write_text(INVENTORY)
     path = tmp_path / "runbook.yaml"
     path.write_text(RUNBOOK)
-    with pytest.raises(ConfigError, match=r"runbook.yaml:3: params.version: required: give it with --version"):
+    with pytest.raises(ConfigError, match=r"runbook.yaml:3: params.version: required: give it with --param version=VALUE"):
         build_plan(load_runbook(str(path)), load_inventory("staging", hosts_dir), Registry(), {})
 
 

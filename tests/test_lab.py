@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
 import paramiko
 import pytest
-from helpers import PROCESS_OCTET
+from helpers import PROCESS_OCTET, overhaul_cli
 
 from overhaul.lab import Lab, faults
+from overhaul.lab.host import CAPABILITIES
 from overhaul.lab.lab import farm_layout
 from overhaul.proc import process_state
 
@@ -35,10 +38,85 @@ def test_farm_layout_has_one_db_one_worker_and_app_hosts():
     ]
 
 
-@pytest.mark.parametrize("subnet", ["10.0.0", "192.168.1", "127.0", "127.1.2.3"])
+@pytest.mark.parametrize("subnet", ["10.0.0", "192.168.1", "127.0", "127.1.2.3", "127.300.0", "127.1.x"])
 def test_lab_refuses_addresses_outside_loopback(subnet):
     with pytest.raises(ValueError, match=r"127\.0\.0\.0/8"):
         Lab(subnet=subnet)
+
+
+def test_lab_up_takes_a_subnet_and_refuses_one_outside_loopback(tmp_path):
+    where = ("--home", str(tmp_path / "lab"), "--inventory", str(tmp_path / "hosts/lab.yaml"))
+    refused = overhaul_cli(tmp_path, "lab.up", "--subnet", "10.1.2", *where)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "subnet must be three octets inside 127.0.0.0/8" in refused.stderr and "Traceback" not in refused.stderr
+    subnet = f"127.28.{PROCESS_OCTET}"
+    try:
+        started = overhaul_cli(tmp_path, "lab.up", "--hosts", "1", "--subnet", subnet, *where)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert ["db1", "db", f"{subnet}.1", "yes", "answers"] in [line.split() for line in started.stdout.splitlines()]
+        assert f"address: {subnet}.1" in (tmp_path / "hosts/lab.yaml").read_text()
+        elsewhere = overhaul_cli(tmp_path, "lab.up", "--hosts", "1", "--subnet", "127.27.0", *where)
+        assert elsewhere.returncode == 2 and f"a lab of 1 hosts ({subnet}.1, ...) is already here" in elsewhere.stderr
+    finally:
+        assert overhaul_cli(tmp_path, "lab.down", *where).returncode == 0
+
+
+# -- what a lab host is kept from (docs/lab.md, "What the lab isolates") -----------------------------------------
+
+CAPABILITY_BITS = {"chown": 0, "dac_override": 1, "fowner": 3, "fsetid": 4, "kill": 5, "setgid": 6, "setuid": 7,
+                   "net_bind_service": 10, "sys_chroot": 18, "audit_write": 29}  # linux/capability.h
+DROPPED_BITS = {"net_admin": 12, "net_raw": 13, "sys_module": 16, "sys_rawio": 17, "sys_ptrace": 19, "sys_admin": 21,
+                "sys_boot": 22, "sys_time": 25, "mknod": 27, "syslog": 34}
+
+
+def test_the_lab_home_and_its_secrets_are_private(lab):
+    assert stat.S_IMODE(lab.home.stat().st_mode) == 0o700
+    for path in (lab.key_file, lab.secret_file("mysql-app"), lab.secret_file("mysql-backup")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_host_has_a_minimal_dev_of_its_own(lab, shell):
+    session = shell(lab, "app1")
+    code, out, _ = session.run("ls -A /dev")
+    assert code == 0
+    assert set(out.split()) == {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm",
+                                "fd", "stdin", "stdout", "stderr"}
+    # Its own devpts: the machine's terminals are not there, and a session can still have a pty.
+    assert session.run("stat -f -c %T /dev/pts && ls /dev/pts")[1].split() == ["devpts", "ptmx"]
+    channel = session.client.get_transport().open_session()
+    channel.get_pty()
+    channel.exec_command("tty")
+    assert channel.makefile().read().decode().strip().startswith("/dev/pts/")
+
+
+def test_a_host_keeps_only_the_capabilities_it_needs(lab, shell):
+    session = shell(lab, "db1")
+    for pid in ("1", "self"):  # the host's init, and a root login's shell
+        fields = dict(line.split(":\t") for line in session.run(f"cat /proc/{pid}/status")[1].splitlines() if "\t" in line)
+        bounding = int(fields["CapBnd"], 16)
+        assert bounding == sum(1 << CAPABILITY_BITS[name] for name in CAPABILITIES), hex(bounding)
+        assert not any(bounding & (1 << bit) for bit in DROPPED_BITS.values())
+    code, _, err = session.run("mount -t tmpfs none /mnt")
+    assert code != 0 and "permission denied" in err
+    code, _, err = session.run("echo 3 > /proc/sys/vm/drop_caches")
+    assert code != 0 and "Read-only file system" in err
+
+
+def test_a_host_has_its_own_namespaces_but_the_machines_network(lab):
+    host = lab.host("app2")
+    own = {kind for kind in ("mnt", "pid", "uts", "ipc", "net", "user", "cgroup")
+           if os.readlink(f"/proc/{host.pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")}
+    assert own == {"mnt", "pid", "uts", "ipc"}  # docs/lab.md says what sharing the rest means
+
+
+def test_root_in_a_host_cannot_reach_the_machines_files(lab, shell):
+    # The classic chroot escape: chroot into a subfolder, walk up past the root, chroot there. With
+    # pivot_root and the machine's root unmounted, walking up ends at the host's own root.
+    escape = ("import os; os.makedirs('/tmp/escape', exist_ok=True); os.chroot('/tmp/escape'); "
+              "[os.chdir('..') for _ in range(64)]; os.chroot('.'); "
+              f"print(os.path.exists({str(lab.key_file)!r}), os.path.exists('/.overhaul-complete'))")
+    code, out, err = shell(lab, "worker1").run(f'python3 -c "{escape}"')
+    assert (code, out.split()) == (0, ["False", "True"]), err
 
 
 def test_every_host_answers_ssh_with_strict_host_keys(lab, shell):

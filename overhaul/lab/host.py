@@ -1,4 +1,4 @@
-"""One lab host: a Debian tree in its own mount, PID and UTS namespaces, sshd on a loopback address.
+"""One lab host: a Debian tree in its own mount, PID, UTS and IPC namespaces, sshd on a loopback address.
 
 The host's mounts (overlay root, /proc, /run, the data tmpfs, the read-only repository) are made
 inside its own mount namespace, so they vanish with it. Killing the namespace's init (PID 1 inside)
@@ -37,21 +37,49 @@ while True:
         time.sleep(1)
 """
 
-# Run by `unshare` as the namespace's first process, before it becomes the host's init.
+# What a host's processes keep of root's powers: enough for sshd (privilege separation chroots),
+# supervisord, MariaDB (runs as mysql), dpkg/apt and sudo. Gone, among others: sys_admin (mount),
+# sys_module, sys_rawio, sys_ptrace, sys_time, net_admin, net_raw, mknod, syslog, sys_boot.
+CAPABILITIES = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid", "net_bind_service",
+                "sys_chroot", "audit_write")
+
+# Device nodes a host gets (on a tmpfs of its own) instead of the machine's /dev: name, major, minor.
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+
+# Run by `unshare` as the namespace's first process, before it becomes the host's init. The host's
+# root becomes its overlay by pivot_root, and the machine's root is unmounted from the namespace:
+# unlike a chroot, there is no path back to it. Then the capabilities not listed above are dropped.
 BOOT = """\
 set -e
 M={merged}
-mount -t overlay overlay -o lowerdir={rootfs},upperdir={upper},workdir={work} $M
-mount -t proc proc $M/proc
-mount --rbind /dev $M/dev
-mount -t tmpfs -o mode=755 tmpfs $M/run
-mount -t tmpfs -o mode=1777 tmpfs $M/tmp
-mkdir -p $M{data}
-mount -t tmpfs -o size={data_mb}m,mode=755 overhaul-data $M{data}
-mount --bind {repo} $M{repo_mount}
-mount -o remount,bind,ro $M{repo_mount}
+mount -t overlay overlay -o {overlay} "$M"
+mount -t proc proc "$M"/proc
+mount --bind "$M"/proc/sys "$M"/proc/sys
+mount -o remount,bind,ro "$M"/proc/sys
+if [ -e "$M"/proc/sysrq-trigger ]; then mount --bind /dev/null "$M"/proc/sysrq-trigger; fi
+mount -t tmpfs -o mode=755,nosuid,noexec,size=1m overhaul-dev "$M"/dev
+{devices}
+mkdir "$M"/dev/pts "$M"/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5,nosuid,noexec devpts "$M"/dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev overhaul-shm "$M"/dev/shm
+ln -s pts/ptmx "$M"/dev/ptmx
+ln -s /proc/self/fd "$M"/dev/fd
+ln -s /proc/self/fd/0 "$M"/dev/stdin
+ln -s /proc/self/fd/1 "$M"/dev/stdout
+ln -s /proc/self/fd/2 "$M"/dev/stderr
+mount -t tmpfs -o mode=755 tmpfs "$M"/run
+mount -t tmpfs -o mode=1777 tmpfs "$M"/tmp
+mkdir -p "$M"{data}
+mount -t tmpfs -o size={data_mb}m,mode=755 overhaul-data "$M"{data}
+mount --bind {repo} "$M"{repo_mount}
+mount -o remount,bind,ro "$M"{repo_mount}
 hostname {name}
-exec chroot $M /usr/bin/python3 /usr/local/sbin/overhaul-lab-init
+mkdir "$M"/run/.machine-root
+cd "$M"
+pivot_root . run/.machine-root
+umount -l /run/.machine-root
+rmdir /run/.machine-root
+exec setpriv --inh-caps=-all --bounding-set=-all,{capabilities} -- /usr/bin/python3 /usr/local/sbin/overhaul-lab-init
 """
 
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -97,12 +125,15 @@ class LabHost:
         (self.upper / "etc").mkdir(exist_ok=True)
         (self.upper / "etc/hostname").write_text(self.name + "\n")
         script = BOOT.format(
-            merged=self.home / "merged", rootfs=rootfs, upper=self.upper, work=self.home / "work",
-            data=DATA_MOUNT, data_mb=data_mb, repo=repo, repo_mount=REPO_MOUNT, name=self.name,
+            merged=shlex.quote(str(self.home / "merged")), repo=shlex.quote(str(repo)),
+            overlay=shlex.quote(f"lowerdir={rootfs},upperdir={self.upper},workdir={self.home / 'work'}"),
+            data=DATA_MOUNT, data_mb=data_mb, repo_mount=REPO_MOUNT, name=shlex.quote(self.name),
+            devices="\n".join(f"mknod -m 666 \"$M\"/dev/{name} c {major} {minor}" for name, major, minor in DEVICES),
+            capabilities=",".join(f"+{cap}" for cap in CAPABILITIES),
         )
         with open(self.home / "console.log", "ab") as console:
             unshare = subprocess.Popen(
-                ["unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child", "--", "sh", "-c", script],
+                ["unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--kill-child", "--", "sh", "-c", script],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=console, start_new_session=True,
             )
         self.pid = _wait_for_child(unshare.pid)
@@ -156,7 +187,7 @@ class LabHost:
         if not self.running():
             raise RuntimeError(f"lab: host {self.name} is not running")
         argv = [
-            "nsenter", f"--target={self.pid}", "--mount", "--uts", "--pid", "--root", "--wd",
+            "nsenter", f"--target={self.pid}", "--mount", "--uts", "--ipc", "--pid", "--root", "--wd",
             "--", "/usr/bin/env", "-i", f"PATH={HOST_PATH}", "HOME=/root", "LC_ALL=C.UTF-8",
             "DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-c", command,
         ]

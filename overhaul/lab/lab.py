@@ -8,6 +8,7 @@ an SSH key pair, a known_hosts file and the database secrets that match the host
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from overhaul.errors import OverhaulError
 from overhaul.lab.host import HostSpec, LabHost
 from overhaul.lab.package import PACKAGE, ensure_repository
 from overhaul.lab.rootfs import ensure_rootfs
@@ -30,6 +32,10 @@ INSERT IGNORE INTO scalr.farms (id, name, status) VALUES (1, 'web-prod', 'runnin
 INSERT IGNORE INTO scalr.servers (id, farm_id, hostname, status) VALUES
   (1, 1, 'web-1', 'running'), (2, 1, 'web-2', 'running'), (3, 2, 'batch-1', 'running');
 """
+
+
+class LabInputError(OverhaulError, ValueError):
+    """A lab setting that cannot work (subnet, number of hosts, another lab in the way): an input error."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class HostStatus:
 def farm_layout(count: int, subnet: str) -> list[HostSpec]:
     """One db host, one worker, the rest app hosts, on subnet.1, subnet.2, ..."""
     if not 1 <= count <= 200:
-        raise ValueError(f"lab: --hosts must be between 1 and 200, got {count}")
+        raise LabInputError(f"lab: --hosts must be between 1 and 200, got {count}")
     roles = ["db", "worker"] + ["app"] * (count - 2)
     specs, seen = [], {"db": 0, "worker": 0, "app": 0}
     for index, role in enumerate(roles[:count]):
@@ -65,8 +71,8 @@ class Lab:
         environment: str = "lab",
         log: Callable[[str], None] = print,
     ):
-        if not subnet.startswith("127.") or subnet.count(".") != 2:
-            raise ValueError(f"lab: subnet must be three octets inside 127.0.0.0/8 (e.g. 127.10.0), got {subnet!r}")
+        if not _loopback_subnet(subnet):
+            raise LabInputError(f"lab: subnet must be three octets inside 127.0.0.0/8 (e.g. 127.10.0), got {subnet!r}")
         self.home = Path(home).absolute()
         self.inventory = Path(inventory).absolute()
         self.subnet = subnet
@@ -116,7 +122,8 @@ class Lab:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home.chmod(0o700)  # it holds the lab's private key and secrets (and a home made before this rule)
         with open(self.home / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -127,10 +134,10 @@ class Lab:
         specs = farm_layout(count, self.subnet)
         with self._locked():
             recorded = {h.name: h for h in self.hosts()}
-            if recorded and set(recorded) != {s.name for s in specs}:
-                raise RuntimeError(
-                    f"lab: a lab of {len(recorded)} hosts is already here ({self.home}); run lab.down first"
-                )
+            if recorded and {(h.name, h.spec.address) for h in recorded.values()} != {(s.name, s.address) for s in specs}:
+                first = next(iter(recorded.values())).spec.address
+                raise LabInputError(f"lab: a lab of {len(recorded)} hosts ({first}, ...) is already here ({self.home}); "
+                                    "run lab.down first")
             rootfs = ensure_rootfs(self.log)
             ensure_repository(self.repo)
             self._ensure_credentials()
@@ -245,6 +252,15 @@ class Lab:
         for host in hosts:
             lines += [f"  - name: {host.name}", f"    address: {host.spec.address}", f"    roles: [{host.spec.role}]"]
         self.inventory.write_text("\n".join(lines) + "\n")
+
+
+def _loopback_subnet(subnet: str) -> bool:
+    """True for "127.A.B": the first three octets of a /24 inside 127.0.0.0/8."""
+    try:
+        network = ipaddress.ip_network(f"{subnet}.0/24")
+    except ValueError:
+        return False
+    return subnet.count(".") == 2 and network.subnet_of(ipaddress.ip_network("127.0.0.0/8"))
 
 
 def _install_first_version(host: LabHost) -> None:
