@@ -31,6 +31,7 @@ from overhaul.execution import (
     journal_path,
     open_state,
     operator,
+    recorded_hosts,
     run_plan,
 )
 from overhaul.inventory import Inventory, inventory_path, load_inventory
@@ -388,7 +389,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     path = Path(record.runbook_path)
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to resume")
-    inventory = load_inventory(record.environment, Path(hosts_dir))
+    inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
     planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params)
     if dry_run(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")

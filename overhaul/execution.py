@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from overhaul.planfile import SavedPlan
 
 DEFAULT_JOURNAL = ".overhaul/journal.sqlite"
+SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
 FAILED_EXIT = 1
 REFUSED_EXIT = 3
 INTERRUPTED_EXIT = 130
@@ -253,7 +254,18 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool
         mutating=mutating,
     )
     state.start_run(record)
+    if plan.inventory.source is not None:  # what the source found now is what a resume works on
+        found = [host.model_dump(mode="json") for host in plan.inventory.found]
+        state.event(record.environment, SOURCE_HOSTS, json.dumps(found), run_id)
     return record
+
+
+def recorded_hosts(state: SQLiteState, record: RunRecord) -> list[dict] | None:
+    """The hosts an inventory source found when the run started (None: the inventory has no source)."""
+    for _, run_id, kind, detail in state.events(record.environment):
+        if run_id == record.id and kind == SOURCE_HOSTS:
+            return json.loads(detail)
+    return None
 
 
 def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,

@@ -118,6 +118,12 @@ class Inventory(Strict):
     checks: str | None = None  # folder of testinfra checks for `verify` (relative to where overhaul runs)
     synthetic: SyntheticConfig | None = None  # the farm `overhaul synthetic` launches
     _path: Path | None = PrivateAttr(None)
+    _found: list[Host] = PrivateAttr(default_factory=list)  # the hosts `source:` found for this load
+
+    @property
+    def found(self) -> list[Host]:
+        """The hosts the inventory's `source:` found (recorded with a run, for its resume)."""
+        return self._found
 
     @property
     def path(self) -> Path | None:
@@ -178,16 +184,24 @@ def inventory_path(env: str, hosts_dir: Path = Path("hosts")) -> Path:
     return path
 
 
-def load_inventory(env: str, hosts_dir: Path = Path("hosts")) -> Inventory:
-    """Load hosts/<env>.yaml, validate it, resolve its paths and check its key files are readable."""
-    return load_inventory_file(inventory_path(env, hosts_dir), expected_env=env)
+def load_inventory(env: str, hosts_dir: Path = Path("hosts"), found: list[dict[str, Any]] | None = None) -> Inventory:
+    """Load hosts/<env>.yaml, validate it, resolve its paths and check its key files are readable.
+
+    `found`: the hosts a `source:` found for a run (from its journal), used instead of asking the source
+    again, so a resumed run works on the hosts it started with.
+    """
+    return load_inventory_file(inventory_path(env, hosts_dir), expected_env=env, found=found)
 
 
-def load_inventory_file(path: Path, expected_env: str | None = None) -> Inventory:
+def load_inventory_file(path: Path, expected_env: str | None = None, found: list[dict[str, Any]] | None = None
+                        ) -> Inventory:
     document = load_document(path)
     inventory = document.validate(Inventory)
     inventory._path = path
-    inventory.hosts += source_hosts(inventory, document)
+    if inventory.source is not None:
+        hosts = [Host.model_validate(h) for h in found] if found is not None else source_hosts(inventory, document)
+        inventory._found = hosts
+        inventory.hosts += hosts
     problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in inventory.conflicts()]
     if expected_env and inventory.environment != expected_env:
         problems.append(

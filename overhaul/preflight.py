@@ -13,10 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from overhaul.context import Facts, StepHost
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
@@ -109,6 +105,10 @@ def _stage_ready(planned: PlannedStage, host: StepHost) -> Check:
 
 def print_report(report: PreflightReport, stream: TextIO = sys.stdout) -> None:
     """One table, host x stage: ok or the reason; then each refusal on a line of its own."""
+    from rich.console import Console  # only a run that reaches the gate pays for rich
+    from rich.table import Table
+    from rich.text import Text
+
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
     table = Table(title="preflight", title_justify="left", show_lines=False)
     hosts = report.hosts()

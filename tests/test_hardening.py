@@ -19,9 +19,12 @@ import pytest
 from helpers import lab_inventory, outcomes, overhaul_cli, plan_for, run, write
 
 from overhaul.errors import ConfigError
+from overhaul.execution import _journal_new_run, recorded_hosts
+from overhaul.inventory import load_inventory
 from overhaul.lab import faults
-from overhaul.plan import Plan
+from overhaul.plan import Plan, build_plan
 from overhaul.preflight import run_preflight
+from overhaul.runbook import load_runbook
 from overhaul.runner import Runner
 from overhaul.state import SQLiteState
 from overhaul.step import Registry
@@ -468,3 +471,26 @@ def test_a_secret_a_step_prints_is_masked_everywhere(lab, tmp_path):
     for where, text in texts.items():
         for form in forms:
             assert form not in text, (where, form)
+
+
+def test_a_run_records_the_hosts_its_source_found_and_its_resume_works_on_them(aws, tmp_path):
+    url, ec2, image = aws
+    reply = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[{"ResourceType": "instance", "Tags": [
+        {"Key": "Name", "Value": "db-a"}, {"Key": "overhaul:role", "Value": "db"}, {"Key": "env", "Value": "prod"}]}])
+    write(tmp_path / "hosts/known_hosts", "")
+    write(tmp_path / "hosts/prod.yaml", f"""
+        environment: prod
+        ssh: {{known_hosts: known_hosts}}
+        source: {{provider: aws-ec2, endpoint_url: "{url}", region: us-east-1, filters: {{env: prod}}}}
+    """)
+    inventory = load_inventory("prod", tmp_path / "hosts")
+    plan = build_plan(load_runbook("verify"), inventory, Registry(), {})
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    record = _journal_new_run(state, plan, "run-1")
+    # The farm changes under the source: the instance is gone. The run's resume still works on db-a.
+    ec2.terminate_instances(InstanceIds=[reply["Instances"][0]["InstanceId"]])
+    with pytest.raises(ConfigError, match="no hosts"):
+        load_inventory("prod", tmp_path / "hosts")  # asked now, the source finds nothing
+    resumed = load_inventory("prod", tmp_path / "hosts", found=recorded_hosts(state, record))
+    assert [(h.name, h.roles, h.address) for h in resumed.hosts] == [(h.name, h.roles, h.address) for h in inventory.hosts]
+    assert [h.name for h in resumed.hosts] == ["db-a"]
