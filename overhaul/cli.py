@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -102,6 +103,9 @@ def friendly(task_function: Callable) -> Callable:
             raise Exit(f"error: the journal {journal_path()}: {exc}", code=USAGE_EXIT) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=INTERRUPTED_EXIT) from None
+        except BrokenPipeError:  # `overhaul history | head`: the reader is gone, and so is what is left to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=1) from None
 
     return wrapper
 
@@ -351,7 +355,10 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     if json:
         verification.write_json(cases, Path(json), env)
     failed = any(case.status == "failed" for case in cases)
-    finish((exit_code(result) if result is not None else 0) or (1 if failed else 0))
+    code = (exit_code(result) if result is not None else 0) or (1 if failed else 0)
+    if code and result is not None and result.run_id:
+        open_state().set_status(result.run_id, "failed", time.time())  # the journal says what the exit code says
+    finish(code)
 
 
 def expected_version(env: str) -> str | None:
@@ -398,9 +405,21 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
 
 
 def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:
+    """A run by its id, a unique prefix of it, or `last` (the newest run journaled)."""
+    if run_id == "last":
+        newest = state.runs(None, 1)
+        if not newest:
+            raise OverhaulError(f"no run journaled in {journal_path()}")
+        return newest[0]
     try:
         return state.run(run_id)
     except KeyError:
+        matches = [record for record in state.runs(None, 100000) if record.id.startswith(run_id)] if run_id else []
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise OverhaulError(f"{run_id!r} matches {len(matches)} runs ({', '.join(r.id for r in matches[:5])}): "
+                                "give more of the id") from None
         raise OverhaulError(f"no run {run_id!r} in {journal_path()}") from None
 
 
@@ -448,13 +467,14 @@ def history(c, env="", limit=20):
               f"{record.duration:>6.0f}s  {record.operator}")
 
 
-@command(positional=("run",), help={"run": "the run id (see history)"})
+@command(positional=("run",), help={"run": "the run id (see history), a unique prefix of it, or `last`"})
 def show(c, run):
     """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
     if help_asked(run, "show"):
         return
     state = open_state()
     record = journaled_run(state, run)
+    run = record.id
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
           f"params {json.dumps(record.params, sort_keys=True)}")
     for result in state.results(run):

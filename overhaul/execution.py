@@ -276,9 +276,13 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     listeners: list = [ConsoleReport(stream, check_only=check_only)]
     previous: dict[tuple[int, str], HostResult] = {}
     recorder = None
+    started = time.monotonic()
     if state is not None and record is not None:
         recorder = JournalRecorder(state, record.id, journal_path().parent / "runs" / record.id)
         listeners.append(recorder)
+        version = f", version {plan.run_params['version']}" if plan.run_params.get("version") else ""
+        print(f"run {record.id}: {record.runbook} on {record.environment}{version}, {len(plan.hosts)} hosts, "
+              f"logs in {recorder.outputs}", file=stream, flush=True)
         if resumed:
             previous = _previous_results(state, record.id)
             print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
@@ -314,8 +318,15 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
         print(f"refused before any change ({len(result.refused)} problem{'s' if len(result.refused) != 1 else ''}): "
               "nothing was changed on any host", file=stream)
         return result
+    result.run_id = record.id if record is not None else ""
     if show_summary:
         print(summary(result, runner.plan.stages), file=stream)
+    if record is not None:
+        counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
+        status = "interrupted" if result.interrupted else ("failed" if result.failed else "succeeded")
+        print(f"run {record.id} {status} in {time.monotonic() - started:.1f} s: "
+              + ", ".join(f"{count} {outcome.value}" for outcome, count in counts.items())
+              + f"; details: overhaul show {record.id}", file=stream)
     if result.interrupted:
         print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
     elif result.failed and record is not None and record.mutating:

@@ -18,8 +18,11 @@ class ConsoleReport:
     def __init__(self, stream: TextIO = sys.stdout, check_only: bool = False):
         self.stream = stream
         self.check_only = check_only
+        self._stage = -1  # the stage whose header was printed last
+        self._told_skipped: set[int] = set()
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
+        self._stage = planned.index
         verb = "plan" if self.check_only else "stage"
         print(f"\n== {verb} {planned.index + 1}: {planned.stage.name} ({planned.stage.step} on {len(hosts)} "
               f"host{'s' if len(hosts) != 1 else ''}, {planned.stage.strategy})", file=self.stream, flush=True)
@@ -28,9 +31,16 @@ class ConsoleReport:
         pass  # one line per host, when it finishes
 
     def host_finished(self, result: HostResult) -> None:
+        if result.stage_index != self._stage:  # a stage that never started (the run stopped): one line of its own
+            if result.stage_index not in self._told_skipped:
+                self._told_skipped.add(result.stage_index)
+                print(f"\n== stage {result.stage_index + 1} {result.stage}: skipped, {result.message}", file=self.stream,
+                      flush=True)
+            return
         mark = "would change" if self.check_only and result.outcome is Outcome.CHANGED else MARKS[result.outcome]
         tries = f" [{result.attempts} attempts]" if result.attempts > 1 else ""
-        print(f"   {result.host:<14} {mark:<12} {result.message}{tries}", file=self.stream, flush=True)
+        message = result.message.replace("\n", "\n" + " " * 31)  # a multi-line message stays in its column
+        print(f"   {result.host:<14} {mark:<12} {message}{tries}", file=self.stream, flush=True)
 
 
 def summary(run: RunResult, stages: list[PlannedStage]) -> str:

@@ -59,6 +59,7 @@ class RunResult:
     interrupted: bool = False  # stopped by request (Ctrl-C, SIGTERM): resumable
     refused: list[str] = field(default_factory=list)  # why the run was refused before any change
     preflight: PreflightReport | None = None
+    run_id: str = ""  # the journaled run (none for a plan)
 
     @property
     def failed(self) -> bool:

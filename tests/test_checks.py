@@ -11,6 +11,7 @@ from helpers import overhaul_cli, write
 
 from overhaul import checks
 from overhaul.errors import HostUnreachable
+from overhaul.state import SQLiteState
 from overhaul.transport import RemoteHost
 
 
@@ -118,3 +119,5 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     assert ("test_ops::test_schema_is_readable", "app1") not in by_case  # the roles marker kept it to db
     assert by_case[("services running", "app1")] == "passed"
     assert len(by_case) == 17
+    # The journal says what the exit code said: the passing verify succeeded, the failing one failed.
+    assert [run.status for run in SQLiteState(tmp_path / "journal.sqlite").runs("lab")] == ["failed", "succeeded"]

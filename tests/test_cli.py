@@ -11,6 +11,7 @@ import pytest
 from helpers import overhaul_cli, write
 
 from overhaul.cli import EXIT_CODES, SHORT_FLAGS, namespace
+from overhaul.state import SQLiteState
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = sorted(namespace.task_names)
@@ -109,3 +110,29 @@ def test_exit_code_2_for_a_plan_file_that_is_not_a_plan(tmp_path):
         proc = overhaul_cli(tmp_path, "apply", str(path))
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert str(path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_says_its_id_and_log_folder_first_and_how_it_ended_last(lab, tmp_path):
+    runbooks = tmp_path / "runbooks"
+    write(runbooks / "stops.yaml", """
+        name: stops
+        stages:
+          - {name: first, step: shell, hosts: [app1], params: {command: "echo one; echo two >&2; exit 3"}}
+          - {name: second, step: shell, hosts: [app1, app2], params: {command: "true"}}
+          - {name: third, step: shell, hosts: [app2], params: {command: "true"}}
+    """)
+    proc = overhaul_cli(tmp_path, "run", "stops", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+                        "--runbooks-dir", str(runbooks))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [record] = SQLiteState(tmp_path / "journal.sqlite").runs("lab")
+    lines = proc.stdout.splitlines()
+    assert f"run {record.id}: stops on lab, 2 hosts, logs in {Path('runs') / record.id}" in proc.stdout.replace(
+        str(tmp_path) + "/", "")
+    assert "== stage 2 second: skipped, run stopped at stage 'first'" in lines
+    assert "== stage 3 third: skipped, run stopped at stage 'first'" in lines
+    assert not [line for line in lines if line.strip().startswith(("app1", "app2")) and "skipped" in line]
+    assert any(line.startswith(f"run {record.id} failed in ") and line.endswith(f"details: overhaul show {record.id}")
+               for line in lines)
+    for reference in ("last", record.id[:17]):
+        shown = overhaul_cli(tmp_path, "show", reference)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"run {record.id}: stops on lab, failed"), shown.stderr
