@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg procps iproute2
 PYTHON ?= python3
 
-.PHONY: demo test deps lint lab-down
+.PHONY: demo test deps lint lab-down docs
 
 deps: $(VENV)/.installed
 
@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: deps
 	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/pytest
+
+docs: deps
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 demo: deps
 	$(BIN)/overhaul lab.up

@@ -14,7 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime
 from importlib import resources
+from json import dumps
 from pathlib import Path
 from typing import Any
 
@@ -453,18 +456,40 @@ def unlock(c, env="", force=False):
     print(f"{env}: lock of {lock.holder} (run {lock.run_id}) removed; journaled")
 
 
-@command(help={"env": "only this environment", "limit": "how many runs (default 20)"})
-def history(c, env="", limit=20):
-    """Runs, newest first: id, runbook, environment, status, duration, who."""
-    runs = open_state().runs(env or None, int(limit))
-    if not runs:
-        print("no runs journaled")
+@command(help={"env": "only this environment", "limit": "how many runs (default 20)",
+               "runbook": "only runs of this runbook", "status": "only runs with this status (succeeded, failed, "
+               "refused, interrupted, running, abandoned)", "since": "only runs started since a date (2026-11-01) or "
+               "an age (30m, 2h, 3d)", "all": "also the read-only runs (verify, synthetic)", "json": "one JSON object per run"})
+def history(c, env="", limit=20, runbook="", status="", since="", all=False, json=False):
+    """Runs, newest first: id, runbook, environment, version, status, duration, who (read-only runs with --all)."""
+    after = since_time(since) if since else None
+    runs = [record for record in open_state().runs(env or None, 1_000_000)
+            if (all or record.mutating) and (not runbook or record.runbook == runbook)
+            and (not status or record.status == status) and (after is None or record.started >= after)][:int(limit)]
+    if json:
+        for record in runs:
+            print(dumps({**asdict(record), "duration": round(record.duration, 3)}, sort_keys=True))
         return
-    print(f"{'RUN':<24} {'RUNBOOK':<10} {'ENV':<12} {'STATUS':<12} {'STARTED':<20} {'TIME':>7}  WHO")
+    if not runs:
+        print("no runs journaled" + (" (read-only runs are shown with --all)" if not all else ""))
+        return
+    print(f"{'RUN':<24} {'RUNBOOK':<10} {'ENV':<12} {'VERSION':<10} {'STATUS':<12} {'STARTED':<20} {'TIME':>7}  WHO")
     for record in runs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
-        print(f"{record.id:<24} {record.runbook:<10} {record.environment:<12} {record.status:<12} {started:<20} "
-              f"{record.duration:>6.0f}s  {record.operator}")
+        version = str(record.params.get("version", "-"))
+        print(f"{record.id:<24} {record.runbook:<10} {record.environment:<12} {version:<10} {record.status:<12} "
+              f"{started:<20} {record.duration:>6.0f}s  {record.operator}")
+
+
+def since_time(text: str) -> float:
+    """`--since`: an age (30m, 2h, 3d) or a date or date-time (2026-11-01, 2026-11-01T08:00), as a timestamp."""
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise OverhaulError(f"--since {text!r}: expected an age (30m, 2h, 3d) or a date (2026-11-01)") from None
 
 
 @command(positional=("run",), help={"run": "the run id (see history), a unique prefix of it, or `last`"})

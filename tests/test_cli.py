@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -136,3 +137,33 @@ def test_a_run_says_its_id_and_log_folder_first_and_how_it_ended_last(lab, tmp_p
     for reference in ("last", record.id[:17]):
         shown = overhaul_cli(tmp_path, "show", reference)
         assert shown.returncode == 0 and shown.stdout.startswith(f"run {record.id}: stops on lab, failed"), shown.stderr
+
+
+def test_history_filters_and_hides_read_only_runs_unless_asked(lab, tmp_path):
+    runbooks = tmp_path / "runbooks"
+    write(runbooks / "ok.yaml", "name: ok\nstages:\n  - {name: one, step: shell, hosts: [app1], params: {command: 'true'}}\n")
+    write(runbooks / "bad.yaml", "name: bad\nstages:\n  - {name: one, step: shell, hosts: [app1], params: {command: 'false'}}\n")
+    common = ("--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(runbooks))
+    assert overhaul_cli(tmp_path, "run", "ok", *common).returncode == 0
+    assert overhaul_cli(tmp_path, "run", "bad", *common).returncode == 1
+    assert overhaul_cli(tmp_path, "verify", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+                        "--no-checks").returncode == 0
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    ok_run, bad_run = sorted((r for r in state.runs("lab") if r.mutating), key=lambda r: r.started)
+    verify_run = next(r for r in state.runs("lab") if not r.mutating)
+
+    def ids(*args: str) -> list[str]:
+        out = overhaul_cli(tmp_path, "history", *args).stdout
+        return [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+
+    assert ids() == [bad_run.id, ok_run.id]  # the verify is hidden
+    assert ids("--all") == [verify_run.id, bad_run.id, ok_run.id]
+    assert ids("--status", "failed") == [bad_run.id]
+    assert ids("--runbook", "ok") == [ok_run.id]
+    assert ids("--since", "1h") == [bad_run.id, ok_run.id]
+    assert "no runs journaled" in overhaul_cli(tmp_path, "history", "--since", "2999-01-01").stdout
+    as_json = [json.loads(line) for line in overhaul_cli(tmp_path, "history", "--json", "--all").stdout.splitlines()]
+    assert [(r["id"], r["status"]) for r in as_json] == [(verify_run.id, "succeeded"), (bad_run.id, "failed"),
+                                                        (ok_run.id, "succeeded")]
+    bad = overhaul_cli(tmp_path, "history", "--since", "yesterday-ish")
+    assert bad.returncode == 2 and "expected an age" in bad.stderr

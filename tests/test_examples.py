@@ -1,0 +1,42 @@
+"""The example inventories in hosts/ load: an operator who copies one starts from a file Overhaul accepts."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from overhaul.config import load_document
+from overhaul.inventory import Inventory, load_inventory_file
+from overhaul.sources import source_class
+from overhaul.synthetic.registry import provider_class
+
+HOSTS = Path(__file__).resolve().parent.parent / "hosts"
+
+
+def test_the_production_example_loads_with_its_files_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ssh = tmp_path / ".ssh"
+    ssh.mkdir(mode=0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / "overhaul_production")], check=True)
+    (ssh / "known_hosts_production").write_text("")
+    password = tmp_path / ".config/overhaul/production-sudo.password"
+    password.parent.mkdir(parents=True)
+    password.write_text("not-a-real-password\n")
+    password.chmod(0o600)
+    inventory = load_inventory_file(HOSTS / "production.example.yaml")
+    assert inventory.environment == "production"
+    assert [(h.name, h.roles) for h in inventory.hosts] == [("db1", ["db"]), ("worker1", ["worker"]), ("app1", ["app"]),
+                                                           ("app2", ["app"])]
+    assert inventory.policy.protected and inventory.policy.promotion_from == "staging"
+    assert inventory.ssh.sudo and inventory.ssh.bastion is not None
+    assert inventory.ssh.key_file == ssh / "overhaul_production"
+
+
+def test_the_staging_example_is_valid_for_its_source_and_its_synthetic_farm():
+    document = load_document(HOSTS / "staging.example.yaml")
+    inventory = document.validate(Inventory)
+    assert inventory.source is not None and inventory.synthetic is not None
+    source = source_class(inventory.source.provider).model_validate(inventory.source.model_extra or {})
+    assert source.filters == {"env": "staging"}
+    provider = provider_class(inventory.synthetic.provider)
+    assert provider.__name__ and set(inventory.synthetic.roles) == {"db", "app"}
