@@ -83,11 +83,14 @@ class Facts:
 class StepHost:
     """One host, for one step: run commands on it, read its vars and secrets."""
 
-    def __init__(self, remote: RemoteHost, *, timeout: float, run_id: str, facts: Facts | None = None):
+    def __init__(self, remote: RemoteHost, *, timeout: float, run_id: str, facts: Facts | None = None,
+                 log: Path | None = None, on_log_error: Callable[[str], None] | None = None):
         self.remote = remote
         self.timeout = timeout
         self.run_id = run_id
         self.facts = facts or Facts()
+        self.log = log  # each command and its output (redacted) is appended here as it completes
+        self._on_log_error = on_log_error or (lambda why: None)
         self.history: list[CommandResult] = []  # every command of this pair, redacted
         self._reported: list[tuple[str, Any, bool]] = []
 
@@ -172,6 +175,15 @@ class StepHost:
         """Run `command` with sh on the host (see `RemoteHost.run`); the stage's timeout unless given."""
         result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
         self.history.append(result)
+        if self.log is not None:  # now, not when the step ends: after a crash the log shows the step in flight
+            try:
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log, "a") as log:
+                    log.write(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}, "
+                              f"{result.duration * 1000:.0f} ms]\n")
+            except OSError as exc:
+                self._on_log_error(f"cannot write the run log {self.log}: {exc}")
+                self.log = None
         return result
 
     def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:

@@ -98,13 +98,20 @@ class JournalRecorder:
             ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())))
 
     def host_finished(self, result: HostResult) -> None:
-        path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"
-        wrote = (result.output or result.traceback) and self._safely(f"the run log {path}", lambda: _write_log(path, result))
+        path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"  # its commands: written as they ran
+        if result.traceback:
+            self._safely(f"the run log {path}", lambda: _append_traceback(path, result))
         now = time.time()
         self._safely("the journal", lambda: self.state.record(ResultRecord(
             self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
-            now - result.duration, now, result.message, str(path) if wrote else "", result.facts,
+            now - result.duration, now, result.message, str(path) if path.exists() else "", result.facts,
         )))
+
+    def report(self, problem: str) -> None:
+        """A write of the run's own failed (a host log): stop the run as for a journal write."""
+        if not self.error:
+            self.error = problem
+            self.on_error()
 
     def _safely(self, what: str, write: Callable[[], object]) -> bool:
         try:
@@ -117,14 +124,10 @@ class JournalRecorder:
             return False
 
 
-def _write_log(path: Path, result: HostResult) -> None:
+def _append_traceback(path: Path, result: HostResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as log:
-        for command in result.output:
-            log.write(f"$ {command.command}\n{command.stdout}{command.stderr}[exit {command.exited}, "
-                      f"{command.duration * 1000:.0f} ms]\n")
-        if result.traceback:
-            log.write(f"! {result.message}\n{result.traceback}")
+        log.write(f"! {result.message}\n{result.traceback}")
 
 
 class LockKeeper:
@@ -288,7 +291,8 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
             print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
                   "(stage, host) pairs were done; each is skipped once its check confirms it still holds", file=stream)
     runner = Runner(plan, transport, check_only=check_only, confirm=confirm, listeners=listeners,
-                    run_id=record.id if record else None, previous=previous)
+                    run_id=record.id if record else None, previous=previous,
+                    log_dir=recorder.outputs if recorder else None, on_log_error=recorder.report if recorder else None)
     if keeper is not None:
         keeper.on_lost = runner.request_stop  # someone took the lock: start nothing more
     if recorder is not None:

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -96,6 +97,8 @@ class Runner:
         run_id: str | None = None,
         previous: dict[tuple[int, str], HostResult] | None = None,
         facts: Facts | None = None,
+        log_dir: Path | None = None,
+        on_log_error: Callable[[str], None] | None = None,
     ):
         self.run_id = run_id or time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.plan = plan
@@ -109,6 +112,8 @@ class Runner:
         self._lock = threading.Lock()
         self._results: list[HostResult] = []
         self.facts = facts or Facts()  # shared with the preflight and the preview of this run
+        self.log_dir = log_dir  # each pair's commands go to log_dir/NN-HOST.log as they complete
+        self.on_log_error = on_log_error
         self.touched: set[str] = set()  # hosts a step applied on (or may have): read afresh at every stage
 
     def request_stop(self) -> None:
@@ -191,7 +196,9 @@ class Runner:
 
     def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
         stage = planned.stage
-        host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts)
+        log = self.log_dir / f"{planned.index:02d}-{name}.log" if self.log_dir is not None else None
+        host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
+                        on_log_error=self.on_log_error)
         step = planned.step(planned.params[name])
         started = time.monotonic()
         previous = self.previous.get((planned.index, name))

@@ -494,3 +494,30 @@ def test_a_run_records_the_hosts_its_source_found_and_its_resume_works_on_them(a
     resumed = load_inventory("prod", tmp_path / "hosts", found=recorded_hosts(state, record))
     assert [(h.name, h.roles, h.address) for h in resumed.hosts] == [(h.name, h.roles, h.address) for h in inventory.hosts]
     assert [h.name for h in resumed.hosts] == ["db-a"]
+
+
+def test_a_host_log_holds_each_command_as_it_completes_so_a_killed_run_shows_the_step_in_flight(lab, tmp_path):
+    write(tmp_path / "runbooks" / "long.yaml", """
+        name: long
+        stages:
+          - name: long step
+            step: shell
+            hosts: [app1]
+            params: {unless: "echo checked-before-the-long-part; false", command: "sleep 30"}
+    """)
+    env = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))
+    proc = subprocess.Popen([sys.executable, "-m", "overhaul", "run", "long", "--env", "lab", "--hosts-dir",
+                             str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not running(lab, "app1", "sleep 30"):
+            assert time.monotonic() < deadline and proc.poll() is None, "the long part never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        lab.host("app1").exec("pkill -f 'sleep 30' || true", check=False)
+    [log] = (tmp_path / "runs").glob("*/00-app1.log")
+    text = log.read_text()
+    assert "$ echo checked-before-the-long-part; false\nchecked-before-the-long-part\n[exit 1," in text
