@@ -28,6 +28,7 @@ from overhaul.context import StepHost
 from overhaul.errors import HostUnreachable, OverhaulError, Refused, StepFailed
 from overhaul.execution import (
     INTERRUPTED_EXIT,
+    LIMIT,
     REFUSED_EXIT,
     Gate,
     exit_code,
@@ -35,6 +36,7 @@ from overhaul.execution import (
     journal_path,
     open_state,
     operator,
+    recorded,
     recorded_hosts,
     run_plan,
 )
@@ -64,6 +66,7 @@ COMMON_HELP = {
     "param": "a runbook parameter, NAME=VALUE (repeatable)",
     "yes": "do not ask: confirm a protected environment (after its plan is shown) and every gated stage",
     "skip_unreachable": "leave unreachable hosts out of the whole run instead of refusing it",
+    "limit": "only these hosts: names, globs (app*) and roles (role:app), comma-separated",
 }
 
 PATHS_HELP = {name: COMMON_HELP[name] for name in ("env", "hosts_dir", "runbooks_dir", "steps_dir")}
@@ -136,15 +139,15 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 
 
 def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_dir: str,
-              params: dict[str, Any], flags: dict[str, str] | None = None) -> Plan:
+              params: dict[str, Any], flags: dict[str, str] | None = None, limit: str = "") -> Plan:
     """Everything that can be checked without touching a host, checked; then `latest` resolved, once."""
     inventory = load_inventory(need(env, "--env"), Path(hosts_dir))
     loaded = load_runbook(runbook, Path(runbooks_dir))
-    plan = build_plan(loaded, inventory, registry(steps_dir), params, flags)
+    plan = build_plan(loaded, inventory, registry(steps_dir), params, flags, limit)
     if plan.run_params.get("version") == "latest":
         version = newest_available(inventory)
         print(f"latest available version: {version}")
-        plan = build_plan(loaded, inventory, registry(steps_dir), {**params, "version": version}, flags)
+        plan = build_plan(loaded, inventory, registry(steps_dir), {**params, "version": version}, flags, limit)
     return plan
 
 
@@ -210,12 +213,12 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
 
 @command(positional=("runbook",), iterable=("param",), help={
     "runbook": "runbook name (runbooks/NAME.yaml or built-in) or path", **COMMON_HELP})
-def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts", runbooks_dir="runbooks",
-        steps_dir="steps"):
+def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, limit="", hosts_dir="hosts",
+        runbooks_dir="runbooks", steps_dir="steps"):
     """Run a runbook on an environment's hosts, after every preflight passed on every host."""
     if help_asked(runbook, "run"):
         return
-    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
+    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
     if dry_run(c):
         return show_plan(planned, skip_unreachable)
     execute(planned, yes, skip_unreachable)
@@ -224,12 +227,12 @@ def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, hosts
 @command(positional=("runbook",), iterable=("param",), help={
     "runbook": "runbook name or path", "out": "save the plan to this JSON file, for `overhaul apply`",
     **{k: v for k, v in COMMON_HELP.items() if k != "yes"}})
-def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, hosts_dir="hosts", runbooks_dir="runbooks",
-         steps_dir="steps"):
+def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="", hosts_dir="hosts",
+         runbooks_dir="runbooks", steps_dir="steps"):
     """Show what a runbook would change on each host: every preflight, then the read-only checks."""
     if help_asked(runbook, "plan"):
         return
-    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []))
+    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
     show_plan(planned, skip_unreachable, out)
 
 
@@ -265,7 +268,7 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
     inventory_file = inventory_path(saved.environment, Path(hosts_dir))
     check_unchanged(saved, file_sha256(runbook_file), file_sha256(inventory_file), max_age)
     inventory = load_inventory(saved.environment, Path(hosts_dir))
-    planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), saved.params)
+    planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), saved.params, limit=saved.limit)
     print(f"applying {path}: {saved.runbook} on {saved.environment}, made by {saved.created_by} "
           f"{saved.age_hours():.1f} h ago, params {json.dumps(saved.params, sort_keys=True)}")
     execute(planned, yes, bool(saved.excluded), reviewed=saved)
@@ -273,8 +276,9 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
 
 @command(help={"version": "package version to upgrade to (default: the newest available)",
                "plan": "apply this saved plan (from `overhaul plan upgrade ... --out FILE`) instead",
-               "yes": COMMON_HELP["yes"], "skip_unreachable": COMMON_HELP["skip_unreachable"], **PATHS_HELP})
-def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=False, hosts_dir="hosts",
+               "yes": COMMON_HELP["yes"], "skip_unreachable": COMMON_HELP["skip_unreachable"],
+               "limit": COMMON_HELP["limit"], **PATHS_HELP})
+def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=False, limit="", hosts_dir="hosts",
             runbooks_dir="runbooks", steps_dir="steps"):
     """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
     if plan:
@@ -282,7 +286,7 @@ def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=Fa
             raise OverhaulError("--dry with --plan: the plan file is the dry run; nothing was changed")
         return apply_saved(Path(plan), yes, 24.0, hosts_dir, steps_dir)
     planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version},
-                        flags={"version": "--version"})
+                        flags={"version": "--version"}, limit=limit)
     if dry_run(c):
         return show_plan(planned, skip_unreachable)
     execute(planned, yes, skip_unreachable)
@@ -322,9 +326,11 @@ def check_promotion(inventory: Inventory, version: str) -> None:
 
 
 def upgraded_versions(env: str) -> list[str]:
-    """The versions successful upgrades of `env` went to, newest first (from the journal)."""
-    return [str(record.params["version"]) for record in open_state().runs(env, limit=1000)
-            if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")]
+    """The versions successful upgrades of the whole of `env` went to, newest first (a --limit run is no pass)."""
+    state = open_state()
+    return [str(record.params["version"]) for record in state.runs(env, limit=1000)
+            if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")
+            and recorded(state, record, LIMIT) is None]
 
 
 @command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
@@ -332,19 +338,19 @@ def upgraded_versions(env: str) -> list[str]:
                "no_checks": "only the built-in verify runbook, not the testinfra checks",
                "checks_only": "only the testinfra checks, not the built-in verify runbook",
                "check_processes": "pytest sessions the checks are split among (default 1: one session, every host)",
-               **PATHS_HELP})
-def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, check_processes=1,
+               "limit": COMMON_HELP["limit"], **PATHS_HELP})
+def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, check_processes=1, limit="",
            hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     if no_checks and checks_only:
         raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
-    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {})
+    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}, limit=limit)
     folder = Path(checks or planned.inventory.checks or "checks")
     if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
     with ThreadPoolExecutor(max_workers=1) as background:
         # The checks (their own pytest session) run while the runbook's stages do.
-        hosts = [host.name for host in planned.inventory.hosts]
+        hosts = planned.hosts
         pending = background.submit(verification.run_checks, env, hosts_dir, folder, hosts, int(check_processes),
                                     {"expected_version": expected_version(env)}) \
             if folder.is_dir() and not no_checks else None
@@ -373,7 +379,7 @@ def expected_version(env: str) -> str | None:
 @command(iterable=("param",), help={
     "run": "the run to resume (default: the last run of --env, if it is unfinished or failed)",
     "version": "must equal the run's version if given", "yes": "confirm gated stages",
-    **{k: v for k, v in COMMON_HELP.items() if k != "runbooks_dir"}})
+    **{k: v for k, v in COMMON_HELP.items() if k not in ("runbooks_dir", "limit")}})
 def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts",
            steps_dir="steps"):
     """Continue an interrupted or failed run: finished work is skipped once its check confirms it still holds."""
@@ -400,7 +406,8 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to resume")
     inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
-    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params)
+    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params,
+                         limit=recorded(state, record, LIMIT) or "")
     if dry_run(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
@@ -456,16 +463,16 @@ def unlock(c, env="", force=False):
     print(f"{env}: lock of {lock.holder} (run {lock.run_id}) removed; journaled")
 
 
-@command(help={"env": "only this environment", "limit": "how many runs (default 20)",
+@command(help={"env": "only this environment", "count": "how many runs (default 20)",
                "runbook": "only runs of this runbook", "status": "only runs with this status (succeeded, failed, "
                "refused, interrupted, running, abandoned)", "since": "only runs started since a date (2026-11-01) or "
                "an age (30m, 2h, 3d)", "all": "also the read-only runs (verify, synthetic)", "json": "one JSON object per run"})
-def history(c, env="", limit=20, runbook="", status="", since="", all=False, json=False):
+def history(c, env="", count=20, runbook="", status="", since="", all=False, json=False):
     """Runs, newest first: id, runbook, environment, version, status, duration, who (read-only runs with --all)."""
     after = since_time(since) if since else None
     runs = [record for record in open_state().runs(env or None, 1_000_000)
             if (all or record.mutating) and (not runbook or record.runbook == runbook)
-            and (not status or record.status == status) and (after is None or record.started >= after)][:int(limit)]
+            and (not status or record.status == status) and (after is None or record.started >= after)][:int(count)]
     if json:
         for record in runs:
             print(dumps({**asdict(record), "duration": round(record.duration, 3)}, sort_keys=True))

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 DEFAULT_JOURNAL = ".overhaul/journal.sqlite"
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
+LIMIT = "limit"  # journal event: the run was kept to some hosts (--limit)
 FAILED_EXIT = 1
 REFUSED_EXIT = 3
 INTERRUPTED_EXIT = 130
@@ -257,6 +258,8 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool
         mutating=mutating,
     )
     state.start_run(record)
+    if plan.limit:
+        state.event(record.environment, LIMIT, plan.limit, run_id)
     if plan.inventory.source is not None:  # what the source found now is what a resume works on
         found = [host.model_dump(mode="json") for host in plan.inventory.found]
         state.event(record.environment, SOURCE_HOSTS, json.dumps(found), run_id)
@@ -265,9 +268,15 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool
 
 def recorded_hosts(state: SQLiteState, record: RunRecord) -> list[dict] | None:
     """The hosts an inventory source found when the run started (None: the inventory has no source)."""
-    for _, run_id, kind, detail in state.events(record.environment):
-        if run_id == record.id and kind == SOURCE_HOSTS:
-            return json.loads(detail)
+    found = recorded(state, record, SOURCE_HOSTS)
+    return json.loads(found) if found is not None else None
+
+
+def recorded(state: SQLiteState, record: RunRecord, kind: str) -> str | None:
+    """The detail of the run's first journal event of `kind` (None when there is none)."""
+    for _, run_id, event_kind, detail in state.events(record.environment):
+        if run_id == record.id and event_kind == kind:
+            return detail
     return None
 
 
@@ -284,6 +293,7 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
         recorder = JournalRecorder(state, record.id, journal_path().parent / "runs" / record.id)
         listeners.append(recorder)
         version = f", version {plan.run_params['version']}" if plan.run_params.get("version") else ""
+        version += f", limited to {plan.limit}" if plan.limit else ""
         print(f"run {record.id}: {record.runbook} on {record.environment}{version}, {len(plan.hosts)} hosts, "
               f"logs in {recorder.outputs}", file=stream, flush=True)
         if resumed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Plan:
     run_params: dict[str, Any]  # the parameters the operator gave (defaults and inventory vars apart)
     stages: list[PlannedStage]
     redactor: Redactor = field(default_factory=Redactor)  # knows every secret the run's steps read
+    limit: str = ""  # --limit: the run is kept to these hosts (journaled; never a full pass for promotion)
 
     @property
     def hosts(self) -> list[str]:
@@ -47,19 +49,21 @@ class Plan:
         """The same plan with some hosts left out of every stage."""
         stages = [PlannedStage(p.index, p.stage, p.step, {h: v for h, v in p.params.items() if h not in excluded})
                   for p in self.stages]
-        return Plan(self.runbook, self.inventory, self.run_params, stages, self.redactor)
+        return Plan(self.runbook, self.inventory, self.run_params, stages, self.redactor, self.limit)
 
 
 def build_plan(
     loaded: LoadedRunbook, inventory: Inventory, registry: Registry, given: dict[str, Any] | None = None,
-    flags: dict[str, str] | None = None,
+    flags: dict[str, str] | None = None, limit: str = "",
 ) -> Plan:
     """Resolve every stage's hosts and params; raise ConfigError listing every problem found.
 
-    `flags` names the command-line flag of a parameter where it is not `--param NAME=VALUE`.
+    `flags` names the command-line flag of a parameter where it is not `--param NAME=VALUE`; `limit`
+    keeps the run to some hosts (see `limited_to`).
     """
     runbook = loaded.runbook
     problems: list[str] = []
+    allowed = limited_to(inventory, limit) if limit else None
     given = {name: value for name, value in (given or {}).items() if value is not None}
     flags = flags or {}
     _unknown_params(loaded, given, problems)
@@ -79,6 +83,8 @@ def build_plan(
         if not selected and not stage.optional:
             problems.append(f"{loaded.where(index)}: stages[{index}] ({stage.name!r}): selects no host of "
                             f"{inventory.environment!r}: check roles/hosts/exclude, or say `optional: true`")
+        if allowed is not None:  # a stage left without host by --limit is fine: the operator asked for fewer
+            selected = [host for host in selected if host.name in allowed]
         for host in selected:
             # Precedence: runbook defaults < inventory vars (host over role over environment) < given.
             values = {**runbook.params, **inventory.host_vars(host), **given, "host": host.name, "address": host.address}
@@ -106,7 +112,27 @@ def build_plan(
         _resolve_secrets(stages, inventory, redactor, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, not per host
-    return Plan(loaded, inventory, given, stages, redactor)
+    return Plan(loaded, inventory, given, stages, redactor, limit)
+
+
+def limited_to(inventory: Inventory, limit: str) -> set[str]:
+    """`--limit`, as Ansible's: comma-separated host names, globs (`app*`) and roles (`role:app`)."""
+    chosen: set[str] = set()
+    for pattern in (part.strip() for part in limit.split(",")):
+        if not pattern:
+            continue
+        if pattern.startswith("role:"):
+            matched = {host.name for host in inventory.hosts if pattern[5:] in host.roles}
+        else:
+            matched = {host.name for host in inventory.hosts if fnmatch.fnmatchcase(host.name, pattern)}
+        if not matched:
+            names = ", ".join(host.name for host in inventory.hosts)
+            raise ConfigError([f"--limit {pattern!r}: matches no host of {inventory.environment!r} (hosts: {names}; "
+                               "roles: role:NAME)"])
+        chosen |= matched
+    if not chosen:
+        raise ConfigError([f"--limit {limit!r}: names no host"])
+    return chosen
 
 
 def _resolve_secrets(stages: list[PlannedStage], inventory: Inventory, redactor: Redactor, problems: list[str]) -> None:

@@ -55,6 +55,7 @@ class SavedPlan(Strict):
     inventory_sha256: str
     params: dict[str, Any]
     excluded: dict[str, str] = {}
+    limit: str = ""  # --limit the plan was made with
     stages: list[SavedStage]
 
     def age_hours(self) -> float:
@@ -78,7 +79,7 @@ def saved_plan(plan: Plan, result: RunResult, operator: str, runbook_sha256: str
         environment=plan.inventory.environment, runbook=plan.runbook.runbook.name,
         runbook_path=str(plan.runbook.path.resolve()), runbook_sha256=runbook_sha256,
         inventory_path=str(plan.inventory.path.resolve()), inventory_sha256=inventory_sha256,
-        params=plan.run_params, excluded=dict(result.preflight.excluded), stages=stages,
+        params=plan.run_params, excluded=dict(result.preflight.excluded), limit=plan.limit, stages=stages,
     )
 
 

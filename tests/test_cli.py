@@ -6,13 +6,17 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from helpers import overhaul_cli, write
 
-from overhaul.cli import EXIT_CODES, SHORT_FLAGS, namespace
-from overhaul.state import SQLiteState
+from overhaul.cli import EXIT_CODES, SHORT_FLAGS, namespace, upgraded_versions
+from overhaul.errors import ConfigError
+from overhaul.inventory import load_inventory_file
+from overhaul.plan import limited_to
+from overhaul.state import RunRecord, SQLiteState
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = sorted(namespace.task_names)
@@ -94,7 +98,7 @@ def test_exit_code_1_when_a_host_fails_during_the_run(lab, tmp_path):
     (("no-such-task",), "No idea what 'no-such-task' is!"),
     (("run", "no-such-runbook", "--env", "lab", "--hosts-dir", "{hosts}"), "unknown runbook 'no-such-runbook'"),
     (("apply", "missing-plan.json"), "missing-plan.json: no such plan file"),
-    (("history", "--limit", "many"), "invalid literal for int()"),
+    (("history", "--count", "many"), "invalid literal for int()"),
     (("upgrade", "--env", "nowhere", "--version", "1.1.0", "--hosts-dir", "{hosts}"), "unknown environment 'nowhere'"),
 ])
 def test_exit_code_2_for_bad_input_or_usage(lab, tmp_path, args, says):
@@ -167,3 +171,40 @@ def test_history_filters_and_hides_read_only_runs_unless_asked(lab, tmp_path):
                                                         (ok_run.id, "succeeded")]
     bad = overhaul_cli(tmp_path, "history", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "expected an age" in bad.stderr
+
+
+def test_limit_takes_names_globs_and_roles(lab):
+    inventory = load_inventory_file(lab.inventory)
+    assert limited_to(inventory, "app*") == {"app1", "app2"}
+    assert limited_to(inventory, "role:db, worker1") == {"db1", "worker1"}
+    with pytest.raises(ConfigError, match=r"--limit 'web\*': matches no host of 'lab'"):
+        limited_to(inventory, "app1,web*")
+
+
+def test_a_limited_run_touches_only_those_hosts_and_is_journaled_as_limited(lab, tmp_path):
+    write(tmp_path / "runbooks" / "mark.yaml", """
+        name: mark
+        stages:
+          - {name: everywhere, step: shell, params: {command: "true"}}
+          - {name: db only, step: shell, roles: [db], params: {command: "true"}}
+    """)
+    proc = overhaul_cli(tmp_path, "run", "mark", "--env", "lab", "--limit", "role:app", "--hosts-dir",
+                        str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "limited to role:app, 2 hosts" in proc.stdout
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    [record] = state.runs("lab")
+    assert {(r.stage, r.host) for r in state.results(record.id)} == {("everywhere", "app1"), ("everywhere", "app2")}
+    assert [(kind, detail) for _, run_id, kind, detail in state.events("lab") if run_id == record.id] == [
+        ("limit", "role:app")]
+
+
+def test_only_a_full_environment_upgrade_counts_as_a_pass_for_promotion(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERHAUL_JOURNAL", str(tmp_path / "journal.sqlite"))
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    for run_id, version, limit in (("full", "1.1.0", ""), ("partial", "1.2.0", "app1")):
+        state.start_run(RunRecord(run_id, "upgrade", "", "", "staging", {"version": version}, "me", time.time()))
+        if limit:
+            state.event("staging", "limit", limit, run_id)
+        state.set_status(run_id, "succeeded", time.time())
+    assert upgraded_versions("staging") == ["1.1.0"]
