@@ -42,6 +42,7 @@ from overhaul.execution import (
 )
 from overhaul.inventory import Inventory, inventory_path, load_inventory
 from overhaul.lab import Lab
+from overhaul.lab.lab import FIRST_VERSION
 from overhaul.plan import Plan, PlannedStage, build_plan
 from overhaul.planfile import check_unchanged, read_plan, saved_plan, write_plan
 from overhaul.runbook import Runbook, load_runbook
@@ -50,6 +51,7 @@ from overhaul.step import Registry
 from overhaul.transport import Transport
 
 USAGE_EXIT = 2
+REBUILT = "rebuilt"  # journal event: the environment's hosts were built anew, at the version its detail says
 EXIT_CODES = """\
 Exit codes:
   0    success
@@ -327,8 +329,12 @@ def check_promotion(inventory: Inventory, version: str) -> None:
 
 def upgraded_versions(env: str) -> list[str]:
     """The versions successful upgrades of the whole of `env` went to, newest first (a --limit run is no pass)."""
-    state = open_state()
-    return [str(record.params["version"]) for record in state.runs(env, limit=1000)
+    return [version for _, version in full_upgrades(open_state(), env)]
+
+
+def full_upgrades(state: SQLiteState, env: str) -> list[tuple[float, str]]:
+    """(when it ended, version) of each successful upgrade of the whole of `env`, newest first."""
+    return [(record.ended or record.started, str(record.params["version"])) for record in state.runs(env, limit=1000)
             if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")
             and recorded(state, record, LIMIT) is None]
 
@@ -371,9 +377,11 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
 
 
 def expected_version(env: str) -> str | None:
-    """The version of the newest successful upgrade of `env` in the journal (None when unknown)."""
-    versions = upgraded_versions(env)
-    return versions[0] if versions and versions[0] != "latest" else None
+    """The version `env` should run: that of its newest full, successful upgrade, or of a rebuild since (None: unknown)."""
+    state = open_state()
+    rebuilds = [(at, detail) for at, _, kind, detail in state.events(env) if kind == REBUILT]
+    newest = max(full_upgrades(state, env) + rebuilds, default=None)
+    return newest[1] if newest and newest[1] != "latest" else None
 
 
 @command(iterable=("param",), help={
@@ -575,6 +583,8 @@ def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127
     """Start the lab (or repair a half-started one): real hosts with scalr-server 1.0.0."""
     lab = Lab(home=home, inventory=inventory, subnet=subnet)
     lab.up(int(hosts))
+    if lab.started_fresh:  # what verify expects is what the farm now is, not the last upgrade of the one before
+        open_state().event(lab.environment, REBUILT, FIRST_VERSION)
     _print_status(lab)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -208,3 +209,19 @@ def test_only_a_full_environment_upgrade_counts_as_a_pass_for_promotion(tmp_path
             state.event("staging", "limit", limit, run_id)
         state.set_status(run_id, "succeeded", time.time())
     assert upgraded_versions("staging") == ["1.1.0"]
+
+
+def test_the_demo_runs_twice_with_the_lab_rebuilt_between(tmp_path):
+    """`make demo`'s commands, twice, `lab.down` between: the rebuilt 1.0.0 farm is what verify expects."""
+    lab_args = ("--home", str(tmp_path / "lab"), "--inventory", str(tmp_path / "hosts/lab.yaml"))
+    common = ("--env", "lab", "--hosts-dir", str(tmp_path / "hosts"), "--checks", str(ROOT / "checks"))
+    try:
+        for _ in range(2):
+            up = overhaul_cli(tmp_path, "lab.up", "--hosts", "3", "--subnet", f"127.29.{os.getpid() % 250}", *lab_args)
+            assert up.returncode == 0, up.stdout + up.stderr
+            for args in (("verify", *common), ("upgrade", "--version", "1.1.0", "--yes", *common[:4]), ("verify", *common)):
+                proc = overhaul_cli(tmp_path, *args)
+                assert proc.returncode == 0, (args, proc.stdout[-3000:] + proc.stderr)
+            assert overhaul_cli(tmp_path, "lab.down", *lab_args).returncode == 0
+    finally:
+        overhaul_cli(tmp_path, "lab.down", *lab_args)

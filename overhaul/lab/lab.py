@@ -78,6 +78,7 @@ class Lab:
         self.subnet = subnet
         self.data_mb = data_mb
         self.environment = environment
+        self.started_fresh = False  # set by up(): whether it built a new farm (at FIRST_VERSION)
         self.log = log
 
     # -- paths -----------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class Lab:
             rootfs = ensure_rootfs(self.log)
             ensure_repository(self.repo)
             self._ensure_credentials()
+            self.started_fresh = not recorded  # a new farm: every host at FIRST_VERSION
             hosts = [recorded.get(s.name) or LabHost(s, self.home / "hosts" / s.name) for s in specs]
             for host in hosts:
                 if not host.running():
