@@ -225,3 +225,9 @@ def test_the_demo_runs_twice_with_the_lab_rebuilt_between(tmp_path):
             assert overhaul_cli(tmp_path, "lab.down", *lab_args).returncode == 0
     finally:
         overhaul_cli(tmp_path, "lab.down", *lab_args)
+
+
+def test_the_synthetic_test_passes_on_the_labs_own_inventory(lab, tmp_path):
+    proc = overhaul_cli(tmp_path, "synthetic", "--env", "lab", "--hosts-dir", str(lab.inventory.parent), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "synthetic lab: passed (3 servers launched, proven, terminated)" in proc.stdout, proc.stdout[-2000:]

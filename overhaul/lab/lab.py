@@ -253,6 +253,13 @@ class Lab:
         ]
         for host in hosts:
             lines += [f"  - name: {host.name}", f"    address: {host.spec.address}", f"    roles: [{host.spec.role}]"]
+        lines += [
+            "synthetic:  # `overhaul synthetic --env lab`: a farm of its own, launched, proven and torn down",
+            "  provider: lab",
+            "  roles: {db: {count: 1}, worker: {count: 1}, app: {count: 1}}",
+            f"  lab_subnet: 127.60.{self.subnet.rsplit('.', 1)[1]}",
+            '  endpoints: ["{db1}:3306"]',
+        ]
         self.inventory.write_text("\n".join(lines) + "\n")
 
 
