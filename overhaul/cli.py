@@ -340,7 +340,7 @@ def full_upgrades(state: SQLiteState, env: str) -> list[tuple[float, str]]:
 
 
 @command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
-               "junit": "write a JUnit XML report here", "json": "write a JSON report here",
+               "junit": "write a JUnit XML report here (- for stdout)", "json": "write a JSON report here (- for stdout)",
                "no_checks": "only the built-in verify runbook, not the testinfra checks",
                "checks_only": "only the testinfra checks, not the built-in verify runbook",
                "check_processes": "pytest sessions the checks are split among (default 1: one session, every host)",
@@ -365,10 +365,11 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
         if pending is not None:
             cases += pending.result()
     verification.print_summary(cases)
+    run_id = result.run_id if result is not None else ""
     if junit:
-        verification.write_junit(cases, Path(junit), env)
+        verification.write_junit(cases, junit, env, run_id)
     if json:
-        verification.write_json(cases, Path(json), env)
+        verification.write_json(cases, json, env, run_id)
     failed = any(case.status == "failed" for case in cases)
     code = (exit_code(result) if result is not None else 0) or (1 if failed else 0)
     if code and result is not None and result.run_id:

@@ -54,17 +54,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from overhaul.checks import inventory_for
 
     inventory = inventory_for(env, config.getoption("overhaul_hosts_dir"))
-    keep, drop = [], []
-    for item in items:
+    for item in items:  # a check not for this host's roles is reported skipped, so reports show it was considered
         marker = item.get_closest_marker("roles")
         name = _host_name(item)
-        if marker is None or name is None or set(marker.args) & set(inventory.host(name).roles):
-            keep.append(item)
-        else:
-            drop.append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+        if marker is not None and name is not None and not set(marker.args) & set(inventory.host(name).roles):
+            item.add_marker(pytest.mark.skip(reason=f"only for role {', '.join(marker.args)}: {name} is "
+                                                    f"{', '.join(inventory.host(name).roles)}"))
 
 
 @pytest.fixture

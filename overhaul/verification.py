@@ -16,6 +16,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -33,6 +34,7 @@ class Case:
     message: str = ""
     duration: float = 0.0
     source: str = "runbook"  # runbook (built-in verify) or the checks file
+    detail: str = ""  # a failed check: the assertion and where it failed (pytest's report)
 
 
 def runbook_cases(result: RunResult) -> list[Case]:
@@ -79,14 +81,16 @@ def _cases_from_junit(report: Path, source: str) -> list[Case]:
         if problem is None:
             problem = element.find("error")
         skipped = element.find("skipped")
+        detail = ""
         if problem is not None:
             status, message = "failed", (problem.get("message") or problem.text or "").strip().splitlines()[0:1]
+            detail = (problem.text or "").strip()
         elif skipped is not None:
-            status, message = "skipped", [skipped.get("message", "")]
+            status, message = "skipped", [skipped.get("message", "").removeprefix("Skipped: ")]
         else:
             status, message = "passed", []
         cases.append(Case(f"{module}::{name}", host, status, " ".join(message)[:300],
-                          float(element.get("time", 0)), source))
+                          float(element.get("time", 0)), source, detail))
     return cases
 
 
@@ -106,24 +110,36 @@ def print_summary(cases: list[Case], stream: TextIO = sys.stdout) -> None:
             print(f"FAILED {case.check} on {case.host}: {case.message}", file=stream)
 
 
-def write_junit(cases: list[Case], path: Path, env: str) -> None:
-    suites = ET.Element("testsuites", name=f"overhaul verify {env}")
+def write_junit(cases: list[Case], path: str, env: str, run_id: str = "") -> None:
+    """JUnit XML for CI: a suite per source, the failure's assertion text and location, a timestamp (`-`: stdout)."""
+    suites = ET.Element("testsuites", name=f"overhaul verify {env}" + (f" (run {run_id})" if run_id else ""))
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     for source in dict.fromkeys(c.source for c in cases):
         mine = [c for c in cases if c.source == source]
         suite = ET.SubElement(suites, "testsuite", name=f"{env}: {source}", tests=str(len(mine)),
                               failures=str(sum(c.status == "failed" for c in mine)),
-                              skipped=str(sum(c.status == "skipped" for c in mine)))
+                              skipped=str(sum(c.status == "skipped" for c in mine)), timestamp=stamp)
         for case in mine:
             element = ET.SubElement(suite, "testcase", classname=f"{env}.{case.host}", name=f"{case.check} [{case.host}]",
                                     time=f"{case.duration:.3f}")
             if case.status == "failed":
-                ET.SubElement(element, "failure", message=case.message).text = case.message
+                ET.SubElement(element, "failure", message=case.message).text = case.detail or case.message
             elif case.status == "skipped":
                 ET.SubElement(element, "skipped", message=case.message)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(suites).write(path, encoding="unicode", xml_declaration=True)
+    _write(path, ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n")
 
 
-def write_json(cases: list[Case], path: Path, env: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "cases": [asdict(c) for c in cases]}, indent=2) + "\n")
+def write_json(cases: list[Case], path: str, env: str, run_id: str = "") -> None:
+    """The verify as JSON: environment, run id, timestamp, totals and every case (`-`: stdout)."""
+    totals = {status: sum(c.status == status for c in cases) for status in ("passed", "failed", "skipped")}
+    document = {"environment": env, "run_id": run_id, "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+                "totals": totals, "cases": [asdict(c) for c in cases]}
+    _write(path, json.dumps(document, indent=2) + "\n")
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)

@@ -100,7 +100,8 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
             "--json", str(tmp_path / "out/verify.json")]
     passing = verify(lab, tmp_path, *args)
     assert passing.returncode == 0, passing.stdout + passing.stderr
-    assert "verify: 17 passed, 0 failed, 0 skipped" in passing.stdout  # 12 built-in + 4 + 1 (db only)
+    # 12 built-in + 4 + 1 (db only); the db-only check is reported skipped on the 3 other hosts
+    assert "verify: 17 passed, 0 failed, 3 skipped" in passing.stdout
 
     lab.host("app1").exec("touch /root/under-maintenance")
     try:
@@ -110,14 +111,22 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     assert failing.returncode == 1
     failed = [line for line in failing.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and failed[0].startswith("FAILED test_ops::test_no_maintenance_marker on app1: ")
-    cases = ET.parse(tmp_path / "out/junit.xml").getroot().iter("testcase")
-    failures = [case.get("name") for case in cases if case.find("failure") is not None]
-    assert failures == ["test_ops::test_no_maintenance_marker [app1]"]
+    root = ET.parse(tmp_path / "out/junit.xml").getroot()
+    failures = [case for case in root.iter("testcase") if case.find("failure") is not None]
+    assert [case.get("name") for case in failures] == ["test_ops::test_no_maintenance_marker [app1]"]
+    text = failures[0].find("failure").text
+    assert "assert not host.file" in text and "test_ops.py:4: AssertionError" in text  # the assertion, and where
+    assert all(suite.get("timestamp") for suite in root.iter("testsuite"))
+    skipped = [case.get("name") for case in root.iter("testcase") if case.find("skipped") is not None]
+    assert sorted(skipped) == [f"test_ops::test_schema_is_readable [{h}]" for h in ("app1", "app2", "worker1")]
     report = json.loads((tmp_path / "out/verify.json").read_text())
     by_case = {(c["check"], c["host"]): c["status"] for c in report["cases"]}
     assert by_case[("test_ops::test_schema_is_readable", "db1")] == "passed"
-    assert ("test_ops::test_schema_is_readable", "app1") not in by_case  # the roles marker kept it to db
+    assert by_case[("test_ops::test_schema_is_readable", "app1")] == "skipped"  # the roles marker kept it to db
     assert by_case[("services running", "app1")] == "passed"
-    assert len(by_case) == 17
+    assert len(by_case) == 20
+    assert report["totals"] == {"passed": 16, "failed": 1, "skipped": 3} and report["run_id"] and report["timestamp"]
     # The journal says what the exit code said: the passing verify succeeded, the failing one failed.
     assert [run.status for run in SQLiteState(tmp_path / "journal.sqlite").runs("lab")] == ["failed", "succeeded"]
+    to_stdout = verify(lab, tmp_path, "--checks", str(tmp_path / "checks"), "--no-checks", "--json", "-")
+    assert json.loads(to_stdout.stdout[to_stdout.stdout.index('{\n  "environment"'):])["totals"]["passed"] == 12

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from overhaul.config import load_document
 from overhaul.inventory import Inventory, load_inventory_file
@@ -40,3 +43,18 @@ def test_the_staging_example_is_valid_for_its_source_and_its_synthetic_farm():
     assert source.filters == {"env": "staging"}
     provider = provider_class(inventory.synthetic.provider)
     assert provider.__name__ and set(inventory.synthetic.roles) == {"db", "app"}
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_the_systemd_units_in_the_docs_are_valid(tmp_path):
+    """`systemd-analyze verify` finds nothing to say (no error, no warning) on the units as documented."""
+    units = Path(__file__).resolve().parent.parent / "docs" / "systemd"
+    for unit in units.iterdir():  # instantiated for "production", its program replaced by one that exists here
+        text = unit.read_text().replace("/srv/overhaul/.venv/bin/overhaul", "/bin/true").replace("/srv/overhaul", "/")
+        (tmp_path / unit.name.replace("@.", "@production.")).write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, sorted(tmp_path.iterdir()))],
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+    service = (units / "overhaul-synthetic@.service").read_text().splitlines()
+    assert "TimeoutStartSec=3h" in service and not [line for line in service if line.startswith("RuntimeMaxSec=")]
+    assert "EnvironmentFile=-/etc/overhaul/synthetic-%i.env" in service
