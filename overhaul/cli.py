@@ -69,10 +69,14 @@ COMMON_HELP = {
     "yes": "do not ask: confirm a protected environment (after its plan is shown) and every gated stage",
     "skip_unreachable": "leave unreachable hosts out of the whole run instead of refusing it",
     "limit": "only these hosts: names, globs (app*) and roles (role:app), comma-separated",
+    "verbose": "also show each command and its exit code as it completes",
+    "quiet": "show only failures and the summary",
 }
+VIEW_HELP = {name: COMMON_HELP[name] for name in ("verbose", "quiet")}
 
 PATHS_HELP = {name: COMMON_HELP[name] for name in ("env", "hosts_dir", "runbooks_dir", "steps_dir")}
-SHORT_FLAGS = {"env": "e", "param": "p", "yes": "y"}  # the same letter means the same thing in every task
+# The same letter means the same thing in every task.
+SHORT_FLAGS = {"env": "e", "param": "p", "yes": "y", "verbose": "v", "quiet": "q"}
 
 
 class OverhaulTask(Task):
@@ -205,41 +209,48 @@ def dry_run(c: Any) -> bool:
     return dry
 
 
-def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None) -> None:
+def verbosity(verbose: bool, quiet: bool) -> int:
+    if verbose and quiet:
+        raise OverhaulError("--verbose and --quiet together: choose one")
+    return 1 if verbose else -1 if quiet else 0
+
+
+def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None, view: int = 0) -> None:
     """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run."""
     if "version" in planned.run_params:
         check_promotion(planned.inventory, str(planned.run_params["version"]))
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes))
-    finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate)))
+    finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view)))
 
 
 @command(positional=("runbook",), iterable=("param",), help={
     "runbook": "runbook name (runbooks/NAME.yaml or built-in) or path", **COMMON_HELP})
-def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, limit="", hosts_dir="hosts",
-        runbooks_dir="runbooks", steps_dir="steps"):
+def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, limit="", verbose=False, quiet=False,
+        hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Run a runbook on an environment's hosts, after every preflight passed on every host."""
     if help_asked(runbook, "run"):
         return
+    view = verbosity(verbose, quiet)
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
     if dry_run(c):
-        return show_plan(planned, skip_unreachable)
-    execute(planned, yes, skip_unreachable)
+        return show_plan(planned, skip_unreachable, view=view)
+    execute(planned, yes, skip_unreachable, view=view)
 
 
 @command(positional=("runbook",), iterable=("param",), help={
     "runbook": "runbook name or path", "out": "save the plan to this JSON file, for `overhaul apply`",
     **{k: v for k, v in COMMON_HELP.items() if k != "yes"}})
-def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="", hosts_dir="hosts",
-         runbooks_dir="runbooks", steps_dir="steps"):
+def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="", verbose=False, quiet=False,
+         hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Show what a runbook would change on each host: every preflight, then the read-only checks."""
     if help_asked(runbook, "plan"):
         return
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
-    show_plan(planned, skip_unreachable, out)
+    show_plan(planned, skip_unreachable, out, verbosity(verbose, quiet))
 
 
-def show_plan(planned: Plan, skip_unreachable: bool, out: str = "") -> None:
-    result = run_plan(planned, check_only=True, gate=Gate(skip_unreachable=skip_unreachable))
+def show_plan(planned: Plan, skip_unreachable: bool, out: str = "", view: int = 0) -> None:
+    result = run_plan(planned, check_only=True, gate=Gate(skip_unreachable=skip_unreachable), verbosity=view)
     if out and not result.refused and not result.interrupted:
         assert planned.inventory.path is not None
         saved = saved_plan(planned, result, operator(), file_sha256(planned.runbook.path),
@@ -252,17 +263,17 @@ def show_plan(planned: Plan, skip_unreachable: bool, out: str = "") -> None:
 @command(positional=("plan_file",), help={
     "plan_file": "a plan saved by `overhaul plan ... --out FILE`",
     "max_age": "refuse a plan older than this many hours (default 24)",
-    "yes": COMMON_HELP["yes"], "hosts_dir": COMMON_HELP["hosts_dir"], "steps_dir": COMMON_HELP["steps_dir"]})
-def apply(c, plan_file, yes=False, max_age=24.0, hosts_dir="hosts", steps_dir="steps"):
+    "yes": COMMON_HELP["yes"], "hosts_dir": COMMON_HELP["hosts_dir"], "steps_dir": COMMON_HELP["steps_dir"], **VIEW_HELP})
+def apply(c, plan_file, yes=False, max_age=24.0, verbose=False, quiet=False, hosts_dir="hosts", steps_dir="steps"):
     """Run exactly a reviewed plan: refused if its runbook, inventory, parameters or any host's state changed."""
     if help_asked(plan_file, "apply"):
         return
     if dry_run(c):
         raise OverhaulError("--dry with apply: the plan file is the dry run; nothing was changed")
-    apply_saved(Path(plan_file), yes, float(max_age), hosts_dir, steps_dir)
+    apply_saved(Path(plan_file), yes, float(max_age), hosts_dir, steps_dir, verbosity(verbose, quiet))
 
 
-def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir: str) -> None:
+def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir: str, view: int = 0) -> None:
     saved = read_plan(path)
     runbook_file = Path(saved.runbook_path)
     if not runbook_file.exists():
@@ -273,25 +284,25 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
     planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), saved.params, limit=saved.limit)
     print(f"applying {path}: {saved.runbook} on {saved.environment}, made by {saved.created_by} "
           f"{saved.age_hours():.1f} h ago, params {json.dumps(saved.params, sort_keys=True)}")
-    execute(planned, yes, bool(saved.excluded), reviewed=saved)
+    execute(planned, yes, bool(saved.excluded), reviewed=saved, view=view)
 
 
 @command(help={"version": "package version to upgrade to (default: the newest available)",
                "plan": "apply this saved plan (from `overhaul plan upgrade ... --out FILE`) instead",
                "yes": COMMON_HELP["yes"], "skip_unreachable": COMMON_HELP["skip_unreachable"],
-               "limit": COMMON_HELP["limit"], **PATHS_HELP})
-def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=False, limit="", hosts_dir="hosts",
-            runbooks_dir="runbooks", steps_dir="steps"):
+               "limit": COMMON_HELP["limit"], **VIEW_HELP, **PATHS_HELP})
+def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=False, limit="", verbose=False,
+            quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
     if plan:
         if dry_run(c):
             raise OverhaulError("--dry with --plan: the plan file is the dry run; nothing was changed")
-        return apply_saved(Path(plan), yes, 24.0, hosts_dir, steps_dir)
+        return apply_saved(Path(plan), yes, 24.0, hosts_dir, steps_dir, verbosity(verbose, quiet))
     planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version},
                         flags={"version": "--version"}, limit=limit)
     if dry_run(c):
-        return show_plan(planned, skip_unreachable)
-    execute(planned, yes, skip_unreachable)
+        return show_plan(planned, skip_unreachable, view=verbosity(verbose, quiet))
+    execute(planned, yes, skip_unreachable, view=verbosity(verbose, quiet))
 
 
 def newest_available(inventory: Inventory) -> str:
@@ -344,9 +355,9 @@ def full_upgrades(state: SQLiteState, env: str) -> list[tuple[float, str]]:
                "no_checks": "only the built-in verify runbook, not the testinfra checks",
                "checks_only": "only the testinfra checks, not the built-in verify runbook",
                "check_processes": "pytest sessions the checks are split among (default 1: one session, every host)",
-               "limit": COMMON_HELP["limit"], **PATHS_HELP})
+               "limit": COMMON_HELP["limit"], **VIEW_HELP, **PATHS_HELP})
 def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, check_processes=1, limit="",
-           hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+           verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     if no_checks and checks_only:
         raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
@@ -360,7 +371,8 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
         pending = background.submit(verification.run_checks, env, hosts_dir, folder, hosts, int(check_processes),
                                     {"expected_version": expected_version(env)}) \
             if folder.is_dir() and not no_checks else None
-        result = None if checks_only else run_plan(planned, mutating=False, show_summary=False)  # one summary below
+        result = None if checks_only else run_plan(planned, mutating=False, show_summary=False,  # one summary below
+                                                   verbosity=verbosity(verbose, quiet))
         cases = verification.runbook_cases(result) if result is not None else []
         if pending is not None:
             cases += pending.result()
@@ -389,8 +401,8 @@ def expected_version(env: str) -> str | None:
     "run": "the run to resume (default: the last run of --env, if it is unfinished or failed)",
     "version": "must equal the run's version if given", "yes": "confirm gated stages",
     **{k: v for k, v in COMMON_HELP.items() if k not in ("runbooks_dir", "limit")}})
-def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, hosts_dir="hosts",
-           steps_dir="steps"):
+def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, verbose=False, quiet=False,
+           hosts_dir="hosts", steps_dir="steps"):
     """Continue an interrupted or failed run: finished work is skipped once its check confirms it still holds."""
     state = open_state()
     if run:
@@ -420,7 +432,8 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     if dry_run(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
-    finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate)))
+    finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate,
+                              verbosity=verbosity(verbose, quiet))))
 
 
 def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:

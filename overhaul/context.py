@@ -84,13 +84,15 @@ class StepHost:
     """One host, for one step: run commands on it, read its vars and secrets."""
 
     def __init__(self, remote: RemoteHost, *, timeout: float, run_id: str, facts: Facts | None = None,
-                 log: Path | None = None, on_log_error: Callable[[str], None] | None = None):
+                 log: Path | None = None, on_log_error: Callable[[str], None] | None = None,
+                 on_command: Callable[[CommandResult], None] | None = None):
         self.remote = remote
         self.timeout = timeout
         self.run_id = run_id
         self.facts = facts or Facts()
         self.log = log  # each command and its output (redacted) is appended here as it completes
         self._on_log_error = on_log_error or (lambda why: None)
+        self._on_command = on_command or (lambda result: None)  # the live view: each command as it completes
         self.history: list[CommandResult] = []  # every command of this pair, redacted
         self._reported: list[tuple[str, Any, bool]] = []
 
@@ -184,6 +186,7 @@ class StepHost:
             except OSError as exc:
                 self._on_log_error(f"cannot write the run log {self.log}: {exc}")
                 self.log = None
+        self._on_command(result)
         return result
 
     def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, TextIO
 from overhaul.errors import Refused
 from overhaul.plan import Plan, PlannedStage
 from overhaul.preflight import print_report, run_preflight
-from overhaul.report import ConsoleReport, describe_changes, summary
+from overhaul.report import console_report, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
 from overhaul.state import ResultRecord, RunRecord, SQLiteState
 from overhaul.step import Outcome
@@ -216,6 +216,7 @@ def run_plan(
     grace: float = 30.0,
     show_summary: bool = True,
     gate: Gate | None = None,
+    verbosity: int = 0,
 ) -> RunResult:
     """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means.
 
@@ -225,13 +226,13 @@ def run_plan(
     gate = gate or Gate()
     if check_only:
         return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace,
-                        show_summary=show_summary, gate=gate)
+                        show_summary=show_summary, gate=gate, verbosity=verbosity)
     state = state or open_state()
     environment = plan.inventory.environment
     run_id = resume.id if resume else new_run_id()
     if not mutating:
         return _execute(plan, state, _journal_new_run(state, plan, run_id, mutating=False), confirm=confirm,
-                        stream=stream, grace=grace, show_summary=show_summary)
+                        stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity)
     with LockKeeper(state, environment, run_id) as keeper:
         if resume is None:
             unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
@@ -247,7 +248,7 @@ def run_plan(
             state.set_status(run_id, "running")
             state.event(environment, "resume", f"{operator()} resumed the run", run_id)
         return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
-                        show_summary=show_summary, keeper=keeper, gate=gate)
+                        show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity)
 
 
 def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
@@ -283,9 +284,10 @@ def recorded(state: SQLiteState, record: RunRecord, kind: str) -> str | None:
 def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
              resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
-             gate: Gate | None = None) -> RunResult:
+             gate: Gate | None = None, verbosity: int = 0) -> RunResult:
     transport = Transport(plan.inventory, plan.redactor)
-    listeners: list = [ConsoleReport(stream, check_only=check_only)]
+    console = console_report(stream, check_only, verbosity)
+    listeners: list = [console]
     previous: dict[tuple[int, str], HostResult] = {}
     recorder = None
     started = time.monotonic()
@@ -318,6 +320,7 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
             else:
                 result = _gated(runner, transport, gate, stream)
     finally:
+        console.close()
         transport.close()
         if state is not None and record is not None:
             try:

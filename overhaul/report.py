@@ -2,45 +2,169 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import TextIO
+import threading
+import time
+from typing import Any, TextIO
 
 from overhaul.plan import PlannedStage
 from overhaul.runner import HostResult, RunResult
 from overhaul.step import Outcome
+from overhaul.transport import CommandResult
 
 MARKS = {Outcome.OK: "ok", Outcome.CHANGED: "changed", Outcome.FAILED: "FAILED", Outcome.SKIPPED: "skipped"}
 
 
-class ConsoleReport:
-    """Live progress on a stream (a Listener for the runner)."""
+HEARTBEAT = float(os.environ.get("OVERHAUL_HEARTBEAT_SECONDS", "30"))  # off a terminal: "still running" lines
 
-    def __init__(self, stream: TextIO = sys.stdout, check_only: bool = False):
+
+class ConsoleReport:
+    """Progress as plain lines, one per event (a Listener for the runner): for CI, pipes, NO_COLOR, TERM=dumb.
+
+    During a stage, a "still running: app1 (30s), app2 (30s)" line every HEARTBEAT seconds says what is
+    being waited on. `verbosity` 1 (-v) adds each command and its exit code as it completes; -1 (-q)
+    prints only failures (the summary comes after).
+    """
+
+    def __init__(self, stream: TextIO = sys.stdout, check_only: bool = False, verbosity: int = 0,
+                 heartbeat: float = HEARTBEAT):
         self.stream = stream
         self.check_only = check_only
+        self.verbosity = verbosity
+        self.heartbeat = heartbeat
         self._stage = -1  # the stage whose header was printed last
         self._told_skipped: set[int] = set()
+        self._running: dict[str, float] = {}  # host -> when its pair started
+        self._lock = threading.Lock()
+        self._beat: threading.Event | None = None
+
+    def _say(self, text: str) -> None:
+        with self._lock:
+            print(text, file=self.stream, flush=True)
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
         self._stage = planned.index
         verb = "plan" if self.check_only else "stage"
-        print(f"\n== {verb} {planned.index + 1}: {planned.stage.name} ({planned.stage.step} on {len(hosts)} "
-              f"host{'s' if len(hosts) != 1 else ''}, {planned.stage.strategy})", file=self.stream, flush=True)
+        if self.verbosity >= 0:
+            self._say(f"\n== {verb} {planned.index + 1}: {planned.stage.name} ({planned.stage.step} on {len(hosts)} "
+                      f"host{'s' if len(hosts) != 1 else ''}, {planned.stage.strategy})")
+        self._start_heartbeat()
+
+    def batch_started(self, planned: PlannedStage, number: int, total: int, hosts: list[str]) -> None:
+        if self.verbosity >= 0:
+            self._say(f"   -- batch {number}/{total}: {', '.join(hosts)}")
 
     def host_started(self, planned: PlannedStage, host: str) -> None:
-        pass  # one line per host, when it finishes
+        with self._lock:
+            self._running[host] = time.monotonic()
+
+    def command_done(self, host: str, result: CommandResult) -> None:
+        if self.verbosity >= 1:
+            self._say(f"   {host:<14} $ {result.command.splitlines()[0][:100]}  [exit {result.exited}, "
+                      f"{result.duration * 1000:.0f} ms]")
 
     def host_finished(self, result: HostResult) -> None:
+        with self._lock:
+            self._running.pop(result.host, None)
         if result.stage_index != self._stage:  # a stage that never started (the run stopped): one line of its own
-            if result.stage_index not in self._told_skipped:
+            if result.stage_index not in self._told_skipped and self.verbosity >= 0:
                 self._told_skipped.add(result.stage_index)
-                print(f"\n== stage {result.stage_index + 1} {result.stage}: skipped, {result.message}", file=self.stream,
-                      flush=True)
+                self._say(f"\n== stage {result.stage_index + 1} {result.stage}: skipped, {result.message}")
+            return
+        if self.verbosity < 0 and result.outcome is not Outcome.FAILED:
             return
         mark = "would change" if self.check_only and result.outcome is Outcome.CHANGED else MARKS[result.outcome]
         tries = f" [{result.attempts} attempts]" if result.attempts > 1 else ""
         message = result.message.replace("\n", "\n" + " " * 31)  # a multi-line message stays in its column
-        print(f"   {result.host:<14} {mark:<12} {message}{tries}", file=self.stream, flush=True)
+        self._say(f"   {result.host:<14} {mark:<12} {message}{tries}")
+
+    def close(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
+
+    def _start_heartbeat(self) -> None:
+        self.close()
+        done = self._beat = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat):
+                with self._lock:
+                    now = time.monotonic()
+                    waiting = ", ".join(f"{host} ({now - since:.0f}s)" for host, since in sorted(self._running.items()))
+                if waiting and self.verbosity >= 0:
+                    self._say(f"   still running: {waiting}")
+
+        threading.Thread(target=beat, daemon=True).start()
+
+
+class LiveReport(ConsoleReport):
+    """On a terminal: a live view of the stage (rich), hosts done/total, failed, running, elapsed and an
+    estimate, and for each running host its last command; finished hosts scroll above it as lines."""
+
+    def __init__(self, stream: TextIO, check_only: bool = False, verbosity: int = 0):
+        super().__init__(stream, check_only, verbosity, heartbeat=3600)
+        from rich.console import Console
+        from rich.live import Live
+
+        self._planned: PlannedStage | None = None
+        self._stage_started = time.monotonic()
+        self._done = self._failed = 0
+        self._last: dict[str, str] = {}
+        self._console = Console(file=stream)
+        self._live = Live(console=self._console, refresh_per_second=4, transient=True, get_renderable=self._view)
+
+    def _say(self, text: str) -> None:
+        self._console.print(text, markup=False, highlight=False)
+
+    def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
+        self._planned, self._stage_started, self._done, self._failed = planned, time.monotonic(), 0, 0
+        super().stage_started(planned, hosts)
+        if not self._live.is_started:
+            self._live.start()
+
+    def command_done(self, host: str, result: CommandResult) -> None:
+        said = f" -> {result.tail(60)}" if result.stdout or result.stderr else ""
+        self._last[host] = result.command.splitlines()[0][:60] + said
+        super().command_done(host, result)
+
+    def host_finished(self, result: HostResult) -> None:
+        if self._planned is not None and result.stage_index == self._planned.index:
+            self._done += 1
+            self._failed += result.outcome is Outcome.FAILED
+        super().host_finished(result)
+
+    def pause(self) -> None:
+        """Stop drawing (a question is about to be asked on the terminal); the next stage starts it again."""
+        if self._live.is_started:
+            self._live.stop()
+
+    def close(self) -> None:
+        super().close()
+        self.pause()
+
+    def _view(self) -> Any:
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 2))
+        if self._planned is None:
+            return table
+        total = len(self._planned.hosts)
+        elapsed = time.monotonic() - self._stage_started
+        estimate = f", about {elapsed / self._done * (total - self._done):.0f}s left" if self._done else ""
+        with self._lock:
+            running = dict(self._running)
+        table.add_row(f"stage {self._planned.index + 1} {self._planned.stage.name}: {self._done}/{total} done, "
+                      f"{self._failed} failed, {len(running)} running, {elapsed:.0f}s{estimate}")
+        for host in sorted(running)[:20]:
+            table.add_row(f"  {host:<14} {time.monotonic() - running[host]:>4.0f}s  {self._last.get(host, '')}")
+        return table
+
+
+def console_report(stream: TextIO, check_only: bool = False, verbosity: int = 0) -> ConsoleReport:
+    """The live view on a terminal; plain lines in CI, in a pipe, with NO_COLOR or TERM=dumb."""
+    plain = not stream.isatty() or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb"
+    return ConsoleReport(stream, check_only, verbosity) if plain else LiveReport(stream, check_only, verbosity)
 
 
 def summary(run: RunResult, stages: list[PlannedStage]) -> str:

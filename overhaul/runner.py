@@ -137,6 +137,8 @@ class Runner:
                     message = f"run stopped at stage {stopped_at!r}"
                     self._record(HostResult(name, host, Outcome.SKIPPED, message, stage_index=planned.index))
                 continue
+            if planned.stage.confirm and not self.check_only and planned.hosts:
+                self._tell("pause")  # the live view gives the terminal to the question
             if planned.stage.confirm and not self.check_only and planned.hosts and not self.confirm(planned):
                 stopped_at, reason = name, "not confirmed"
                 for host in planned.hosts:
@@ -190,15 +192,25 @@ class Runner:
 
         results: list[HostResult] = []
         with ThreadPoolExecutor(max_workers=max(1, min(width, total))) as pool:
-            for batch in batches:
+            for number, batch in enumerate(batches, 1):
+                if stage.strategy == "rolling":
+                    self._tell("batch_started", planned, number, len(batches), batch)
                 results += [result for result in pool.map(one, batch) if result is not None]
         return results
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """An optional listener event (the live view's), to the listeners that want it, one at a time."""
+        with self._lock:
+            for listener in self.listeners:
+                method = getattr(listener, event, None)
+                if method is not None:
+                    method(*args)
 
     def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
         stage = planned.stage
         log = self.log_dir / f"{planned.index:02d}-{name}.log" if self.log_dir is not None else None
         host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
-                        on_log_error=self.on_log_error)
+                        on_log_error=self.on_log_error, on_command=lambda result: self._tell("command_done", name, result))
         step = planned.step(planned.params[name])
         started = time.monotonic()
         previous = self.previous.get((planned.index, name))

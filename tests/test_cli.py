@@ -231,3 +231,23 @@ def test_the_synthetic_test_passes_on_the_labs_own_inventory(lab, tmp_path):
     proc = overhaul_cli(tmp_path, "synthetic", "--env", "lab", "--hosts-dir", str(lab.inventory.parent), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     assert "synthetic lab: passed (3 servers launched, proven, terminated)" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_off_a_terminal_progress_is_plain_lines_with_a_still_running_heartbeat(lab, tmp_path):
+    write(tmp_path / "runbooks" / "slow.yaml", """
+        name: slow
+        stages:
+          - {name: slow, step: shell, hosts: [app1, app2], params: {command: "sleep 3"}}
+    """)
+    common = ("--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks"))
+    proc = overhaul_cli(tmp_path, "run", "slow", *common, env={"OVERHAUL_HEARTBEAT_SECONDS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "\x1b[" not in proc.stdout  # no terminal drawing in a pipe
+    beats = [line for line in proc.stdout.splitlines() if line.strip().startswith("still running: ")]
+    assert len(beats) >= 2 and "app1 (" in beats[0] and "app2 (" in beats[0], proc.stdout
+    assert proc.stdout.index("== stage 1: slow") < proc.stdout.index(beats[0]) < proc.stdout.index("   app1 ")
+
+    verbose = overhaul_cli(tmp_path, "run", "slow", *common, "-v")
+    assert "   app1           $ sleep 3  [exit 0, " in verbose.stdout
+    quiet = overhaul_cli(tmp_path, "run", "slow", *common, "-q")
+    assert "== stage 1" not in quiet.stdout and "   app1 " not in quiet.stdout and "run succeeded" in quiet.stdout
