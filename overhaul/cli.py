@@ -170,6 +170,14 @@ def ask(yes: bool) -> Callable[[PlannedStage], bool]:
     return confirm
 
 
+def describe_policy(inventory: Inventory) -> str:
+    policy = inventory.policy
+    said = ["protected (shows the plan and asks, or --yes)" if policy.protected else "not protected"]
+    if policy.promotion_from:
+        said.append(f"takes only versions that passed on {policy.promotion_from}")
+    return "; ".join(said)
+
+
 def approval(planned: Plan, yes: bool) -> Callable[[str], bool] | None:
     """A protected environment: show what the run would change, then ask (no terminal: refuse)."""
     inventory = planned.inventory
@@ -177,6 +185,7 @@ def approval(planned: Plan, yes: bool) -> Callable[[str], bool] | None:
         return None
 
     def approve(changes: str) -> bool:
+        print(f"{inventory.environment}: {describe_policy(inventory)}; known_hosts {inventory.ssh.known_hosts}")
         print(changes)
         env = inventory.environment
         if not sys.stdin.isatty():
@@ -521,26 +530,34 @@ def since_time(text: str) -> float:
         raise OverhaulError(f"--since {text!r}: expected an age (30m, 2h, 3d) or a date (2026-11-01)") from None
 
 
-@command(positional=("run",), help={"run": "the run id (see history), a unique prefix of it, or `last`"})
-def show(c, run):
+@command(positional=("run",), help={"run": "the run id (see history), a unique prefix of it, or `last`",
+                                   "json": "the run, its pairs and its events as one JSON object"})
+def show(c, run, json=False):
     """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
     if help_asked(run, "show"):
         return
     state = open_state()
     record = journaled_run(state, run)
-    run = record.id
+    results = state.results(record.id)
+    events = [(at, kind, detail) for at, run_id, kind, detail in state.events(record.environment) if run_id == record.id]
+    if json:
+        print(dumps({"run": {**asdict(record), "duration": round(record.duration, 3)},
+                     "pairs": [asdict(result) for result in results],
+                     "events": [{"at": at, "kind": kind, "detail": detail} for at, kind, detail in events]}, indent=2))
+        return
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
-          f"params {json.dumps(record.params, sort_keys=True)}")
-    for result in state.results(run):
-        print(f"  [{result.stage_index + 1}] {result.stage:<22} {result.host:<12} {result.outcome:<8} "
+          f"params {dumps(record.params, sort_keys=True)}, {record.duration:.1f} s")
+    for result in results:
+        took = f"{result.ended - result.started:.1f}s" if result.ended and result.started else "-"
+        started = time.strftime("%H:%M:%S", time.localtime(result.started)) if result.started else "-"
+        print(f"  [{result.stage_index + 1}] {result.stage:<22} {result.host:<12} {result.outcome:<8} {started} {took:>6} "
               f"x{result.attempts} {result.message}")
         if result.facts:
-            print(f"      facts: {json.dumps(result.facts, sort_keys=True)}")
+            print(f"      facts: {dumps(result.facts, sort_keys=True)}")
         if result.output_path:
             print(f"      output: {result.output_path}")
-    for at, run_id, kind, detail in state.events(record.environment):
-        if run_id == run:
-            print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
+    for at, kind, detail in events:
+        print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
 
 
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"],
@@ -558,8 +575,10 @@ def synthetic(c, env="", hosts_dir="hosts", rerun=False):
 def inventory(c, env="", hosts_dir="hosts"):
     """Show an environment's resolved hosts (roles, address, user, variables)."""
     loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
-    print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts)"
-          f"{', protected' if loaded.policy.protected else ''}")
+    print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts)")
+    print(f"  policy: {describe_policy(loaded)}")
+    print(f"  secrets: {', '.join(f'{name} ({ref.describe()})' for name, ref in sorted(loaded.secrets.items())) or 'none'}")
+    print(f"  known_hosts: {loaded.ssh.known_hosts}")
     for host in loaded.hosts:
         user = host.user or loaded.ssh.user
         port = host.port or loaded.ssh.port
@@ -567,10 +586,11 @@ def inventory(c, env="", hosts_dir="hosts"):
               f"vars={json.dumps(loaded.host_vars(host), sort_keys=True)}")
 
 
-@command(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)"})
-def schema(c, out=""):
-    """Publish the JSON Schema of inventory and runbook files (for editor completion)."""
-    schemas = {"inventory": Inventory.model_json_schema(), "runbook": Runbook.model_json_schema()}
+@command(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)",
+               "steps_dir": COMMON_HELP["steps_dir"]})
+def schema(c, out="", steps_dir="steps"):
+    """Publish the JSON Schema of inventory and runbook files (for editor completion; see docs/concepts.md)."""
+    schemas = file_schemas(registry(steps_dir))
     if not out:
         print(json.dumps(schemas, indent=2))
         return
@@ -578,6 +598,26 @@ def schema(c, out=""):
     for name, document in schemas.items():
         (Path(out) / f"{name}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {Path(out) / f'{name}.schema.json'}")
+
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def file_schemas(steps: Registry) -> dict[str, dict[str, Any]]:
+    """The inventory and runbook schemas; a runbook stage's `params` is checked against its step's own
+    parameters (by name: a value may be a `${reference}`, so types are left to `overhaul plan`)."""
+    inventory = {"$schema": SCHEMA_DIALECT, "$id": "urn:overhaul:schema:inventory", **Inventory.model_json_schema()}
+    runbook = {"$schema": SCHEMA_DIALECT, "$id": "urn:overhaul:schema:runbook", **Runbook.model_json_schema()}
+    by_step = []
+    for name in steps.names():
+        fields = steps.get(name).Params.model_fields
+        properties = {field: {"description": info.description or f"{name} parameter ({info.annotation})"}
+                      for field, info in fields.items()}
+        by_step.append({"if": {"properties": {"step": {"const": name}}, "required": ["step"]},
+                        "then": {"properties": {"params": {"type": "object", "properties": properties,
+                                                           "additionalProperties": False}}}})
+    runbook["$defs"]["Stage"]["allOf"] = by_step
+    return {"inventory": inventory, "runbook": runbook}
 
 
 LAB_HELP = {

@@ -251,3 +251,25 @@ def test_off_a_terminal_progress_is_plain_lines_with_a_still_running_heartbeat(l
     assert "   app1           $ sleep 3  [exit 0, " in verbose.stdout
     quiet = overhaul_cli(tmp_path, "run", "slow", *common, "-q")
     assert "== stage 1" not in quiet.stdout and "   app1 " not in quiet.stdout and "run succeeded" in quiet.stdout
+
+
+def test_inventory_shows_policy_secret_names_and_known_hosts_never_secret_values(lab, tmp_path):
+    out = overhaul_cli(tmp_path, "inventory", "--env", "lab", "--hosts-dir", str(lab.inventory.parent)).stdout
+    password = lab.secret_file("mysql-backup").read_text().strip()
+    assert "  policy: not protected" in out
+    assert f"  secrets: mysql_backup_password (file:{lab.secret_file('mysql-backup')})" in out
+    assert f"  known_hosts: {lab.known_hosts}" in out
+    assert password not in out
+
+
+def test_show_json_holds_the_run_its_pairs_and_events(lab, tmp_path):
+    write(tmp_path / "runbooks" / "one.yaml", "name: one\nstages:\n  - {name: one, step: shell, hosts: [app1], "
+                                             "params: {command: 'true'}}\n")
+    assert overhaul_cli(tmp_path, "run", "one", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+                        "--runbooks-dir", str(tmp_path / "runbooks")).returncode == 0
+    shown = json.loads(overhaul_cli(tmp_path, "show", "last", "--json").stdout)
+    assert shown["run"]["runbook"] == "one" and shown["run"]["status"] == "succeeded"
+    [pair] = shown["pairs"]
+    assert (pair["stage"], pair["host"], pair["outcome"]) == ("one", "app1", "changed") and pair["ended"] >= pair["started"]
+    text = overhaul_cli(tmp_path, "show", "last").stdout
+    assert re.search(r"\[1\] one +app1 +changed +\d\d:\d\d:\d\d +\d+\.\ds x1 ran `true`", text), text

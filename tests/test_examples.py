@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from overhaul.cli import file_schemas
 from overhaul.config import load_document
 from overhaul.inventory import Inventory, load_inventory_file
 from overhaul.sources import source_class
+from overhaul.step import Registry
 from overhaul.synthetic.registry import provider_class
 
 HOSTS = Path(__file__).resolve().parent.parent / "hosts"
@@ -58,3 +60,17 @@ def test_the_systemd_units_in_the_docs_are_valid(tmp_path):
     service = (units / "overhaul-synthetic@.service").read_text().splitlines()
     assert "TimeoutStartSec=3h" in service and not [line for line in service if line.startswith("RuntimeMaxSec=")]
     assert "EnvironmentFile=-/etc/overhaul/synthetic-%i.env" in service
+
+
+def test_the_runbook_schema_flags_a_misspelt_step_parameter():
+    import jsonschema
+    import yaml
+
+    schemas = file_schemas(Registry())
+    assert schemas["runbook"]["$schema"].endswith("2020-12/schema") and schemas["inventory"]["$id"]
+    validator = jsonschema.Draft202012Validator(schemas["runbook"])
+    upgrade = yaml.safe_load((HOSTS.parent / "runbooks" / "upgrade.yaml").read_text())
+    assert not list(validator.iter_errors(upgrade))  # the built-in runbook, ${references} and all
+    upgrade["stages"][0]["params"]["labl"] = upgrade["stages"][0]["params"].pop("label")
+    [error] = validator.iter_errors(upgrade)
+    assert "'labl' was unexpected" in error.message and list(error.path) == ["stages", 0, "params"]
