@@ -157,15 +157,18 @@ def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_d
     return plan
 
 
+def answered_yes(question: str, without_terminal: str) -> bool:
+    """Ask on the terminal; with no terminal to ask on, say `without_terminal` and take it as a no."""
+    if not sys.stdin.isatty():
+        print(without_terminal, file=sys.stderr)
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def ask(yes: bool) -> Callable[[PlannedStage], bool]:
     def confirm(planned: PlannedStage) -> bool:
-        if yes:
-            return True
-        if not sys.stdin.isatty():
-            print(f"stage {planned.stage.name!r} needs confirmation: run with --yes", file=sys.stderr)
-            return False
-        answer = input(f"Run stage {planned.stage.name!r} on {', '.join(planned.hosts)}? [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
+        return yes or answered_yes(f"Run stage {planned.stage.name!r} on {', '.join(planned.hosts)}?",
+                                   f"stage {planned.stage.name!r} needs confirmation: run with --yes")
 
     return confirm
 
@@ -185,14 +188,11 @@ def approval(planned: Plan, yes: bool) -> Callable[[str], bool] | None:
         return None
 
     def approve(changes: str) -> bool:
-        print(f"{inventory.environment}: {describe_policy(inventory)}; known_hosts {inventory.ssh.known_hosts}")
-        print(changes)
         env = inventory.environment
-        if not sys.stdin.isatty():
-            print(f"environment {env!r} is protected: review the above, then run with --yes", file=sys.stderr)
-            return False
-        answer = input(f"Run {planned.runbook.runbook.name!r} on protected environment {env!r}? [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
+        print(f"{env}: {describe_policy(inventory)}; known_hosts {inventory.ssh.known_hosts}")
+        print(changes)
+        return answered_yes(f"Run {planned.runbook.runbook.name!r} on protected environment {env!r}?",
+                            f"environment {env!r} is protected: review the above, then run with --yes")
 
     return approve
 
