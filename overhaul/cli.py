@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime
 from importlib import resources
-from json import dumps
+from json import dumps, loads
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from overhaul.step import Registry
 from overhaul.transport import Transport
 
 USAGE_EXIT = 2
+CHECK = "check"  # journal event: one testinfra check's result on one host, in a verify run
 REBUILT = "rebuilt"  # journal event: the environment's hosts were built anew, at the version its detail says
 EXIT_CODES = """\
 Exit codes:
@@ -393,8 +394,14 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
         verification.write_json(cases, json, env, run_id)
     failed = any(case.status == "failed" for case in cases)
     code = (exit_code(result) if result is not None else 0) or (1 if failed else 0)
-    if code and result is not None and result.run_id:
-        open_state().set_status(result.run_id, "failed", time.time())  # the journal says what the exit code says
+    if result is not None and result.run_id:
+        state = open_state()
+        for case in cases:  # the testinfra checks' results belong to the run too (`overhaul show`)
+            if case.source != "runbook":
+                state.event(env, CHECK, dumps({"check": case.check, "host": case.host, "status": case.status,
+                                               "message": case.message}), result.run_id)
+        if code:
+            state.set_status(result.run_id, "failed", time.time())  # the journal says what the exit code says
     finish(code)
 
 
@@ -557,7 +564,12 @@ def show(c, run, json=False):
         if result.output_path:
             print(f"      output: {result.output_path}")
     for at, kind, detail in events:
-        print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
+        if kind == CHECK:
+            case = loads(detail)
+            print(f"  check {case['host']:<12} {case['status']:<8} {case['check']}"
+                  f"{': ' + case['message'] if case['message'] else ''}")
+        else:
+            print(f"  event {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {detail}")
 
 
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"],

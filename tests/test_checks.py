@@ -128,5 +128,8 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     assert report["totals"] == {"passed": 16, "failed": 1, "skipped": 3} and report["run_id"] and report["timestamp"]
     # The journal says what the exit code said: the passing verify succeeded, the failing one failed.
     assert [run.status for run in SQLiteState(tmp_path / "journal.sqlite").runs("lab")] == ["failed", "succeeded"]
+    shown = overhaul_cli(tmp_path, "show", "last").stdout  # with each check's result on each host
+    assert "  check app1         failed   test_ops::test_no_maintenance_marker: " in shown
+    assert "  check db1          passed   test_ops::test_schema_is_readable" in shown
     to_stdout = verify(lab, tmp_path, "--checks", str(tmp_path / "checks"), "--no-checks", "--json", "-")
     assert json.loads(to_stdout.stdout[to_stdout.stdout.index('{\n  "environment"'):])["totals"]["passed"] == 12
