@@ -13,6 +13,7 @@ from overhaul.config import load_document
 from overhaul.inventory import Inventory, load_inventory_file
 from overhaul.sources import source_class
 from overhaul.step import Registry
+from overhaul.stepdocs import reference
 from overhaul.synthetic.registry import provider_class
 
 HOSTS = Path(__file__).resolve().parent.parent / "hosts"
@@ -74,3 +75,9 @@ def test_the_runbook_schema_flags_a_misspelt_step_parameter():
     upgrade["stages"][0]["params"]["labl"] = upgrade["stages"][0]["params"].pop("label")
     [error] = validator.iter_errors(upgrade)
     assert "'labl' was unexpected" in error.message and list(error.path) == ["stages", 0, "params"]
+
+
+def test_the_built_in_steps_reference_is_generated_from_the_code():
+    page = (HOSTS.parent / "docs" / "steps.md").read_text()
+    assert page == reference(Registry()), "docs/steps.md is stale: python -m overhaul.stepdocs > docs/steps.md"
+    assert "## `mysql.backup`" in page and "| `label` | `str` | `'backup'` |" in page

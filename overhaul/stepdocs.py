@@ -1,0 +1,39 @@
+"""The built-in steps' reference page, generated from their classes: `python -m overhaul.stepdocs > docs/steps.md`.
+
+A test compares docs/steps.md with what this prints, so the page cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from overhaul.step import Registry, Step
+
+
+def reference(registry: Registry) -> str:
+    lines = ["# Built-in steps", "",
+             "Generated from the steps' code by `python -m overhaul.stepdocs > docs/steps.md`; "
+             "the parameters are those a runbook stage's `params` takes.", ""]
+    for name in registry.names():
+        lines += _step(name, registry.get(name))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _step(name: str, step: type[Step]) -> list[str]:
+    module_doc = inspect.getdoc(inspect.getmodule(step)) or ""
+    lines = [f"## `{name}`", "", inspect.getdoc(step) if step.__doc__ else module_doc.split("\n\n")[0], ""]
+    if step.read_only:
+        lines += ["Read-only: it only checks, and fails when the check does not hold.", ""]
+    fields = step.Params.model_fields
+    if fields:
+        lines += ["| parameter | type | default |", "|---|---|---|"]
+        for field, info in fields.items():
+            kind = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = "required" if info.is_required() else f"`{info.default!r}`"
+            lines.append(f"| `{field}` | `{kind}` | {default} |")
+        lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    print(reference(Registry()), end="")
