@@ -81,3 +81,30 @@ def test_the_built_in_steps_reference_is_generated_from_the_code():
     page = (HOSTS.parent / "docs" / "steps.md").read_text()
     assert page == reference(Registry()), "docs/steps.md is stale: python -m overhaul.stepdocs > docs/steps.md"
     assert "## `mysql.backup`" in page and "| `label` | `str` | `'backup'` |" in page
+
+
+def test_the_step_example_in_the_docs_works_on_a_real_host(lab, tmp_path):
+    """The `local.touch` example of docs/concepts.md, as printed there, in a steps/ folder, run twice on the lab."""
+    from helpers import overhaul_cli, write
+
+    text = (HOSTS.parent / "docs" / "concepts.md").read_text()
+    code = "# steps/touch.py" + text.split("```python\n# steps/touch.py", 1)[1].split("```", 1)[0]
+    write(tmp_path / "steps" / "touch.py", code)
+    path = "/tmp/overhaul docs; example"  # a space and a `;`: quoted, it stays one path
+    write(tmp_path / "runbooks" / "touch.yaml", f"""
+        name: touch
+        stages:
+          - {{name: touch, step: local.touch, hosts: [app1], params: {{path: "{path}"}}}}
+    """)
+    lab.host("app1").exec("rm -f '/tmp/overhaul docs; example' /tmp/overhaul")
+    common = ("--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--steps-dir", str(tmp_path / "steps"),
+              "--runbooks-dir", str(tmp_path / "runbooks"))
+    try:
+        first = overhaul_cli(tmp_path, "run", "touch", *common)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert lab.host("app1").exec("test -f '/tmp/overhaul docs; example'", check=False).returncode == 0
+        assert lab.host("app1").exec("test -e /tmp/overhaul", check=False).returncode != 0
+        second = overhaul_cli(tmp_path, "run", "touch", *common)
+        assert "0 changed" in second.stdout.splitlines()[-1], second.stdout  # idempotent: the check finds it done
+    finally:
+        lab.host("app1").exec("rm -f '/tmp/overhaul docs; example'")
