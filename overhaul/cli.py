@@ -163,7 +163,11 @@ def answered_yes(question: str, without_terminal: str) -> bool:
     if not sys.stdin.isatty():
         print(without_terminal, file=sys.stderr)
         return False
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:  # Ctrl-D: no answer is a no
+        print(file=sys.stderr)
+        return False
 
 
 def ask(yes: bool) -> Callable[[PlannedStage], bool]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shlex
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Facts:
 
     def __init__(self) -> None:
         self._answers: dict[tuple[str, str], Any] = {}
+        self._read_at: dict[tuple[str, str], float] = {}
         self._stable: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -57,10 +59,7 @@ class Facts:
             if key in self._answers:
                 return self._answers[key]
         answer = read()  # outside the lock: hosts read in parallel; one host's pairs never overlap
-        with self._lock:
-            self._answers[key] = answer
-            if stable:
-                self._stable.add(key)
+        self.put(host, question, answer, stable)
         return answer
 
     def known(self, host: str, question: str) -> bool:
@@ -70,13 +69,17 @@ class Facts:
     def put(self, host: str, question: str, answer: Any, stable: bool = False) -> None:
         with self._lock:
             self._answers[(host, question)] = answer
+            self._read_at[(host, question)] = time.monotonic()
             if stable:
                 self._stable.add((host, question))
 
-    def forget(self, host: str) -> None:
-        """A step applied on `host` (or may have): what was read there before no longer holds."""
+    def forget(self, host: str, older_than: float = 0.0) -> None:
+        """A step applied on `host` (or may have): what was read there before no longer holds. With
+        `older_than`, only what was read more than that many seconds ago is forgotten."""
+        now = time.monotonic()
         with self._lock:
-            for key in [key for key in self._answers if key[0] == host and key not in self._stable]:
+            for key in [key for key in self._answers if key[0] == host and key not in self._stable
+                        and now - self._read_at.get(key, 0.0) > older_than]:
                 del self._answers[key]
 
 

@@ -373,9 +373,12 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
                 print(f"refused: {line}", file=stream)
         if not refusals and gate.approve is not None and not gate.approve(describe_changes(preview, runner.plan.stages)):
             refusals = ["not confirmed"]
+        for host in runner.plan.hosts:  # time passed (a review, a question): the run reads every host afresh
+            runner.facts.forget(host)
     if runner._stopping.is_set():
         return RunResult([], interrupted=True, refused=["interrupted before any change"], preflight=report)
     if refusals:
+        refusals = [transport.redactor(line) for line in refusals]  # a step's error text may hold a secret
         return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
     result = runner.run()
     result.preflight = report

@@ -83,8 +83,13 @@ def build_plan(
         if not selected and not stage.optional:
             problems.append(f"{loaded.where(index)}: stages[{index}] ({stage.name!r}): selects no host of "
                             f"{inventory.environment!r}: check roles/hosts/exclude, or say `optional: true`")
-        if allowed is not None:  # a stage left without host by --limit is fine: the operator asked for fewer
-            selected = [host for host in selected if host.name in allowed]
+        if allowed is not None:
+            before, selected = selected, [host for host in selected if host.name in allowed]
+            if before and not selected and not stage.optional and not step.read_only:
+                # A limited run must not skip a changing stage (the backup, say) while it runs the ones after it.
+                problems.append(f"{loaded.where(index)}: stages[{index}] ({stage.name!r}): --limit {limit!r} leaves it no "
+                                f"host, but it changes hosts ({', '.join(h.name for h in before)}): include one of them, "
+                                "or say `optional: true` in the runbook")
         for host in selected:
             # Precedence: runbook defaults < inventory vars (host over role over environment) < given.
             values = {**runbook.params, **inventory.host_vars(host), **given, "host": host.name, "address": host.address}

@@ -61,13 +61,13 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
     def one(host: str) -> None:
         # run_id: a step finds what this run made (a backup, on a resume) by it.
         view = StepHost(transport.host(host), timeout=PREFLIGHT_TIMEOUT, run_id=run_id, facts=facts)
+        mine = [planned for planned in plan.stages if host in planned.params]
         try:
             report.checks[(HOST_COLUMN, host)] = _host_ready(view)
-        except (StepFailed, HostUnreachable) as exc:
+            view.prefetch(probe for planned in mine for probe in planned.step(planned.params[host]).probes())
+        except (StepFailed, HostUnreachable) as exc:  # a host that stops answering is refused, like one unreachable
             report.checks[(HOST_COLUMN, host)] = Check(False, str(exc))
             return
-        mine = [planned for planned in plan.stages if host in planned.params]
-        view.prefetch(probe for planned in mine for probe in planned.step(planned.params[host]).probes())
         for planned in mine:
             report.checks[(planned.index, host)] = _stage_ready(planned, view)
 

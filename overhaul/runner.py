@@ -70,6 +70,9 @@ class RunResult:
         return Counter(r.outcome for r in self.results if r.stage == stage)
 
 
+FRESH = 5.0  # seconds: a fact read this recently serves a verification of a host the run has not changed
+
+
 class _NotRetried(Exception):
     """A failed pair is not tried again because the run is stopping."""
 
@@ -256,9 +259,13 @@ class Runner:
         host.remote.connect()
         # Once the run has changed a host, each stage reads it afresh (a change by hand between two stages is
         # seen); a host the run has not changed keeps what was read of it. What the step reads goes in one command.
+        # A verification (a read-only step) is there to see the host as it is now: it reads afresh anything
+        # read more than FRESH seconds ago (a long run on other hosts, a resume).
         with self._lock:
             if host.name in self.touched:
                 self.facts.forget(host.name)
+            elif step.read_only:
+                self.facts.forget(host.name, older_than=FRESH)
         host.prefetch(step.probes())
         check = step.check(host)
         if check.done and previous is not None and previous.outcome in (Outcome.OK, Outcome.CHANGED):

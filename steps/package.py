@@ -12,6 +12,7 @@ from overhaul.step import Check, Params, Step
 from overhaul.transport import CommandResult
 
 APT_ENV = "DEBIAN_FRONTEND=noninteractive"
+APT_LOCK_WAIT = "-o DPkg::Lock::Timeout=120"  # wait for another apt or dpkg (up to 2 minutes) instead of failing
 
 
 MANAGER: Probe[str] = Probe("package manager", "command -v apt-get >/dev/null && echo apt || "
@@ -75,10 +76,12 @@ def available_versions(host: StepHost, manager: str, package: str, refresh: bool
     name = shlex.quote(package)
     if manager == "apt":
         if refresh:
-            refreshed = host.run("apt-get update -q")
+            refreshed = host.run(f"apt-get update -q {APT_LOCK_WAIT}")
             if not refreshed.ok:
                 raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
-            return _madison(host.run(f"apt-cache madison {name}"))
+            versions = _madison(host.run(f"apt-cache madison {name}"))
+            host.facts.put(host.name, available_probe(package).question, versions)  # the lists as they are now
+            return versions
         return host.read(available_probe(package))
     listing = host.run(f"yum -q list available --showduplicates {name}").stdout.splitlines()
     return [line.split()[1] for line in listing if len(line.split()) >= 2 and line.split()[0].startswith(package + ".")]
@@ -88,7 +91,7 @@ def newest_version(host: StepHost, manager: str, package: str) -> str:
     """The newest version of `package` the host's repositories offer."""
     name = shlex.quote(package)
     if manager == "apt":
-        host.run("apt-get update -q")
+        host.run(f"apt-get update -q {APT_LOCK_WAIT}")
         for line in host.run(f"apt-cache policy {name}").stdout.splitlines():
             if line.strip().startswith("Candidate:") and "(none)" not in line:
                 return line.split(":", 1)[1].strip()
@@ -175,8 +178,8 @@ class PackageUpgrade(Step[UpgradeParams]):
         if manager == "apt":
             # Finish any install an earlier, interrupted run left half done (waiting for another dpkg's lock), then
             # install, waiting for another apt's lock.
-            command = (f"{done}{DPKG_CONFIGURE}; apt-get update -q && {APT_ENV} apt-get install -y -q --allow-downgrades "
-                       f"-o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold {name}")
+            command = (f"{done}{DPKG_CONFIGURE}; apt-get update -q {APT_LOCK_WAIT} && {APT_ENV} apt-get install -y -q "
+                       f"--allow-downgrades {APT_LOCK_WAIT} -o Dpkg::Options::=--force-confold {name}")
         else:
             command = f"{done}yum install -y {name} || yum downgrade -y {name}"
         result = host.run_then_read(command, [installed_probe(self.params.name)], durable=f"package-{self.params.name}")

@@ -187,7 +187,7 @@ def test_a_limited_run_touches_only_those_hosts_and_is_journaled_as_limited(lab,
         name: mark
         stages:
           - {name: everywhere, step: shell, params: {command: "true"}}
-          - {name: db only, step: shell, roles: [db], params: {command: "true"}}
+          - {name: db only, step: shell, roles: [db], optional: true, params: {command: "true"}}
     """)
     proc = overhaul_cli(tmp_path, "run", "mark", "--env", "lab", "--limit", "role:app", "--hosts-dir",
                         str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks"))
@@ -198,6 +198,15 @@ def test_a_limited_run_touches_only_those_hosts_and_is_journaled_as_limited(lab,
     assert {(r.stage, r.host) for r in state.results(record.id)} == {("everywhere", "app1"), ("everywhere", "app2")}
     assert [(kind, detail) for _, run_id, kind, detail in state.events("lab") if run_id == record.id] == [
         ("limit", "role:app")]
+
+
+def test_a_limit_that_leaves_a_changing_stage_without_host_is_refused(lab, tmp_path):
+    # An upgrade limited to the app hosts would stop and upgrade them with no backup taken: an input error.
+    proc = overhaul_cli(tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes", "--limit", "role:app",
+                        "--hosts-dir", str(lab.inventory.parent))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "('backup database'): --limit 'role:app' leaves it no host, but it changes hosts (db1)" in proc.stderr
+    assert not (tmp_path / "journal.sqlite").exists() or not SQLiteState(tmp_path / "journal.sqlite").runs("lab")
 
 
 def test_only_a_full_environment_upgrade_counts_as_a_pass_for_promotion(tmp_path, monkeypatch):

@@ -86,4 +86,29 @@ def test_an_upgrade_sends_at_most_ten_commands_per_app_host_preflight_included(f
     counts.clear()
     again = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
     assert {r.outcome.value for r in again.results} == {"ok"}
-    assert counts["app1"] <= 2, counts  # a no-op re-run changes nothing: what the gate read serves every stage
+    # A no-op re-run changes nothing: the gate's read serves the changing stages' checks; the three
+    # verification stages read afresh (they are there to see the farm as it is at the end).
+    assert counts["app1"] <= 4, counts
+
+
+def test_a_verification_of_an_untouched_host_reads_it_afresh_after_a_while(lab, tmp_path):
+    plan = plan_for("""
+        name: later
+        stages:
+          - {name: first look, step: services.verify, hosts: [app1]}
+          - {name: long work elsewhere, step: shell, hosts: [db1], params: {command: "sleep 6"}}
+          - {name: final look, step: services.verify, hosts: [app1], confirm: true}
+    """, tmp_path, lab_inventory(lab))
+
+    def stop_by_hand(planned):
+        lab.host("app1").exec("scalr-server-manage stop plotter")
+        return True
+
+    transport = Transport(plan.inventory)
+    try:
+        result = Runner(plan, transport, confirm=stop_by_hand, sleep=lambda _: None).run()
+    finally:
+        transport.close()
+        lab.host("app1").exec("scalr-server-manage start plotter")
+    assert outcomes(result, "first look") == {"app1": "ok"}
+    assert outcomes(result, "final look") == {"app1": "failed"}  # app1 was never changed, but it was read again
