@@ -359,9 +359,10 @@ def upgraded_versions(env: str) -> list[str]:
 
 def full_upgrades(state: SQLiteState, env: str) -> list[tuple[float, str]]:
     """(when it ended, version) of each successful upgrade of the whole of `env`, newest first."""
+    limited = {run_id for _, run_id, kind, _ in state.events(env) if kind == LIMIT}  # the journal's events, read once
     return [(record.ended or record.started, str(record.params["version"])) for record in state.runs(env, limit=1000)
             if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")
-            and recorded(state, record, LIMIT) is None]
+            and record.id not in limited]
 
 
 @command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",

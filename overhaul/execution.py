@@ -114,15 +114,11 @@ class JournalRecorder:
             self.error = problem
             self.on_error()
 
-    def _safely(self, what: str, write: Callable[[], object]) -> bool:
+    def _safely(self, what: str, write: Callable[[], object]) -> None:
         try:
             write()
-            return True
         except (sqlite3.Error, OSError) as exc:
-            if not self.error:
-                self.error = f"cannot write {what}: {exc}"
-                self.on_error()
-            return False
+            self.report(f"cannot write {what}: {exc}")
 
 
 def _append_traceback(path: Path, result: HostResult) -> None:

@@ -72,7 +72,8 @@ def older_probe(package: str, target: str) -> Probe[bool]:
 
 
 def available_versions(host: StepHost, manager: str, package: str, refresh: bool = False) -> list[str]:
-    """Every version of `package` the host's repositories offer (apt: after refreshing its lists if asked)."""
+    """Every version of `package` the host's repositories offer, newest first (apt: after refreshing its lists
+    if asked)."""
     name = shlex.quote(package)
     if manager == "apt":
         if refresh:
@@ -84,22 +85,16 @@ def available_versions(host: StepHost, manager: str, package: str, refresh: bool
             return versions
         return host.read(available_probe(package))
     listing = host.run(f"yum -q list available --showduplicates {name}").stdout.splitlines()
-    return [line.split()[1] for line in listing if len(line.split()) >= 2 and line.split()[0].startswith(package + ".")]
+    rows = [line.split() for line in listing]  # yum lists oldest first
+    return [row[1] for row in reversed(rows) if len(row) >= 2 and row[0].startswith(package + ".")]
 
 
 def newest_version(host: StepHost, manager: str, package: str) -> str:
-    """The newest version of `package` the host's repositories offer."""
-    name = shlex.quote(package)
-    if manager == "apt":
-        host.run(f"apt-get update -q {APT_LOCK_WAIT}")
-        for line in host.run(f"apt-cache policy {name}").stdout.splitlines():
-            if line.strip().startswith("Candidate:") and "(none)" not in line:
-                return line.split(":", 1)[1].strip()
-    else:
-        info = host.run(f"yum -q list available --showduplicates {name} | tail -n 1").stdout.split()
-        if len(info) >= 2:
-            return info[1]
-    raise StepFailed(f"no installable version of {package} found")
+    """The newest version of `package` the host's repositories offer, its package lists refreshed first."""
+    available = available_versions(host, manager, package, refresh=True)
+    if not available:
+        raise StepFailed(f"no installable version of {package} found")
+    return available[0]
 
 
 VERSION = r"^[A-Za-z0-9][A-Za-z0-9.+~:_-]*$"  # what apt and rpm accept in a version (never a shell character)

@@ -44,8 +44,8 @@ def test_the_staging_example_is_valid_for_its_source_and_its_synthetic_farm():
     assert inventory.source is not None and inventory.synthetic is not None
     source = source_class(inventory.source.provider).model_validate(inventory.source.model_extra or {})
     assert source.filters == {"env": "staging"}
-    provider = provider_class(inventory.synthetic.provider)
-    assert provider.__name__ and set(inventory.synthetic.roles) == {"db", "app"}
+    assert provider_class(inventory.synthetic.provider).__name__ == "EC2Provider"
+    assert set(inventory.synthetic.roles) == {"db", "app"} and inventory.synthetic.image
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")

@@ -36,6 +36,21 @@ def test_probe_answers_are_split_exactly():
     assert _sections(out) == [(0, "line one\nline two\n"), (3, "no newline"), (1, "")]
 
 
+def run_stopping_plotter_at_the_gated_stage(lab, plan):
+    """Run `plan`; just before its `confirm: true` stage, someone stops plotter on app1 by hand (started again after)."""
+
+    def stop_by_hand(planned):
+        lab.host("app1").exec("scalr-server-manage stop plotter")
+        return True
+
+    transport = Transport(plan.inventory)
+    try:
+        return Runner(plan, transport, confirm=stop_by_hand, sleep=lambda _: None).run()
+    finally:
+        transport.close()
+        lab.host("app1").exec("scalr-server-manage start plotter")
+
+
 def test_a_change_by_hand_between_two_stages_is_seen_once_the_run_changed_the_host(lab, tmp_path):
     lab.host("app1").exec("rm -f /tmp/overhaul-touched")
     plan = plan_for("""
@@ -45,17 +60,10 @@ def test_a_change_by_hand_between_two_stages_is_seen_once_the_run_changed_the_ho
           - {name: first look, step: services.verify, hosts: [app1]}
           - {name: second look, step: services.verify, hosts: [app1], confirm: true}
     """, tmp_path, lab_inventory(lab))
-
-    def stop_by_hand(planned):  # runs between the two stages
-        lab.host("app1").exec("scalr-server-manage stop plotter")
-        return True
-
-    transport = Transport(plan.inventory)
     try:
-        result = Runner(plan, transport, confirm=stop_by_hand, sleep=lambda _: None).run()
+        result = run_stopping_plotter_at_the_gated_stage(lab, plan)
     finally:
-        transport.close()
-        lab.host("app1").exec("scalr-server-manage start plotter; rm -f /tmp/overhaul-touched")
+        lab.host("app1").exec("rm -f /tmp/overhaul-touched")
     assert outcomes(result, "change it") == {"app1": "changed"}
     assert outcomes(result, "first look") == {"app1": "ok"}
     assert outcomes(result, "second look") == {"app1": "failed"}
@@ -99,16 +107,6 @@ def test_a_verification_of_an_untouched_host_reads_it_afresh_after_a_while(lab, 
           - {name: long work elsewhere, step: shell, hosts: [db1], params: {command: "sleep 6"}}
           - {name: final look, step: services.verify, hosts: [app1], confirm: true}
     """, tmp_path, lab_inventory(lab))
-
-    def stop_by_hand(planned):
-        lab.host("app1").exec("scalr-server-manage stop plotter")
-        return True
-
-    transport = Transport(plan.inventory)
-    try:
-        result = Runner(plan, transport, confirm=stop_by_hand, sleep=lambda _: None).run()
-    finally:
-        transport.close()
-        lab.host("app1").exec("scalr-server-manage start plotter")
+    result = run_stopping_plotter_at_the_gated_stage(lab, plan)
     assert outcomes(result, "first look") == {"app1": "ok"}
     assert outcomes(result, "final look") == {"app1": "failed"}  # app1 was never changed, but it was read again
