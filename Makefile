@@ -4,6 +4,8 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg procps iproute2
+# The tests start their own throw-away PostgreSQL cluster (the team state backend) from Debian's server.
+TEST_APT_PACKAGES := postgresql
 PYTHON ?= python3
 
 .PHONY: demo test deps lint lab-down docs
@@ -18,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: deps
+	@dpkg -s $(TEST_APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEST_APT_PACKAGES); }
 	$(BIN)/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/pytest

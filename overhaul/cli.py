@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +32,6 @@ from overhaul.execution import (
     Gate,
     exit_code,
     file_sha256,
-    journal_path,
-    open_state,
     operator,
     recorded,
     recorded_hosts,
@@ -46,7 +43,9 @@ from overhaul.lab.lab import FIRST_VERSION
 from overhaul.plan import Plan, PlannedStage, build_plan
 from overhaul.planfile import check_unchanged, read_plan, saved_plan, write_plan
 from overhaul.runbook import Runbook, load_runbook
-from overhaul.state import RunRecord, SQLiteState
+from overhaul.settings import open_state
+from overhaul.state import RunRecord, State
+from overhaul.state.sql import holder_gone
 from overhaul.step import Registry
 from overhaul.transport import Transport
 
@@ -91,12 +90,12 @@ class OverhaulTask(Task):
 
 
 def command(*, positional: tuple[str, ...] = (), iterable: tuple[str, ...] = (),
-            help: dict[str, str] | None = None) -> Callable[[Callable], Task]:
+            help: dict[str, str] | None = None, name: str | None = None) -> Callable[[Callable], Task]:
     """An Overhaul task: no positional argument unless named, explicit short flags, errors as exit codes."""
 
     def wrap(function: Callable) -> Task:
         return task(klass=OverhaulTask, positional=list(positional), iterable=list(iterable), auto_shortflags=False,
-                    help=dict(help or {}))(friendly(function))
+                    help=dict(help or {}), name=name)(friendly(function))
 
     return wrap
 
@@ -112,8 +111,6 @@ def friendly(task_function: Callable) -> Callable:
             raise Exit(f"refused: {exc}", code=REFUSED_EXIT) from None
         except OverhaulError as exc:
             raise Exit(f"error: {exc}", code=USAGE_EXIT) from None
-        except sqlite3.Error as exc:
-            raise Exit(f"error: the journal {journal_path()}: {exc}", code=USAGE_EXIT) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=INTERRUPTED_EXIT) from None
         except BrokenPipeError:  # `overhaul history | head`: the reader is gone, and so is what is left to say
@@ -357,7 +354,7 @@ def upgraded_versions(env: str) -> list[str]:
     return [version for _, version in full_upgrades(open_state(), env)]
 
 
-def full_upgrades(state: SQLiteState, env: str) -> list[tuple[float, str]]:
+def full_upgrades(state: State, env: str) -> list[tuple[float, str]]:
     """(when it ended, version) of each successful upgrade of the whole of `env`, newest first."""
     limited = {run_id for _, run_id, kind, _ in state.events(env) if kind == LIMIT}  # the journal's events, read once
     return [(record.ended or record.started, str(record.params["version"])) for record in state.runs(env, limit=1000)
@@ -433,7 +430,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
             raise OverhaulError("give --env (resume its newest unfinished run) or --run ID")
         found = state.resumable(env)
         if found is None:
-            raise OverhaulError(f"no unfinished or failed run of {env!r} to resume in {journal_path()}")
+            raise OverhaulError(f"no unfinished or failed run of {env!r} to resume in {state.url}")
         record = found
     if env and record.environment != env:
         raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
@@ -457,12 +454,12 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
                               verbosity=verbosity(verbose, quiet))))
 
 
-def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:
+def journaled_run(state: State, run_id: str) -> RunRecord:
     """A run by its id, a unique prefix of it, or `last` (the newest run journaled)."""
     if run_id == "last":
         newest = state.runs(None, 1)
         if not newest:
-            raise OverhaulError(f"no run journaled in {journal_path()}")
+            raise OverhaulError(f"no run journaled in {state.url}")
         return newest[0]
     try:
         return state.run(run_id)
@@ -473,7 +470,7 @@ def journaled_run(state: SQLiteState, run_id: str) -> RunRecord:
         if matches:
             raise OverhaulError(f"{run_id!r} matches {len(matches)} runs ({', '.join(r.id for r in matches[:5])}): "
                                 "give more of the id") from None
-        raise OverhaulError(f"no run {run_id!r} in {journal_path()}") from None
+        raise OverhaulError(f"no run {run_id!r} in {state.url}") from None
 
 
 @command(help={"run": "the run to abandon"})
@@ -484,26 +481,33 @@ def abandon(c, run=""):
     if record.status not in ("running", "interrupted", "failed"):
         raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
     lock = state.lock(record.environment)
-    if lock is not None and lock.run_id == run and record.status == "running":
-        raise OverhaulError(f"run {run} still holds the lock of {record.environment!r} ({lock.holder}, pid {lock.pid})")
-    state.set_status(run, "abandoned", time.time())
-    state.event(record.environment, "abandon", f"{operator()} abandoned the run", run)
-    print(f"run {run} abandoned")
+    if lock is not None and lock.run_id == record.id and not holder_gone(lock):
+        raise Refused(f"run {record.id} still holds the lock of {record.environment!r} ({lock.holder}, pid {lock.pid}): "
+                      "stop it first, or wait until its lease expires")
+    state.set_status(record.id, "abandoned", time.time())
+    state.event(record.environment, "abandon", f"{operator()} abandoned the run", record.id)
+    print(f"run {record.id} abandoned")
 
 
-@command(help={"env": COMMON_HELP["env"], "force": "remove the lock even though its holder may be alive"})
-def unlock(c, env="", force=False):
-    """Remove an environment's lock (with --force); the removal is journaled."""
+@command(help={"env": COMMON_HELP["env"], "force": "remove the lock even though its holder may be alive",
+               "reason": "why (journaled with who removed it; required with --force)"})
+def unlock(c, env="", force=False, reason=""):
+    """Remove an environment's lock (with --force and a --reason); who and why are journaled."""
     state = open_state()
     lock = state.lock(need(env, "--env"))
     if lock is None:
         print(f"{env}: not locked")
         return
     if not force:
-        raise OverhaulError(f"{env} is locked by {lock.holder} (pid {lock.pid}, run {lock.run_id}): "
-                            "add --force to remove the lock")
-    state.force_unlock(env, operator())
-    print(f"{env}: lock of {lock.holder} (run {lock.run_id}) removed; journaled")
+        raise OverhaulError(f"{env} is locked by {lock.holder} (pid {lock.pid}, run {lock.run_id}, lease "
+                            f"{'live' if lock.live else 'expired'}): add --force --reason WHY to remove the lock")
+    if not reason.strip():
+        raise OverhaulError("unlock --force needs --reason WHY (it is journaled with who removed the lock)")
+    removed = state.force_unlock(env, operator(), reason.strip())
+    if removed is None:
+        print(f"{env}: not locked")
+        return
+    print(f"{env}: lock of {removed.holder} (run {removed.run_id}) removed; journaled")
 
 
 @command(help={"env": "only this environment", "count": "how many runs (default 20)",
@@ -685,9 +689,52 @@ def _print_status(lab: Lab) -> None:
     print(f"log in: ssh -i {lab.key_file} -o UserKnownHostsFile={lab.known_hosts} root@{first.address}")
 
 
+@command(name="migrate")
+def state_migrate(c):
+    """Create or migrate the configured state's schema (a shared database is never migrated implicitly)."""
+    state = open_state(migrate=True)
+    print(f"{state.url}: schema version {state.schema_version()} (this Overhaul's)")
+
+
+@command(name="status")
+def state_status(c):
+    """Where the state is (never with a password), its schema version, its runs and the leases held."""
+    state = open_state()
+    print(f"state: {state.url}\nschema version: {state.schema_version()}\nruns: {len(state.runs(None, 1_000_000))}")
+    for lease in state.locks():
+        print(f"lease: {lease.environment} held by {lease.holder} (pid {lease.pid}, run {lease.run_id}), "
+              f"{'live' if lease.live else 'expired'}")
+
+
+@command(help={"out": "the file to write (default -: standard output)"}, name="export")
+def state_export(c, out="-"):
+    """Write the whole journal (runs, pairs, events, claims, command index) as JSON lines."""
+    lines = (json.dumps(row) + "\n" for row in open_state().export())
+    if out == "-":
+        sys.stdout.writelines(lines)
+        return
+    with open(out, "w") as file:
+        file.writelines(lines)
+
+
+@command(help={"file": "JSON lines written by `overhaul state.export` (- reads standard input)"}, name="import")
+def state_import(c, file=""):
+    """Add an exported journal to the configured state (rows already there are kept as they are)."""
+    text = sys.stdin.read() if need(file, "--file") == "-" else Path(file).read_text()
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise OverhaulError(f"{file}:{number}: not a JSON line: {exc.msg}") from None
+    state = open_state()
+    print(f"{state.url}: {state.import_rows(rows)} of {len(rows)} rows added")
+
+
 lab = Collection("lab", up, down, status)
+state_tasks = Collection("state", state_migrate, state_status, state_export, state_import)
 namespace = Collection(upgrade, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply, inventory,
-                       schema, lab)
+                       schema, lab, state_tasks)
 
 CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")
 

@@ -17,13 +17,12 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -32,14 +31,15 @@ from overhaul.plan import Plan, PlannedStage
 from overhaul.preflight import print_report, run_preflight
 from overhaul.report import console_report, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
-from overhaul.state import ResultRecord, RunRecord, SQLiteState
+from overhaul.settings import open_state, outputs_dir
+from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
+from overhaul.state.sql import machine_identity
 from overhaul.step import Outcome
-from overhaul.transport import Transport
+from overhaul.transport import CommandResult, Transport
 
 if TYPE_CHECKING:
     from overhaul.planfile import SavedPlan
 
-DEFAULT_JOURNAL = ".overhaul/journal.sqlite"
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
 LIMIT = "limit"  # journal event: the run was kept to some hosts (--limit)
 FAILED_EXIT = 1
@@ -54,14 +54,6 @@ class Gate:
     skip_unreachable: bool = False  # leave unreachable hosts out of the run instead of refusing it
     reviewed: SavedPlan | None = None  # `apply`: the plan that was reviewed; any drift from it refuses
     approve: Callable[[str], bool] | None = None  # shown what would change, says yes (a protected environment)
-
-
-def journal_path() -> Path:
-    return Path(os.environ.get("OVERHAUL_JOURNAL", DEFAULT_JOURNAL))
-
-
-def open_state() -> SQLiteState:
-    return SQLiteState(journal_path())
 
 
 def operator() -> str:
@@ -84,19 +76,32 @@ class JournalRecorder:
     in `error` to be told.
     """
 
-    def __init__(self, state: SQLiteState, run_id: str, outputs: Path):
+    def __init__(self, state: State, run_id: str, outputs: Path, fence: LockInfo | None = None):
         self.state = state
         self.run_id = run_id
         self.outputs = outputs
+        self.fence = fence  # a mutating run's lease: each pair starts only while it still holds
+        self.machine = machine_identity()
+        self._commands: dict[str, list[CommandRecord]] = {}  # per host, journaled with the pair's end
         self.error = ""
+        self.lease_lost = False
         self.on_error: Callable[[], None] = lambda: None
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
         pass
 
     def host_started(self, planned: PlannedStage, host: str) -> None:
-        self._safely("the journal", lambda: self.state.record(
-            ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())))
+        started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
+        if self.fence is None:
+            self._safely("the journal", lambda: self.state.record(started))
+        else:
+            fence = self.fence
+            self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
+
+    def command_done(self, host: str, result: CommandResult) -> None:
+        self._commands.setdefault(host, []).append(CommandRecord(
+            self.run_id, -1, host, time.time() - result.duration, result.command, result.exited, result.duration,
+            "", self.machine))
 
     def host_finished(self, result: HostResult) -> None:
         path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"  # its commands: written as they ran
@@ -107,6 +112,10 @@ class JournalRecorder:
             self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
             now - result.duration, now, result.message, str(path) if path.exists() else "", result.facts,
         )))
+        commands = [replace(command, stage_index=result.stage_index, log_path=str(path))
+                    for command in self._commands.pop(result.host, [])]
+        if commands:
+            self._safely("the journal's command index", lambda: self.state.commands_ran(commands))
 
     def report(self, problem: str) -> None:
         """A write of the run's own failed (a host log): stop the run as for a journal write."""
@@ -117,7 +126,10 @@ class JournalRecorder:
     def _safely(self, what: str, write: Callable[[], object]) -> None:
         try:
             write()
-        except (sqlite3.Error, OSError) as exc:
+        except LockLost as exc:
+            self.lease_lost = True
+            self.report(str(exc))
+        except (StateError, OSError) as exc:
             self.report(f"cannot write {what}: {exc}")
 
 
@@ -128,32 +140,44 @@ def _append_traceback(path: Path, result: HostResult) -> None:
 
 
 class LockKeeper:
-    """Holds an environment's lock and keeps its heartbeat fresh from a background thread."""
+    """Holds an environment's lease and renews it from a background thread (every sixth of the lease).
 
-    def __init__(self, state: SQLiteState, environment: str, run_id: str, interval: float = 10.0):
-        self.state, self.environment, self.run_id, self.interval = state, environment, run_id, interval
+    `lost` is set once the lease is known to be someone else's: the run then starts no further pair
+    (the journal's fence refuses them anyway) and leaves the run's status to its new holder.
+    """
+
+    def __init__(self, state: State, environment: str, run_id: str):
+        self.state, self.environment, self.run_id = state, environment, run_id
+        self.interval = max(getattr(state, "lease", 60.0) / 6, 0.2)
+        self.lease: LockInfo | None = None
+        self.lost = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self.on_lost: Callable[[], None] | None = None
 
     def __enter__(self) -> LockKeeper:
-        taken_over = self.state.acquire(self.environment, self.run_id, operator())
-        if taken_over is not None:
-            print(f"warning: took over the lock of {taken_over.holder} (pid {taken_over.pid}, run "
-                  f"{taken_over.run_id}): that process is gone", file=sys.stderr)
+        self.lease, previous = self.state.acquire(self.environment, self.run_id, operator())
+        if previous is not None:
+            why = "its lease had expired" if not previous.live else "that process is gone"
+            print(f"warning: took over the lock of {previous.holder} (pid {previous.pid}, run "
+                  f"{previous.run_id}): {why}", file=sys.stderr)
+            self.state.event(self.environment, "lock-takeover", f"{operator()} took over the lock of {previous.holder} "
+                             f"(pid {previous.pid}, run {previous.run_id}): {why}", self.run_id)
         self._thread.start()
         return self
 
     def _beat(self) -> None:
+        assert self.lease is not None
         while not self._done.wait(self.interval):
             try:
-                ours = self.state.heartbeat(self.environment, self.run_id)
-            except Exception as exc:  # keep beating: a busy journal is not a lost lock
+                ours = self.state.heartbeat(self.lease)
+            except StateError as exc:  # keep beating: an unreachable journal is not a lost lease
                 print(f"warning: lock heartbeat failed: {exc}", file=sys.stderr)
                 continue
             if not ours:
-                print(f"error: the lock of {self.environment!r} was taken from this run (unlock --force?): "
-                      "stopping after the running steps", file=sys.stderr, flush=True)
+                self.lost.set()
+                print(f"error: the lock of {self.environment!r} was taken from this run (its lease expired, or "
+                      "unlock --force): stopping after the running steps", file=sys.stderr, flush=True)
                 if self.on_lost is not None:
                     self.on_lost()
                 return
@@ -161,9 +185,11 @@ class LockKeeper:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+        if self.lease is None or self.lost.is_set():
+            return
         try:
-            self.state.release(self.environment, self.run_id)
-        except sqlite3.Error as error:  # the next run takes the lock over: this process will be gone
+            self.state.release(self.lease)
+        except StateError as error:  # the next run takes the lock over: this process will be gone
             print(f"warning: the lock of {self.environment!r} could not be released ({error}); the next run "
                   "takes it over once this process has ended", file=sys.stderr)
 
@@ -207,7 +233,7 @@ def run_plan(
     check_only: bool = False,
     confirm: Callable[[PlannedStage], bool] | None = None,
     resume: RunRecord | None = None,
-    state: SQLiteState | None = None,
+    state: State | None = None,
     stream: TextIO = sys.stdout,
     grace: float = 30.0,
     show_summary: bool = True,
@@ -247,7 +273,7 @@ def run_plan(
                         show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity)
 
 
-def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
+def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
         runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
@@ -263,13 +289,13 @@ def _journal_new_run(state: SQLiteState, plan: Plan, run_id: str, mutating: bool
     return record
 
 
-def recorded_hosts(state: SQLiteState, record: RunRecord) -> list[dict] | None:
+def recorded_hosts(state: State, record: RunRecord) -> list[dict] | None:
     """The hosts an inventory source found when the run started (None: the inventory has no source)."""
     found = recorded(state, record, SOURCE_HOSTS)
     return json.loads(found) if found is not None else None
 
 
-def recorded(state: SQLiteState, record: RunRecord, kind: str) -> str | None:
+def recorded(state: State, record: RunRecord, kind: str) -> str | None:
     """The detail of the run's first journal event of `kind` (None when there is none)."""
     for _, run_id, event_kind, detail in state.events(record.environment):
         if run_id == record.id and event_kind == kind:
@@ -277,7 +303,7 @@ def recorded(state: SQLiteState, record: RunRecord, kind: str) -> str | None:
     return None
 
 
-def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *, check_only: bool = False,
+def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
              resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
              gate: Gate | None = None, verbosity: int = 0) -> RunResult:
@@ -288,7 +314,7 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     recorder = None
     started = time.monotonic()
     if state is not None and record is not None:
-        recorder = JournalRecorder(state, record.id, journal_path().parent / "runs" / record.id)
+        recorder = JournalRecorder(state, record.id, outputs_dir() / record.id, keeper.lease if keeper else None)
         listeners.append(recorder)
         version = f", version {plan.run_params['version']}" if plan.run_params.get("version") else ""
         version += f", limited to {plan.limit}" if plan.limit else ""
@@ -318,12 +344,16 @@ def _execute(plan: Plan, state: SQLiteState | None, record: RunRecord | None, *,
     finally:
         console.close()
         transport.close()
-        if state is not None and record is not None:
+        lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)
+        if lease_lost:
+            print("error: this run lost its lease on the environment: it started nothing more, and leaves the run's "
+                  "status to the lease's new holder", file=sys.stderr, flush=True)
+        elif state is not None and record is not None:
             try:
                 _journal_end(state, record, result, resumed)
-            except sqlite3.Error as exc:
+            except StateError as exc:
                 print(f"error: cannot write the run's end to the journal: {exc}", file=sys.stderr)
-    if recorder is not None and recorder.error:
+    if recorder is not None and recorder.error and not lease_lost:
         print(f"error: {recorder.error}: the run stopped after the running steps (no step ran unrecorded); "
               f"fix the controller's disk, then: overhaul resume --env {plan.inventory.environment}",
               file=sys.stderr, flush=True)
@@ -381,7 +411,7 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
     return result
 
 
-def _journal_end(state: SQLiteState, record: RunRecord, result: RunResult | None, resumed: bool) -> None:
+def _journal_end(state: State, record: RunRecord, result: RunResult | None, resumed: bool) -> None:
     """The run's final status; a refused run also keeps its reasons (a refused resume stays resumable)."""
     environment = record.environment
     if result is not None and result.preflight is not None:
@@ -408,7 +438,7 @@ def exit_code(result: RunResult) -> int:
     return FAILED_EXIT if result.failed else 0
 
 
-def _previous_results(state: SQLiteState, run_id: str) -> dict[tuple[int, str], HostResult]:
+def _previous_results(state: State, run_id: str) -> dict[tuple[int, str], HostResult]:
     return {
         (r.stage_index, r.host): HostResult(r.stage, r.host, Outcome(r.outcome), r.message, r.attempts, 0.0, r.facts,
                                             r.stage_index)

@@ -187,6 +187,8 @@ class Runner:
             with self._lock:
                 for listener in self.listeners:
                     listener.host_started(planned, host)
+            if self._stopping.is_set():
+                return None  # the journal could not record the start (or the lease is lost): never run unrecorded
             result = self._record(self._run_host(planned, host))
             if result.outcome is Outcome.FAILED:
                 with self._lock:

@@ -10,14 +10,18 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
 import paramiko
 import pytest
 from helpers import PROCESS_OCTET
+from pgserver import PgServer
 
 from overhaul.lab import Lab
+from overhaul.settings import open_state
+from overhaul.state import State
 
 _subnets = itertools.cycle(range(31, 60))  # labs are torn down after each test; 127.60+ is synthetic's
 
@@ -125,3 +129,47 @@ def aws(moto_url, monkeypatch):
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_url)
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     return moto_url, ec2, image
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A real PostgreSQL server (a throw-away cluster on 127.0.0.1) for the whole session."""
+    server = PgServer()
+    yield server
+    server.close()
+
+
+class Backend:
+    """One state backend for a test: how the CLI is told to use it, and the same state opened here."""
+
+    def __init__(self, name: str, tmp_path: Path, postgres: PgServer | None):
+        self.name = name
+        self.journal = tmp_path / "journal.sqlite"
+        self.env = {"OVERHAUL_JOURNAL": str(self.journal)}
+        if postgres is not None:
+            self.env |= {"OVERHAUL_STATE": postgres.database(), "PGPASSFILE": str(postgres.passfile)}
+
+    def open(self) -> State:
+        with _environment(self.env):
+            return open_state()
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each state backend in turn: the embedded SQLite file, then a fresh database on the test PostgreSQL."""
+    server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    return Backend(request.param, tmp_path, server)

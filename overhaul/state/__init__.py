@@ -1,10 +1,21 @@
-"""State: the journal (runs and per-host results) and the per-environment lock.
+"""State: the journal (runs, per-host results, events, the command index) and the environment leases.
 
-`SQLiteState` is the embedded default (one file under .overhaul/). A shared backend for a team
-implements the same methods (see `State`).
+`SQLiteState` is the embedded default (one file under the project's .overhaul/); `PostgresState`
+(overhaul.state.postgresql, imported only when configured) is a team's shared one. Both implement
+`State`; `overhaul.settings.open_state` picks the configured one.
 """
 
-from overhaul.state.records import LockHeld, LockInfo, ResultRecord, RunRecord, State
+from overhaul.state.records import (
+    CommandRecord,
+    LockHeld,
+    LockInfo,
+    LockLost,
+    ResultRecord,
+    RunRecord,
+    State,
+    StateError,
+)
 from overhaul.state.sqlite import SQLiteState
 
-__all__ = ["LockHeld", "LockInfo", "ResultRecord", "RunRecord", "SQLiteState", "State"]
+__all__ = ["CommandRecord", "LockHeld", "LockInfo", "LockLost", "ResultRecord", "RunRecord", "SQLiteState", "State",
+           "StateError"]

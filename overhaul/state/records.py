@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from overhaul.errors import Refused
+from overhaul.errors import OverhaulError, Refused
 
 UNFINISHED = ("running", "interrupted")
 RESUMABLE = (*UNFINISHED, "failed")  # a failed run is continued once the operator repaired the cause
@@ -47,15 +48,43 @@ class ResultRecord:
 
 
 @dataclass
+class CommandRecord:
+    """One remote command of a (stage, host) pair: where its output is, on which controller."""
+
+    run_id: str
+    stage_index: int
+    host: str
+    at: float
+    command: str  # redacted
+    exit_code: int | None
+    duration: float
+    log_path: str
+    machine: str
+
+
+@dataclass
 class LockInfo:
+    """An environment's lease: who holds it, from which machine and process, until when."""
+
     environment: str
     run_id: str
+    token: str  # the fencing token: new at every acquisition, checked when each (stage, host) pair starts
     holder: str  # user@host
-    hostname: str
+    machine: str  # machine id : boot id
     pid: int
     pid_started: int | None
     acquired: float
     heartbeat: float
+    expires: float
+    live: bool = True  # the lease had not expired when it was read (by the database's clock)
+
+
+class StateError(OverhaulError):
+    """The state backend cannot be used (unreachable past the retry budget, a newer schema, bad setting)."""
+
+
+class LockLost(StateError):
+    """This run no longer holds the environment's lease: it must not start one more (stage, host) pair."""
 
 
 class LockHeld(Refused):
@@ -64,24 +93,44 @@ class LockHeld(Refused):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lock.acquired))
         super().__init__(
             f"environment {lock.environment!r} is locked by {lock.holder} (pid {lock.pid}, run {lock.run_id}) "
-            f"since {since}; if that run is dead: overhaul unlock --env {lock.environment} --force"
+            f"since {since}; if that run is dead: overhaul unlock --env {lock.environment} --force --reason WHY"
         )
 
 
 class State(Protocol):
-    """A journal and lock backend."""
+    """A journal and lock backend: the embedded SQLite file, PostgreSQL, or one from an `overhaul.state`
+    entry point. Every method is one atomic operation; none is called while holding another."""
 
+    url: str  # where it is, never with a password
+
+    # runs and (stage, host) pairs
     def start_run(self, run: RunRecord) -> None: ...
     def set_status(self, run_id: str, status: str, ended: float | None = None) -> None: ...
+    def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
+        """Journal a pair as running, only while `token` holds the environment's live lease (else LockLost)."""
     def record(self, result: ResultRecord) -> None: ...
     def run(self, run_id: str) -> RunRecord: ...
     def runs(self, environment: str | None = None, limit: int = 20) -> list[RunRecord]: ...
     def unfinished(self, environment: str) -> list[RunRecord]: ...
     def resumable(self, environment: str) -> RunRecord | None: ...
     def results(self, run_id: str) -> list[ResultRecord]: ...
+    # events (promotion evidence, limits, rebuilds, checks...) and the command index
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None: ...
     def events(self, environment: str) -> list[tuple[float, str, str, str]]: ...
-    def acquire(self, environment: str, run_id: str, holder: str) -> LockInfo | None: ...
-    def heartbeat(self, environment: str, run_id: str) -> bool: ...
-    def release(self, environment: str, run_id: str) -> None: ...
-    def force_unlock(self, environment: str, operator: str) -> LockInfo | None: ...
+    def commands_ran(self, records: list[CommandRecord]) -> None: ...
+    def commands(self, run_id: str) -> list[CommandRecord]: ...
+    # claims and the environment lease
+    def claim(self, key: str, holder: str, run_id: str, expires: float) -> dict | None: ...
+    def acquire(self, environment: str, run_id: str, holder: str) -> tuple[LockInfo, LockInfo | None]:
+        """Take the lease (or raise LockHeld); return it and the expired or dead lease it replaced, if any."""
+    def heartbeat(self, lock: LockInfo) -> bool: ...
+    def release(self, lock: LockInfo) -> None: ...
+    def lock(self, environment: str) -> LockInfo | None: ...
+    def locks(self) -> list[LockInfo]: ...
+    def force_unlock(self, environment: str, operator: str, reason: str) -> LockInfo | None: ...
+    # the schema, and moving between backends
+    def schema_version(self) -> int: ...
+    def migrate(self) -> tuple[int, int]: ...
+    def export(self) -> Iterator[dict[str, Any]]: ...
+    def import_rows(self, rows: Iterable[dict[str, Any]]) -> int: ...
+    def close(self) -> None: ...

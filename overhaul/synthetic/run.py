@@ -32,7 +32,7 @@ from overhaul.plan import build_plan
 from overhaul.report import ConsoleReport
 from overhaul.runbook import load_runbook
 from overhaul.runner import Runner
-from overhaul.state import ResultRecord, RunRecord, SQLiteState
+from overhaul.state import ResultRecord, RunRecord, State
 from overhaul.step import Outcome, Registry
 from overhaul.synthetic import alerts
 from overhaul.synthetic.aws import claim_dynamodb
@@ -65,7 +65,7 @@ class PhaseResult:
 
 
 class SyntheticRun:
-    def __init__(self, inventory: Inventory, state: SQLiteState, workdir: Path, stream: TextIO = sys.stdout,
+    def __init__(self, inventory: Inventory, state: State, workdir: Path, stream: TextIO = sys.stdout,
                  registry: Registry | None = None, rerun: bool = False):
         """Everything that can be checked before the window is claimed is checked here (input errors, exit 2).
 

@@ -1,0 +1,112 @@
+"""Project settings: the project root, its `overhaul.yaml`, and the state backend they choose.
+
+The project root is the folder holding `hosts/`, found from the current directory upward (like git
+finds `.git`), so every operator and CI job in one project shares one state whatever folder they run
+from. The state backend is `sqlite` (the default: a file under the root's `.overhaul/`), a
+`postgresql://` URL (a team's shared journal and lock), or a scheme an `overhaul.state` entry point
+provides. `OVERHAUL_STATE` overrides the file; `OVERHAUL_JOURNAL` names the SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from overhaul.config import load_document
+from overhaul.secrets import SecretRef
+from overhaul.state.records import State, StateError
+
+SETTINGS_FILE = "overhaul.yaml"
+DEFAULT_JOURNAL = Path(".overhaul") / "journal.sqlite"
+
+
+class StateSettings(BaseModel):
+    """Where the journal and the environment leases live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("sqlite", description="`sqlite` (the project's own file), `sqlite:///PATH` (from the project root), "
+                     "`sqlite:////ABSOLUTE/PATH`, "
+                     "`postgresql://USER@HOST:PORT/DATABASE`, or a scheme from an `overhaul.state` entry point")
+    password: SecretRef | None = Field(None, description="the database password, by reference ({file: PATH}, "
+                                       "{env: VAR}...); never in the URL")
+    lease: float = Field(60.0, gt=0, description="seconds a run's lease on its environment lasts without a heartbeat "
+                         "(heartbeats come every sixth of it)")
+    retry_for: float = Field(60.0, ge=0, description="seconds to wait for an unreachable state database before a run "
+                             "stops as interrupted")
+
+
+class Settings(BaseModel):
+    """The project's `overhaul.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: StateSettings = Field(default_factory=StateSettings, description="the state backend; a URL alone is short "
+                                 "for {url: URL}")
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _url_alone(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder from `start` (the current directory) upward that holds `hosts/`; else `start`."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "hosts").is_dir():
+            return folder
+    return start
+
+
+def load_settings(root: Path | None = None) -> Settings:
+    """The root's `overhaul.yaml` (if any), then the environment's overrides."""
+    path = (root or project_root()) / SETTINGS_FILE
+    settings = load_document(path).validate(Settings) if path.is_file() else Settings()
+    overrides = {"url": os.environ.get("OVERHAUL_STATE"), "lease": os.environ.get("OVERHAUL_LOCK_LEASE"),
+                 "retry_for": os.environ.get("OVERHAUL_STATE_RETRY")}
+    given = {key: value for key, value in overrides.items() if value}
+    if given:
+        settings.state = StateSettings.model_validate({**settings.state.model_dump(exclude_unset=True), **given})
+    return settings
+
+
+def journal_path() -> Path:
+    """The embedded journal's file: OVERHAUL_JOURNAL, else `.overhaul/journal.sqlite` at the project root."""
+    named = os.environ.get("OVERHAUL_JOURNAL")
+    return Path(named) if named else project_root() / DEFAULT_JOURNAL
+
+
+def outputs_dir() -> Path:
+    """Where this controller keeps the runs' per-host logs (beside the embedded journal, whatever the backend)."""
+    return journal_path().parent / "runs"
+
+
+def open_state(settings: Settings | None = None, *, migrate: bool = False) -> State:
+    """The configured backend, opened and its schema checked (migrated when `migrate` or when new)."""
+    chosen = (settings or load_settings()).state
+    url = chosen.url
+    scheme = url.partition(":")[0]
+    if url == "sqlite" or scheme == "sqlite":
+        from overhaul.state.sqlite import SQLiteState
+
+        path = project_root() / url.removeprefix("sqlite:///") if url != "sqlite" else journal_path()
+        return SQLiteState(path, lease=chosen.lease)
+    password = chosen.password.resolve() if chosen.password is not None else None
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from overhaul.state.postgresql import PostgresState
+        except ImportError as exc:
+            raise StateError(f"state {url}: the PostgreSQL backend needs psycopg: pip install 'overhaul[postgresql]' "
+                             f"({exc})") from None
+        return PostgresState(url, password, lease=chosen.lease, retry_for=chosen.retry_for, migrate=migrate)
+    plugins = {point.name: point for point in entry_points(group="overhaul.state")}
+    if scheme not in plugins:
+        raise StateError(f"state {url!r}: unknown backend {scheme!r} (known: sqlite, postgresql"
+                         f"{''.join(', ' + name for name in sorted(plugins))})")
+    return plugins[scheme].load()(url, password=password, lease=chosen.lease, retry_for=chosen.retry_for,
+                                  migrate=migrate)

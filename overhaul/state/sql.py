@@ -1,0 +1,388 @@
+"""The journal and the environment lease in SQL, shared by the SQLite and PostgreSQL backends.
+
+Every operation is one transaction, most of them one statement: the lease is taken by one atomic
+upsert that only replaces an expired (or provably dead) holder, and a (stage, host) pair is journaled
+as started only in the same transaction that finds this run's fencing token still holding a live lease.
+The backends differ only in how they connect, their clock and their row locking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from overhaul.proc import alive, start_time
+from overhaul.state.records import (
+    RESUMABLE,
+    UNFINISHED,
+    CommandRecord,
+    LockHeld,
+    LockInfo,
+    LockLost,
+    ResultRecord,
+    RunRecord,
+    StateError,
+)
+
+# Test hook: kill this process with SIGKILL right after the N-th journal write (crash-resume tests).
+KILL_AFTER_WRITES = "OVERHAUL_TEST_KILL_AFTER_WRITES"
+MACHINE_ID = "OVERHAUL_MACHINE_ID"  # overrides /etc/machine-id (containers cloned from one image share it)
+
+# Versioned migrations: the SQL both databases accept. Version N is MIGRATIONS[N - 1]; a database
+# records its version in overhaul_schema. Files written before versions existed are version 0.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: the journal
+        """CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY, runbook TEXT, runbook_path TEXT, runbook_sha256 TEXT, environment TEXT,
+            params TEXT, operator TEXT, started DOUBLE PRECISION, ended DOUBLE PRECISION, status TEXT,
+            mutating BOOLEAN)""",
+        "CREATE INDEX IF NOT EXISTS runs_by_environment ON runs (environment, started)",
+        """CREATE TABLE IF NOT EXISTS results (
+            run_id TEXT, stage_index INTEGER, stage TEXT, host TEXT, outcome TEXT, attempts INTEGER,
+            started DOUBLE PRECISION, ended DOUBLE PRECISION, message TEXT, output_path TEXT, facts TEXT,
+            PRIMARY KEY (run_id, stage_index, host))""",
+        """CREATE TABLE IF NOT EXISTS events (
+            at DOUBLE PRECISION, environment TEXT, run_id TEXT, kind TEXT, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS events_by_environment ON events (environment, at)",
+        """CREATE TABLE IF NOT EXISTS claims (
+            key TEXT PRIMARY KEY, holder TEXT, run_id TEXT, at DOUBLE PRECISION, expires DOUBLE PRECISION)""",
+    ],
+    [  # 2: the environment lease with a fencing token (replaces version 0's per-PID lock)
+        "DROP TABLE IF EXISTS locks",
+        """CREATE TABLE locks (
+            environment TEXT PRIMARY KEY, run_id TEXT, token TEXT, holder TEXT, machine TEXT, pid INTEGER,
+            pid_started BIGINT, acquired DOUBLE PRECISION, heartbeat DOUBLE PRECISION, expires DOUBLE PRECISION)""",
+    ],
+    [  # 3: the per-command output index
+        """CREATE TABLE IF NOT EXISTS commands (
+            run_id TEXT, stage_index INTEGER, host TEXT, at DOUBLE PRECISION, command TEXT, exit_code INTEGER,
+            duration DOUBLE PRECISION, log_path TEXT, machine TEXT)""",
+        "CREATE INDEX IF NOT EXISTS commands_by_run ON commands (run_id, stage_index, host)",
+    ],
+]
+LATEST = len(MIGRATIONS)
+
+# What `export` writes and `import_rows` reads (the lease is not history: it is never exported).
+COLUMNS = {
+    "runs": [f.name for f in fields(RunRecord)],
+    "results": [f.name for f in fields(ResultRecord)],
+    "events": ["at", "environment", "run_id", "kind", "detail"],
+    "claims": ["key", "holder", "run_id", "at", "expires"],
+    "commands": [f.name for f in fields(CommandRecord)],
+}
+KEYS = {"runs": ["id"], "results": ["run_id", "stage_index", "host"], "events": ["at", "run_id", "kind"],
+        "claims": ["key"], "commands": ["run_id", "stage_index", "host", "at"]}
+LOCK_COLUMNS = [f.name for f in fields(LockInfo) if f.name != "live"]
+
+T = TypeVar("T")
+Execute = Callable[[str, tuple], tuple[int, list[tuple]]]  # (sql, args) -> (rowcount, rows)
+
+
+def machine_identity() -> str:
+    """This machine and this boot: the same value for every controller process until the next reboot."""
+    machine = os.environ.get(MACHINE_ID) or _read("/etc/machine-id") or os.uname().nodename
+    return f"{machine}:{_read('/proc/sys/kernel/random/boot_id')}"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+class SQLState:
+    """The queries; a backend supplies `_transaction`, its clock (`now`) and its row-lock clause."""
+
+    url = ""
+    now = ""  # SQL expression: the database's clock in seconds since the epoch (one clock for every machine)
+    for_share = ""  # row lock for the fence check, where a write does not lock the whole database
+
+    def __init__(self, lease: float = 60.0):
+        self.lease = lease
+        self._writes = 0
+        kill_after = os.environ.get(KILL_AFTER_WRITES)
+        self._kill_after = int(kill_after) if kill_after else None
+
+    # -- what a backend provides -----------------------------------------------------------------
+    def _transaction(self, work: Callable[[Execute], T]) -> T:
+        """Run `work` in one transaction (retried as a whole where the backend retries)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- the schema ----------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        def read(execute: Execute) -> int:
+            self._lock_schema(execute)
+            execute("CREATE TABLE IF NOT EXISTS overhaul_schema (version INTEGER NOT NULL)", ())
+            _, rows = execute("SELECT max(version) FROM overhaul_schema", ())
+            return rows[0][0] or 0
+        return self._transaction(read)
+
+    def migrate(self) -> tuple[int, int]:
+        """Apply the pending migrations in one transaction; return (version before, version after)."""
+        def apply(execute: Execute) -> tuple[int, int]:
+            self._lock_schema(execute)
+            _, rows = execute("SELECT max(version) FROM overhaul_schema", ())
+            before = rows[0][0] or 0
+            self._refuse_newer(before)
+            for version in range(before + 1, LATEST + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    execute(statement, ())
+                execute("INSERT INTO overhaul_schema (version) VALUES (?)", (version,))
+            return before, max(before, LATEST)
+        self.schema_version()  # creates the version table
+        return self._transaction(apply)
+
+    def _lock_schema(self, execute: Execute) -> None:
+        """Keep two controllers from migrating at once (SQLite's write transaction already does)."""
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > LATEST:
+            raise StateError(f"the state at {self.url} has schema version {version}, newer than this Overhaul "
+                             f"knows ({LATEST}): upgrade Overhaul")
+
+    def ensure_schema(self, migrate: bool) -> None:
+        """Check the schema is this Overhaul's; migrate it when allowed or when the database is empty."""
+        version = self.schema_version()
+        self._refuse_newer(version)
+        if version < LATEST:
+            if not migrate and version > 0:
+                raise StateError(f"the state at {self.url} has schema version {version}, this Overhaul needs "
+                                 f"{LATEST}: run `overhaul state migrate` (every controller then needs this version)")
+            self.migrate()
+
+    # -- writes ----------------------------------------------------------------------------------
+    def _write(self, sql: str, args: tuple, journal: bool = True) -> int:
+        count, _ = self._transaction(lambda execute: execute(sql, args))
+        if journal:
+            self._journaled()
+        return count
+
+    def _journaled(self) -> None:
+        self._writes += 1
+        if self._kill_after is not None and self._writes >= self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def start_run(self, run: RunRecord) -> None:
+        row = asdict(run)
+        row["params"] = json.dumps(run.params)
+        self._write(_insert("runs", row), tuple(row.values()))
+
+    def set_status(self, run_id: str, status: str, ended: float | None = None) -> None:
+        self._write("UPDATE runs SET status = ?, ended = ? WHERE id = ?", (status, ended, run_id))
+
+    def record(self, result: ResultRecord) -> None:
+        self._write(_upsert_result(), _result_row(result))
+
+    def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
+        def fenced(execute: Execute) -> None:
+            _, held = execute(f"SELECT token FROM locks WHERE environment = ? AND token = ? AND expires > {self.now} "
+                              f"{self.for_share}", (environment, token))
+            if not held:
+                raise LockLost(f"this run no longer holds the lease of {environment!r} (taken over or expired): "
+                               f"not starting {result.stage!r} on {result.host}")
+            execute(_upsert_result(), _result_row(result))
+        self._transaction(fenced)
+        self._journaled()
+
+    def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
+        self._write("INSERT INTO events (at, environment, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                    (time.time(), environment, run_id, kind, detail))
+
+    def commands_ran(self, records: list[CommandRecord]) -> None:
+        """Index a pair's commands (one transaction for all of them)."""
+        def add(execute: Execute) -> None:
+            for record in records:
+                row = asdict(record)
+                execute(_insert("commands", row), tuple(row.values()))
+        self._transaction(add)
+
+    # -- reads -----------------------------------------------------------------------------------
+    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self._transaction(lambda execute: execute(sql, args))[1]
+
+    def run(self, run_id: str) -> RunRecord:
+        runs = self._runs("WHERE id = ?", (run_id,))
+        if not runs:
+            raise KeyError(run_id)
+        return runs[0]
+
+    def runs(self, environment: str | None = None, limit: int = 20) -> list[RunRecord]:
+        if environment is None:
+            return self._runs("ORDER BY started DESC LIMIT ?", (limit,))
+        return self._runs("WHERE environment = ? ORDER BY started DESC LIMIT ?", (environment, limit))
+
+    def unfinished(self, environment: str) -> list[RunRecord]:
+        marks = ", ".join("?" * len(UNFINISHED))
+        return self._runs(f"WHERE environment = ? AND mutating AND status IN ({marks}) ORDER BY started DESC",
+                          (environment, *UNFINISHED))
+
+    def resumable(self, environment: str) -> RunRecord | None:
+        """The environment's last mutating run (refused ones aside), if it is unfinished or failed."""
+        last = self._runs("WHERE environment = ? AND mutating AND status != 'refused' ORDER BY started DESC LIMIT 1",
+                          (environment,))
+        return last[0] if last and last[0].status in RESUMABLE else None
+
+    def _runs(self, where: str, args: tuple) -> list[RunRecord]:
+        runs = self._select(RunRecord, "runs", where, args)
+        for run in runs:
+            run.params = json.loads(run.params)  # type: ignore[arg-type]
+            run.mutating = bool(run.mutating)
+        return runs
+
+    def results(self, run_id: str) -> list[ResultRecord]:
+        results = self._select(ResultRecord, "results", "WHERE run_id = ? ORDER BY stage_index, started", (run_id,))
+        for result in results:
+            result.facts = json.loads(result.facts)  # type: ignore[arg-type]
+        return results
+
+    def commands(self, run_id: str) -> list[CommandRecord]:
+        return self._select(CommandRecord, "commands", "WHERE run_id = ? ORDER BY at", (run_id,))
+
+    def _select(self, record: type[T], table: str, where: str, args: tuple) -> list[T]:
+        names = COLUMNS[table]
+        return [record(*row) for row in self._rows(f"SELECT {', '.join(names)} FROM {table} {where}", args)]
+
+    def events(self, environment: str) -> list[tuple[float, str, str, str]]:
+        rows = self._rows("SELECT at, run_id, kind, detail FROM events WHERE environment = ? ORDER BY at", (environment,))
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    # -- claims: one run per key (e.g. per environment and night), even after the run ended ------
+    def claim(self, key: str, holder: str, run_id: str, expires: float) -> dict | None:
+        """Claim `key` until `expires`; return the existing claim when another run holds it."""
+        now = time.time()
+        _, mine = self._transaction(lambda execute: execute(
+            "INSERT INTO claims (key, holder, run_id, at, expires) VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
+            "SET holder = excluded.holder, run_id = excluded.run_id, at = excluded.at, expires = excluded.expires "
+            "WHERE claims.expires <= ? RETURNING key", (key, holder, run_id, now, expires, now)))
+        if mine:
+            return None
+        [(holder, run_id, at)] = self._rows("SELECT holder, run_id, at FROM claims WHERE key = ?", (key,))
+        return {"holder": holder, "run_id": run_id, "at": at}
+
+    # -- the environment lease -------------------------------------------------------------------------
+    def acquire(self, environment: str, run_id: str, holder: str) -> tuple[LockInfo, LockInfo | None]:
+        """Take the lease in one atomic statement: it replaces the holder only when that holder's lease has
+        expired, or when the holder ran on this machine since its last boot and its process is gone."""
+        pid = os.getpid()
+        token = uuid.uuid4().hex
+        machine = machine_identity()
+        for _ in range(3):  # the holder may release between our read and our write: read again
+            current = self.lock(environment)
+            dead = current.token if current is not None and _dead_here(current, machine) else ""
+            taken = self._rows(
+                f"INSERT INTO locks ({', '.join(LOCK_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, {self.now}, {self.now}, "
+                f"{self.now} + ?) ON CONFLICT (environment) DO UPDATE SET "
+                + ", ".join(f"{name} = excluded.{name}" for name in LOCK_COLUMNS[1:])
+                + f" WHERE locks.expires <= {self.now} OR locks.token = ? RETURNING token",
+                (environment, run_id, token, holder, machine, pid, start_time(pid), self.lease, dead))
+            if taken:
+                mine = self.lock(environment)
+                assert mine is not None and mine.token == token
+                return mine, current
+            current = self.lock(environment)
+            if current is not None:
+                raise LockHeld(current)
+        raise StateError(f"could not take the lease of {environment!r}: it changed hands three times while trying")
+
+    def lock(self, environment: str) -> LockInfo | None:
+        rows = self._rows(f"SELECT {', '.join(LOCK_COLUMNS)}, expires > {self.now} FROM locks WHERE environment = ?",
+                          (environment,))
+        return LockInfo(*rows[0][:-1], live=bool(rows[0][-1])) if rows else None
+
+    def locks(self) -> list[LockInfo]:
+        rows = self._rows(f"SELECT {', '.join(LOCK_COLUMNS)}, expires > {self.now} FROM locks ORDER BY environment")
+        return [LockInfo(*row[:-1], live=bool(row[-1])) for row in rows]
+
+    def heartbeat(self, lock: LockInfo) -> bool:
+        """Extend our lease; False when it is no longer ours (taken over after it expired, or force-unlocked)."""
+        return self._write(f"UPDATE locks SET heartbeat = {self.now}, expires = {self.now} + ? "
+                           "WHERE environment = ? AND token = ?", (self.lease, lock.environment, lock.token),
+                           journal=False) == 1
+
+    def release(self, lock: LockInfo) -> None:
+        self._write("DELETE FROM locks WHERE environment = ? AND token = ?", (lock.environment, lock.token),
+                    journal=False)
+
+    def force_unlock(self, environment: str, operator: str, reason: str) -> LockInfo | None:
+        """Remove the lease whoever holds it; who removed it and why is journaled."""
+        removed = self._rows(f"DELETE FROM locks WHERE environment = ? RETURNING {', '.join(LOCK_COLUMNS)}",
+                             (environment,))
+        if not removed:
+            return None
+        lock = LockInfo(*removed[0])
+        self.event(environment, "force-unlock", f"{operator} removed the lock of {lock.holder} "
+                   f"(pid {lock.pid}, run {lock.run_id}): {reason}", lock.run_id)
+        return lock
+
+    # -- moving a team between backends --------------------------------------------------------------
+    def export(self) -> Iterator[dict[str, Any]]:
+        """Every journal row as {"table": ..., "row": {...}}, runs first (JSON lines on the way out)."""
+        for table, names in COLUMNS.items():
+            for row in self._rows(f"SELECT {', '.join(names)} FROM {table}"):
+                values = dict(zip(names, row, strict=True))
+                if table == "runs":
+                    values["mutating"] = bool(values["mutating"])
+                yield {"table": table, "row": values}
+
+    def import_rows(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Add exported rows that are not here yet (by their key); return how many were added."""
+        batch = list(rows)
+        for number, item in enumerate(batch, 1):
+            if item.get("table") not in COLUMNS or set(item.get("row", {})) != set(COLUMNS[item["table"]]):
+                raise StateError(f"line {number}: not an exported journal row (table and columns: {sorted(COLUMNS)})")
+
+        def add(execute: Execute) -> int:
+            added = 0
+            for item in batch:
+                table, row = item["table"], item["row"]
+                key = KEYS[table]
+                where = " AND ".join(f"{name} = ?" for name in key)
+                _, found = execute(f"SELECT 1 FROM {table} WHERE {where}", tuple(row[name] for name in key))
+                if not found:
+                    names = COLUMNS[table]
+                    execute(_insert(table, {name: row[name] for name in names}), tuple(row[name] for name in names))
+                    added += 1
+            return added
+        return self._transaction(add)
+
+
+def holder_gone(lock: LockInfo) -> bool:
+    """The lease expired, or its holder ran on this machine and is gone."""
+    return not lock.live or _dead_here(lock, machine_identity())
+
+
+def _dead_here(lock: LockInfo, machine: str) -> bool:
+    """The holder ran on this machine (same machine id) and is gone: rebooted since, or its process ended."""
+    holder_machine, _, holder_boot = lock.machine.partition(":")
+    here_machine, _, here_boot = machine.partition(":")
+    if holder_machine != here_machine:
+        return False
+    return holder_boot != here_boot or not alive(lock.pid, lock.pid_started)
+
+
+def _insert(table: str, row: dict[str, Any]) -> str:
+    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+
+
+def _upsert_result() -> str:
+    names = COLUMNS["results"]
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names[3:])
+    return (f"INSERT INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT (run_id, stage_index, host) DO UPDATE SET {updates}")
+
+
+def _result_row(result: ResultRecord) -> tuple:
+    row = asdict(result)
+    row["facts"] = json.dumps(result.facts)
+    return tuple(row.values())
