@@ -44,37 +44,62 @@ User = Annotated[str, AfterValidator(_user)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors; the docstring under each field is its description in the published schema."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class Bastion(Strict):
     """A jump host every connection goes through (its host key must be in known_hosts too)."""
 
     address: Address
+    """The jump host's IP address or DNS name."""
     port: Port = 22
+    """The jump host's SSH port."""
     user: User | None = None
+    """Login user on the jump host (default: `ssh.user`)."""
     key_file: Path | None = None
+    """Private key for the jump host, mode 0600, without a passphrase (default: `ssh.key_file`)."""
 
 
 class SSHSettings(Strict):
+    """How Overhaul connects to every host of the environment."""
+
     user: User = "root"
+    """Login user on every host (a host's own `user:` overrides it); with `sudo: true`, a sudo user."""
     port: Port = 22
+    """SSH port of every host (a host's own `port:` overrides it)."""
     key_file: Path | None = None
+    """Private key file, mode 0600, without a passphrase (no agent is used); relative to the inventory file."""
     known_hosts: Path = Path("~/.ssh/known_hosts")
+    """known_hosts file with every host's key (and the bastion's): an unknown or changed key is refused, never added."""
     connect_timeout: float = Field(10, gt=0, le=300)
+    """Seconds to wait for a connection (and for sudo's answer) before the attempt counts as failed."""
     connect_retries: int = Field(3, ge=1, le=20, strict=True)
+    """Attempts to connect to a host; transient faults (refused, reset, timeout) are retried with backoff."""
     bastion: Bastion | None = None
+    """A jump host every connection goes through (optional)."""
     sudo: bool = Field(False, strict=True)  # not "yes", which YAML 1.2 and pydantic's lax mode disagree on
+    """true: the steps' commands run through sudo when the login user is not root (a `shell` stage: per its own `sudo`)."""
     sudo_password: SecretRef | None = None
+    """sudo's password, by reference, given to sudo on stdin; only needed without a NOPASSWD rule."""
 
 
 class Host(Strict):
+    """One host of the environment."""
+
     name: str = Field(pattern=NAME)
+    """The host's name in plans, logs and `--limit` (letters, digits, '.', '_', '-'); unique in the inventory."""
     address: Address
+    """IP address or DNS name to connect to."""
     port: Port | None = None
+    """SSH port, when not `ssh.port`."""
     user: User | None = None
+    """Login user, when not `ssh.user`."""
     roles: list[str] = Field(min_length=1)
+    """The host's roles (at least one): runbook stages select hosts by role, e.g. db, worker, app."""
     vars: dict[str, Any] = {}
+    """Variables of this host, seen by steps as ${name}; they win over role_vars and the inventory's vars."""
 
     @field_validator("roles")
     @classmethod
@@ -89,14 +114,18 @@ class Policy(Strict):
     """Environment policy: protected environments need confirmation; promotion names the source."""
 
     protected: bool = Field(False, strict=True)
+    """true: a changing run shows what it would change and asks for a yes (or needs --yes)."""
     promotion_from: str | None = Field(None, pattern=NAME)
+    """An environment a version must have passed a full upgrade on first (e.g. staging for production)."""
 
 
 class SourceRef(BaseModel):
     """Hosts found by an inventory-source plug-in (entry-point group `overhaul.sources`) instead of listed."""
 
-    model_config = ConfigDict(extra="allow")  # the plug-in's own settings: the plug-in validates them
-    provider: str = Field(min_length=1)  # e.g. aws-ec2
+    # extra: the plug-in's own settings (for aws-ec2: filters, region, ...), which the plug-in validates.
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    provider: str = Field(min_length=1)
+    """The inventory source's name, e.g. aws-ec2; its other keys are that source's settings."""
 
 
 def _secret_names(value: Any) -> Any:
@@ -107,16 +136,28 @@ def _secret_names(value: Any) -> Any:
 
 
 class Inventory(Strict):
+    """An environment's hosts, how to reach them, its secrets by reference and its policy: hosts/<env>.yaml."""
+
     environment: str = Field(pattern=NAME)
+    """The environment's name: the file's name without .yaml."""
     ssh: SSHSettings = SSHSettings()
+    """How to connect to the hosts."""
     hosts: list[Host] = []
+    """The hosts, each with a name, an address and roles (or find them with `source:`)."""
     source: SourceRef | None = None
+    """Find the hosts with an inventory source (e.g. aws-ec2 by tags) instead of, or beside, listing them."""
     vars: dict[str, Any] = {}
+    """Variables seen by every step on every host as ${name} (role_vars and a host's vars win over them)."""
     role_vars: dict[str, dict[str, Any]] = {}
+    """Variables per role, seen by the hosts having that role (a host's own vars win over them)."""
     secrets: Annotated[dict[str, SecretRef], BeforeValidator(_secret_names)] = {}
+    """Secrets by name, by reference only ({env: VAR}, {file: PATH}, {ssm: NAME}, {aws_secret: ID}); read when needed."""
     policy: Policy = Policy()
-    checks: str | None = None  # folder of testinfra checks for `verify` (relative to where overhaul runs)
-    synthetic: SyntheticConfig | None = None  # the farm `overhaul synthetic` launches
+    """What this environment demands before a changing run (confirmation, promotion)."""
+    checks: str | None = None
+    """Folder of testinfra checks `verify` runs (relative to where overhaul runs; default: checks/ if present)."""
+    synthetic: SyntheticConfig | None = None
+    """The throw-away farm `overhaul synthetic` launches and verifies (see the synthetic test's docs)."""
     _path: Path | None = PrivateAttr(None)
     _found: list[Host] = PrivateAttr(default_factory=list)  # the hosts `source:` found for this load
 

@@ -17,7 +17,9 @@ BUILTIN_RUNBOOKS = Path(str(resources.files("overhaul.runbooks")))
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors; the docstring under each field is its description in the published schema."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class RetryPolicy(Strict):
@@ -27,8 +29,11 @@ class RetryPolicy(Strict):
     """
 
     attempts: int = Field(1, ge=1, le=20)
+    """Tries in all, the first included (1: no retry); each try starts again from the step's check."""
     delay: float = Field(2.0, ge=0, le=3600)
+    """Seconds to wait before the first retry."""
     backoff: float = Field(2.0, ge=1, le=10)
+    """Each further wait is the one before times this."""
 
 
 Count = int | str  # a number of hosts, or "N%" of the stage's hosts
@@ -53,21 +58,38 @@ def resolve_count(value: Count, total: int, minimum: int) -> int:
 
 
 class Stage(Strict):
+    """One step, with its parameters, on a selection of hosts, with a strategy and a failure budget."""
+
     name: str = Field(min_length=1)
+    """The stage's name in plans, progress and the journal; unique in the runbook."""
     step: str = Field(min_length=1)
+    """The step to run, by name (e.g. mysql.backup): a built-in, an installed package's, or one of your steps/ folder."""
     params: dict[str, Any] = {}
-    roles: list[str] = []  # hosts having any of these roles (empty: every host)
-    hosts: list[str] = []  # or exactly these hosts by name
-    exclude: list[str] = []  # minus these hosts
+    """The step's parameters; a value may be a ${name} reference to a run parameter or a host variable."""
+    roles: list[str] = []
+    """Run on the hosts having any of these roles (empty, and no `hosts`: every host)."""
+    hosts: list[str] = []
+    """Or run on exactly these hosts, by name (not together with `roles`)."""
+    exclude: list[str] = []
+    """Leave out these hosts, by name."""
     strategy: Literal["parallel", "serial", "rolling"] = "parallel"
-    concurrency: int | None = Field(None, ge=1, le=1000)  # default: every host, up to transport.FORKS (100)
-    batch: Count | None = None  # rolling: hosts per batch
-    max_failures: Count = 0  # failures tolerated before the run stops
+    """parallel: every host at once (up to `concurrency`); serial: one host after another; rolling: `batch` hosts at a time."""
+    concurrency: int | None = Field(None, ge=1, le=1000)
+    """parallel: at most this many hosts at once (default: every host, up to 100)."""
+    batch: Count | None = None
+    """rolling (and only rolling): hosts per batch, a number or a percentage like '25%'."""
+    max_failures: Count = 0
+    """Failed hosts tolerated (a number or a percentage like '10%'); one more stops the run (with on_failure: stop)."""
     retry: RetryPolicy = RetryPolicy()
-    timeout: float = Field(300, gt=0, le=86400)  # per command
+    """How often a host's failed step is tried again."""
+    timeout: float = Field(300, gt=0, le=86400)
+    """Seconds each command may take; at the end it is killed on the host too."""
     confirm: bool = False
+    """true: ask for a yes before this stage starts (or --yes)."""
     on_failure: Literal["stop", "continue"] = "stop"
-    optional: bool = False  # true: selecting no host is fine (else it is an input error)
+    """stop: failures beyond max_failures stop the run; continue: record them and go on everywhere."""
+    optional: bool = False
+    """true: a stage that selects no host is skipped (otherwise that is an input error)."""
 
     @field_validator("batch")
     @classmethod
@@ -93,15 +115,23 @@ class Stage(Strict):
 class PreflightPolicy(Strict):
     """What the preflight gate tolerates: by default nothing (every host must be reachable)."""
 
-    unreachable: Literal["refuse", "skip"] = "refuse"  # skip: leave unreachable hosts out of the whole run
+    unreachable: Literal["refuse", "skip"] = "refuse"
+    """refuse: one unreachable host refuses the run; skip: leave unreachable hosts out of the whole run."""
 
 
 class Runbook(Strict):
+    """An ordered list of stages: runbooks/<name>.yaml."""
+
     name: str = Field(min_length=1)
+    """The runbook's name as the journal, `history --runbook` and prompts show it (keep it the file's name)."""
     description: str = ""
+    """What the runbook does, in a line."""
     preflight: PreflightPolicy = PreflightPolicy()
-    params: dict[str, Any] = {}  # run parameters and their defaults (None: must be given)
+    """What the preflight gate tolerates before the first change."""
+    params: dict[str, Any] = {}
+    """Run parameters and their defaults, referenced as ${name}; null: must be given (--param name=V, --version)."""
     stages: list[Stage] = Field(min_length=1)
+    """The stages, run in order: each one starts after the one before it finished."""
 
     def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems across stages, each with the location it is about."""

@@ -22,12 +22,16 @@ REDACTED = "********"
 class SecretRef(BaseModel):
     """Where a secret lives. Exactly one source; the value is read only when a step needs it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     env: str | None = None
+    """The environment variable of the overhaul process that holds the secret."""
     file: Path | None = None
+    """A file holding the secret, mode 0600 (trailing newlines dropped); in an inventory, relative to its file."""
     ssm: str | None = None
+    """The name of an AWS SSM parameter (read with decryption)."""
     aws_secret: str | None = None
+    """The id or ARN of an AWS Secrets Manager secret (its SecretString)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -44,9 +44,12 @@ class Check:
 
 
 class Params(BaseModel):
-    """Base of every step's parameters: unknown keys are errors, not silently ignored."""
+    """Base of every step's parameters: unknown keys are errors, not silently ignored.
 
-    model_config = ConfigDict(extra="forbid")
+    The docstring under each field is its description: in the runbook schema and the steps reference.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 P = TypeVar("P", bound=Params)

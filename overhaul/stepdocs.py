@@ -26,13 +26,18 @@ def _step(name: str, step: type[Step]) -> list[str]:
         lines += ["Read-only: it only checks, and fails when the check does not hold.", ""]
     fields = step.Params.model_fields
     if fields:
-        lines += ["| parameter | type | default |", "|---|---|---|"]
+        lines += ["| parameter | type | default | description |", "|---|---|---|---|"]
         for field, info in fields.items():
             kind = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
             default = "required" if info.is_required() else f"`{info.default!r}`"
-            lines.append(f"| `{field}` | `{kind}` | {default} |")
+            lines.append(f"| `{field}` | `{kind}` | {default} | {_cell(info.description or '')} |")
         lines.append("")
     return lines
+
+
+def _cell(text: str) -> str:
+    """`text` as one Markdown table cell: on one line, its `|` escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,13 @@ from overhaul.step import Check, Params, Step
 
 class ReconfigureParams(Params):
     ctl_command: str = "scalr-server-ctl"
+    """The command whose `reconfigure` applies the configuration."""
     manage_command: str = "scalr-server-manage"
+    """The command whose `status` lists the supervised programs and their states."""
     package: str = "scalr-server"
+    """The package whose installed version the host is reconfigured for."""
     state_dir: str = "/var/lib/overhaul"
+    """Folder on the host for the marker saying which version it was last reconfigured for."""
 
 
 class AppReconfigure(Step[ReconfigureParams]):

@@ -14,7 +14,9 @@ from overhaul.step import Check, Params
 
 class DiskParams(Params):
     mounts: list[str] = Field(["/opt/scalr-server"], min_length=1)
-    threshold: int = Field(80, ge=1, le=100)  # percent; at or above it fails
+    """The paths whose file systems are watched (each must exist)."""
+    threshold: int = Field(80, ge=1, le=100)
+    """Usage in percent at which a mount fails the check."""
 
 
 class DiskUsage(AssertionStep):

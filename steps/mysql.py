@@ -75,20 +75,35 @@ def _b64(hex_digest: str) -> str:
 
 class BackupParams(Params):
     label: str = Field("backup", pattern=r"^[A-Za-z0-9._-]+$")
+    """Names the backup (`LABEL-<time>-<run>.sql.gz`): a fresh verified backup of this label counts as done."""
     backup_dir: str = "/var/backups/overhaul"
+    """Folder on the db host the backups are written to."""
     user: str = Field("backup", pattern=r"^[A-Za-z0-9_.@%-]+$")
+    """The database user the dump runs as."""
     password_secret: str = "mysql_backup_password"
+    """The name of the inventory secret holding that user's password (sent on stdin, never on a command line)."""
     mysqldump: str = "mysqldump"
-    mysql: str = "mysql"  # the client preflight asks the database with
+    """The dump command on the db host."""
+    mysql: str = "mysql"
+    """The client command preflight asks the database with."""
     single_transaction: bool = True
+    """Dump with --single-transaction (a consistent InnoDB snapshot without locking tables)."""
     routines: bool = True
-    keep: int = Field(5, ge=1)  # retention: the newest N backups stay
-    max_age_hours: float = Field(1, gt=0)  # another run's backup older than this is not trusted
-    space_factor: float = Field(1.5, ge=1)  # free space needed: last backup's size x this
-    s3_bucket: str | None = None  # also keep a copy in S3 (uploaded from the controller with boto3)
+    """Include stored routines and events (--routines --events)."""
+    keep: int = Field(5, ge=1)
+    """Retention: the newest N backups of this label stay, older ones are removed."""
+    max_age_hours: float = Field(1, gt=0)
+    """Another run's backup older than this is not trusted: a new one is made."""
+    space_factor: float = Field(1.5, ge=1)
+    """Free space needed before a dump: the last backup's size (first: the data size) times this."""
+    s3_bucket: str | None = None
+    """Also keep a copy in this S3 bucket (uploaded from the controller, size and SHA-256 checked)."""
     s3_prefix: str = ""
+    """Key prefix of the S3 copy, e.g. 'production/'."""
     s3_region: str | None = None
+    """The S3 bucket's region."""
     s3_endpoint_url: str | None = None
+    """An S3-compatible endpoint instead of AWS's own."""
 
 
 class MysqlBackup(Step[BackupParams]):

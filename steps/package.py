@@ -103,8 +103,11 @@ PACKAGE = r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$"
 
 class UpgradeParams(Params):
     name: str = Field("scalr-server", pattern=PACKAGE)
-    version: str = Field("latest", pattern=VERSION)  # a pinned version, or "latest"
+    """The package to install (apt or yum, whichever the host has)."""
+    version: str = Field("latest", pattern=VERSION)
+    """A pinned version, or "latest": the newest the host's repositories offer."""
     allow_downgrade: bool = False
+    """true: installing an older version than the installed one is allowed (otherwise refused)."""
 
 
 class PackageUpgrade(Step[UpgradeParams]):

@@ -88,11 +88,14 @@ class AssertionStep(Step):
 
 class ManageParams(Params):
     manage_command: str = "scalr-server-manage"
+    """The command whose `status` lists the supervised programs (and whose `stop all` stops them)."""
 
 
 class StopParams(ManageParams):
-    package: str | None = Field(None, pattern=PACKAGE)  # with version: nothing to stop when the package is there
+    package: str | None = Field(None, pattern=PACKAGE)
+    """With `version`: nothing needs stopping when this package is already at that version."""
     version: str | None = Field(None, pattern=VERSION)
+    """The target version of `package` (see there)."""
 
 
 class ServicesStop(Step[StopParams]):
@@ -145,6 +148,7 @@ class ServicesVerify(AssertionStep):
 
 class SupervisorParams(Params):
     service: str = "scalr"
+    """The service whose `service NAME status` must say it is running."""
 
 
 class SupervisorUp(AssertionStep):

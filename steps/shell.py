@@ -11,9 +11,13 @@ from overhaul.step import Check, Params, Step
 
 class ShellParams(Params):
     command: str
-    creates: str | None = None  # the work is done when this path exists on the host
-    unless: str | None = None  # the work is done when this command exits 0
+    """The shell command to run; write ${q:name} to insert a value quoted for the shell."""
+    creates: str | None = None
+    """The work is done when this path exists on the host."""
+    unless: str | None = None
+    """The work is done when this command exits 0."""
     sudo: bool = False
+    """true: run the command and its guards through sudo; false: without sudo, even when the inventory has ssh.sudo."""
 
 
 class Shell(Step[ShellParams]):

@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -20,8 +19,8 @@ from helpers import PROCESS_OCTET
 from pgserver import PgServer
 
 from overhaul.lab import Lab
-from overhaul.settings import open_state
-from overhaul.state import State
+from overhaul.state import SQLiteState, State
+from overhaul.state.postgresql import PostgresState
 
 _subnets = itertools.cycle(range(31, 60))  # labs are torn down after each test; 127.60+ is synthetic's
 
@@ -144,28 +143,16 @@ class Backend:
 
     def __init__(self, name: str, tmp_path: Path, postgres: PgServer | None):
         self.name = name
-        self.journal = tmp_path / "journal.sqlite"
-        self.env = {"OVERHAUL_JOURNAL": str(self.journal)}
+        self.postgres = postgres
+        self.env = {"OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite")}
         if postgres is not None:
-            self.env |= {"OVERHAUL_STATE": postgres.database(), "PGPASSFILE": str(postgres.passfile)}
+            self.url = postgres.database()
+            self.env |= {"OVERHAUL_STATE": self.url, "PGPASSFILE": str(postgres.passfile)}
 
     def open(self) -> State:
-        with _environment(self.env):
-            return open_state()
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if self.postgres is None:
+            return SQLiteState(self.env["OVERHAUL_JOURNAL"])
+        return PostgresState(self.url, self.postgres.password)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

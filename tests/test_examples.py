@@ -83,28 +83,79 @@ def test_the_built_in_steps_reference_is_generated_from_the_code():
     assert "## `mysql.backup`" in page and "| `label` | `str` | `'backup'` |" in page
 
 
+def fenced(page: str, language: str) -> list[str]:
+    """The code blocks of a docs page written in `language`, in order."""
+    text = (HOSTS.parent / "docs" / page).read_text()
+    return [block.split("```", 1)[0] for block in text.split(f"```{language}\n")[1:]]
+
+
 def test_the_step_example_in_the_docs_works_on_a_real_host(lab, tmp_path):
-    """The `local.touch` example of docs/concepts.md, as printed there, in a steps/ folder, run twice on the lab."""
+    """The `local.touch` step and runbook of docs/writing-steps.md, as printed there, run on the lab: a path that
+    needs quoting stays one path, a second run changes nothing, a folder that is not there is refused at preflight."""
     from helpers import overhaul_cli, write
 
-    text = (HOSTS.parent / "docs" / "concepts.md").read_text()
-    code = "# steps/touch.py" + text.split("```python\n# steps/touch.py", 1)[1].split("```", 1)[0]
+    [code] = [block for block in fenced("writing-steps.md", "python") if block.startswith("# steps/touch.py")]
+    [runbook] = [block for block in fenced("writing-steps.md", "yaml") if block.startswith("# runbooks/touch.yaml")]
     write(tmp_path / "steps" / "touch.py", code)
+    write(tmp_path / "runbooks" / "touch.yaml", runbook)
     path = "/tmp/overhaul docs; example"  # a space and a `;`: quoted, it stays one path
-    write(tmp_path / "runbooks" / "touch.yaml", f"""
-        name: touch
-        stages:
-          - {{name: touch, step: local.touch, hosts: [app1], params: {{path: "{path}"}}}}
-    """)
     lab.host("app1").exec("rm -f '/tmp/overhaul docs; example' /tmp/overhaul")
-    common = ("--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--steps-dir", str(tmp_path / "steps"),
-              "--runbooks-dir", str(tmp_path / "runbooks"))
+    common = ("--env", "lab", "--limit", "app1", "--hosts-dir", str(lab.inventory.parent),
+              "--steps-dir", str(tmp_path / "steps"), "--runbooks-dir", str(tmp_path / "runbooks"))
     try:
-        first = overhaul_cli(tmp_path, "run", "touch", *common)
+        first = overhaul_cli(tmp_path, "run", "touch", "--param", f"path={path}", *common)
         assert first.returncode == 0, first.stdout + first.stderr
         assert lab.host("app1").exec("test -f '/tmp/overhaul docs; example'", check=False).returncode == 0
         assert lab.host("app1").exec("test -e /tmp/overhaul", check=False).returncode != 0
-        second = overhaul_cli(tmp_path, "run", "touch", *common)
+        second = overhaul_cli(tmp_path, "run", "touch", "--param", f"path={path}", *common)
         assert "0 changed" in second.stdout.splitlines()[-1], second.stdout  # idempotent: the check finds it done
+        refused = overhaul_cli(tmp_path, "run", "touch", "--param", "path=/no/such/folder/marker", *common)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "refused: app1: stage 1 touch marker: /no/such/folder is not a writable folder" in refused.stdout + \
+            refused.stderr
+        relative = overhaul_cli(tmp_path, "run", "touch", "--param", "path=marker", *common)
+        assert relative.returncode == 2 and "path" in relative.stderr, relative.stdout + relative.stderr
     finally:
         lab.host("app1").exec("rm -f '/tmp/overhaul docs; example'")
+
+
+def test_the_step_example_registers_through_the_entry_point_group_overhaul_reads():
+    """The pyproject.toml snippet of docs/writing-steps.md names the group the registry reads, and the step's class."""
+    import tomllib
+
+    from overhaul.step import ENTRY_POINT_GROUP
+
+    [toml] = fenced("writing-steps.md", "toml")
+    entries = tomllib.loads(toml)["project"]["entry-points"]
+    assert entries == {ENTRY_POINT_GROUP: {"local.touch": "mysteps.touch:Touch"}}
+    [code] = [block for block in fenced("writing-steps.md", "python") if block.startswith("# steps/touch.py")]
+    assert "class Touch(Step[TouchParams]):" in code and 'name = "local.touch"' in code
+
+
+def test_every_inventory_example_in_the_docs_is_valid(tmp_path):
+    """Each YAML block of docs/inventories.md is a whole inventory that Overhaul's own validation accepts: every
+    field the page shows is real, and each `source:` is valid for its plug-in (its hosts are not looked up)."""
+    from helpers import write
+
+    blocks = fenced("inventories.md", "yaml")
+    assert len(blocks) == 10
+    for index, block in enumerate(blocks):
+        document = load_document(write(tmp_path / f"example{index}.yaml", block))
+        inventory = document.validate(Inventory)
+        problems = inventory.conflicts()
+        if inventory.source is not None:
+            source_class(inventory.source.provider).model_validate(inventory.source.model_extra or {})
+            problems.remove((("hosts",), "no hosts: list at least one, or find them with `source:`"))
+        assert problems == [], f"block {index}:\n{block}"
+    assert blocks[-1].startswith("# yaml-language-server: $schema=../schemas/inventory.schema.json\n")
+
+
+def test_the_inventory_and_runbook_references_in_the_concepts_page_are_valid(tmp_path):
+    """docs/concepts.md shows every inventory and runbook field in one example each: both load as printed."""
+    from helpers import write
+
+    from overhaul.runbook import Runbook
+
+    inventory, runbook = fenced("concepts.md", "yaml")[:2]
+    assert not load_document(write(tmp_path / "production.yaml", inventory)).validate(Inventory).conflicts()
+    assert not load_document(write(tmp_path / "upgrade.yaml", runbook)).validate(Runbook).conflicts()

@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "overhaul.sources"
 class Source(BaseModel):
     """Base of inventory sources: the fields are the source's settings (the `source:` keys but `provider`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # a field's docstring: its description
 
     def hosts(self) -> list[dict[str, Any]]:
         """The hosts found now, as an inventory would list them (name, address, roles, vars)."""

@@ -39,12 +39,18 @@ def instances(ec2: Any, filters: list[dict], ids: list[str] | None = None) -> li
 class Ec2Source(Source):
     """Running EC2 instances matching every tag filter: named by `name_tag`, roles from `role_tag` (comma-separated)."""
 
-    filters: dict[str, str] = Field(min_length=1)  # tag name -> value
+    filters: dict[str, str] = Field(min_length=1)
+    """EC2 tags an instance must all have, tag name to value, e.g. {env: staging}."""
     region: str | None = None
+    """The AWS region (default: us-east-1)."""
     endpoint_url: str | None = None
+    """An AWS-compatible endpoint instead of AWS's own (e.g. an emulator on loopback)."""
     role_tag: str = "overhaul:role"
+    """The tag whose value is the host's roles, comma-separated (none: the role `unassigned`)."""
     name_tag: str = "Name"
+    """The tag whose value is the host's name (none: the instance id)."""
     address: Literal["private", "public"] = "private"
+    """Which of the instance's IP addresses Overhaul connects to."""
 
     def hosts(self) -> list[dict[str, Any]]:
         filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in self.filters.items()]
