@@ -37,7 +37,7 @@ from overhaul.execution import (
     recorded_hosts,
     run_plan,
 )
-from overhaul.inventory import Inventory, inventory_path, load_inventory
+from overhaul.inventory import Inventory, human_duration, inventory_path, load_inventory
 from overhaul.lab import Lab
 from overhaul.lab.lab import FIRST_VERSION
 from overhaul.plan import Plan, PlannedStage, build_plan
@@ -179,7 +179,8 @@ def describe_policy(inventory: Inventory) -> str:
     policy = inventory.policy
     said = ["protected (shows the plan and asks, or --yes)" if policy.protected else "not protected"]
     if policy.promotion_from:
-        said.append(f"takes only versions that passed on {policy.promotion_from}")
+        soak = f", {human_duration(policy.soak)} ago or more (soak)" if policy.soak else ""
+        said.append(f"takes only versions that passed on {policy.promotion_from}{soak}")
     return "; ".join(said)
 
 
@@ -336,17 +337,25 @@ def newest_available(inventory: Inventory) -> str:
 
 
 def check_promotion(inventory: Inventory, version: str) -> None:
-    """policy.promotion_from: the version must have been upgraded to, successfully, on that environment first."""
-    source = inventory.policy.promotion_from
+    """policy.promotion_from: the version must have been upgraded to, successfully, on that environment first,
+    and (policy.soak) have been there long enough."""
+    policy = inventory.policy
+    source = policy.promotion_from
     if not source:
         return
     if version == "latest":
         raise Refused(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
-    if version not in upgraded_versions(source):
+    passes = [ended for ended, passed in full_upgrades(open_state(), source) if passed == version]
+    if not passes:
         raise Refused(
             f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
             f"{source}): upgrade {source} to {version} first"
         )
+    waited = time.time() - min(passes)
+    if waited < policy.soak:
+        ready = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(min(passes) + policy.soak))
+        raise Refused(f"version {version} has been on {source!r} for {waited / 3600:.1f} h; "
+                      f"{inventory.environment!r} has policy.soak: {human_duration(policy.soak)}: promote it after {ready}")
 
 
 def upgraded_versions(env: str) -> list[str]:

@@ -110,6 +110,27 @@ class Host(Strict):
         return value
 
 
+DURATION = re.compile(r"(\d+)\s*([smhd])")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = DURATION.fullmatch(value.strip())
+        if match is None:
+            raise ValueError("expected a duration like 30m, 24h or 2d")
+        return int(match[1]) * SECONDS[match[2]]
+    return value
+
+
+def human_duration(seconds: float) -> str:
+    """30m, 24h, 2d: the largest unit that divides it (as a policy is written)."""
+    for unit, size in sorted(SECONDS.items(), key=lambda item: -item[1]):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 class Policy(Strict):
     """Environment policy: protected environments need confirmation; promotion names the source."""
 
@@ -117,6 +138,9 @@ class Policy(Strict):
     """true: a changing run shows what it would change and asks for a yes (or needs --yes)."""
     promotion_from: str | None = Field(None, pattern=NAME)
     """An environment a version must have passed a full upgrade on first (e.g. staging for production)."""
+    soak: Annotated[float, BeforeValidator(_duration)] = Field(0, ge=0)
+    """How long a version must have been on promotion_from (since its first full upgrade there) before it may
+    be promoted: 30m, 24h, 2d, or seconds (default 0: at once)."""
 
 
 class SourceRef(BaseModel):

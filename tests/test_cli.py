@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import overhaul_cli, write
 
-from overhaul.cli import EXIT_CODES, SHORT_FLAGS, namespace, upgraded_versions
-from overhaul.errors import ConfigError
-from overhaul.inventory import load_inventory_file
+from overhaul.cli import EXIT_CODES, SHORT_FLAGS, check_promotion, describe_policy, namespace, upgraded_versions
+from overhaul.errors import ConfigError, Refused
+from overhaul.inventory import Policy, load_inventory_file
 from overhaul.plan import limited_to
 from overhaul.state import RunRecord, SQLiteState
 
@@ -218,6 +219,22 @@ def test_only_a_full_environment_upgrade_counts_as_a_pass_for_promotion(tmp_path
             state.event("staging", "limit", limit, run_id)
         state.set_status(run_id, "succeeded", time.time())
     assert upgraded_versions("staging") == ["1.1.0"]
+
+
+def test_a_soak_policy_waits_that_long_after_the_first_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERHAUL_JOURNAL", str(tmp_path / "journal.sqlite"))
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    an_hour_ago = time.time() - 3600
+    state.start_run(RunRecord("passed", "upgrade", "", "", "staging", {"version": "1.1.0"}, "ci", an_hour_ago - 60))
+    state.set_status("passed", "succeeded", an_hour_ago)
+    production = SimpleNamespace(environment="production",
+                                 policy=Policy(promotion_from="staging", soak="2h"))  # type: ignore[arg-type]
+    with pytest.raises(Refused, match=r"version 1.1.0 has been on 'staging' for 1.0 h; 'production' has policy.soak: 2h: "
+                                      r"promote it after "):
+        check_promotion(production, "1.1.0")
+    production.policy = Policy(promotion_from="staging", soak="30m")
+    check_promotion(production, "1.1.0")  # soaked long enough: no refusal
+    assert "passed on staging, 30m ago or more (soak)" in describe_policy(production)
 
 
 def test_the_demo_runs_twice_with_the_lab_rebuilt_between(tmp_path):

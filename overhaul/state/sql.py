@@ -185,14 +185,15 @@ class SQLState:
         self._write(_upsert_result(), _result_row(result))
 
     def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
-        def fenced(execute: Execute) -> None:
-            _, held = execute(f"SELECT token FROM locks WHERE environment = ? AND token = ? AND expires > {self.now} "
-                              f"{self.for_share}", (environment, token))
-            if not held:
-                raise LockLost(f"this run no longer holds the lease of {environment!r} (taken over or expired): "
-                               f"not starting {result.stage!r} on {result.host}")
-            execute(_upsert_result(), _result_row(result))
-        self._transaction(fenced)
+        # One statement: the row is written only if the lease is still this token's and live; the row
+        # lock (FOR SHARE) makes a concurrent takeover wait for it, or this insert see the new holder.
+        started = self._write(_upsert_result(f"SELECT {', '.join('?' * len(COLUMNS['results']))} WHERE EXISTS ("
+                                             f"SELECT 1 FROM locks WHERE environment = ? AND token = ? AND "
+                                             f"expires > {self.now} {self.for_share})"),
+                              (*_result_row(result), environment, token), journal=False)
+        if started != 1:
+            raise LockLost(f"this run no longer holds the lease of {environment!r} (taken over or expired): "
+                           f"not starting {result.stage!r} on {result.host}")
         self._journaled()
 
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
@@ -375,10 +376,11 @@ def _insert(table: str, row: dict[str, Any]) -> str:
     return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
 
 
-def _upsert_result() -> str:
+def _upsert_result(rows: str = "") -> str:
+    """Insert or replace a pair's row; `rows` is a SELECT giving it (default: VALUES of every column)."""
     names = COLUMNS["results"]
     updates = ", ".join(f"{name} = excluded.{name}" for name in names[3:])
-    return (f"INSERT INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+    return (f"INSERT INTO results ({', '.join(names)}) {rows or 'VALUES (' + ', '.join('?' * len(names)) + ')'} "
             f"ON CONFLICT (run_id, stage_index, host) DO UPDATE SET {updates}")
 
 
