@@ -565,9 +565,13 @@ def show(c, run, json=False):
     record = journaled_run(state, run)
     results = state.results(record.id)
     events = [(at, kind, detail) for at, run_id, kind, detail in state.events(record.environment) if run_id == record.id]
+    commands: dict[tuple[int, str], list] = {}
+    for ran in state.commands(record.id):
+        commands.setdefault((ran.stage_index, ran.host), []).append(ran)
     if json:
         print(dumps({"run": {**asdict(record), "duration": round(record.duration, 3)},
                      "pairs": [asdict(result) for result in results],
+                     "commands": [asdict(ran) for pair in commands.values() for ran in pair],
                      "events": [{"at": at, "kind": kind, "detail": detail} for at, kind, detail in events]}, indent=2))
         return
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
@@ -579,8 +583,12 @@ def show(c, run, json=False):
               f"x{result.attempts} {result.message}")
         if result.facts:
             print(f"      facts: {dumps(result.facts, sort_keys=True)}")
-        if result.output_path:
+        if result.output_path and Path(result.output_path).exists():
             print(f"      output: {result.output_path}")
+        else:  # the log is on the controller that ran the pair: show its command index instead
+            for ran in commands.get((result.stage_index, result.host), []):
+                print(f"      $ {ran.command.splitlines()[0][:100]}  [exit {ran.exit_code}, {ran.duration * 1000:.0f} ms, "
+                      f"log on {ran.machine.partition(':')[0][:12]}: {ran.log_path}]")
     for at, kind, detail in events:
         if kind == CHECK:
             case = loads(detail)

@@ -299,3 +299,10 @@ def test_show_json_holds_the_run_its_pairs_and_events(lab, tmp_path):
     assert (pair["stage"], pair["host"], pair["outcome"]) == ("one", "app1", "changed") and pair["ended"] >= pair["started"]
     text = overhaul_cli(tmp_path, "show", "last").stdout
     assert re.search(r"\[1\] one +app1 +changed +\d\d:\d\d:\d\d +\d+\.\ds x1 ran `true`", text), text
+
+
+def test_starting_the_command_line_imports_no_library_only_some_commands_need():
+    heavy = ("boto3", "botocore", "rich", "pytest", "testinfra", "psycopg", "psycopg_pool", "moto")
+    probe = f"import sys, overhaul.cli; print([name for name in {heavy!r} if name in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

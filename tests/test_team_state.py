@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,6 +257,9 @@ def test_export_then_import_moves_the_whole_history(fresh_lab, tmp_path, pg):
     assert rows(SQLiteState(tmp_path / "journal.sqlite")) == rows(pg.open())
     history = overhaul_cli(tmp_path, "history", "--all", env=pg.env).stdout
     assert "upgrade" in history and "verify" in history and "succeeded" in history
+    shutil.rmtree(tmp_path / "runs")  # as seen from another controller: the logs are not here, their index is
+    shown = overhaul_cli(tmp_path, "show", "last", env=pg.env).stdout
+    assert "$ " in shown and "[exit 0, " in shown and "log on " in shown
     write(tmp_path / "bad.jsonl", '{"table": "runs", "row": {}}\n')
     bad = overhaul_cli(tmp_path, "state.import", "--file", str(tmp_path / "bad.jsonl"), env=pg.env)
     assert bad.returncode == 2 and "line 1: not an exported journal row" in bad.stderr
