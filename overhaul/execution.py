@@ -417,7 +417,7 @@ def _journal_end(state: State, record: RunRecord, result: RunResult | None, resu
     if result is not None and result.preflight is not None:
         for host, why in result.preflight.excluded.items():
             state.event(environment, "excluded", f"{host}: {why}", record.id)
-    if result is not None and result.refused:
+    if result is not None and result.refused and not result.interrupted:  # Ctrl-C at the gate: interrupted (130)
         for line in result.refused:
             state.event(environment, "refused", line, record.id)
         if resumed:

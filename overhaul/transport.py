@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import shlex
 import socket
@@ -40,6 +41,10 @@ from tenacity import (
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.inventory import Host, Inventory
 from overhaul.secrets import Redactor
+
+# paramiko's own thread logs a traceback when a connection is cut mid-handshake (Ctrl-C, a host gone);
+# what failed reaches the operator as our own one-line error instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 KILL_GRACE = 5  # seconds `timeout` waits after SIGTERM before SIGKILL on the host
 DEFAULT_TIMEOUT = 300.0  # per command, when the caller gives none

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import overhaul_cli, write
+from helpers import PROCESS_OCTET, overhaul_cli, write
 
 from overhaul.cli import EXIT_CODES, SHORT_FLAGS, check_promotion, describe_policy, namespace, upgraded_versions
 from overhaul.errors import ConfigError, Refused
@@ -306,3 +308,30 @@ def test_starting_the_command_line_imports_no_library_only_some_commands_need():
     probe = f"import sys, overhaul.cli; print([name for name in {heavy!r} if name in sys.modules])"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_ctrl_c_at_the_gate_ends_the_run_interrupted_as_its_exit_code_says(lab, tmp_path):
+    # A host that accepts TCP and never speaks SSH keeps the preflight gate waiting: Ctrl-C arrives there.
+    silent = socket.create_server((f"127.30.{PROCESS_OCTET}.200", 22))
+    inventory = lab.inventory.parent / "gate.yaml"
+    text = lab.inventory.read_text().replace("environment: lab", "environment: gate")
+    write(inventory, text.replace("hosts:\n", f"hosts:\n  - {{name: silent1, address: 127.30.{PROCESS_OCTET}.200, roles: [app]}}\n", 1))
+    runbook = write(tmp_path / "runbooks" / "touch.yaml", "name: touch\nstages:\n  - {name: t, step: shell, params: "
+                                                           "{command: 'true'}}\n")
+    env = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))
+    proc = subprocess.Popen([sys.executable, "-m", "overhaul", "run", "touch", "--env", "gate", "--hosts-dir",
+                             str(inventory.parent), "--runbooks-dir", str(runbook.parent)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "journal.sqlite").exists() or not SQLiteState(tmp_path / "journal.sqlite").runs("gate"):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        silent.close()
+        inventory.unlink()
+    assert proc.returncode == 130, out + err
+    [run] = SQLiteState(tmp_path / "journal.sqlite").runs("gate")
+    assert run.status == "interrupted"  # as its exit code says; nothing changed, and resume may run it
