@@ -271,6 +271,8 @@ class RemoteHost:
             if stdin:
                 channel.sendall(stdin)
             channel.shutdown_write()
+            readable = select.poll()  # not select.select: it refuses file descriptors >= 1024 (many hosts)
+            readable.register(channel, select.POLLIN)
             while True:
                 if channel.recv_ready():
                     out += channel.recv(65536)
@@ -290,7 +292,7 @@ class RemoteHost:
                         self.close()
                         raise HostUnreachable(f"{self.name}: no answer by the command's deadline (timeout + "
                                               f"{KILL_GRACE + 5} s): host frozen or overloaded?")
-                    select.select([channel], [], [], min(remaining, 1.0))
+                    readable.poll(min(remaining, 1.0) * 1000)
             status = channel.recv_exit_status()
         except TRANSIENT as exc:
             self.close()

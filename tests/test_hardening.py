@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -521,3 +522,22 @@ def test_a_host_log_holds_each_command_as_it_completes_so_a_killed_run_shows_the
     [log] = (tmp_path / "runs").glob("*/00-app1.log")
     text = log.read_text()
     assert "$ echo checked-before-the-long-part; false\nchecked-before-the-long-part\n[exit 1," in text
+
+
+def test_a_command_runs_when_the_controller_holds_more_than_1024_files(lab):
+    """A thousand hosts' connections push file descriptors past select()'s limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.fail(f"this test needs a hard limit of open files >= 2048 (ulimit -Hn is {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    null = os.open(os.devnull, os.O_RDONLY)
+    held = [os.dup(null) for _ in range(1100)]
+    transport = Transport(lab_inventory(lab))
+    try:
+        result = transport.host("db1").run("echo $((6 * 7))")
+        assert result.ok and result.stdout.strip() == "42"
+    finally:
+        transport.close()
+        for fd in [null, *held]:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
