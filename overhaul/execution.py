@@ -108,14 +108,12 @@ class JournalRecorder:
         if result.traceback:
             self._safely(f"the run log {path}", lambda: _append_traceback(path, result))
         now = time.time()
+        commands = [replace(command, stage_index=result.stage_index, log_path=str(path))
+                    for command in self._commands.pop(result.host, [])]
         self._safely("the journal", lambda: self.state.record(ResultRecord(
             self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
             now - result.duration, now, result.message, str(path) if path.exists() else "", result.facts,
-        )))
-        commands = [replace(command, stage_index=result.stage_index, log_path=str(path))
-                    for command in self._commands.pop(result.host, [])]
-        if commands:
-            self._safely("the journal's command index", lambda: self.state.commands_ran(commands))
+        ), commands))
 
     def report(self, problem: str) -> None:
         """A write of the run's own failed (a host log): stop the run as for a journal write."""

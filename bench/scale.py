@@ -1,0 +1,404 @@
+"""A 1,000-host scale bench: Overhaul's verify path against a raw paramiko script, on N loopback SSH endpoints.
+
+Usage (as root, from the repository): .venv/bin/python bench/scale.py [--sizes 200 500 1000] [--forks 100] [--rounds 1]
+
+What it does. It starts OpenSSH's sshd (installing Debian's openssh-server if missing) in the foreground with its
+own config, host key and authorized_keys in a temporary folder, listening on port 2222 of 127.60.240.1 and up
+(one address per endpoint, 250 per /24), and writes, per size N, an inventory of N hosts (one address each) and a
+known_hosts with one `[address]:port key` line per host, so strict host-key checking is per host as in production.
+Then, per size and round, each side runs in a child process of its own (interleaved, the order alternating by
+round), the same three read-only commands on every host as root:
+
+- overhaul: a verify-like runbook (`services.verify` on a stand-in `manage status` script, `disk.usage` of /, a
+  `shell` step whose `unless` reads /proc/loadavg), each stage `on_failure: continue`, run the way
+  `overhaul verify --no-checks` runs it (`run_plan`, journal and per-host logs included), width: Overhaul's default
+  (transport.FORKS, 100) or `--forks`;
+- raw: a paramiko script over a thread pool of the same width: per host, connect (known_hosts parsed once and
+  shared, RejectPolicy, TCP_NODELAY as Overhaul sets it, the key file read once), run the three commands, close.
+
+Printed per size: wall time and CPU of the work (inventory loaded to last result; the child's whole CPU, start-up
+and imports included, in brackets), the controller's peak RSS, peak threads and peak open file descriptors (sampled
+from /proc every 50 ms by this parent), and overhaul/raw ratios, then the issue's targets against the largest size.
+
+What it models: the controller side of a large farm: connections, host-key checks, threads and memory, the runner,
+journal and logs, at N endpoints that each need their own SSH handshake and their own known_hosts entry.
+What it does not model: network latency (loopback, well under a millisecond); real per-host CPU (the "hosts" are this
+machine: the controller, every sshd (about 35 ms of CPU per connection here) and every command share its cores, so
+wall time counts the server side's work too, and other work on the machine: the load average is printed per round);
+distinct host keys (every endpoint offers the same key); distinct machines (OpenSSH listens on at most 16 addresses
+per process, so there is one sshd per 16 endpoints, all with one config but their ListenAddress lines); hosts' own
+shell start-up files (sessions get an empty HOME); users other than root; bastions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+PER_SSHD = 16  # OpenSSH's MAX_LISTEN_SOCKS: addresses one sshd process can listen on
+FIRST_OCTET3 = 240  # endpoints are 127.60.240.1 and up, 250 per /24
+MANAGE_OUTPUT = "web RUNNING pid 101, uptime 1:00:00\nworker RUNNING pid 102, uptime 1:00:00\n"
+TARGET_RATIO, TARGET_RSS_MB, THREAD_SLACK = 1.3, 600, 16
+
+
+def address(index: int) -> str:
+    return f"127.60.{FIRST_OCTET3 + index // 250}.{1 + index % 250}"
+
+
+@dataclass
+class Farm:
+    """The files of one bench run: keys, sshd configs, and per size an inventory and a known_hosts."""
+
+    root: Path
+    port: int
+
+    @property
+    def client_key(self) -> Path:
+        return self.root / "client_ed25519"
+
+    @property
+    def host_key(self) -> Path:
+        return self.root / "host_ed25519"
+
+    @property
+    def manage(self) -> Path:
+        return self.root / "manage"
+
+    @property
+    def runbook(self) -> Path:
+        return self.root / "scale-verify.yaml"
+
+    def known_hosts(self, size: int) -> Path:
+        return self.root / f"known_hosts-{size}"
+
+    def inventory(self, size: int) -> Path:
+        return self.root / f"scale-{size}.yaml"
+
+    def commands(self) -> list[str]:
+        """What the raw side runs on every host: the commands the runbook's three stages send."""
+        return [f"{self.manage} status", "df -P /", "cat /proc/loadavg"]
+
+
+def write_farm(farm: Farm, sizes: list[int], forks: int, default_forks: int) -> None:
+    for key in (farm.client_key, farm.host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "overhaul-scale", "-f", str(key)], check=True)
+    (farm.root / "authorized_keys").write_text(farm.client_key.with_suffix(".pub").read_text())
+    farm.manage.write_text(f"#!/bin/sh\nprintf '{MANAGE_OUTPUT}'\n")
+    farm.manage.chmod(0o755)
+    width = "" if forks == default_forks else f", concurrency: {forks}"
+    farm.runbook.write_text(
+        "name: scale-verify\ndescription: three read-only commands per host, verify-like\nstages:\n"
+        f"  - {{name: services running, step: services.verify, on_failure: continue{width},"
+        f" params: {{manage_command: {farm.manage}}}}}\n"
+        f"  - {{name: disk usage, step: disk.usage, on_failure: continue{width}, params: {{mounts: [/], threshold: 100}}}}\n"
+        # `unless` is the read; the command runs (and fails the host) only when the read fails.
+        f"  - {{name: load, step: shell, on_failure: continue{width}, params: {{command: 'false', unless: cat /proc/loadavg}}}}\n"
+    )
+    key_type, key_data = farm.host_key.with_suffix(".pub").read_text().split()[:2]
+    for size in sizes:
+        farm.known_hosts(size).write_text("".join(f"[{address(i)}]:{farm.port} {key_type} {key_data}\n" for i in range(size)))
+        lines = ["environment: scale", "ssh:", "  user: root", f"  port: {farm.port}", f"  key_file: {farm.client_key.name}",
+                 f"  known_hosts: {farm.known_hosts(size).name}", "  connect_timeout: 30", "hosts:"]
+        for i in range(size):
+            lines += [f"  - name: h{i + 1:04d}", f"    address: {address(i)}", "    roles: [app]"]
+        farm.inventory(size).write_text("\n".join(lines) + "\n")
+
+
+# -- the endpoints -------------------------------------------------------------------------------------------------
+
+def ensure_sshd() -> str:
+    """The sshd binary; Debian's openssh-server is installed first when it is missing (as root)."""
+    found = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+    if found:
+        return found
+    print("sshd not found: installing openssh-server", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server"], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return "/usr/sbin/sshd"
+
+
+def listening(port: int) -> set[str]:
+    """The IPv4 addresses with a TCP listener on `port` (read from /proc: no connection, no sshd child)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(int(host, 16).to_bytes(4, "little")))
+    return found
+
+
+def start_sshds(farm: Farm, size: int) -> list[subprocess.Popen]:
+    """One foreground sshd per 16 endpoints, all sharing one host key and one authorized_keys; ready on return."""
+    wanted = [address(i) for i in range(size)]
+    taken = listening(farm.port) & (set(wanted) | {"0.0.0.0"})
+    if taken:
+        raise SystemExit(f"port {farm.port} is already in use on {', '.join(sorted(taken)[:5])}: choose another --port")
+    sshd = ensure_sshd()
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # its privilege-separation directory
+    common = [
+        f"HostKey {farm.host_key}", f"AuthorizedKeysFile {farm.root / 'authorized_keys'}", "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "UseDNS no",
+        "PidFile none", "MaxStartups 1000", "MaxSessions 100", "PrintMotd no", "PrintLastLog no", "LogLevel ERROR",
+        # Sessions get an empty HOME: no shell start-up file of this machine's root (pyenv init: +120 ms per command).
+        f"SetEnv HOME={farm.root / 'home'}",
+    ]
+    (farm.root / "home").mkdir(exist_ok=True)
+    processes = []
+    try:
+        for group in range(0, size, PER_SSHD):
+            config = farm.root / f"sshd-{group // PER_SSHD:03d}.conf"
+            listen = [f"ListenAddress {a}:{farm.port}" for a in wanted[group:group + PER_SSHD]]
+            config.write_text("\n".join(listen + common) + "\n")
+            with open(config.with_suffix(".log"), "w") as log:
+                processes.append(subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+                                                  stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 30
+        while set(wanted) - listening(farm.port):
+            dead = [p for p in processes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = " ".join(p.read_text().strip() for p in sorted(farm.root.glob("sshd-*.log")))[:500]
+                raise SystemExit(f"sshd did not listen on every endpoint: {logs or 'no output'}")
+            time.sleep(0.1)
+    except BaseException:
+        stop_sshds(processes)
+        raise
+    return processes
+
+
+def stop_sshds(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -- the two sides (each in a child process) -------------------------------------------------------------------------
+
+def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """Per host over a pool of `forks` threads: connect strictly, run the commands, close. Returns host -> failure."""
+    import paramiko
+
+    known = paramiko.HostKeys(str(farm.known_hosts(size)))  # parsed once, shared read-only by every client
+    key = paramiko.Ed25519Key.from_private_key_file(str(farm.client_key))
+    commands = farm.commands()
+
+    def one(host: str) -> str | None:
+        try:
+            sock = socket.create_connection((host, farm.port), timeout=30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = paramiko.SSHClient()
+            client._host_keys = known
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(host, farm.port, username="root", pkey=key, sock=sock, look_for_keys=False,
+                               allow_agent=False, timeout=30, banner_timeout=30, auth_timeout=30)
+                for command in commands:
+                    _, stdout, stderr = client.exec_command(command)
+                    stdout.read()
+                    stderr.read()
+                    if stdout.channel.recv_exit_status() != 0:
+                        return f"`{command}` failed"
+            finally:
+                client.close()
+        except Exception as exc:  # reported, not raised: the run goes on, as Overhaul's does
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    hosts = [address(i) for i in range(size)]
+    with ThreadPoolExecutor(max_workers=forks) as pool:
+        return {host: failure for host, failure in zip(hosts, pool.map(one, hosts), strict=True) if failure}
+
+
+def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """The runbook through `run_plan` as `overhaul verify --no-checks` runs it. Returns host -> first failure."""
+    import overhaul.transport
+    from overhaul.execution import run_plan
+    from overhaul.inventory import load_inventory_file
+    from overhaul.plan import build_plan
+    from overhaul.runbook import load_runbook
+    from overhaul.step import Outcome, Registry
+
+    overhaul.transport.FORKS = forks  # the connect width (stages say `concurrency` when it is not the default)
+    os.environ["OVERHAUL_JOURNAL"] = str(farm.root / f"journal-{size}-{time.monotonic_ns()}" / "journal.sqlite")
+    plan = build_plan(load_runbook(str(farm.runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
+    result = run_plan(plan, mutating=False, stream=io.StringIO(), show_summary=False)
+    failures: dict[str, str] = {}
+    for r in result.results:
+        if r.outcome is not Outcome.OK:
+            failures.setdefault(r.host, f"{r.stage}: {r.outcome.value}: {r.message}")
+    if len(result.results) != size * len(plan.stages):
+        failures["(run)"] = f"{len(result.results)} results, expected {size * len(plan.stages)}"
+    return failures
+
+
+def child(args: argparse.Namespace) -> None:
+    """One side, one size: do the work and write its wall time, CPU and failures to `--result`."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per open connection
+    farm = Farm(Path(args.dir), args.port)
+    side = raw_side if args.side == "raw" else overhaul_side
+    importlib.import_module("paramiko" if args.side == "raw" else "overhaul.execution")  # start-up, not work
+    cpu_before, started = _cpu(resource.RUSAGE_SELF), time.perf_counter()
+    failures = side(farm, args.hosts, args.forks)
+    wall, cpu = time.perf_counter() - started, _cpu(resource.RUSAGE_SELF) - cpu_before
+    Path(args.result).write_text(json.dumps({"wall": wall, "cpu": cpu, "failures": failures}))
+    sys.exit(1 if failures else 0)
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Measure:
+    failed: int  # hosts
+    wall: float
+    cpu: float  # the work's
+    cpu_total: float  # the whole child's, start-up and imports included
+    rss_mb: float
+    threads: int
+    fds: int
+
+
+def measure(side: str, farm: Farm, size: int, forks: int, timeout: float) -> Measure:
+    """Run one side in a child; sample its threads and descriptors from /proc; its rusage from wait4."""
+    result = farm.root / f"result-{side}-{size}.json"
+    result.unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, __file__, "--side", side, "--hosts", str(size), "--dir", str(farm.root),
+                                "--forks", str(forks), "--port", str(farm.port), "--result", str(result)])
+    threads = fds = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            break
+        try:
+            status_text = Path(f"/proc/{process.pid}/status").read_text()
+            threads = max(threads, int(status_text.split("Threads:")[1].split()[0]))
+            fds = max(fds, len(os.listdir(f"/proc/{process.pid}/fd")))
+        except (OSError, IndexError):
+            pass  # it is ending
+        if time.monotonic() > deadline:
+            process.kill()
+        time.sleep(0.05)
+    if not result.exists():
+        raise SystemExit(f"{side} side at {size} hosts ended with {process.returncode} and no result")
+    data = json.loads(result.read_text())
+    failures = data["failures"]
+    if failures:
+        first = "; ".join(f"{host}: {why}" for host, why in list(failures.items())[:2])
+        print(f"  {side}: {len(failures)} hosts failed, e.g. {first}", flush=True)
+    cpu_total = usage.ru_utime + usage.ru_stime
+    return Measure(len(failures), data["wall"], data["cpu"], cpu_total, usage.ru_maxrss / 1024, threads, fds)
+
+
+HEADER = f"  {'side':<9} {'failed':>6} {'wall s':>8} {'cpu s':>16} {'peak RSS MB':>12} {'peak threads':>13} {'peak fds':>9}"
+
+
+def row(side: str, m: Measure) -> str:
+    cpu = f"{m.cpu:7.2f} ({m.cpu_total:6.2f})"
+    return f"  {side:<9} {m.failed:6d} {m.wall:8.2f} {cpu:>16} {m.rss_mb:12.1f} {m.threads:13d} {m.fds:9d}"
+
+
+def ratios(o: Measure, r: Measure) -> str:
+    return (f"  overhaul/raw: wall {o.wall / r.wall:4.2f}x, cpu {o.cpu / r.cpu:4.2f}x, peak RSS {o.rss_mb / r.rss_mb:4.2f}x, "
+            f"peak threads {o.threads / r.threads:4.2f}x")
+
+
+def targets(size: int, forks: int, overhaul: list[Measure], raw: list[Measure], threads: dict[int, tuple[int, int]]) -> None:
+    """The issue's targets against the largest size. The raw script, same width, is the yardstick of "the width plus a
+    constant": a pool worker and paramiko's transport thread per connection in flight, plus the transport threads of
+    connections just closed (each notices within 0.1 s)."""
+    ratio = statistics.median(o.wall / r.wall for o, r in zip(overhaul, raw, strict=True))
+    rss = max(m.rss_mb for m in overhaul)
+    peak, bound = threads[size][0], threads[size][1] + THREAD_SLACK
+    failed = max(m.failed for m in overhaul)
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "OFF TARGET"
+
+    print(f"\ntargets at {size} hosts (issue 15), forks {forks}:")
+    print(f"  every host verified: {failed} failed  {verdict(not failed)}")
+    print(f"  wall within {TARGET_RATIO}x of raw paramiko (median of rounds): {ratio:4.2f}x  {verdict(ratio <= TARGET_RATIO)}")
+    print(f"  controller peak RSS under {TARGET_RSS_MB} MB: {rss:.0f} MB  {verdict(rss < TARGET_RSS_MB)}")
+    print(f"  peak threads bounded by the width plus a constant (raw's peak + {THREAD_SLACK} = {bound}): {peak}  "
+          f"{verdict(peak <= bound)}")
+    print("  peak threads overhaul/raw by size: " + ", ".join(f"{n} hosts {o}/{r}" for n, (o, r) in sorted(threads.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 500, 1000], help="endpoints (default 200 500 1000)")
+    parser.add_argument("--forks", type=int, default=0, help="width of both sides (default: Overhaul's, transport.FORKS)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each side per size, interleaved (default 1)")
+    parser.add_argument("--port", type=int, default=2222)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to one side at one size")
+    parser.add_argument("--side", choices=["raw", "overhaul"], help=argparse.SUPPRESS)  # the child's arguments
+    parser.add_argument("--hosts", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        child(args)
+        return
+    from overhaul.transport import FORKS
+
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the bench starts sshd and logs in as root on its own endpoints")
+    if max(args.sizes) > 250 * (256 - FIRST_OCTET3) or min(args.sizes) < 1:
+        raise SystemExit(f"--sizes: between 1 and {250 * (256 - FIRST_OCTET3)}")
+    forks = args.forks or FORKS
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 3 * max(args.sizes) + 100:
+        raise SystemExit(f"the hard limit of open files ({hard}) is too low for {max(args.sizes)} connections: raise it "
+                         "(ulimit -Hn) or give smaller --sizes")
+    sizes = sorted(set(args.sizes))
+    with tempfile.TemporaryDirectory(prefix="overhaul-scale-") as tmp:
+        farm = Farm(Path(tmp), args.port)
+        write_farm(farm, sizes, forks, FORKS)
+        sshds = start_sshds(farm, max(sizes))
+        try:
+            print(f"{len(sshds)} sshd processes on 127.60.{FIRST_OCTET3}.1 and up, port {args.port}; forks {forks}; "
+                  f"{len(farm.commands())} read-only commands per host; cpu: the work's (the child's whole)", flush=True)
+            threads: dict[int, tuple[int, int]] = {}
+            for size in sizes:
+                overhaul, raw = [], []
+                for number in range(args.rounds):
+                    load = os.getloadavg()[0]
+                    print(f"\n{size} hosts, round {number + 1}/{args.rounds} (load average {load:.2f})\n{HEADER}", flush=True)
+                    for side in ("raw", "overhaul") if number % 2 == 0 else ("overhaul", "raw"):
+                        m = measure(side, farm, size, forks, args.timeout)
+                        (raw if side == "raw" else overhaul).append(m)
+                        print(row(side, m), flush=True)
+                    print(ratios(overhaul[-1], raw[-1]), flush=True)
+                threads[size] = (max(m.threads for m in overhaul), max(m.threads for m in raw))
+            targets(sizes[-1], forks, overhaul, raw, threads)
+        finally:
+            stop_sshds(sshds)
+
+
+if __name__ == "__main__":
+    main()
