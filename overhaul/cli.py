@@ -51,6 +51,7 @@ from overhaul.transport import Transport
 
 USAGE_EXIT = 2
 CHECK = "check"  # journal event: one testinfra check's result on one host, in a verify run
+ROLLBACK = "rollback"  # the built-in runbook back to an upgrade's previous version and backup
 REBUILT = "rebuilt"  # journal event: the environment's hosts were built anew, at the version its detail says
 EXIT_CODES = """\
 Exit codes:
@@ -229,7 +230,7 @@ def verbosity(verbose: bool, quiet: bool) -> int:
 
 def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None, view: int = 0) -> None:
     """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run."""
-    if "version" in planned.run_params:
+    if "version" in planned.run_params and planned.runbook.runbook.name != ROLLBACK:  # back to what it ran: no promotion
         check_promotion(planned.inventory, str(planned.run_params["version"]))
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes))
     finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view)))
@@ -315,6 +316,53 @@ def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=Fa
     if dry_run(c):
         return show_plan(planned, skip_unreachable, view=verbosity(verbose, quiet))
     execute(planned, yes, skip_unreachable, view=verbosity(verbose, quiet))
+
+
+@command(help={"run": "the upgrade run to undo (default: the newest upgrade of --env that got past its backup)",
+               "yes": COMMON_HELP["yes"], **VIEW_HELP, **PATHS_HELP})
+def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks",
+             steps_dir="steps"):
+    """Return the farm to the version it had before an upgrade, its data as of that upgrade's verified backup.
+
+    Destroys data on purpose: whatever was written to the database after the backup is lost (said before asking).
+    """
+    state = open_state()
+    record = journaled_run(state, run) if run else last_upgrade(state, need(env, "--env"))
+    if env and record.environment != env:
+        raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
+    params = rollback_params(state, record)
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(params.pop("backup_taken"))))
+    planned = load_plan(ROLLBACK, record.environment, hosts_dir, runbooks_dir, steps_dir, params)
+    print(f"rollback of run {record.id} ({record.runbook} to {record.params.get('version')}): back to "
+          f"{params['version']}, the database restored from {params['backup']} taken {taken}.\n"
+          f"LOST: everything written to the database after {taken}.")
+    if dry_run(c):
+        return show_plan(planned, False, view=verbosity(verbose, quiet))
+    execute(planned, yes, False, view=verbosity(verbose, quiet))
+
+
+def last_upgrade(state: State, env: str) -> RunRecord:
+    """The environment's newest upgrade run that took its backup (succeeded or failed after it)."""
+    for record in state.runs(env, 1000):
+        if record.runbook == "upgrade" and record.mutating and any(
+                result.facts.get("sha256") for result in state.results(record.id)):
+            return record
+    raise OverhaulError(f"no upgrade of {env!r} with a verified backup in {state.url}: nothing to roll back to")
+
+
+def rollback_params(state: State, record: RunRecord) -> dict[str, Any]:
+    """The rollback runbook's parameters from the upgrade's journal: its backup, and the version before it."""
+    results = state.results(record.id)
+    backups = [result for result in results if result.facts.get("sha256") and result.facts.get("path")]
+    if not backups:
+        raise OverhaulError(f"run {record.id} journaled no verified backup: it cannot be rolled back (restore by hand)")
+    previous = {str(result.facts["previous"]) for result in results if result.facts.get("previous")}
+    if len(previous) != 1:
+        found = ", ".join(sorted(previous)) or "none"
+        raise OverhaulError(f"run {record.id}: the version before it is not known from its journal (found: {found})")
+    backup = backups[-1]
+    return {"version": previous.pop(), "backup": backup.facts["path"], "backup_sha256": backup.facts["sha256"],
+            "backup_size": str(backup.facts["size"]), "backup_taken": backup.ended or backup.started}
 
 
 def newest_available(inventory: Inventory) -> str:
@@ -420,7 +468,9 @@ def expected_version(env: str) -> str | None:
     """The version `env` should run: that of its newest full, successful upgrade, or of a rebuild since (None: unknown)."""
     state = open_state()
     rebuilds = [(at, detail) for at, _, kind, detail in state.events(env) if kind == REBUILT]
-    newest = max(full_upgrades(state, env) + rebuilds, default=None)
+    rollbacks = [(record.ended or record.started, str(record.params["version"])) for record in state.runs(env, 1000)
+                 if record.runbook == ROLLBACK and record.status == "succeeded"]
+    newest = max(full_upgrades(state, env) + rebuilds + rollbacks, default=None)
     return newest[1] if newest and newest[1] != "latest" else None
 
 
@@ -750,8 +800,8 @@ def state_import(c, file=""):
 
 lab = Collection("lab", up, down, status)
 state_tasks = Collection("state", state_migrate, state_status, state_export, state_import)
-namespace = Collection(upgrade, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply, inventory,
-                       schema, lab, state_tasks)
+namespace = Collection(upgrade, rollback, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply,
+                       inventory, schema, lab, state_tasks)
 
 CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from overhaul.alerts import RunInfo, RunNotifier
 from overhaul.errors import Refused
 from overhaul.plan import Plan, PlannedStage
 from overhaul.preflight import print_report, run_preflight
@@ -250,9 +251,14 @@ def run_plan(
     state = state or open_state()
     environment = plan.inventory.environment
     run_id = resume.id if resume else new_run_id()
+    notifier = RunNotifier.for_inventory(plan.inventory, redactor=plan.redactor,  # a bad webhook secret: exit 2, now
+                                         on_problem=lambda problem: state.event(environment, "notify", problem, run_id))
+    version = plan.run_params.get("version")
+    notify = (notifier, RunInfo(environment, plan.runbook.runbook.name, run_id, resume.operator if resume else operator(),
+                                version_to=str(version) if version else None, limit=plan.limit or None))
     if not mutating:
         return _execute(plan, state, _journal_new_run(state, plan, run_id, mutating=False), confirm=confirm,
-                        stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity)
+                        stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity, notify=notify)
     with LockKeeper(state, environment, run_id) as keeper:
         if resume is None:
             unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
@@ -268,7 +274,7 @@ def run_plan(
             state.set_status(run_id, "running")
             state.event(environment, "resume", f"{operator()} resumed the run", run_id)
         return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
-                        show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity)
+                        show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity, notify=notify)
 
 
 def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
@@ -304,7 +310,7 @@ def recorded(state: State, record: RunRecord, kind: str) -> str | None:
 def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
              resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
-             gate: Gate | None = None, verbosity: int = 0) -> RunResult:
+             gate: Gate | None = None, verbosity: int = 0, notify: tuple[RunNotifier, RunInfo] | None = None) -> RunResult:
     transport = Transport(plan.inventory, plan.redactor)
     console = console_report(stream, check_only, verbosity)
     listeners: list = [console]
@@ -318,6 +324,8 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
         version += f", limited to {plan.limit}" if plan.limit else ""
         print(f"run {record.id}: {record.runbook} on {record.environment}{version}, {len(plan.hosts)} hosts, "
               f"logs in {recorder.outputs}", file=stream, flush=True)
+        if notify is not None:
+            notify[0].started(notify[1])
         if resumed:
             previous = _previous_results(state, record.id)
             print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
@@ -351,6 +359,10 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
                 _journal_end(state, record, result, resumed)
             except StateError as exc:
                 print(f"error: cannot write the run's end to the journal: {exc}", file=sys.stderr)
+        if notify is not None and not lease_lost:
+            failed = [r for r in (result.results if result else []) if r.outcome is Outcome.FAILED]
+            notify[0].ended(notify[1], run_status(result), time.monotonic() - started, failed_hosts=[r.host for r in failed],
+                            failed_pairs=len(failed), reasons=result.refused if result else None)
     if recorder is not None and recorder.error and not lease_lost:
         print(f"error: {recorder.error}: the run stopped after the running steps (no step ran unrecorded); "
               f"fix the controller's disk, then: overhaul resume --env {plan.inventory.environment}",
@@ -423,8 +435,15 @@ def _journal_end(state: State, record: RunRecord, result: RunResult | None, resu
         else:
             state.set_status(record.id, "refused", time.time())
         return
-    status = "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
+    status = run_status(result)
     state.set_status(record.id, status, None if status == "interrupted" else time.time())
+
+
+def run_status(result: RunResult | None) -> str:
+    """How a run ended: refused, interrupted, failed or succeeded (the journal's status, the notification's event)."""
+    if result is not None and result.refused and not result.interrupted:
+        return "refused"
+    return "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
 
 
 def exit_code(result: RunResult) -> int:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from overhaul.alerts import NotifyConfig
 from overhaul.config import Document, Location, dotted, load_document, plain_name
 from overhaul.errors import ConfigError, OverhaulError
 from overhaul.secrets import SecretRef, private_file_problem
@@ -182,6 +183,8 @@ class Inventory(Strict):
     """Folder of testinfra checks `verify` runs (relative to where overhaul runs; default: checks/ if present)."""
     synthetic: SyntheticConfig | None = None
     """The throw-away farm `overhaul synthetic` launches and verifies (see the synthetic test's docs)."""
+    notify: NotifyConfig | None = None
+    """Who hears about every run: a Slack-compatible webhook (URL by reference) and Prometheus textfile metrics."""
     _path: Path | None = PrivateAttr(None)
     _found: list[Host] = PrivateAttr(default_factory=list)  # the hosts `source:` found for this load
 
@@ -320,6 +323,12 @@ def _resolve_paths(inventory: Inventory, base: Path) -> None:
             inventory.secrets[name] = ref.model_copy(update={"file": _absolute(ref.file, base)})
     if ssh.sudo_password and ssh.sudo_password.file is not None:
         ssh.sudo_password = ssh.sudo_password.model_copy(update={"file": _absolute(ssh.sudo_password.file, base)})
+    notify = inventory.notify
+    if notify and notify.webhook and notify.webhook.url_secret.file is not None:
+        url = notify.webhook.url_secret
+        notify.webhook.url_secret = url.model_copy(update={"file": _absolute(url.file, base)})
+    if notify and notify.metrics:
+        notify.metrics.textfile = _absolute(notify.metrics.textfile, base)
 
 
 def _file_problems(inventory: Inventory, document: Document) -> list[str]:
@@ -334,6 +343,8 @@ def _file_problems(inventory: Inventory, document: Document) -> list[str]:
     found += [(location, _key_problem(path)) for location, path in keys if path is not None]
     secrets = [(("secrets", name), ref) for name, ref in inventory.secrets.items()]
     secrets.append((("ssh", "sudo_password"), ssh.sudo_password))
+    if inventory.notify and inventory.notify.webhook:
+        secrets.append((("notify", "webhook", "url_secret"), inventory.notify.webhook.url_secret))
     found += [(location, _secret_problem(ref.file)) for location, ref in secrets if ref is not None and ref.file is not None]
     return [f"{document.where(location)}: {dotted(location)}: {problem}" for location, problem in found if problem]
 

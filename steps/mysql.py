@@ -69,6 +69,29 @@ echo "last=$(cd {folder} 2>/dev/null && ls -1t {pattern} 2>/dev/null | head -n 1
 MIN_FREE = 1024 * 1024
 
 
+def option_file(host: StepHost, user: str, password_secret: str | None) -> str:
+    """The option file for mysql/mysqldump (sent on stdin, never on a command line). Without a secret it holds
+    no password: the account signs in another way (root by MariaDB's unix_socket, over the local socket)."""
+    lines = ["[client]", f"user={user}"]
+    if password_secret:
+        password = host.secret(password_secret)
+        if "\n" in password:
+            raise StepFailed(f"secret {password_secret!r} contains a newline: an option file cannot hold it")
+        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'password="{quoted}"')
+    return "\n".join(lines) + "\n"
+
+
+def space_for(where: str, free: str, basis: str, size: int, factor: float) -> Check:
+    """Is `free` (df's answer, in bytes) enough at `where` for `size` bytes (`basis` says what they are) x `factor`?"""
+    if not free.isdigit():
+        return Check(False, f"cannot measure free space for {where}")
+    needed = max(int(size * factor), MIN_FREE)
+    if int(free) < needed:
+        return Check(False, f"not enough free space for {where}: {free} bytes free, need {needed} ({basis} {size} x {factor:g})")
+    return Check(True, f"{free} bytes free, need {needed}")
+
+
 def _b64(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
@@ -130,16 +153,11 @@ class MysqlBackup(Step[BackupParams]):
             return Check(False, f"the database does not answer as {self.params.user!r}: {data or '(no output)'}")
         if probe.get("writable") != "yes":
             return Check(False, f"cannot write {self.params.backup_dir}: {probe.get('writable') or 'unknown'} is not writable")
-        free, last = probe.get("free", ""), probe.get("last", "")
-        if not free.isdigit():
-            return Check(False, f"cannot measure free space for {self.params.backup_dir}")
+        last = probe.get("last", "")
         # A first backup is estimated from the database's data size (a dump is rarely bigger than the data).
         basis, size = ("last backup", int(last)) if last.isdigit() else ("data size", int(data))
-        needed = max(int(size * self.params.space_factor), MIN_FREE)
-        if int(free) < needed:
-            return Check(False, f"not enough free space for {self.params.backup_dir}: {free} bytes free, need "
-                                f"{needed} ({basis} {size} x {self.params.space_factor:g})")
-        return Check(True, f"database answers ({data} bytes of data), {free} bytes free, need {needed}")
+        room = space_for(self.params.backup_dir, probe.get("free", ""), basis, size, self.params.space_factor)
+        return Check(room.done, f"database answers ({data} bytes of data), {room.message}" if room.done else room.message)
 
     def check(self, host: StepHost) -> Check:
         local = self._verified_backup(host)
@@ -248,14 +266,9 @@ class MysqlBackup(Step[BackupParams]):
         return f"backup {path} ({size} bytes, sha256 {digest[:12]}...)"
 
     def _credentials(self, host: StepHost) -> str:
-        """The option file for mysql/mysqldump (sent on stdin, never on a command line)."""
-        password = host.secret(self.params.password_secret)
-        if "\n" in password:
-            raise StepFailed(f"secret {self.params.password_secret!r} contains a newline: an option file cannot hold it")
-        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
-        return f'[client]\nuser={self.params.user}\npassword="{quoted}"\n'
+        return option_file(host, self.params.user, self.params.password_secret)
 
     def _prune(self, host: StepHost, folder: str) -> None:
         quoted = shlex.quote(folder)
         host.run(f"cd {quoted} && ls -1t {self._pattern()} | tail -n +{self.params.keep + 1} | "
-                 f"while read -r old; do rm -f -- \"$old\" \"$old.sha256\"; done")
+                 f"while read -r old; do rm -f -- \"$old\" \"$old.sha256\" \"$old.restored\"; done")

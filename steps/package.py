@@ -111,10 +111,15 @@ class UpgradeParams(Params):
 
 
 class PackageUpgrade(Step[UpgradeParams]):
-    """Install `name` at `version`; refuses a downgrade unless `allow_downgrade`."""
+    """Install `name` at `version`; refuses a downgrade unless `allow_downgrade`.
+
+    A host it changed journals `{"version": NEW, "previous": OLD}` (OLD absent when the package was not installed):
+    the version a rollback goes back to.
+    """
 
     name = "package.upgrade"
     Params = UpgradeParams
+    previous: str | None = None  # the version apply found installed, for the journal
 
     def probes(self) -> list[Probe]:
         found: list[Probe] = [MANAGER, installed_probe(self.params.name), available_probe(self.params.name)]
@@ -162,7 +167,7 @@ class PackageUpgrade(Step[UpgradeParams]):
     def apply(self, host: StepHost) -> str:
         manager = package_manager(host)
         target = self._target(host, manager)
-        installed = installed_version(host, self.params.name)
+        installed = self.previous = installed_version(host, self.params.name)
         if installed and self._older(host, manager, target, installed) and not self.params.allow_downgrade:
             raise StepFailed(
                 f"refusing to downgrade {self.params.name} from {installed} to {target} (set allow_downgrade: true)"
@@ -185,6 +190,12 @@ class PackageUpgrade(Step[UpgradeParams]):
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
             raise StepFailed(f"{manager} could not install {self.params.name} {target}: " + " | ".join(errors))
         return f"{self.params.name} {installed or '(none)'} -> {target}"
+
+    def verify(self, host: StepHost) -> Check:
+        verified = self.check(host)
+        if not (verified.done and self.previous):
+            return verified
+        return Check(True, verified.message, {**(verified.facts or {}), "previous": self.previous})
 
     def _older(self, host: StepHost, manager: str, target: str, installed: str) -> bool:
         if manager == "apt":

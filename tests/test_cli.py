@@ -315,7 +315,8 @@ def test_ctrl_c_at_the_gate_ends_the_run_interrupted_as_its_exit_code_says(lab, 
     silent = socket.create_server((f"127.30.{PROCESS_OCTET}.200", 22))
     inventory = lab.inventory.parent / "gate.yaml"
     text = lab.inventory.read_text().replace("environment: lab", "environment: gate")
-    write(inventory, text.replace("hosts:\n", f"hosts:\n  - {{name: silent1, address: 127.30.{PROCESS_OCTET}.200, roles: [app]}}\n", 1))
+    silent_host = f"  - {{name: silent1, address: 127.30.{PROCESS_OCTET}.200, roles: [app]}}\n"
+    write(inventory, text.replace("hosts:\n", "hosts:\n" + silent_host, 1))
     runbook = write(tmp_path / "runbooks" / "touch.yaml", "name: touch\nstages:\n  - {name: t, step: shell, params: "
                                                            "{command: 'true'}}\n")
     env = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))

@@ -138,7 +138,7 @@ def test_every_inventory_example_in_the_docs_is_valid(tmp_path):
     from helpers import write
 
     blocks = fenced("inventories.md", "yaml")
-    assert len(blocks) == 10
+    assert len(blocks) == 11
     for index, block in enumerate(blocks):
         document = load_document(write(tmp_path / f"example{index}.yaml", block))
         inventory = document.validate(Inventory)

@@ -22,10 +22,10 @@ import boto3
 import pytest
 from helpers import PROCESS_OCTET, write
 
+from overhaul import alerts
 from overhaul.errors import ConfigError, OverhaulError
 from overhaul.inventory import load_inventory_file
 from overhaul.state import SQLiteState
-from overhaul.synthetic import alerts
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import paramiko
 from tenacity import Retrying, stop_before_delay, wait_exponential_jitter
 
+from overhaul import alerts
 from overhaul.errors import HostUnreachable, OverhaulError, Refused
 from overhaul.execution import new_run_id, operator
 from overhaul.inventory import Host, Inventory, SSHSettings
@@ -34,7 +35,6 @@ from overhaul.runbook import load_runbook
 from overhaul.runner import Runner
 from overhaul.state import ResultRecord, RunRecord, State
 from overhaul.step import Outcome, Registry
-from overhaul.synthetic import alerts
 from overhaul.synthetic.aws import claim_dynamodb
 from overhaul.synthetic.config import SyntheticConfig
 from overhaul.synthetic.providers import TAG, Farm, Provider
@@ -367,8 +367,10 @@ class SyntheticRun:
         succeeded = failure is None
         self.state.set_status(self.run_id, "succeeded" if succeeded else "failed", time.time())
         if self.config.metrics_file:
-            alerts.write_metrics(self.config.metrics_file, self.environment, succeeded,
-                                 [(p.name, p.status, p.seconds) for p in self.phases], failure.phase if failure else None)
+            try:
+                write_metrics(self.config.metrics_file, self.environment, self.phases, failure.phase if failure else None)
+            except OSError as exc:  # the test's own result stands
+                self._say(f"warning: the metrics could not be written to {self.config.metrics_file}: {exc}")
         self._notify(failure)
         if failure:
             self._say(f"synthetic {self.environment}: FAILED in phase {failure.phase}: {failure.message}")
@@ -399,8 +401,32 @@ class SyntheticRun:
                 f"Overhaul synthetic test of {self.environment} recovered: passed (run {self.run_id})")
         try:
             alerts.notify(self.webhook, text)
-        except (OSError, OverhaulError) as exc:
-            self._say(f"warning: the webhook could not be told: {exc}")
+        except OverhaulError as exc:
+            self._say(f"warning: {exc}")
+
+
+PREFIX = "overhaul_synthetic"
+
+
+def write_metrics(path: Path, environment: str, phases: list[PhaseResult], failed_phase: str | None) -> None:
+    """The test's series of `environment` in the textfile (other environments' kept); the last success time
+    survives a failed run."""
+    label, now = {"environment": environment}, round(time.time())
+    with alerts.edit_textfile(path) as metrics:
+        metrics.gauge(f"{PREFIX}_success", "1 if the last synthetic farm-launch test passed, else 0").set(
+            label, failed_phase is None)
+        metrics.gauge(f"{PREFIX}_last_run_timestamp_seconds", "When the last synthetic test ended").set(label, now)
+        last_success = metrics.gauge(f"{PREFIX}_last_success_timestamp_seconds", "When a synthetic test last passed (0: never)")
+        last_success.set(label, now if failed_phase is None else last_success.get(label) or 0)
+        durations = metrics.gauge(f"{PREFIX}_phase_duration_seconds", "How long each phase of the last test took")
+        durations.clear(label)
+        for phase in phases:
+            if phase.status != "skipped":
+                durations.set({**label, "phase": phase.name}, round(phase.seconds, 3))
+        failed = metrics.gauge(f"{PREFIX}_failed_phase", "The phase that failed in the last test (1), if any")
+        failed.clear(label)
+        if failed_phase:
+            failed.set({**label, "phase": failed_phase}, 1)
 
 
 def _main_thread() -> bool:
