@@ -6,9 +6,11 @@ or usage (nothing touched), 3 refused before any change, 130 interrupted (resuma
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -806,6 +808,15 @@ namespace = Collection(upgrade, rollback, verify, synthetic, resume, abandon, un
 CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")
 
 
+def raise_open_files_limit() -> None:
+    """A connection per host: a farm of 1,000 needs more than the usual soft limit of 1,024 open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536),
+                                                        hard))
+
+
 class OverhaulProgram(Program):
     """The `overhaul` command: invoke's core flags reduced to those Overhaul honours, as Fabric does for `fab`.
 
@@ -815,6 +826,10 @@ class OverhaulProgram(Program):
 
     def core_args(self) -> list:
         return [argument for argument in super().core_args() if argument.name in CORE_FLAGS]
+
+    def run(self, argv: list[str] | str | None = None, exit: bool = True) -> None:
+        raise_open_files_limit()
+        super().run(argv, exit)
 
     def parse_core(self, argv: list[str] | str | None) -> None:
         self.normalize_argv(argv)

@@ -336,3 +336,11 @@ def test_ctrl_c_at_the_gate_ends_the_run_interrupted_as_its_exit_code_says(lab, 
     assert proc.returncode == 130, out + err
     [run] = SQLiteState(tmp_path / "journal.sqlite").runs("gate")
     assert run.status == "interrupted"  # as its exit code says; nothing changed, and resume may run it
+
+
+def test_the_command_line_raises_its_open_files_limit_to_the_hard_limit():
+    probe = ("import resource; from overhaul.cli import raise_open_files_limit; raise_open_files_limit(); "
+             "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    soft, hard = subprocess.run(["bash", "-c", f"ulimit -Sn 256 && {sys.executable} -c '{probe}'"], capture_output=True,
+                                text=True, check=True).stdout.split()
+    assert soft == hard and int(soft) > 256
