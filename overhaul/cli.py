@@ -207,7 +207,8 @@ def help_asked(value: str, task_name: str) -> bool:
     """invoke's parser gives a `--help` that follows a task to its missing positional argument: show the help."""
     if value not in ("-h", "--help"):
         return False
-    OverhaulProgram(namespace=namespace, name="overhaul", version=__version__).run(["overhaul", "--help", task_name], exit=False)
+    OverhaulProgram(namespace=namespace, name="overhaul", binary="overhaul", version=__version__).run(
+        ["overhaul", "--help", task_name], exit=False)
     return True
 
 
@@ -829,7 +830,11 @@ class OverhaulProgram(Program):
 
     def run(self, argv: list[str] | str | None = None, exit: bool = True) -> None:
         raise_open_files_limit()
-        super().run(argv, exit)
+        try:
+            super().run(argv, exit)
+        except BrokenPipeError:  # `overhaul --help | head`: the reader is gone, and so is what is left to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
 
     def parse_core(self, argv: list[str] | str | None) -> None:
         self.normalize_argv(argv)
@@ -868,4 +873,4 @@ class OverhaulProgram(Program):
                        code=USAGE_EXIT) from None
 
 
-program = OverhaulProgram(namespace=namespace, name="overhaul", version=__version__)
+program = OverhaulProgram(namespace=namespace, name="overhaul", binary="overhaul", version=__version__)  # also as -m
