@@ -1,0 +1,497 @@
+"""Overhaul side by side with raw paramiko, Ansible and pyinfra on the same lab: issue 15's targets, as ratios.
+
+Usage (as root, from the repository): .venv/bin/python bench/peers.py [--sizes 4,20] [--rounds 5] [--upgrade-rounds 3]
+
+For each size it starts a lab on 127.53.0.x (torn down afterwards, whatever happens) in a temporary
+project folder (hosts/lab.yaml, a copy of the repository's checks/), then measures, each side a fresh
+process (start-up and connecting included), in interleaved rounds (A B C D E, A B C D E, ...; one
+warm-up round not counted), ratios taken within each round:
+
+  A  `overhaul verify --env lab --no-checks`: the built-in verify runbook alone;
+  B  `overhaul verify --env lab`: the same plus the testinfra checks of checks/;
+  C  a raw paramiko script (bench/peers/raw.py) sending exactly the command lines A sends (read off the
+     wire, see bench/peers/wire.py), stage by stage, strict host keys, a pool as wide as A's;
+  D  Ansible (ansible-core, installed into bench/.peers-venv): the same command lines with the `shell`
+     module, the lab's inventory converted, forks = hosts, pipelining on, ControlMaster/ControlPersist
+     as default but every run cold (its control sockets closed after each run, as every other side
+     connects anew), strict host keys with the lab's known_hosts, no fact gathering;
+  E  pyinfra (same venv): the same command lines with `server.shell`, --parallel = hosts, strict host
+     keys. A and C check the outputs (programs RUNNING, disks under the threshold), D does too
+     (failed_when); E checks exit codes only.
+
+Then the upgrade: one real upgrade 1.0.0 -> 1.1.0 and one no-op re-run, every exec request recorded
+(commands per app host, target at most 10), and rounds of the no-op re-run against A (target at most
+1.2x). At the smallest size (4 hosts), the critical path: rounds of a fresh lab upgraded by `overhaul
+upgrade` against a fresh lab upgraded by hand over SSH (bench/peers/raw.py) with only the unavoidable
+commands, stage by stage, parallel within a stage (target upgrade at most 1.1x). A fresh lab is a new
+lab (lab.down, lab.up): that is how the tests reset one too.
+
+Each ratio line gives the median of the per-round ratios (the verdict), their range, and best/best (the
+ratio of the two sides' fastest runs): the machine is shared, so the load average is printed too. To
+measure another tree of Overhaul, put it first on PYTHONPATH: every side's process inherits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from overhaul.inventory import Inventory, load_inventory_file
+from overhaul.lab import Lab
+
+BENCH = Path(__file__).resolve().parent
+REPOSITORY = BENCH.parent
+HELPERS = BENCH / "peers"
+PEERS_VENV = BENCH / ".peers-venv"
+SUBNET = "127.53.0"
+THRESHOLD = 80  # the verify runbook's disk threshold (runbooks/verify.yaml)
+UPGRADE = ("upgrade", "--env", "lab", "--version", "1.1.0", "--yes")
+EXIT_MARK = re.compile(r"\[exit -?\d+, \d+ ms\]\n")
+
+Stages = list[tuple[str, dict[str, list[dict]]]]  # (stage name, host name -> its commands in order)
+
+
+class BenchError(RuntimeError):
+    """A side failed or the lab is not as expected: the numbers would mean nothing."""
+
+
+@dataclass
+class Series:
+    """One side's wall times, one per round."""
+
+    label: str
+    times: list[float] = field(default_factory=list)
+
+
+def run_timed(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Run a command to its end; its wall time, or BenchError with its output's tail when it fails."""
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise BenchError(f"{shlex.join(argv[:6])} ... exited {proc.returncode}:\n{tail}")
+    return elapsed
+
+
+def overhaul_argv(arguments: list[str], wire: Path | None = None) -> list[str]:
+    """The `overhaul` command line, run by this Python (PYTHONPATH is passed on), optionally recording the wire."""
+    if wire is None:
+        return [sys.executable, "-m", "overhaul", *arguments]
+    return [sys.executable, str(HELPERS / "wire.py"), str(wire), *arguments]
+
+
+def cli_side(project: Path, *arguments: str) -> Callable[[], float]:
+    """A, B and the upgrades: `overhaul ARGUMENTS` run from the project folder."""
+    return lambda: run_timed(overhaul_argv(list(arguments)), project)
+
+
+# -- what Overhaul sends ---------------------------------------------------------------------------------------
+def wire_commands(log: Path) -> dict[str, list[str]]:
+    """Host address -> the command lines it was sent, in order (bench/peers/wire.py's log)."""
+    sent: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines():
+        address, command = json.loads(line)
+        sent.setdefault(address, []).append(command)
+    return sent
+
+
+def runs(project: Path) -> set[Path]:
+    folder = project / ".overhaul/runs"
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+def logged_by(project: Path, before: set[Path]) -> dict[int, dict[str, int]]:
+    """stage_commands of the run made since `before` was taken (none: a run whose stages sent nothing logs nothing)."""
+    made = runs(project) - before
+    return stage_commands(made.pop()) if made else {}
+
+
+def stage_commands(run: Path) -> dict[int, dict[str, int]]:
+    """Stage index -> host name -> how many commands the run's per-host log of that stage holds."""
+    counts: dict[int, dict[str, int]] = {}
+    for log in run.glob("*-*.log"):
+        index, _, host = log.stem.partition("-")
+        counts.setdefault(int(index), {})[host] = len(EXIT_MARK.findall(log.read_text(errors="replace")))
+    return dict(sorted(counts.items()))
+
+
+def expectation(line: str, package: str) -> dict:
+    """The output check a verify makes of this command (as the built-in steps do): services RUNNING, disks < 80 %."""
+    if f"{package}-manage status" in line:
+        return {"expect": "running"}
+    if "df -P" in line:
+        return {"expect": "disk", "threshold": THRESHOLD}
+    return {}
+
+
+def verify_stages(project: Path, inventory: Inventory, package: str) -> Stages:
+    """Run A once with the wire recorded; split each host's command lines into the run's stages."""
+    wire = project / "verify-wire.jsonl"
+    wire.unlink(missing_ok=True)
+    before = runs(project)
+    run_timed(overhaul_argv(["verify", "--env", "lab", "--no-checks"], wire), project)
+    sent = wire_commands(wire)
+    address = {host.name: host.address for host in inventory.hosts}
+    stages: Stages = []
+    taken = {name: 0 for name in address}
+    for index, hosts in logged_by(project, before).items():
+        stage: dict[str, list[dict]] = {}
+        for name, count in hosts.items():
+            lines = sent[address[name]][taken[name]:taken[name] + count]
+            stage[name] = [{"line": line, **expectation(line, package)} for line in lines]
+            taken[name] += count
+        stages.append((f"stage {index + 1}", stage))
+    for name, count in taken.items():
+        if count != len(sent.get(address[name], [])):
+            raise BenchError(f"{name}: the verify sent {len(sent.get(address[name], []))} commands but its logs show "
+                             f"{count}: the split into stages would be wrong")
+    return stages
+
+
+def counted_upgrade(project: Path, inventory: Inventory) -> tuple[float, dict[str, list[str]], dict[str, int]]:
+    """One upgrade to 1.1.0 with the wire recorded: wall time, each host's command lines, each host's logged ones."""
+    wire = project / "upgrade-wire.jsonl"
+    wire.unlink(missing_ok=True)
+    before = runs(project)
+    elapsed = run_timed(overhaul_argv(list(UPGRADE), wire), project)
+    sent = wire_commands(wire)
+    logged: dict[str, int] = {}
+    for hosts in logged_by(project, before).values():
+        for name, count in hosts.items():
+            logged[name] = logged.get(name, 0) + count
+    by_name = {host.name: sent.get(host.address, []) for host in inventory.hosts}
+    return elapsed, by_name, logged
+
+
+# -- the peers ---------------------------------------------------------------------------------------------------
+def ssh_hosts(inventory: Inventory) -> dict[str, dict]:
+    """Each host's SSH settings, from the lab's inventory (as every side uses them)."""
+    ssh = inventory.ssh
+    return {
+        host.name: {"address": host.address, "port": host.port or ssh.port, "user": host.user or ssh.user,
+                    "key_file": str(ssh.key_file), "known_hosts": str(ssh.known_hosts), "roles": host.roles}
+        for host in inventory.hosts
+    }
+
+
+def raw_side(work: Path, inventory: Inventory, stages: Stages, name: str = "raw-spec.json") -> Callable[[], float]:
+    """C (and the by-hand upgrade): bench/peers/raw.py over a spec file (0600: it may hold a secret for stdin)."""
+    spec = work / name
+    spec.touch(mode=0o600)
+    spec.write_text(json.dumps({"hosts": ssh_hosts(inventory), "width": len(inventory.hosts),
+                                "stages": [{"name": stage, "commands": commands} for stage, commands in stages]}))
+    return lambda: run_timed([sys.executable, str(HELPERS / "raw.py"), str(spec)], work)
+
+
+def peers_venv() -> dict[str, str]:
+    """Install ansible-core and pyinfra into bench/.peers-venv once; tool -> its program, or -> why it is missing."""
+    found: dict[str, str] = {}
+    for tool, package, program in (("ansible", "ansible-core", "ansible-playbook"), ("pyinfra", "pyinfra", "pyinfra")):
+        binary = PEERS_VENV / "bin" / program
+        if not binary.exists():
+            try:
+                if not (PEERS_VENV / "bin/pip").exists():
+                    subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True, capture_output=True)
+                subprocess.run([str(PEERS_VENV / "bin/pip"), "install", "-q", package], check=True, capture_output=True,
+                               text=True)
+            except subprocess.CalledProcessError as exc:
+                found[tool] = f"SKIPPED: `pip install {package}` failed: {(exc.stderr or '').strip()[-300:]}"
+                continue
+        found[tool] = str(binary)
+    return found
+
+
+def same_everywhere(stages: Stages, hosts: list[str]) -> list[tuple[str, list[dict]]]:
+    """Each stage's commands, which must be the same lines on every host (one playbook task / one operation each)."""
+    plain = []
+    for stage, commands in stages:
+        first = commands[hosts[0]]
+        if sorted(commands) != sorted(hosts) or any(commands[h] != first for h in hosts):
+            raise BenchError(f"{stage}: not the same commands on every host; the playbook/deploy writer assumes so")
+        plain.append((stage, first))
+    return plain
+
+
+def failed_when(command: dict) -> str | None:
+    """Ansible's form of the same output check."""
+    if command.get("expect") == "running":
+        return r"out.rc != 0 or (out.stdout_lines | reject('regex', '^\\S+\\s+RUNNING(\\s|$)') | list | length > 0)"
+    if command.get("expect") == "disk":
+        return (r"out.rc != 0 or (out.stdout | regex_findall('(\\d+)%') | map('int') | select('ge', "
+                f"{command['threshold']}) | list | length > 0)")
+    return None
+
+
+def jinja_safe(line: str) -> str:
+    return "{% raw %}" + line + "{% endraw %}" if any(mark in line for mark in ("{{", "{%", "{#")) else line
+
+
+def ansible_side(work: Path, inventory: Inventory, stages: Stages, program: str) -> Callable[[], float]:
+    """D: a playbook with one `shell` task per command, the lab's inventory as Ansible's, cold each run."""
+    hosts = ssh_hosts(inventory)
+    folder = work / "ansible"
+    folder.mkdir()
+    tasks = []
+    for stage, commands in same_everywhere(stages, list(hosts)):
+        for number, command in enumerate(commands, 1):
+            task = {"name": f"{stage} #{number}", "shell": jinja_safe(command["line"]), "register": "out",
+                    "changed_when": False}
+            if failed_when(command):
+                task["failed_when"] = failed_when(command)
+            tasks.append(task)
+    (folder / "verify.yml").write_text(json.dumps([{"name": "verify", "hosts": "all", "gather_facts": False,
+                                                     "tasks": tasks}], indent=1))
+    known_hosts = {h["known_hosts"] for h in hosts.values()}.pop()
+    (folder / "inventory.yml").write_text(json.dumps({"all": {
+        "vars": {"ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes",
+                 "ansible_python_interpreter": "/usr/bin/python3"},
+        "hosts": {name: {"ansible_host": h["address"], "ansible_port": h["port"], "ansible_user": h["user"],
+                         "ansible_ssh_private_key_file": h["key_file"]} for name, h in hosts.items()},
+    }}, indent=1))
+    control = folder / "cp"
+    control.mkdir()
+    env = dict(os.environ, ANSIBLE_FORKS=str(len(hosts)), ANSIBLE_PIPELINING="True", ANSIBLE_HOST_KEY_CHECKING="True",
+               ANSIBLE_SSH_CONTROL_PATH_DIR=str(control), ANSIBLE_HOME=str(folder / "home"),
+               ANSIBLE_LOCAL_TEMP=str(folder / "tmp"), ANSIBLE_RETRY_FILES_ENABLED="False", ANSIBLE_NOCOLOR="1",
+               ANSIBLE_CONFIG=str(folder / "none.cfg"))
+
+    def run() -> float:
+        try:
+            return run_timed([program, "-i", str(folder / "inventory.yml"), str(folder / "verify.yml")], folder, env)
+        finally:  # cold next time, like every other side: close the masters ControlPersist keeps for 60 s
+            for socket_path in control.iterdir():
+                subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "lab"], capture_output=True)
+
+    return run
+
+
+def pyinfra_side(work: Path, inventory: Inventory, stages: Stages, program: str) -> Callable[[], float]:
+    """E: a deploy with one `server.shell` operation per command, strict host keys, as wide as the lab."""
+    hosts = ssh_hosts(inventory)
+    folder = work / "pyinfra"
+    folder.mkdir()
+    entries = [(name, {"ssh_hostname": h["address"], "ssh_port": h["port"], "ssh_user": h["user"], "ssh_key": h["key_file"],
+                       "ssh_known_hosts_file": h["known_hosts"], "ssh_strict_host_key_checking": "yes"})
+               for name, h in hosts.items()]
+    (folder / "inventory.py").write_text(f"hosts = {entries!r}\n")
+    operations = ["from pyinfra.operations import server", ""]
+    for stage, commands in same_everywhere(stages, list(hosts)):
+        for number, command in enumerate(commands, 1):
+            operations.append(f"server.shell(name={f'{stage} #{number}'!r}, commands=[{command['line']!r}])")
+    (folder / "deploy.py").write_text("\n".join(operations) + "\n")
+    argv = [program, "-y", "--parallel", str(len(hosts)), "inventory.py", "deploy.py"]
+    return lambda: run_timed(argv, folder)
+
+
+# -- the upgrade by hand -------------------------------------------------------------------------------------------
+BACKUP = """set -eu -o pipefail
+cnf=$(mktemp); trap 'rm -f "$cnf"' EXIT; cat > "$cnf"
+mkdir -p /var/backups/bench && f=/var/backups/bench/pre-upgrade.sql.gz
+mysqldump --defaults-extra-file="$cnf" --single-transaction --routines --events --all-databases | gzip > "$f"
+gzip -t "$f"; [ "$(zcat "$f" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
+"""
+
+
+def unavoidable_stages(inventory: Inventory, package: str, version: str) -> Stages:
+    """The upgrade's unavoidable commands, in the runbook's stage order: a proven backup, stop, install (the
+    lists already hold the version), reconfigure db -> worker -> app, one verify command per host."""
+    password = inventory.secrets["mysql_backup_password"].resolve()
+    role = {host.name: host.roles[0] for host in inventory.hosts}
+    every = list(role)
+
+    def on(names: list[str], line: str, stdin: str = "") -> dict[str, list[dict]]:
+        return {name: [{"line": line, "stdin": stdin}] for name in names}
+
+    of = {r: [n for n in every if role[n] == r] for r in ("db", "worker", "app")}
+    return [
+        ("backup", on(of["db"], f"bash -c {shlex.quote(BACKUP)}", f'[client]\nuser=backup\npassword="{password}"\n')),
+        ("stop", on(every, f"{package}-manage stop all")),
+        ("install", on(every, f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}={version}")),
+        ("reconfigure db", on(of["db"], f"{package}-ctl reconfigure")),
+        ("reconfigure worker", on(of["worker"], f"{package}-ctl reconfigure")),
+        ("reconfigure app", on(of["app"], f"{package}-ctl reconfigure")),
+        ("verify", on(every, f"service scalr status && {package}-manage status && df -P /opt/{package}")),
+    ]
+
+
+# -- reporting -----------------------------------------------------------------------------------------------------
+def ratio_line(label: str, top: Series, bottom: Series, target: str, good: Callable[[float], bool]) -> str:
+    """The median of the per-round ratios (the verdict), their range, and the ratio of the two sides' best times
+    (what each side costs when nothing else on the machine gets in its way: a check on the median under load)."""
+    ratios = [t / b for t, b in zip(top.times, bottom.times, strict=True)]
+    middle = statistics.median(ratios)
+    return (f"  {label:<44} {middle:6.2f}x  ({min(ratios):5.2f}-{max(ratios):5.2f}x; best/best "
+            f"{min(top.times) / min(bottom.times):5.2f}x)  target {target:<24} {'met' if good(middle) else 'MISSED'}")
+
+
+def load() -> str:
+    """The machine's load average: these numbers are wall times on a shared machine."""
+    return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def times_line(series: Series) -> str:
+    times = series.times
+    return f"  {series.label:<44} median {statistics.median(times):6.2f} s  min {min(times):6.2f} s  max {max(times):6.2f} s"
+
+
+def rounds(sides: list[tuple[Series, Callable[[], float]]], count: int) -> None:
+    """One warm-up round, then `count` rounds of every side in turn."""
+    for index in range(count + 1):
+        results = [(series, side()) for series, side in sides]
+        if index:  # round 0 warms up
+            for series, elapsed in results:
+                series.times.append(elapsed)
+
+
+def command_kinds(lines: list[str], package: str) -> str:
+    """How many command lines ask each recurring question (a line that batches several counts for each)."""
+    kinds = {"installed version (dpkg-query -W)": "dpkg-query -W", "package manager (apt-get/apt-cache/dpkg)": "apt-",
+             f"{package}-manage status": f"{package}-manage status", f"{package}-ctl reconfigure": "-ctl reconfigure",
+             "service scalr status": "service scalr status", "df -P": "df -P", "mysql/mysqldump": "mysql"}
+    counts = {kind: sum(needle in line for line in lines) for kind, needle in kinds.items()}
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)
+
+
+def command_table(inventory: Inventory, sent: dict[str, list[str]], logged: dict[str, int], package: str,
+                  limit: int | None = None) -> list[str]:
+    """Commands per host, one line per group of hosts that got the same number and kinds; app hosts against `limit`."""
+    alike: dict[tuple, list[str]] = {}
+    for host in inventory.hosts:
+        lines = sent[host.name]
+        alike.setdefault((host.roles[0], len(lines), logged.get(host.name, 0), command_kinds(lines, package)),
+                         []).append(host.name)
+    table = []
+    for (role, total, in_logs, kinds), names in alike.items():
+        verdict = "" if limit is None else " met" if role != "app" or total <= limit else " MISSED"
+        table.append(f"  {role:<7} {total:3d} commands ({in_logs} in its stage logs, {total - in_logs} outside them: "
+                     f"preflight, prefetch){verdict} on {', '.join(names)}\n          (commands that ask: {kinds})")
+    return table
+
+
+# -- one lab size ----------------------------------------------------------------------------------------------------
+def new_project(tmp: Path) -> tuple[Path, Lab]:
+    project = tmp / "project"
+    project.mkdir()
+    shutil.copytree(REPOSITORY / "checks", project / "checks")
+    lab = Lab(home=tmp / "lab", inventory=project / "hosts/lab.yaml", subnet=SUBNET, log=lambda _: None)
+    return project, lab
+
+
+def bench_size(size: int, count: int, tools: dict[str, str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        project, lab = new_project(tmp)
+        try:
+            lab.up(size)
+            inventory = load_inventory_file(lab.inventory)
+            package = inventory.vars.get("package", "scalr-server")
+            stages = verify_stages(project, inventory, package)
+            verify = (Series("A overhaul verify --no-checks"), cli_side(project, "verify", "--env", "lab", "--no-checks"))
+            sides = [verify, (Series("B overhaul verify (checks/)"), cli_side(project, "verify", "--env", "lab")),
+                     (Series("C raw paramiko, same command lines"), raw_side(tmp, inventory, stages))]
+            skipped = []
+            for tool, make in (("ansible", ansible_side), ("pyinfra", pyinfra_side)):
+                if tools[tool].startswith("SKIPPED"):
+                    skipped.append(f"  {tool}: {tools[tool]}")
+                else:
+                    letter = "D" if tool == "ansible" else "E"
+                    sides.append((Series(f"{letter} {tool}, same command lines"), make(tmp, inventory, stages, tools[tool])))
+            per_host = sum(len(commands) for _, hosts in stages for commands in hosts.values()) / size
+            print(f"\n== {size} hosts: verify, {count} rounds (+1 warm-up), {per_host:g} commands per host, "
+                  f"{len(stages)} stages; {load()}", flush=True)
+            rounds(sides, count)
+            series = {s.label[0]: s for s, _ in sides}
+            for s, _ in sides:
+                print(times_line(s))
+            for line in skipped:
+                print(line)
+            a, b, c = series["A"], series["B"], series["C"]
+            print(ratio_line("B / A  verify with checks vs built-in", b, a, "<= 1.5x (20, 50 hosts)", lambda r: r <= 1.5))
+            if "D" in series:
+                print(ratio_line("D / B  Ansible vs verify with checks", series["D"], b, ">= 3x (20, 50 hosts)",
+                                 lambda r: r >= 3))
+            print(ratio_line("A / C  built-in vs raw paramiko", a, c, "<= 1.15x (50 hosts)", lambda r: r <= 1.15))
+            if "E" in series:
+                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], "<= 1.0x (not behind)", lambda r: r <= 1.0))
+            if "D" in series:
+                print(ratio_line("D / A  Ansible vs built-in (issue: 3.4-4.1x)", series["D"], a, "(context)", lambda r: True))
+
+            elapsed, sent, logged = counted_upgrade(project, inventory)
+            print(f"\n== {size} hosts: upgrade 1.0.0 -> 1.1.0 in {elapsed:.1f} s; commands per host (target: app hosts <= 10)")
+            print(*command_table(inventory, sent, logged, package, limit=10), sep="\n")
+            elapsed, sent, logged = counted_upgrade(project, inventory)
+            print(f"  the no-op re-run (once, recorded; {elapsed:.1f} s) sends:")
+            print(*command_table(inventory, sent, logged, package), sep="\n")
+
+            noop = Series("no-op upgrade --version 1.1.0")
+            plain = Series(verify[0].label)
+            rounds([(plain, verify[1]), (noop, cli_side(project, *UPGRADE))], count)
+            print(f"\n== {size} hosts: no-op re-run of the upgrade, {count} rounds (+1 warm-up); {load()}")
+            print(times_line(plain))
+            print(times_line(noop))
+            print(ratio_line("no-op upgrade / verify (issue: 1.9-2.0x)", noop, plain, "<= 1.2x", lambda r: r <= 1.2))
+        finally:
+            lab.down()
+
+
+def bench_critical_path(size: int, count: int) -> None:
+    """Rounds of: a fresh lab upgraded by overhaul; a fresh lab upgraded by hand (the unavoidable commands only)."""
+    with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        project, lab = new_project(tmp)
+        upgrade, by_hand = Series("overhaul upgrade 1.0.0 -> 1.1.0"), Series("by hand: unavoidable commands, same order")
+        try:
+            for _ in range(count):
+                for series in (upgrade, by_hand):
+                    lab.down()
+                    lab.up(size)
+                    inventory = load_inventory_file(lab.inventory)
+                    if series is upgrade:
+                        series.times.append(cli_side(project, *UPGRADE)())
+                    else:
+                        stages = unavoidable_stages(inventory, inventory.vars.get("package", "scalr-server"), "1.1.0")
+                        series.times.append(raw_side(tmp, inventory, stages, "by-hand-spec.json")())
+        finally:
+            lab.down()
+    print(f"\n== {size} hosts: upgrade vs the critical path of its unavoidable commands, {count} rounds (a fresh lab "
+          f"each); {load()}")
+    print(times_line(upgrade))
+    print(times_line(by_hand))
+    print(ratio_line("upgrade / critical path", upgrade, by_hand, "<= 1.1x (4 hosts)", lambda r: r <= 1.1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="4,20", help="lab sizes, comma-separated (default 4,20)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per comparison (default 5)")
+    parser.add_argument("--upgrade-rounds", type=int, default=3,
+                        help="rounds of the critical-path comparison, at the smallest size (default 3; 0 skips it)")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
+    tools = peers_venv()
+    print(f"overhaul from {Path(sys.modules['overhaul'].__file__).parent}; peers: "
+          + ", ".join(f"{tool} {'missing' if path.startswith('SKIPPED') else 'installed'}" for tool, path in tools.items()))
+    for size in sizes:
+        bench_size(size, args.rounds, tools)
+    if args.upgrade_rounds:
+        bench_critical_path(min(sizes), args.upgrade_rounds)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as exc:
+        sys.exit(f"bench: {exc}")
