@@ -345,3 +345,10 @@ def test_the_command_line_raises_its_open_files_limit_to_the_hard_limit():
     soft, hard = subprocess.run(["bash", "-c", f"ulimit -Sn 256 && {sys.executable} -c '{probe}'"], capture_output=True,
                                 text=True, check=True).stdout.split()
     assert soft == hard and int(soft) > 256
+
+
+def test_loading_the_labs_inventory_does_not_import_the_aws_library(lab):
+    probe = ("import sys; from pathlib import Path; from overhaul.inventory import load_inventory_file; "
+             f"load_inventory_file(Path({str(lab.inventory)!r})); print('boto3' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"  # its synthetic section names the lab provider: only that one is imported
