@@ -396,7 +396,7 @@ def check_promotion(inventory: Inventory, version: str) -> None:
         return
     if version == "latest":
         raise Refused(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
-    passes = [ended for ended, passed in full_upgrades(open_state(), source) if passed == version]
+    passes = [ended for ended, passed in full_upgrades(*journal_of(open_state(), source)) if passed == version]
     if not passes:
         raise Refused(
             f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
@@ -411,13 +411,18 @@ def check_promotion(inventory: Inventory, version: str) -> None:
 
 def upgraded_versions(env: str) -> list[str]:
     """The versions successful upgrades of the whole of `env` went to, newest first (a --limit run is no pass)."""
-    return [version for _, version in full_upgrades(open_state(), env)]
+    return [version for _, version in full_upgrades(*journal_of(open_state(), env))]
 
 
-def full_upgrades(state: State, env: str) -> list[tuple[float, str]]:
-    """(when it ended, version) of each successful upgrade of the whole of `env`, newest first."""
-    limited = {run_id for _, run_id, kind, _ in state.events(env) if kind == LIMIT}  # the journal's events, read once
-    return [(record.ended or record.started, str(record.params["version"])) for record in state.runs(env, limit=1000)
+def journal_of(state: State, env: str) -> tuple[list[RunRecord], list[tuple[float, str, str, str]]]:
+    """The environment's runs (newest first) and events, each read once."""
+    return state.runs(env, limit=1000), state.events(env)
+
+
+def full_upgrades(runs: list[RunRecord], events: list[tuple[float, str, str, str]]) -> list[tuple[float, str]]:
+    """(when it ended, version) of each successful upgrade of the whole environment, newest first."""
+    limited = {run_id for _, run_id, kind, _ in events if kind == LIMIT}
+    return [(record.ended or record.started, str(record.params["version"])) for record in runs
             if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")
             and record.id not in limited]
 
@@ -469,11 +474,11 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
 
 def expected_version(env: str) -> str | None:
     """The version `env` should run: that of its newest full, successful upgrade, or of a rebuild since (None: unknown)."""
-    state = open_state()
-    rebuilds = [(at, detail) for at, _, kind, detail in state.events(env) if kind == REBUILT]
-    rollbacks = [(record.ended or record.started, str(record.params["version"])) for record in state.runs(env, 1000)
+    runs, events = journal_of(open_state(), env)
+    rebuilds = [(at, detail) for at, _, kind, detail in events if kind == REBUILT]
+    rollbacks = [(record.ended or record.started, str(record.params["version"])) for record in runs
                  if record.runbook == ROLLBACK and record.status == "succeeded"]
-    newest = max(full_upgrades(state, env) + rebuilds + rollbacks, default=None)
+    newest = max(full_upgrades(runs, events) + rebuilds + rollbacks, default=None)
     return newest[1] if newest and newest[1] != "latest" else None
 
 

@@ -40,6 +40,11 @@ class Probe(Generic[T]):
     stable: bool = False
 
 
+def file_probe(path: str) -> Probe[str]:
+    """The contents of a file on the host, stripped ("" when it does not exist): e.g. a step's marker."""
+    return Probe(f"marker {path}", f"cat {shlex.quote(path)} 2>/dev/null", lambda result: result.stdout.strip())
+
+
 class Facts:
     """The run's cache of host facts: (host, question) -> answer.
 

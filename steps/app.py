@@ -12,7 +12,7 @@ import shlex
 from overhaul.steps.package import installed_probe, installed_version
 from overhaul.steps.services import missing_probe, not_all_running, states_probe, supervisor_ready
 
-from overhaul.context import Probe, StepHost
+from overhaul.context import Probe, StepHost, file_probe
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
 
@@ -37,8 +37,7 @@ class AppReconfigure(Step[ReconfigureParams]):
         return f"{self.params.state_dir}/reconfigured-{self.params.package}"
 
     def probes(self) -> list[Probe]:
-        marker = Probe(f"marker {self.marker}", f"cat {shlex.quote(self.marker)} 2>/dev/null",
-                       lambda result: result.stdout.strip())
+        marker = file_probe(self.marker)
         manage, ctl = self.params.manage_command, self.params.ctl_command
         return [installed_probe(self.params.package), marker, states_probe(manage), missing_probe(manage, ctl)]
 

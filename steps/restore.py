@@ -21,7 +21,7 @@ import shlex
 from overhaul.steps.mysql import option_file, space_for
 from pydantic import Field
 
-from overhaul.context import Probe, StepHost
+from overhaul.context import Probe, StepHost, file_probe
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
 
@@ -122,12 +122,11 @@ class MysqlRestore(Step[RestoreParams]):
         return [self.params.password_secret] if self.params.password_secret else []
 
     def probes(self) -> list[Probe]:
-        return [Probe(f"marker {self.marker}", f"cat {shlex.quote(self.marker)} 2>/dev/null",
-                      lambda result: result.stdout.strip())]
+        return [file_probe(self.marker)]
 
     def _restored_by(self, host: StepHost) -> str:
         """The marker's "<run> <time>" ("" when this backup was never restored)."""
-        return host.read(self.probes()[0])
+        return host.read(file_probe(self.marker))
 
     def preflight(self, host: StepHost) -> Check:
         """Restored already, or: the file matches the journal, the user may restore, the data folder has room."""
