@@ -91,13 +91,13 @@ class JournalRecorder:
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
         pass
 
-    def host_started(self, planned: PlannedStage, host: str) -> None:
+    def host_started(self, planned: PlannedStage, host: str) -> bool:
+        """Journal the pair's start; False (the pair must not run) when it could not be journaled."""
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
         if self.fence is None:
-            self._safely("the journal", lambda: self.state.record(started))
-        else:
-            fence = self.fence
-            self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
+            return self._safely("the journal", lambda: self.state.record(started))
+        fence = self.fence
+        return self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
 
     def command_done(self, host: str, result: CommandResult) -> None:
         self._commands.setdefault(host, []).append(CommandRecord(
@@ -122,14 +122,16 @@ class JournalRecorder:
             self.error = problem
             self.on_error()
 
-    def _safely(self, what: str, write: Callable[[], object]) -> None:
+    def _safely(self, what: str, write: Callable[[], object]) -> bool:
         try:
             write()
+            return True
         except LockLost as exc:
             self.lease_lost = True
             self.report(str(exc))
         except (StateError, OSError) as exc:
             self.report(f"cannot write {what}: {exc}")
+        return False
 
 
 def _append_traceback(path: Path, result: HostResult) -> None:

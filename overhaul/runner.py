@@ -82,7 +82,8 @@ class Listener(Protocol):
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
 
-    def host_started(self, planned: PlannedStage, host: str) -> None: ...
+    def host_started(self, planned: PlannedStage, host: str) -> bool | None:
+        """False vetoes the pair (the journal could not record its start): it does not run."""
 
     def host_finished(self, result: HostResult) -> None: ...
 
@@ -185,9 +186,8 @@ class Runner:
                 return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded",
                                                stage_index=planned.index))
             with self._lock:
-                for listener in self.listeners:
-                    listener.host_started(planned, host)
-            if self._stopping.is_set():
+                vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
+            if any(vetoed):
                 return None  # the journal could not record the start (or the lease is lost): never run unrecorded
             result = self._record(self._run_host(planned, host))
             if result.outcome is Outcome.FAILED:

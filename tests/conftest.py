@@ -144,6 +144,7 @@ class Backend:
     def __init__(self, name: str, tmp_path: Path, postgres: PgServer | None):
         self.name = name
         self.postgres = postgres
+        self.opened: list[PostgresState] = []  # closed at the test's end (a pool collected in a thread warns)
         self.env = {"OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite")}
         if postgres is not None:
             self.url = postgres.database()
@@ -152,11 +153,15 @@ class Backend:
     def open(self) -> State:
         if self.postgres is None:
             return SQLiteState(self.env["OVERHAUL_JOURNAL"])
-        return PostgresState(self.url, self.postgres.password)
+        self.opened.append(PostgresState(self.url, self.postgres.password))
+        return self.opened[-1]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Each state backend in turn: the embedded SQLite file, then a fresh database on the test PostgreSQL."""
     server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
-    return Backend(request.param, tmp_path, server)
+    chosen = Backend(request.param, tmp_path, server)
+    yield chosen
+    for state in chosen.opened:
+        state.close()

@@ -373,3 +373,36 @@ def test_the_command_line_runs_a_runbook_and_exits_non_zero_on_failure(lab, tmp_
     bad = subprocess.run([*base, "run", "bad", *common], capture_output=True, text=True)
     assert bad.returncode == 1
     assert "FAILED fail on db1: `exit 3` exited 3" in bad.stdout
+
+
+def test_a_stop_right_after_a_start_was_journaled_still_finishes_that_pair(lab, tmp_path, tag):
+    """Ctrl-C between the journal's record of a pair's start and the pair itself: the pair runs and ends.
+
+    (Found by CI: the runner used to drop such a pair, leaving it `running` in the journal for ever.)
+    """
+    from overhaul.execution import JournalRecorder
+    from overhaul.runner import Runner
+    from overhaul.state import RunRecord, SQLiteState
+
+    inventory = lab_inventory(lab)
+    plan = plan_for(TWO_STAGES, tmp_path, inventory, {"tag": tag})
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    state.start_run(RunRecord(id="r1", runbook="two", runbook_path="", runbook_sha256="", environment="lab",
+                              params={}, operator="t", started=time.time()))
+    transport = Transport(inventory)
+    runner = Runner(plan, transport, sleep=lambda _: None)
+
+    class StopOnFirstStart:  # the signal handler's request_stop, at the worst moment
+        def stage_started(self, planned, hosts): pass
+        def host_started(self, planned, host): runner.request_stop()
+        def host_finished(self, result): pass
+
+    runner.listeners = [JournalRecorder(state, "r1", tmp_path / "out"), StopOnFirstStart()]
+    try:
+        result = runner.run()
+    finally:
+        transport.close()
+    journaled = {(r.stage, r.host): r.outcome for r in state.results("r1")}
+    assert journaled and "running" not in journaled.values(), journaled
+    assert journaled == {(r.stage, r.host): r.outcome.value for r in result.results}
+    assert set(journaled.values()) == {"changed"} and len(journaled) < 6  # the stop held for every later pair
