@@ -1,8 +1,9 @@
 """Overhaul side by side with raw paramiko, Ansible and pyinfra on the same lab: issue 15's targets, as ratios.
 
 Usage (as root, from the repository): .venv/bin/python bench/peers.py [--sizes 4,20] [--rounds 5] [--upgrade-rounds 3]
+    [--subnet 127.53.0] [--verify-only]
 
-For each size it starts a lab on 127.53.0.x (torn down afterwards, whatever happens) in a temporary
+For each size it starts a lab on 127.53.0.x (or --subnet) (torn down afterwards, whatever happens) in a temporary
 project folder (hosts/lab.yaml, a copy of the repository's checks/), then measures, each side a fresh
 process (start-up and connecting included), in interleaved rounds (A B C D E, A B C D E, ...; one
 warm-up round not counted), ratios taken within each round:
@@ -382,18 +383,18 @@ def command_table(inventory: Inventory, sent: dict[str, list[str]], logged: dict
 
 
 # -- one lab size ----------------------------------------------------------------------------------------------------
-def new_project(tmp: Path) -> tuple[Path, Lab]:
+def new_project(tmp: Path, subnet: str = SUBNET) -> tuple[Path, Lab]:
     project = tmp / "project"
     project.mkdir()
     shutil.copytree(REPOSITORY / "checks", project / "checks")
-    lab = Lab(home=tmp / "lab", inventory=project / "hosts/lab.yaml", subnet=SUBNET, log=lambda _: None)
+    lab = Lab(home=tmp / "lab", inventory=project / "hosts/lab.yaml", subnet=subnet, log=lambda _: None)
     return project, lab
 
 
-def bench_size(size: int, count: int, tools: dict[str, str]) -> None:
+def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNET, upgrade: bool = True) -> None:
     with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
         tmp = Path(tmp_name)
-        project, lab = new_project(tmp)
+        project, lab = new_project(tmp, subnet)
         try:
             lab.up(size)
             inventory = load_inventory_file(lab.inventory)
@@ -428,6 +429,8 @@ def bench_size(size: int, count: int, tools: dict[str, str]) -> None:
                 print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], "<= 1.0x (not behind)", lambda r: r <= 1.0))
             if "D" in series:
                 print(ratio_line("D / A  Ansible vs built-in (issue: 3.4-4.1x)", series["D"], a, "(context)", lambda r: True))
+            if not upgrade:
+                return
 
             elapsed, sent, logged = counted_upgrade(project, inventory)
             print(f"\n== {size} hosts: upgrade 1.0.0 -> 1.1.0 in {elapsed:.1f} s; commands per host (target: app hosts <= 10)")
@@ -447,11 +450,11 @@ def bench_size(size: int, count: int, tools: dict[str, str]) -> None:
             lab.down()
 
 
-def bench_critical_path(size: int, count: int) -> None:
+def bench_critical_path(size: int, count: int, subnet: str = SUBNET) -> None:
     """Rounds of: a fresh lab upgraded by overhaul; a fresh lab upgraded by hand (the unavoidable commands only)."""
     with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
         tmp = Path(tmp_name)
-        project, lab = new_project(tmp)
+        project, lab = new_project(tmp, subnet)
         upgrade, by_hand = Series("overhaul upgrade 1.0.0 -> 1.1.0"), Series("by hand: unavoidable commands, same order")
         try:
             for _ in range(count):
@@ -479,15 +482,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per comparison (default 5)")
     parser.add_argument("--upgrade-rounds", type=int, default=3,
                         help="rounds of the critical-path comparison, at the smallest size (default 3; 0 skips it)")
+    parser.add_argument("--subnet", default=SUBNET, help=f"the labs' loopback subnet, three octets (default {SUBNET})")
+    parser.add_argument("--verify-only", action="store_true", help="only the verify comparisons: no upgrade measured")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
     tools = peers_venv()
     print(f"overhaul from {Path(sys.modules['overhaul'].__file__).parent}; peers: "
           + ", ".join(f"{tool} {'missing' if path.startswith('SKIPPED') else 'installed'}" for tool, path in tools.items()))
     for size in sizes:
-        bench_size(size, args.rounds, tools)
-    if args.upgrade_rounds:
-        bench_critical_path(min(sizes), args.upgrade_rounds)
+        bench_size(size, args.rounds, tools, args.subnet, upgrade=not args.verify_only)
+    if args.upgrade_rounds and not args.verify_only:
+        bench_critical_path(min(sizes), args.upgrade_rounds, args.subnet)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,47 @@ _transports: dict[tuple[str, str], Transport] = {}
 _transports_lock = threading.Lock()
 
 
+def _key(env: str, hosts_dir: str) -> tuple[str, str]:
+    return env, str(Path(hosts_dir).resolve())
+
+
 def transport_for(env: str, hosts_dir: str = "hosts") -> Transport:
     """The one Transport of this process for an environment: every check reuses its connections."""
-    key = (env, str(Path(hosts_dir).resolve()))
+    key = _key(env, hosts_dir)
     with _transports_lock:
         if key not in _transports:
             _transports[key] = Transport(load_inventory(env, Path(hosts_dir)))
         return _transports[key]
 
 
+@contextmanager
+def sharing(transport: Transport, hosts_dir: str = "hosts") -> Iterator[None]:
+    """Inside, checks of the transport's environment run on its connections (a run's own, already open):
+    no second connection, no second known_hosts parse. The transport stays its owner's to close."""
+    key = _key(transport.inventory.environment, hosts_dir)
+    with _transports_lock:
+        before = _transports.get(key)
+        _transports[key] = transport
+    try:
+        yield
+    finally:
+        with _transports_lock:
+            if before is None:
+                _transports.pop(key, None)
+            else:
+                _transports[key] = before
+
+
 def inventory_for(env: str, hosts_dir: str = "hosts") -> Inventory:
     return transport_for(env, hosts_dir).inventory
+
+
+def forget_hosts() -> None:
+    """Drop testinfra's cached `overhaul://` hosts: each caches its backend (bound to an environment) and
+    facts about the machine, which a later session (another environment, a rebuilt host) must not reuse."""
+    for cache in (testinfra.host.Host._host_cache, testinfra.host.Host._hosts_cache):
+        for key in [key for key in cache if "overhaul://" in repr(key[0])]:
+            del cache[key]
 
 
 @atexit.register

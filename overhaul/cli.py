@@ -14,7 +14,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime
 from importlib import resources
@@ -31,9 +30,11 @@ from overhaul.execution import (
     INTERRUPTED_EXIT,
     LIMIT,
     REFUSED_EXIT,
+    UNDO,
     Gate,
     exit_code,
     file_sha256,
+    journaled_results,
     operator,
     recorded,
     recorded_hosts,
@@ -431,9 +432,8 @@ def full_upgrades(runs: list[RunRecord], events: list[tuple[float, str, str, str
                "junit": "write a JUnit XML report here (- for stdout)", "json": "write a JSON report here (- for stdout)",
                "no_checks": "only the built-in verify runbook, not the testinfra checks",
                "checks_only": "only the testinfra checks, not the built-in verify runbook",
-               "check_processes": "pytest sessions the checks are split among (default 1: one session, every host)",
                "limit": COMMON_HELP["limit"], **VIEW_HELP, **PATHS_HELP})
-def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, check_processes=1, limit="",
+def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, limit="",
            verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     if no_checks and checks_only:
@@ -442,17 +442,21 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     folder = Path(checks or planned.inventory.checks or "checks")
     if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
-    with ThreadPoolExecutor(max_workers=1) as background:
-        # The checks (their own pytest session) run while the runbook's stages do.
-        hosts = planned.hosts
-        pending = background.submit(verification.run_checks, env, hosts_dir, folder, hosts, int(check_processes),
-                                    {"expected_version": expected_version(env)}) \
-            if folder.is_dir() and not no_checks else None
+    transport = Transport(planned.inventory, planned.redactor)
+    # The checks (one pytest session, in this process, on these connections) run while the runbook's stages do.
+    checking = verification.BackgroundChecks(transport, hosts_dir, folder, planned.hosts,
+                                             {"expected_version": expected_version(env)}) \
+        if folder.is_dir() and not no_checks else None
+    try:
         result = None if checks_only else run_plan(planned, mutating=False, show_summary=False,  # one summary below
                                                    verbosity=verbosity(verbose, quiet))
         cases = verification.runbook_cases(result) if result is not None else []
-        if pending is not None:
-            cases += pending.result()
+        if checking is not None:
+            cases += checking.cases(interrupted=result is not None and result.interrupted)
+    finally:
+        if checking is not None:
+            checking.stop()
+        transport.close()
     verification.print_summary(cases)
     run_id = result.run_id if result is not None else ""
     if junit:
@@ -501,24 +505,64 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         record = found
     if env and record.environment != env:
         raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
-    if record.status in ("succeeded", "abandoned"):
+    if record.status in ("succeeded", "abandoned", "rolled back"):
         raise OverhaulError(f"run {record.id} is {record.status}: there is nothing to resume")
+    if recorded(state, record, UNDO) is not None:
+        raise OverhaulError(f"run {record.id} was being undone: finish that with `overhaul undo --run {record.id}`")
     given = parse_params(param or []) | ({"version": version} if version else {})
     for name, value in given.items():
         if str(record.params.get(name)) != value:
             raise OverhaulError(f"run {record.id} was started with {name}={record.params.get(name)!r}; "
                                 f"a resumed run keeps its parameters (got {value!r})")
-    path = Path(record.runbook_path)
-    if not path.exists() or file_sha256(path) != record.runbook_sha256:
-        raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to resume")
-    inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
-    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params,
-                         limit=recorded(state, record, LIMIT) or "")
+    planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume")
     if dry_run(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
     finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate,
                               verbosity=verbosity(verbose, quiet))))
+
+
+def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str) -> Plan:
+    """The plan a journaled run ran: its runbook (unchanged since, by SHA-256), parameters, hosts and limit."""
+    path = Path(record.runbook_path)
+    if not path.exists() or file_sha256(path) != record.runbook_sha256:
+        raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
+    inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
+    return build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params,
+                      limit=recorded(state, record, LIMIT) or "")
+
+
+@command(help={"run": "the failed, interrupted or abandoned run to undo (an id, a prefix of one, or last)",
+               "yes": "undo a protected environment without asking", **VIEW_HELP,
+               **{name: COMMON_HELP[name] for name in ("hosts_dir", "steps_dir")}})
+def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", steps_dir="steps"):
+    """Take back what a failed, interrupted or abandoned run changed, latest stage first; it ends `rolled back`.
+
+    Refused (nothing undone) when a stage that changed something cannot be undone: `overhaul rollback` then.
+    """
+    from overhaul.undo import undo_plan
+
+    state = open_state()
+    record = journaled_run(state, need(run, "--run"))
+    if record.status not in ("failed", "interrupted", "abandoned", "rolled back") or not record.mutating:
+        raise OverhaulError(f"run {record.id} is {record.status}: only a failed, interrupted or abandoned run is undone")
+    planned = journaled_plan(state, record, hosts_dir, steps_dir, "undo it")
+    undo = undo_plan(planned, list(journaled_results(state, record.id).values()))
+    if undo.blocked:
+        raise Refused("; ".join(undo.blocked) + f"; nothing was undone: the way back is `overhaul rollback --run {record.id}`")
+    print(f"undo of run {record.id} ({record.runbook} on {record.environment}), latest stage first:")
+    for stage in undo.plan.stages:
+        print(f"  {stage.stage.name}: {', '.join(stage.hosts)}")
+    if dry_run(c):
+        return
+    if not undo.plan.stages:
+        print("nothing to undo: the run changed nothing")
+    environment = planned.inventory.environment
+    if planned.inventory.policy.protected and not yes and not answered_yes(
+            f"Undo run {record.id} on protected environment {environment!r}?",
+            f"environment {environment!r} is protected: review the above, then run with --yes"):
+        raise Refused("not confirmed")
+    finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=verbosity(verbose, quiet))))
 
 
 def journaled_run(state: State, run_id: str) -> RunRecord:
@@ -808,7 +852,7 @@ def state_import(c, file=""):
 
 lab = Collection("lab", up, down, status)
 state_tasks = Collection("state", state_migrate, state_status, state_export, state_import)
-namespace = Collection(upgrade, rollback, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply,
+namespace = Collection(upgrade, rollback, undo, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply,
                        inventory, schema, lab, state_tasks)
 
 CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
 LIMIT = "limit"  # journal event: the run was kept to some hosts (--limit)
+UNDO = "undo"  # journal event: an operator started taking the run back (`overhaul undo`): resume is refused
 FAILED_EXIT = 1
 REFUSED_EXIT = 3
 INTERRUPTED_EXIT = 130
@@ -240,8 +241,11 @@ def run_plan(
     show_summary: bool = True,
     gate: Gate | None = None,
     verbosity: int = 0,
+    undo_only: bool = False,
 ) -> RunResult:
     """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means.
+
+    `undo_only` (with `resume`): take back what the journaled run changed instead of going on with it.
 
     A mutating run, and a check-only one (a plan), pass the gate first; only a read-only run (verify)
     goes without it.
@@ -274,9 +278,11 @@ def run_plan(
         else:
             record = resume
             state.set_status(run_id, "running")
-            state.event(environment, "resume", f"{operator()} resumed the run", run_id)
+            doing = UNDO if undo_only else "resume"
+            state.event(environment, doing, f"{operator()} {'undid' if undo_only else 'resumed'} the run", run_id)
         return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
-                        show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity, notify=notify)
+                        show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity, notify=notify,
+                        undo_only=undo_only)
 
 
 def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
@@ -312,7 +318,8 @@ def recorded(state: State, record: RunRecord, kind: str) -> str | None:
 def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check_only: bool = False,
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
              resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
-             gate: Gate | None = None, verbosity: int = 0, notify: tuple[RunNotifier, RunInfo] | None = None) -> RunResult:
+             gate: Gate | None = None, verbosity: int = 0, notify: tuple[RunNotifier, RunInfo] | None = None,
+             undo_only: bool = False) -> RunResult:
     transport = Transport(plan.inventory, plan.redactor)
     console = console_report(stream, check_only, verbosity)
     listeners: list = [console]
@@ -329,7 +336,8 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
         if notify is not None:
             notify[0].started(notify[1])
         if resumed:
-            previous = _previous_results(state, record.id)
+            previous = journaled_results(state, record.id)
+        if resumed and not undo_only:
             print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
                   "(stage, host) pairs were done; each is skipped once its check confirms it still holds", file=stream)
     runner = Runner(plan, transport, check_only=check_only, confirm=confirm, listeners=listeners,
@@ -340,15 +348,22 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
     if recorder is not None:
         recorder.on_error = runner.request_stop  # the controller cannot record: start nothing more
     result: RunResult | None = None
+    stages = list(plan.stages)  # for the summary: the run's own, then those of its undo if any
     try:
         with graceful_stop(runner, transport, grace):
-            if gate is None:
+            if undo_only:
+                result = _undo(runner, RunResult([]), previous, stages, stream)
+            elif gate is None:
                 # A read-only run: every host's connection opened at once in parallel; one that fails
                 # now is retried (and reported) by its first stage.
                 transport.connect(plan.hosts)
                 result = runner.run()
             else:
                 result = _gated(runner, transport, gate, stream)
+                if result.failed and not (result.interrupted or result.refused) and plan.runbook.runbook.on_failure == "undo":
+                    journal = state if state is not None and record is not None else None
+                    result = _undo(runner, result, previous, stages, stream, on_start=lambda: journal and journal.event(
+                        record.environment, UNDO, "the run failed: on_failure undo", record.id))
     finally:
         console.close()
         transport.close()
@@ -375,15 +390,17 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
         return result
     result.run_id = record.id if record is not None else ""
     if show_summary:
-        print(summary(result, runner.plan.stages), file=stream)
+        print(summary(result, stages), file=stream)
     if record is not None:
         counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
-        status = "interrupted" if result.interrupted else ("failed" if result.failed else "succeeded")
+        status = run_status(result)
         print(f"run {record.id} {status} in {time.monotonic() - started:.1f} s: "
               + ", ".join(f"{count} {outcome.value}" for outcome, count in counts.items())
               + f"; details: overhaul show {record.id}", file=stream)
     if result.interrupted:
         print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
+    elif result.rolled_back:
+        print("rolled back: every change this run made was taken back; the farm is as the run found it", file=stream)
     elif result.failed and record is not None and record.mutating:
         print(f"after repairing the cause, continue with: overhaul resume --env {plan.inventory.environment} "
               f"(or give the run up: overhaul abandon --run {record.id})", file=stream)
@@ -423,6 +440,33 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
     return result
 
 
+def _undo(runner: Runner, forward: RunResult, previous: dict[tuple[int, str], HostResult],
+          stages: list[PlannedStage], stream: TextIO, on_start: Callable[[], object] = lambda: None) -> RunResult:
+    """Take back what a failed run changed, latest stage first (see overhaul.undo); say what it could not.
+
+    `on_start` is told once the undo starts changing hosts (from then on, the way on is the undo, not a resume).
+    """
+    from overhaul.undo import undo_plan
+
+    done = {(r.stage_index, r.host): r for r in [*previous.values(), *forward.results]}
+    undo = undo_plan(runner.plan, list(done.values()))
+    if undo.blocked:
+        print("not undone (nothing was taken back; a half-undone farm is worse than a stopped one):", file=stream)
+        for line in undo.blocked:
+            print(f"  {line}", file=stream)
+        print(f"the way back: overhaul rollback --env {runner.plan.inventory.environment}", file=stream)
+        return replace(forward, undo_refused=undo.blocked)
+    print(f"undoing: {len(undo.plan.stages)} stage(s) to take back, latest first", file=stream, flush=True)
+    on_start()
+    runner.plan, runner.previous = undo.plan, previous
+    stages += undo.plan.stages
+    undone = runner.run()
+    first = len(stages) - len(undo.plan.stages)
+    clean = not undone.interrupted and not any(r.outcome is Outcome.FAILED and r.stage_index >= first for r in undone.results)
+    return replace(forward, results=undone.results, interrupted=undone.interrupted, rolled_back=clean,
+                   stopped_at=forward.stopped_at or ("undo" if not clean else None))
+
+
 def _journal_end(state: State, record: RunRecord, result: RunResult | None, resumed: bool) -> None:
     """The run's final status; a refused run also keeps its reasons (a refused resume stays resumable)."""
     environment = record.environment
@@ -442,9 +486,12 @@ def _journal_end(state: State, record: RunRecord, result: RunResult | None, resu
 
 
 def run_status(result: RunResult | None) -> str:
-    """How a run ended: refused, interrupted, failed or succeeded (the journal's status, the notification's event)."""
+    """How a run ended: refused, interrupted, rolled back, failed or succeeded (the journal's status, the
+    notification's event)."""
     if result is not None and result.refused and not result.interrupted:
         return "refused"
+    if result is not None and result.rolled_back:
+        return "rolled back"
     return "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
 
 
@@ -457,7 +504,7 @@ def exit_code(result: RunResult) -> int:
     return FAILED_EXIT if result.failed else 0
 
 
-def _previous_results(state: State, run_id: str) -> dict[tuple[int, str], HostResult]:
+def journaled_results(state: State, run_id: str) -> dict[tuple[int, str], HostResult]:
     return {
         (r.stage_index, r.host): HostResult(r.stage, r.host, Outcome(r.outcome), r.message, r.attempts, 0.0, r.facts,
                                             r.stage_index)

@@ -8,6 +8,7 @@ fixture gives the host's inventory variables. Inert unless --overhaul-env is giv
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--overhaul-env", default=None, help="run testinfra checks on this environment's hosts")
     group.addoption("--overhaul-hosts-dir", default="hosts", help="folder of inventories (default hosts)")
     group.addoption("--overhaul-only", default=None, help="comma-separated host names (default: every host)")
+    group.addoption("--overhaul-vars", default=None, help="a JSON object of variables overhaul_vars adds (expected_version)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,8 +34,10 @@ def pytest_configure(config: pytest.Config) -> None:
     from overhaul.inventory import load_inventory
 
     hosts_dir = config.getoption("overhaul_hosts_dir")
-    os.environ[checks.ENV_VARIABLE] = env
-    os.environ[checks.HOSTS_DIR_VARIABLE] = hosts_dir
+    for variable, value in ((checks.ENV_VARIABLE, env), (checks.HOSTS_DIR_VARIABLE, hosts_dir)):
+        config.add_cleanup(functools.partial(_restore, variable, os.environ.get(variable)))
+        os.environ[variable] = value  # how testinfra's backends (made at collection) learn the environment
+    config.add_cleanup(checks.forget_hosts)  # the next session (a second verify in this process) starts afresh
     only = config.getoption("overhaul_only")
     names = only.split(",") if only else [h.name for h in load_inventory(env, Path(hosts_dir)).hosts]
     if not config.getoption("hosts", default=None):
@@ -41,7 +45,15 @@ def pytest_configure(config: pytest.Config) -> None:
         checks.transport_for(env, hosts_dir).connect(names)  # every host's connection at once, reused by all checks
 
 
-def _host_name(item: pytest.Item) -> str | None:
+def _restore(variable: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = value
+
+
+def host_name(item: pytest.Item) -> str | None:
+    """The inventory name of the host a collected check runs on (None: not a testinfra check)."""
     callspec = getattr(item, "callspec", None)
     target = callspec.params.get("_testinfra_host") if callspec else None
     return getattr(getattr(target, "backend", None), "hostname", None)
@@ -56,7 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     inventory = inventory_for(env, config.getoption("overhaul_hosts_dir"))
     for item in items:  # a check not for this host's roles is reported skipped, so reports show it was considered
         marker = item.get_closest_marker("roles")
-        name = _host_name(item)
+        name = host_name(item)
         if marker is not None and name is not None and not set(marker.args) & set(inventory.host(name).roles):
             item.add_marker(pytest.mark.skip(reason=f"only for role {', '.join(marker.args)}: {name} is "
                                                     f"{', '.join(inventory.host(name).roles)}"))
@@ -71,6 +83,6 @@ def overhaul_vars(request: pytest.FixtureRequest) -> dict[str, Any]:
     if not env:
         pytest.fail("overhaul_vars needs --overhaul-env")
     inventory = inventory_for(env, request.config.getoption("overhaul_hosts_dir"))
-    values = inventory.host_vars(inventory.host(_host_name(request.node)))
-    extra = os.environ.get("OVERHAUL_CHECKS_VARS")
+    values = inventory.host_vars(inventory.host(host_name(request.node)))
+    extra = request.config.getoption("overhaul_vars")
     return {**json.loads(extra), **values} if extra else values

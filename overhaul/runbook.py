@@ -132,6 +132,9 @@ class Runbook(Strict):
     """Run parameters and their defaults, referenced as ${name}; null: must be given (--param name=V, --version)."""
     stages: list[Stage] = Field(min_length=1)
     """The stages, run in order: each one starts after the one before it finished."""
+    on_failure: Literal["stop", "undo"] = "stop"
+    """stop: a failed run stops where it failed (resume or undo it later); undo: it takes back what its stages
+    changed, in reverse order, and ends `rolled back` (refused, nothing undone, if a changed stage is irreversible)."""
 
     def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems across stages, each with the location it is about."""

@@ -61,6 +61,8 @@ class RunResult:
     refused: list[str] = field(default_factory=list)  # why the run was refused before any change
     preflight: PreflightReport | None = None
     run_id: str = ""  # the journaled run (none for a plan)
+    rolled_back: bool = False  # it failed, and its undo took back every change it made
+    undo_refused: list[str] = field(default_factory=list)  # why its undo undid nothing (irreversible changes)
 
     @property
     def failed(self) -> bool:
@@ -70,6 +72,7 @@ class RunResult:
         return Counter(r.outcome for r in self.results if r.stage == stage)
 
 
+UNDO_FACTS = "undo"  # the key of a pair's facts holding what its step remembered for an undo (see overhaul.undo)
 FRESH = 5.0  # seconds: a fact read this recently serves a verification of a host the run has not changed
 
 
@@ -219,6 +222,11 @@ class Runner:
         step = planned.step(planned.params[name])
         started = time.monotonic()
         previous = self.previous.get((planned.index, name))
+        # What an undo needs: journaled with the pair (whatever its outcome) once its apply began, in this attempt
+        # or in the run being resumed (whose first reading of the host is the one to go back to).
+        began = previous is not None and UNDO_FACTS in previous.facts
+        if began:
+            step.remembered.update(previous.facts[UNDO_FACTS])
         attempts = 0
         retrying = Retrying(
             retry=retry_if_exception_type((StepFailed, HostUnreachable)),
@@ -230,13 +238,17 @@ class Runner:
 
         last_error = ""
 
+        def applying() -> None:
+            nonlocal began
+            began = True
+
         def attempt() -> tuple[Outcome, str, dict[str, Any]]:
             nonlocal attempts, last_error
             if attempts and self._stopping.is_set():
                 raise _NotRetried(f"{last_error} (not retried: the run is stopping)")
             attempts += 1
             try:
-                return self._attempt(step, host, previous)
+                return self._attempt(step, host, previous, applying)
             except (StepFailed, HostUnreachable) as exc:
                 last_error = str(exc)
                 self.facts.forget(name)  # a failed attempt may have changed the host: a retry reads afresh
@@ -246,8 +258,9 @@ class Runner:
 
         def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None, trace: str = "") -> HostResult:
             redact = host.redactor
+            facts = {**(facts or {}), **({UNDO_FACTS: step.remembered} if began else {})}
             return HostResult(stage.name, name, outcome, redact(message), attempts, time.monotonic() - started,
-                              json.loads(redact(json.dumps(facts or {}))), planned.index, host.history, redact(trace))
+                              json.loads(redact(json.dumps(facts))), planned.index, host.history, redact(trace))
 
         try:
             return result(*retrying(attempt))
@@ -257,7 +270,8 @@ class Runner:
             return result(Outcome.FAILED, f"step {stage.step!r} raised {type(exc).__name__}: {exc}",
                           trace=traceback.format_exc())
 
-    def _attempt(self, step: Step, host: StepHost, previous: HostResult | None) -> tuple[Outcome, str, dict[str, Any]]:
+    def _attempt(self, step: Step, host: StepHost, previous: HostResult | None,
+                 applying: Callable[[], None]) -> tuple[Outcome, str, dict[str, Any]]:
         host.remote.connect()
         # Once the run has changed a host, each stage reads it afresh (a change by hand between two stages is
         # seen); a host the run has not changed keeps what was read of it. What the step reads goes in one command.
@@ -279,6 +293,7 @@ class Runner:
             return Outcome.CHANGED, check.message, {}
         with self._lock:
             self.touched.add(host.name)
+        applying()
         try:
             message = step.apply(host)
         finally:

@@ -4,6 +4,10 @@ A step proves in `preflight` that its work could be done (before the run changes
 reads state in `check` (never changes anything), changes it in `apply`, and proves the change in
 `verify`. The runner calls `apply` only when `check` says the work is not done, so a runbook run
 twice in a row reports no change the second time.
+
+The way back follows the same contract: `undone` reads whether a pair's change was taken back, `undo`
+takes it back from what `apply` put in `remembered` (journaled with the pair, whatever its outcome).
+A step whose change cannot be taken back says so (`reversible = False` and why, in `irreversible`).
 """
 
 from __future__ import annotations
@@ -61,9 +65,12 @@ class Step(Generic[P]):
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     read_only: ClassVar[bool] = False  # True: an assertion that never changes a host (apply only reports)
+    reversible: ClassVar[bool] = True  # False: an undo cannot take this step's change back (say why in `irreversible`)
+    irreversible: ClassVar[str] = ""  # what is lost for good once the step applied, shown in plans and undo refusals
 
     def __init__(self, params: P):
         self.params = params
+        self.remembered: dict[str, Any] = {}  # what `undo` will need, set by apply before it changes anything
 
     def secrets(self) -> list[str]:
         """Names of the inventory secrets this step reads: resolved when the run is loaded (a missing one is an
@@ -94,6 +101,15 @@ class Step(Generic[P]):
     def verify(self, host: StepHost) -> Check:
         """Prove the work holds. By default: check again."""
         return self.check(host)
+
+    def undone(self, host: StepHost, remembered: dict[str, Any]) -> Check:
+        """Read-only: is this host's change taken back (from what apply remembered)? Default: nothing to take back
+        (a read-only step, or a change harmless to keep, such as a backup)."""
+        return Check(True, "nothing to undo")
+
+    def undo(self, host: StepHost, remembered: dict[str, Any]) -> str:
+        """Take this host's change back; return a short message. Called only when `undone` says it is not."""
+        raise NotImplementedError(f"{self.name} has nothing to undo")
 
 
 class Registry:

@@ -1,8 +1,8 @@
 """`overhaul verify`: the built-in verify runbook plus the operator's testinfra checks, in one report.
 
 The checks folder runs in one pytest session over every host (testinfra parametrizes each check by
-host), its connections opened in parallel at the start and reused by every check; starting Python,
-pytest and testinfra once instead of once per host is most of the cost of checks at scale. Results
+host), inside the controller's process and on the run's own connections: no second Python to start,
+no second SSH connection per host. Results
 become one case per (check, host): printed, and written as JUnit XML and JSON for CI and dashboards.
 """
 
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from overhaul.runner import RunResult
 from overhaul.step import Outcome
+from overhaul.transport import Transport
 
 
 @dataclass
@@ -42,56 +42,114 @@ def runbook_cases(result: RunResult) -> list[Case]:
     return [Case(r.stage, r.host, status[r.outcome], r.message, r.duration) for r in result.results]
 
 
-def run_checks(env: str, hosts_dir: str, checks: Path, hosts: list[str], processes: int = 1,
-               extra_vars: dict | None = None) -> list[Case]:
-    """Run the checks folder against every host and collect one case per (check, host).
+def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None = None,
+               stop: threading.Event | None = None) -> list[Case]:
+    """Run the checks folder against `hosts` in this process, on `transport`'s connections: one case per (check, host).
 
-    One pytest session for all hosts by default; `processes` splits the hosts among that many sessions
-    run side by side (for very large farms on a controller with many cores).
+    pytest runs in-process (no second Python, no second connection, no second known_hosts parse); it
+    neither captures nor writes to the terminal, leaves signals, logging and warnings alone, and takes
+    back what it adds to sys.path and sys.modules, so a second verify in the process starts clean.
+    Setting `stop` ends the session before its next check (Ctrl-C of the run).
     """
-    groups = [hosts[i::processes] for i in range(max(1, min(processes, len(hosts))))]
-    with tempfile.TemporaryDirectory(prefix="overhaul-checks-") as tmp:
-        def one(index: int) -> list[Case]:
-            group = groups[index]
-            report = Path(tmp) / f"checks-{index}.xml"
-            env_vars = dict(os.environ, OVERHAUL_CHECKS_VARS=json.dumps(extra_vars or {}))
-            proc = subprocess.run(
-                [sys.executable, "-m", "pytest", str(checks), "-q", "-p", "no:cacheprovider", "--overhaul-env", env,
-                 "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", ",".join(group), f"--junitxml={report}"],
-                capture_output=True, text=True, env=env_vars,
-            )
-            if proc.returncode not in (0, 1, 5) or not report.exists():
-                tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-                return [Case("checks", host, "failed", f"pytest exited {proc.returncode}: " + " | ".join(tail),
-                             source=str(checks)) for host in group]
-            return _cases_from_junit(report, str(checks))
+    import pytest  # only a verify with checks pays for importing pytest and testinfra
 
-        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-            return [case for cases in pool.map(one, range(len(groups))) for case in cases]
+    from overhaul import checks as overhaul_checks
+
+    collector = _Collector(str(checks), stop or threading.Event())
+    args = [str(checks), "-s", "-o", "addopts=", "--rootdir", str(checks),
+            *(arg for plugin in QUIET_PLUGINS for arg in ("-p", f"no:{plugin}")),
+            "--overhaul-env", transport.inventory.environment, "--overhaul-hosts-dir", hosts_dir,
+            "--overhaul-only", ",".join(hosts), "--overhaul-vars", json.dumps(extra_vars or {})]
+    path = sys.path[:]
+    try:
+        with overhaul_checks.sharing(transport, hosts_dir):
+            code = pytest.main(args, plugins=[collector])
+    finally:
+        sys.path[:] = path
+        folder = str(checks.resolve()) + os.sep
+        for name in [name for name, module in sys.modules.items()
+                     if (getattr(module, "__file__", None) or "").startswith(folder)]:
+            del sys.modules[name]  # the next session reads the checks afresh
+    if code not in (0, 1, 5) and not collector.stopped:  # 5: no checks; anything else is the checks' own fault
+        problem = "; ".join(collector.problems) or "see `pytest CHECKS --overhaul-env ENV`"
+        return [Case("checks", host, "failed", f"pytest exited {int(code)}: {problem}"[:300], source=str(checks),
+                     detail="\n".join(collector.problems)) for host in hosts]
+    return collector.cases
 
 
-def _cases_from_junit(report: Path, source: str) -> list[Case]:
-    """One case per testcase; the host is testinfra's parameter: `test_x[overhaul://db1]`."""
-    cases = []
-    for element in ET.parse(report).getroot().iter("testcase"):
-        name, _, param = element.get("name", "?").partition("[")
-        host = param.rstrip("]").removeprefix("overhaul://") or "?"
-        module = element.get("classname", "").rsplit(".", 1)[-1]
-        problem = element.find("failure")
-        if problem is None:
-            problem = element.find("error")
-        skipped = element.find("skipped")
-        detail = ""
-        if problem is not None:
-            status, message = "failed", (problem.get("message") or problem.text or "").strip().splitlines()[0:1]
-            detail = (problem.text or "").strip()
-        elif skipped is not None:
-            status, message = "skipped", [skipped.get("message", "").removeprefix("Skipped: ")]
-        else:
-            status, message = "passed", []
-        cases.append(Case(f"{module}::{name}", host, status, " ".join(message)[:300],
-                          float(element.get("time", 0)), source, detail))
-    return cases
+# pytest's plugins a verify does without: its terminal (the controller's live view owns stdout), capture,
+# faulthandler, logging and warnings (process-wide state the runbook's threads use), and the cache.
+QUIET_PLUGINS = ("terminal", "faulthandler", "logging", "warnings", "cacheprovider")
+
+
+class _Collector:
+    """pytest plugin of one checks session: each check's reports on one host become one Case."""
+
+    def __init__(self, source: str, stop: threading.Event):
+        self.source = source
+        self.stop = stop
+        self.stopped = False
+        self.cases: list[Case] = []
+        self.problems: list[str] = []  # collection errors: a check file that does not import, say
+        self._case: dict[str, Case] = {}
+        self._host: dict[str, str] = {}
+
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self.problems.append(f"{report.nodeid or 'collecting'}: {report.longreprtext.strip()}")
+
+    def pytest_collection_modifyitems(self, items: list[Any]) -> None:
+        from overhaul.pytest_plugin import host_name
+
+        self._host = {item.nodeid: host_name(item) or "?" for item in items}
+
+    def pytest_runtest_protocol(self, item: Any) -> bool | None:
+        if self.stop.is_set():
+            self.stopped = True
+            item.session.shouldstop = "verify interrupted"
+            return True  # this check is not run
+        return None
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        """Setup, call and teardown of one check on one host: what JUnit would say of it, as one case."""
+        case = self._case.get(report.nodeid)
+        if case is None:
+            parts = report.nodeid.split("::")
+            module = parts[-2] if len(parts) > 2 else Path(parts[0]).stem  # a class's name, else the file's
+            case = self._case[report.nodeid] = Case(f"{module}::{parts[-1].partition('[')[0]}",
+                                                    self._host.get(report.nodeid, "?"), "passed", source=self.source)
+            self.cases.append(case)
+        case.duration += report.duration
+        if report.failed and case.status != "failed":
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else report.longreprtext
+            if report.when != "call":
+                message = f'failed on {report.when} with "{message}"'
+            case.status, case.message = "failed", (message.strip().splitlines() or [""])[0][:300]
+            case.detail = report.longreprtext.strip()
+        elif report.skipped and case.status == "passed":
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else getattr(report, "wasxfail", "")
+            case.status, case.message = "skipped", str(reason).removeprefix("Skipped: ")[:300]
+
+
+class BackgroundChecks:
+    """The checks session in a thread of its own, beside the runbook's stages and on the same transport."""
+
+    def __init__(self, transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None):
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overhaul-checks")
+        self._future = self._pool.submit(run_checks, transport, hosts_dir, checks, hosts, extra_vars, self._stop)
+
+    def cases(self, interrupted: bool = False) -> list[Case]:
+        """Every check's case (an interrupted run: those that ran, no new one starts)."""
+        if interrupted:
+            self._stop.set()
+        return self._future.result()
+
+    def stop(self) -> None:
+        """No new check starts (Ctrl-C, an error): closing the transport after this cuts the running one short."""
+        self._stop.set()
+        self._pool.shutdown(wait=False)
 
 
 def print_summary(cases: list[Case], stream: TextIO = sys.stdout) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 from pydantic import Field
 
@@ -119,7 +120,6 @@ class PackageUpgrade(Step[UpgradeParams]):
 
     name = "package.upgrade"
     Params = UpgradeParams
-    previous: str | None = None  # the version apply found installed, for the journal
 
     def probes(self) -> list[Probe]:
         found: list[Probe] = [MANAGER, installed_probe(self.params.name), available_probe(self.params.name)]
@@ -167,11 +167,16 @@ class PackageUpgrade(Step[UpgradeParams]):
     def apply(self, host: StepHost) -> str:
         manager = package_manager(host)
         target = self._target(host, manager)
-        installed = self.previous = installed_version(host, self.params.name)
+        installed = installed_version(host, self.params.name)
+        self.remembered.setdefault("previous", installed)  # a retry after a half-done install keeps the first reading
         if installed and self._older(host, manager, target, installed) and not self.params.allow_downgrade:
             raise StepFailed(
                 f"refusing to downgrade {self.params.name} from {installed} to {target} (set allow_downgrade: true)"
             )
+        return self._install(host, manager, target, installed)
+
+    def _install(self, host: StepHost, manager: str, target: str, installed: str | None) -> str:
+        """Install `target` (an older version too: the callers decide), finishing first what an interrupted one left."""
         name = shlex.quote(f"{self.params.name}={target}" if manager == "apt" else f"{self.params.name}-{target}")
         # Under the host lock, first: an install of this version that finished meanwhile (one a dropped link or a
         # killed controller left running) is the install.
@@ -193,9 +198,25 @@ class PackageUpgrade(Step[UpgradeParams]):
 
     def verify(self, host: StepHost) -> Check:
         verified = self.check(host)
-        if not (verified.done and self.previous):
+        previous = self.remembered.get("previous")
+        if not (verified.done and previous):
             return verified
-        return Check(True, verified.message, {**(verified.facts or {}), "previous": self.previous})
+        return Check(True, verified.message, {**(verified.facts or {}), "previous": previous})
+
+    def undone(self, host: StepHost, remembered: dict[str, Any]) -> Check:
+        """The version installed before the run is installed again (a package the run installed fresh is kept)."""
+        previous = remembered.get("previous")
+        if previous is None:
+            return Check(True, f"{self.params.name} was not installed before the run: kept")
+        installed = installed_version(host, self.params.name)
+        if same_version(installed, previous):
+            return Check(True, f"{self.params.name} {installed} installed, as before the run")
+        return Check(False, f"{self.params.name} {installed or '(not fully installed)'} -> {previous}")
+
+    def undo(self, host: StepHost, remembered: dict[str, Any]) -> str:
+        """Install the version the run found, downgrading on purpose (the one place a downgrade needs no flag)."""
+        previous = str(remembered["previous"])
+        return self._install(host, package_manager(host), previous, installed_version(host, self.params.name))
 
     def _older(self, host: StepHost, manager: str, target: str, installed: str) -> bool:
         if manager == "apt":

@@ -112,6 +112,8 @@ class MysqlRestore(Step[RestoreParams]):
     """Restore the database from a verified backup: destroys everything written after the backup, on purpose."""
 
     name = "mysql.restore"
+    reversible = False
+    irreversible = "the database as it was before the restore (everything written after the backup) is gone"
     Params = RestoreParams
 
     @property

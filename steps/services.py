@@ -7,6 +7,7 @@ States come from the STATE column of supervisorctl-style status lines; exit code
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 from overhaul.steps.package import PACKAGE, VERSION, installed_probe, installed_version, same_version
 from pydantic import Field
@@ -121,6 +122,8 @@ class ServicesStop(Step[StopParams]):
 
     def apply(self, host: StepHost) -> str:
         manage = self.params.manage_command
+        running = sorted(name for name, state in program_states(host, manage).items() if state not in NOT_RUNNING)
+        self.remembered.setdefault("stopped", running)  # a retry keeps the first reading: what ran before the run
         result = host.run_then_read(f"{shlex.quote(manage)} stop all", [states_probe(manage)])
         if "ERROR" in result.stdout + result.stderr and not result.ok:
             raise StepFailed(f"`{self.params.manage_command} stop all` failed: {result.tail()}")
@@ -130,6 +133,22 @@ class ServicesStop(Step[StopParams]):
         states = program_states(host, self.params.manage_command)
         still = describe(states, NOT_RUNNING)
         return Check(not still, f"still running: {still}" if still else f"{len(states)} programs stopped")
+
+    def undone(self, host: StepHost, remembered: dict[str, Any]) -> Check:
+        """Every program it stopped is RUNNING again."""
+        states = program_states(host, self.params.manage_command)
+        down = [f"{name} {states.get(name, 'MISSING')}" for name in remembered.get("stopped", [])
+                if states.get(name) != "RUNNING"]
+        return Check(not down, f"not RUNNING again: {', '.join(down)}" if down else "what it stopped is RUNNING")
+
+    def undo(self, host: StepHost, remembered: dict[str, Any]) -> str:
+        """Start what it stopped (and only that)."""
+        manage, programs = self.params.manage_command, remembered.get("stopped", [])
+        command = f"{shlex.quote(manage)} start {' '.join(shlex.quote(name) for name in programs)}"
+        result = host.run_then_read(command, [states_probe(manage)])
+        if not result.ok:
+            raise StepFailed(f"`{manage} start` exited {result.exited}: {result.tail()}")
+        return f"started {', '.join(programs)}"
 
 
 class ServicesVerify(AssertionStep):

@@ -27,6 +27,8 @@ class Shell(Step[ShellParams]):
     """
 
     name = "shell"
+    reversible = False
+    irreversible = "a shell command's effect is unknown to Overhaul"
     Params = ShellParams
 
     def check(self, host: StepHost) -> Check:

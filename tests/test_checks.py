@@ -4,15 +4,22 @@ and `overhaul verify` reports the operator's checks per (check, host) beside the
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
 from helpers import overhaul_cli, write
 
-from overhaul import checks
+from overhaul import checks, verification
 from overhaul.errors import HostUnreachable
+from overhaul.inventory import load_inventory_file
+from overhaul.lab import faults
 from overhaul.state import SQLiteState
-from overhaul.transport import RemoteHost
+from overhaul.transport import RemoteHost, Transport
 
 
 @pytest.fixture
@@ -133,3 +140,85 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     assert "  check db1          passed   test_ops::test_schema_is_readable" in shown
     to_stdout = verify(lab, tmp_path, "--checks", str(tmp_path / "checks"), "--no-checks", "--json", "-")
     assert json.loads(to_stdout.stdout[to_stdout.stdout.index('{\n  "environment"'):])["totals"]["passed"] == 12
+
+
+def test_verify_with_checks_opens_one_ssh_connection_per_host(lab, tmp_path):
+    """The checks run in the controller on the run's own connections: each host's sshd logs exactly one accepted
+    connection for a whole `overhaul verify` (the built-in runbook and the checks), not one for each."""
+    log = "/var/log/overhaul-test-sshd.log"
+    hosts = lab.hosts()
+    for host in hosts:  # the same sshd, now logging every accepted connection to a file
+        faults.stop_sshd(host)
+        host.exec(f"rm -f {log}; mkdir -p /run/sshd && /usr/sbin/sshd -E {log}")
+        host.wait_for_sshd()
+    try:
+        write(tmp_path / "checks/test_two.py", """
+            def test_hostname(host):
+                assert host.run("hostname").stdout.strip()
+
+            def test_package(host):
+                assert host.package("scalr-server").is_installed
+        """)
+        done = verify(lab, tmp_path, "--checks", str(tmp_path / "checks"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verify: 20 passed, 0 failed, 0 skipped" in done.stdout  # 12 built-in + 2 checks x 4 hosts
+        accepted = {host.name: host.exec(f"grep -c 'Accepted publickey' {log}", check=False).stdout.strip()
+                    for host in hosts}
+        assert accepted == {host.name: "1" for host in hosts}
+    finally:
+        for host in hosts:
+            faults.stop_sshd(host)
+            faults.start_sshd(host)
+
+
+def test_checks_run_in_process_twice_on_a_transport_and_leave_the_controller_as_found(lab, tmp_path, isolated, capfd):
+    folder = write(tmp_path / "checks/test_one.py", """
+        def test_a(host):
+            assert host.run("true").rc == 0
+    """).parent
+    path, handler, stdout = sys.path[:], signal.getsignal(signal.SIGINT), sys.stdout
+    transport = Transport(load_inventory_file(lab.inventory))
+    try:
+        first = verification.run_checks(transport, str(lab.inventory.parent), folder, ["db1", "app1"])
+        write(folder / "test_one.py", """
+            def test_b(host):
+                assert host.run("false").rc == 0
+        """)
+        second = verification.run_checks(transport, str(lab.inventory.parent), folder, ["app2"])
+    finally:
+        transport.close()
+    assert [(c.check, c.host, c.status) for c in first] == [("test_one::test_a", "app1", "passed"),
+                                                             ("test_one::test_a", "db1", "passed")]
+    assert [(c.check, c.host, c.status) for c in second] == [("test_one::test_b", "app2", "failed")]  # read afresh
+    assert "assert 1 == 0" in second[0].message and "test_one.py:2: AssertionError" in second[0].detail
+    assert sys.path == path and signal.getsignal(signal.SIGINT) is handler and sys.stdout is stdout
+    assert capfd.readouterr().out == ""  # pytest wrote nothing on the controller's terminal
+
+
+@pytest.mark.parametrize("only", [True, False], ids=["checks-only", "with-runbook"])
+def test_ctrl_c_during_the_checks_stops_verify_with_exit_130(lab, tmp_path, only):
+    started = tmp_path / "started"
+    write(tmp_path / "checks/test_slow.py", f"""
+        import pathlib
+
+        def test_slow(host):
+            pathlib.Path({str(started)!r}).touch()
+            assert host.run("sleep 3").rc == 0
+    """)
+    argv = [sys.executable, "-m", "overhaul", "verify", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+            "--checks", str(tmp_path / "checks"), *(["--checks-only"] if only else [])]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite")},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert time.monotonic() - stopped < 6  # not the 4 hosts x 3 s the checks would take
+    assert "Traceback" not in err

@@ -94,9 +94,10 @@ def clear_data(host: LabHost) -> None:
     (host.path(DATA_MOUNT) / FILL_FILE).unlink(missing_ok=True)
 
 
-def publish_broken_package(repo: Path, version: str = "1.1.1") -> None:
-    """Serve a scalr-server `version` whose installation fails (its post-install script exits 1)."""
-    package.publish_broken(repo, version)
+def publish_broken_package(repo: Path, version: str = "1.1.1", roles: tuple[str, ...] = ()) -> None:
+    """Serve a scalr-server `version` whose installation fails (its post-install script exits 1), on every host or
+    only on the hosts of `roles` (a package broken on one tier)."""
+    package.publish_broken(repo, version, roles)
 
 
 def unpublish_package(repo: Path, version: str = "1.1.1") -> None:

@@ -30,6 +30,8 @@ Description: Lab stand-in for Scalr server (Overhaul test fixture)
 
 BROKEN_POSTINST = """\
 #!/bin/sh
+ROLE=; CONF=/etc/scalr-server/scalr-server.conf; [ -r $CONF ] && . $CONF
+case "{roles}" in ""|*" $ROLE "*) ;; *) exit 0 ;; esac
 echo "scalr-server {version}: post-installation script failed (broken package published by the lab)" >&2
 exit 1
 """
@@ -39,8 +41,11 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
-def build_deb(version: str, out_dir: Path, broken: bool = False) -> Path:
-    """Build scalr-server_<version>_all.deb into out_dir and return its path."""
+def build_deb(version: str, out_dir: Path, broken: bool = False, broken_on: tuple[str, ...] = ()) -> Path:
+    """Build scalr-server_<version>_all.deb into out_dir and return its path.
+
+    `broken`: its post-install script fails (on the hosts of the roles `broken_on` only, if given).
+    """
     out = out_dir / f"{PACKAGE}_{version}_all.deb"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -65,7 +70,8 @@ def build_deb(version: str, out_dir: Path, broken: bool = False) -> Path:
         debian.mkdir()
         (debian / "control").write_text(CONTROL.format(package=PACKAGE, version=version))
         if broken:
-            (debian / "postinst").write_text(BROKEN_POSTINST.format(version=version))
+            roles = f" {' '.join(broken_on)} " if broken_on else ""
+            (debian / "postinst").write_text(BROKEN_POSTINST.format(version=version, roles=roles))
             (debian / "postinst").chmod(0o755)
         subprocess.run(
             ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)],
@@ -119,9 +125,10 @@ def write_index(repo: Path) -> None:
     tmp.rename(repo / "Packages")
 
 
-def publish_broken(repo: Path, version: str = "1.1.1") -> None:
-    """Fault: add a package whose installation fails, as a newer version than the good ones."""
-    build_deb(version, repo, broken=True)
+def publish_broken(repo: Path, version: str = "1.1.1", roles: tuple[str, ...] = ()) -> None:
+    """Fault: add a package whose installation fails (on the hosts of `roles` only, if given), as a newer version
+    than the good ones."""
+    build_deb(version, repo, broken=True, broken_on=roles)
     write_index(repo)
 
 

@@ -1,0 +1,106 @@
+"""Undo of a half-done run on real lab hosts: `on_failure: undo` in a runbook, and `overhaul undo --run` by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import lab_inventory, overhaul_cli, plan_for
+
+from overhaul.lab import faults
+from overhaul.runbook import BUILTIN_RUNBOOKS
+from overhaul.runner import UNDO_FACTS, HostResult
+from overhaul.state import SQLiteState
+from overhaul.step import Outcome
+from overhaul.undo import undo_plan
+
+HOSTS = ("db1", "worker1", "app1")
+
+
+def version(lab, host: str) -> str:
+    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
+
+
+def states(lab, host: str) -> set[str]:
+    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
+
+
+def upgrade_runbook(folder: Path, on_failure: str) -> Path:
+    """The built-in upgrade runbook, with `on_failure` set."""
+    path = folder / "runbooks/upgrade.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((BUILTIN_RUNBOOKS / "upgrade.yaml").read_text() + f"on_failure: {on_failure}\n")
+    return path
+
+
+def test_a_package_broken_on_one_tier_is_undone_and_the_run_ends_rolled_back(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    faults.publish_broken_package(lab.repo, "1.1.1", roles=("db",))
+    runbook = upgrade_runbook(tmp_path, "undo")
+    hosts_dir = ("--hosts-dir", str(lab.inventory.parent))
+    ran = overhaul_cli(tmp_path, "run", str(runbook), "--env", "lab", "-p", "version=1.1.1", "--yes", *hosts_dir)
+    assert ran.returncode == 1, ran.stdout + ran.stderr  # the upgrade failed: its undo does not make it a success
+    assert "rolled back: every change this run made was taken back" in ran.stdout
+    journal = SQLiteState(tmp_path / "journal.sqlite")
+    [run] = journal.runs("lab")
+    assert run.status == "rolled back"
+    pairs = {(r.stage, r.host): r.outcome for r in journal.results(run.id)}
+    # The tier that failed, and the tiers that had upgraded, all went back; what was stopped was started.
+    assert {host: pairs[("upgrade package", host)] for host in HOSTS} == {"db1": "failed", "worker1": "changed",
+                                                                          "app1": "changed"}
+    assert {host: pairs[("undo upgrade package", host)] for host in HOSTS} == dict.fromkeys(HOSTS, "changed")
+    assert {host: pairs[("undo stop services", host)] for host in HOSTS} == dict.fromkeys(HOSTS, "changed")
+    assert ("undo backup database", "db1") in pairs  # kept: a backup is harmless to keep, nothing to take back
+    for host in HOSTS:
+        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+    verified = overhaul_cli(tmp_path, "verify", "--env", "lab", "--no-checks", *hosts_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # Undone again by hand: nothing left to take back, nothing changes; and a rolled-back run is not resumed.
+    again = overhaul_cli(tmp_path, "undo", "--run", run.id, *hosts_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    undo_pairs = [r for r in journal.results(run.id) if r.stage.startswith("undo ")]
+    # Each undo pair's check found it still holds, so nothing was applied again (it keeps what it did the first time).
+    assert all(r.message.startswith("(done before resume)") for r in undo_pairs if r.outcome == "changed"), undo_pairs
+    assert "0 failed" in again.stdout and journal.run(run.id).status == "rolled back"
+    resumed = overhaul_cli(tmp_path, "resume", "--run", run.id, *hosts_dir)
+    assert resumed.returncode == 2 and "rolled back: there is nothing to resume" in resumed.stderr
+
+
+def test_undo_by_hand_takes_back_a_failed_run_that_stopped(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    faults.publish_broken_package(lab.repo, "1.1.1")
+    hosts_dir = ("--hosts-dir", str(lab.inventory.parent))
+    failed = overhaul_cli(tmp_path, "upgrade", "--env", "lab", "--version", "1.1.1", "--yes", *hosts_dir)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    journal = SQLiteState(tmp_path / "journal.sqlite")
+    [run] = journal.runs("lab")
+    assert run.status == "failed"
+    for host in HOSTS:  # half-installed, everything stopped: the night the issue is about
+        assert states(lab, host) == {"STOPPED"}, host
+    undone = overhaul_cli(tmp_path, "undo", "--run", run.id[:8], *hosts_dir)
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert "undo upgrade package: db1, worker1, app1" in undone.stdout
+    assert journal.run(run.id).status == "rolled back"
+    for host in HOSTS:
+        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+
+
+def test_an_irreversible_change_refuses_the_whole_undo(lab, tmp_path):
+    """Pure plan logic: a reconfigure (schema migrations) that ran blocks the undo; nothing is planned."""
+    plan = plan_for((BUILTIN_RUNBOOKS / "upgrade.yaml").read_text(), tmp_path, lab_inventory(lab), {"version": "1.1.0"})
+    index = {planned.stage.name: planned.index for planned in plan.stages}
+
+    def pair(stage: str, host: str, outcome: Outcome, remembered: dict | None = None) -> HostResult:
+        facts = {UNDO_FACTS: remembered} if remembered is not None else {}
+        return HostResult(stage, host, outcome, "", facts=facts, stage_index=index[stage])
+
+    stopped = [pair("stop services", "db1", Outcome.CHANGED, {"stopped": ["scalr-mysql"]}),
+               pair("upgrade package", "db1", Outcome.CHANGED, {"previous": "1.0.0"})]
+    undo = undo_plan(plan, stopped)
+    assert not undo.blocked
+    assert [(p.stage.name, p.hosts, p.index) for p in undo.plan.stages] == [
+        ("undo upgrade package", ["db1"], len(plan.stages)), ("undo stop services", ["db1"], len(plan.stages) + 1)]
+    migrated = undo_plan(plan, [*stopped, pair("reconfigure db", "db1", Outcome.FAILED, {})])
+    assert migrated.blocked and migrated.empty
+    assert "stage 4 reconfigure db (app.reconfigure) changed db1 and cannot be undone" in migrated.blocked[0]
+    untouched = undo_plan(plan, [*stopped, pair("reconfigure db", "db1", Outcome.FAILED)])  # failed before its apply
+    assert not untouched.blocked
