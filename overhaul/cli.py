@@ -237,7 +237,8 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
     if "version" in planned.run_params and planned.runbook.runbook.name != ROLLBACK:  # back to what it ran: no promotion
         check_promotion(planned.inventory, str(planned.run_params["version"]))
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes))
-    finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view)))
+    finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view,
+                              version_from=expected_version(planned.inventory.environment))))
 
 
 @command(positional=("runbook",), iterable=("param",), help={
@@ -519,7 +520,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
     finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate,
-                              verbosity=verbosity(verbose, quiet))))
+                              verbosity=verbosity(verbose, quiet), version_from=expected_version(record.environment))))
 
 
 def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str) -> Plan:
@@ -562,7 +563,8 @@ def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", st
             f"Undo run {record.id} on protected environment {environment!r}?",
             f"environment {environment!r} is protected: review the above, then run with --yes"):
         raise Refused("not confirmed")
-    finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=verbosity(verbose, quiet))))
+    finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=verbosity(verbose, quiet),
+                              version_from=expected_version(record.environment))))
 
 
 def journaled_run(state: State, run_id: str) -> RunRecord:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -242,10 +242,12 @@ def run_plan(
     gate: Gate | None = None,
     verbosity: int = 0,
     undo_only: bool = False,
+    version_from: str | None = None,
 ) -> RunResult:
     """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means.
 
     `undo_only` (with `resume`): take back what the journaled run changed instead of going on with it.
+    `version_from`: the version the environment runs now, as far as the journal knows (for notifications).
 
     A mutating run, and a check-only one (a plan), pass the gate first; only a read-only run (verify)
     goes without it.
@@ -261,28 +263,39 @@ def run_plan(
                                          on_problem=lambda problem: state.event(environment, "notify", problem, run_id))
     version = plan.run_params.get("version")
     notify = (notifier, RunInfo(environment, plan.runbook.runbook.name, run_id, resume.operator if resume else operator(),
-                                version_to=str(version) if version else None, limit=plan.limit or None))
+                                version_from=version_from, version_to=str(version) if version else None,
+                                limit=plan.limit or None))
     if not mutating:
         return _execute(plan, state, _journal_new_run(state, plan, run_id, mutating=False), confirm=confirm,
                         stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity, notify=notify)
-    with LockKeeper(state, environment, run_id) as keeper:
-        if resume is None:
-            unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
-            if unfinished:
-                raise Refused(
-                    f"run {unfinished[0].id} ({unfinished[0].runbook}) of {environment!r} is unfinished "
-                    f"({unfinished[0].status}): resume it with `overhaul resume --env {environment}` or abandon it "
-                    f"with `overhaul abandon --run {unfinished[0].id}`"
-                )
-            record = _journal_new_run(state, plan, run_id)
-        else:
-            record = resume
-            state.set_status(run_id, "running")
-            doing = UNDO if undo_only else "resume"
-            state.event(environment, doing, f"{operator()} {'undid' if undo_only else 'resumed'} the run", run_id)
+    with ExitStack() as held:
+        try:
+            keeper = held.enter_context(LockKeeper(state, environment, run_id))
+            record = _journal_start(state, plan, run_id, resume, undo_only)
+        except Refused as refusal:  # the lock is held, or an unfinished run is in the way: nothing started
+            notifier.ended(notify[1], "refused", 0.0, reasons=[str(refusal)])
+            raise
         return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
                         show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity, notify=notify,
                         undo_only=undo_only)
+
+
+def _journal_start(state: State, plan: Plan, run_id: str, resume: RunRecord | None, undo_only: bool) -> RunRecord:
+    """Under the lock: journal the run's start, or its resumption (refused while another run is unfinished)."""
+    environment = plan.inventory.environment
+    if resume is not None:
+        state.set_status(run_id, "running")
+        doing = UNDO if undo_only else "resume"
+        state.event(environment, doing, f"{operator()} {'undid' if undo_only else 'resumed'} the run", run_id)
+        return resume
+    unfinished = [run for run in state.unfinished(environment) if run.id != run_id]
+    if unfinished:
+        raise Refused(
+            f"run {unfinished[0].id} ({unfinished[0].runbook}) of {environment!r} is unfinished "
+            f"({unfinished[0].status}): resume it with `overhaul resume --env {environment}` or abandon it "
+            f"with `overhaul abandon --run {unfinished[0].id}`"
+        )
+    return _journal_new_run(state, plan, run_id)
 
 
 def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:

@@ -329,5 +329,13 @@ def test_a_run_on_the_lab_tells_the_webhook_and_a_webhook_down_does_not_fail_it(
         problems = [detail for _, run_id, kind, detail in SQLiteState(tmp_path / "journal.sqlite").events("notified")
                     if run_id == run.id and kind == "notify"]
         assert problems and all(TOKEN not in problem for problem in problems)
+
+        # Refused before it started (another run of the environment is unfinished): told as a refusal, with why.
+        SQLiteState(tmp_path / "journal.sqlite").set_status(run.id, "interrupted")
+        refused = overhaul_cli(tmp_path, *args, env={"OVERHAUL_TEST_WEBHOOK": receiver})
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        (_, _, refusal) = Receiver.received[-1]
+        assert refusal["overhaul"]["event"] == "refusal" and refusal["overhaul"]["status"] == "refused"
+        assert f"run {run.id} (breaks) of 'notified' is unfinished" in refusal["overhaul"]["reasons"][0]
     finally:
         inventory_file.unlink()
