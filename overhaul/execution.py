@@ -373,10 +373,14 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
                 result = runner.run()
             else:
                 result = _gated(runner, transport, gate, stream)
-                if result.failed and not (result.interrupted or result.refused) and plan.runbook.runbook.on_failure == "undo":
-                    journal = state if state is not None and record is not None else None
-                    result = _undo(runner, result, previous, stages, stream, on_start=lambda: journal and journal.event(
+                ran = runner.plan
+                failed = result.failed and not (result.interrupted or result.refused)
+                if failed and ran.runbook.runbook.on_failure == "undo":
+                    result = _undo(runner, result, previous, stages, stream, on_start=lambda: record and state and state.event(
                         record.environment, UNDO, "the run failed: on_failure undo", record.id))
+                if failed and ran.on_failure and not result.interrupted:
+                    print(f"the run failed: {len(ran.on_failure)} hooks.on_failure stage(s)", file=stream, flush=True)
+                    result = _then(runner, result, ran.on_failure, stages, previous)
     finally:
         console.close()
         transport.close()
@@ -471,13 +475,20 @@ def _undo(runner: Runner, forward: RunResult, previous: dict[tuple[int, str], Ho
         return replace(forward, undo_refused=undo.blocked)
     print(f"undoing: {len(undo.plan.stages)} stage(s) to take back, latest first", file=stream, flush=True)
     on_start()
-    runner.plan, runner.previous = undo.plan, previous
-    stages += undo.plan.stages
-    undone = runner.run()
-    first = len(stages) - len(undo.plan.stages)
-    clean = not undone.interrupted and not any(r.outcome is Outcome.FAILED and r.stage_index >= first for r in undone.results)
-    return replace(forward, results=undone.results, interrupted=undone.interrupted, rolled_back=clean,
-                   stopped_at=forward.stopped_at or ("undo" if not clean else None))
+    undone = _then(runner, forward, undo.plan.stages, stages, previous)
+    indices = {planned.index for planned in undo.plan.stages}
+    clean = not undone.interrupted and not any(r.outcome is Outcome.FAILED and r.stage_index in indices
+                                               for r in undone.results)
+    return replace(undone, rolled_back=clean, stopped_at=forward.stopped_at or (None if clean else "undo"))
+
+
+def _then(runner: Runner, result: RunResult, more: list[PlannedStage], stages: list[PlannedStage],
+          previous: dict[tuple[int, str], HostResult]) -> RunResult:
+    """Run `more` stages after `result` on the same runner (journal, connections, Ctrl-C); every result kept."""
+    runner.plan, runner.previous = replace(runner.plan, stages=more, on_failure=[]), previous
+    stages += more
+    after = runner.run()
+    return replace(result, results=after.results, interrupted=after.interrupted)
 
 
 def _journal_end(state: State, record: RunRecord, result: RunResult | None, resumed: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +25,7 @@ class PlannedStage:
     stage: Stage
     step: type[Step]
     params: dict[str, Params] = field(default_factory=dict)  # host name -> validated params
+    hook: bool = False  # one of the runbook's hooks, not of its own stages: an undo leaves it alone
 
     @property
     def hosts(self) -> list[str]:
@@ -39,6 +40,12 @@ class Plan:
     stages: list[PlannedStage]
     redactor: Redactor = field(default_factory=Redactor)  # knows every secret the run's steps read
     limit: str = ""  # --limit: the run is kept to these hosts (journaled; never a full pass for promotion)
+    on_failure: list[PlannedStage] = field(default_factory=list)  # hooks.on_failure: run when the run failed
+
+    @property
+    def next_index(self) -> int:
+        """The index of a stage added after all of the runbook's (an undo's)."""
+        return len(self.stages) + len(self.on_failure)
 
     @property
     def hosts(self) -> list[str]:
@@ -47,9 +54,11 @@ class Plan:
 
     def without(self, excluded: set[str]) -> Plan:
         """The same plan with some hosts left out of every stage."""
-        stages = [PlannedStage(p.index, p.stage, p.step, {h: v for h, v in p.params.items() if h not in excluded})
-                  for p in self.stages]
-        return Plan(self.runbook, self.inventory, self.run_params, stages, self.redactor, self.limit)
+        def kept(stages: list[PlannedStage]) -> list[PlannedStage]:
+            return [replace(p, params={h: v for h, v in p.params.items() if h not in excluded}) for p in stages]
+
+        return Plan(self.runbook, self.inventory, self.run_params, kept(self.stages), self.redactor, self.limit,
+                    kept(self.on_failure))
 
 
 def build_plan(
@@ -72,22 +81,23 @@ def build_plan(
             problems.append(f"{flags.get(name, f'--param {name}')}: {value!r}: an empty value "
                             f"or one with surrounding blanks is not a {name} (is a shell variable unset?)")
     stages = []
-    for index, stage in enumerate(runbook.stages):
+    for index, (place, stage) in enumerate(runbook.sequence()):
+        label = loaded.label(index)
         try:
             step = registry.get(stage.step)
         except KeyError as exc:
-            problems.append(f"{loaded.where(index, 'step')}: stages[{index}].step: {exc.args[0]}")
+            problems.append(f"{loaded.where(index, 'step')}: {label}.step: {exc.args[0]}")
             continue
-        planned = PlannedStage(index, stage, step)
+        planned = PlannedStage(index, stage, step, hook=place[0] == "hooks")
         selected = select_hosts(stage, inventory, loaded, index, problems)
         if not selected and not stage.optional:
-            problems.append(f"{loaded.where(index)}: stages[{index}] ({stage.name!r}): selects no host of "
+            problems.append(f"{loaded.where(index)}: {label} ({stage.name!r}): selects no host of "
                             f"{inventory.environment!r}: check roles/hosts/exclude, or say `optional: true`")
         if allowed is not None:
             before, selected = selected, [host for host in selected if host.name in allowed]
             if before and not selected and not stage.optional and not step.read_only:
                 # A limited run must not skip a changing stage (the backup, say) while it runs the ones after it.
-                problems.append(f"{loaded.where(index)}: stages[{index}] ({stage.name!r}): --limit {limit!r} leaves it no "
+                problems.append(f"{loaded.where(index)}: {label} ({stage.name!r}): --limit {limit!r} leaves it no "
                                 f"host, but it changes hosts ({', '.join(h.name for h in before)}): include one of them, "
                                 "or say `optional: true` in the runbook")
         for host in selected:
@@ -103,13 +113,13 @@ def build_plan(
                 planned.params[host.name] = step.Params.model_validate(raw)
             except KeyError as exc:
                 problems.append(
-                    f"{loaded.where(index, 'params')}: stages[{index}].params: unknown reference ${{{exc.args[0]}}} "
+                    f"{loaded.where(index, 'params')}: {label}.params: unknown reference ${{{exc.args[0]}}} "
                     f"for host {host.name} (known: {', '.join(sorted(values))})"
                 )
             except ValidationError as exc:
                 problems += [
                     f"{line} (step {stage.step!r})"
-                    for line in loaded.document.explain(exc, prefix=("stages", index, "params"))
+                    for line in loaded.document.explain(exc, prefix=(*place, "params"))
                 ]
         stages.append(planned)
     redactor = Redactor()
@@ -117,7 +127,8 @@ def build_plan(
         _resolve_secrets(stages, inventory, redactor, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, not per host
-    return Plan(loaded, inventory, given, stages, redactor, limit)
+    failing = len(runbook.hooks.on_failure)
+    return Plan(loaded, inventory, given, stages[:len(stages) - failing], redactor, limit, stages[len(stages) - failing:])
 
 
 def limited_to(inventory: Inventory, limit: str) -> set[str]:
@@ -174,7 +185,7 @@ def select_hosts(
         for item in wanted:
             if item not in known:
                 problems.append(
-                    f"{loaded.where(index, field_name)}: stages[{index}].{field_name}: {item!r} is not in the inventory "
+                    f"{loaded.where(index, field_name)}: {loaded.label(index)}.{field_name}: {item!r} is not in the inventory "
                     f"of {inventory.environment!r} (known: {', '.join(sorted(known))})"
                 )
     return [

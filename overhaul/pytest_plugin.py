@@ -35,9 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     hosts_dir = config.getoption("overhaul_hosts_dir")
     for variable, value in ((checks.ENV_VARIABLE, env), (checks.HOSTS_DIR_VARIABLE, hosts_dir)):
-        config.add_cleanup(functools.partial(_restore, variable, os.environ.get(variable)))
-        os.environ[variable] = value  # how testinfra's backends (made at collection) learn the environment
-    config.add_cleanup(checks.forget_hosts)  # the next session (a second verify in this process) starts afresh
+        if os.environ.get(variable) != value:  # `overhaul verify` sets them once for all its sessions
+            config.add_cleanup(functools.partial(_restore, variable, os.environ.get(variable)))
+            os.environ[variable] = value  # how testinfra's backends (made at collection) learn the environment
     only = config.getoption("overhaul_only")
     names = only.split(",") if only else [h.name for h in load_inventory(env, Path(hosts_dir)).hosts]
     if not config.getoption("hosts", default=None):

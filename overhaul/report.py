@@ -49,6 +49,8 @@ class ConsoleReport:
         if self.verbosity >= 0:
             self._say(f"\n== {verb} {planned.index + 1}: {planned.stage.name} ({planned.stage.step} on {len(hosts)} "
                       f"host{'s' if len(hosts) != 1 else ''}, {planned.stage.strategy})")
+            if self.check_only and not planned.step.reversible and not planned.step.read_only:
+                self._say(f"   cannot be undone: {irreversible(planned)}")
         self._start_heartbeat()
 
     def batch_started(self, planned: PlannedStage, number: int, total: int, hosts: list[str]) -> None:
@@ -205,4 +207,11 @@ def describe_changes(preview: RunResult, stages: list[PlannedStage]) -> str:
             lines.append(f"{label}: nothing to do ({len(planned.hosts)} hosts)")
         for message, hosts in changing.items():
             lines.append(f"{label}: {', '.join(hosts)}: {message}")
+        if changing and not planned.step.reversible:
+            lines.append(f"      cannot be undone: {irreversible(planned)}")
     return "\n".join(lines)
+
+
+def irreversible(planned: PlannedStage) -> str:
+    """What a stage's change loses for good (its step's own words)."""
+    return planned.step.irreversible or f"{planned.step.name} declares no undo"

@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from overhaul.config import Document, dotted, load_document, plain_name
+from overhaul.config import Document, Location, dotted, load_document, plain_name
 from overhaul.errors import ConfigError
 
 PERCENT = re.compile(r"^(\d{1,3})%$")
@@ -119,6 +119,18 @@ class PreflightPolicy(Strict):
     """refuse: one unreachable host refuses the run; skip: leave unreachable hosts out of the whole run."""
 
 
+class Hooks(Strict):
+    """Stages of ordinary steps around the runbook's own (a load balancer's maintenance mode, a status page), run
+    with the same preflight, journal and retries."""
+
+    before: list[Stage] = []
+    """Run before the first stage (preflighted with the run's stages: a refusal changes nothing)."""
+    after: list[Stage] = []
+    """Run after the last stage, when every stage before passed."""
+    on_failure: list[Stage] = []
+    """Run when the run failed (after its undo, with on_failure: undo), on the hosts they select."""
+
+
 class Runbook(Strict):
     """An ordered list of stages: runbooks/<name>.yaml."""
 
@@ -136,14 +148,26 @@ class Runbook(Strict):
     """stop: a failed run stops where it failed (resume or undo it later); undo: it takes back what its stages
     changed, in reverse order, and ends `rolled back` (refused, nothing undone, if a changed stage is irreversible)."""
 
-    def conflicts(self) -> list[tuple[tuple[str | int, ...], str]]:
+    hooks: Hooks = Hooks()
+    """Stages before, after, and on failure of the runbook's own."""
+
+    def sequence(self) -> list[tuple[Location, Stage]]:
+        """The stages a run goes through in order (hooks.before, stages, hooks.after), then those of hooks.on_failure,
+        each with its place in the file."""
+        hooks = self.hooks
+        return [*[(("hooks", "before", i), stage) for i, stage in enumerate(hooks.before)],
+                *[(("stages", i), stage) for i, stage in enumerate(self.stages)],
+                *[(("hooks", "after", i), stage) for i, stage in enumerate(hooks.after)],
+                *[(("hooks", "on_failure", i), stage) for i, stage in enumerate(hooks.on_failure)]]
+
+    def conflicts(self) -> list[tuple[Location, str]]:
         """Problems across stages, each with the location it is about."""
-        seen: dict[str, int] = {}
+        seen: dict[str, Location] = {}
         found = []
-        for index, stage in enumerate(self.stages):
+        for place, stage in self.sequence():
             if stage.name in seen:
-                found.append((("stages", index, "name"), f"another stage is named {stage.name!r} (stages[{seen[stage.name]}])"))
-            seen.setdefault(stage.name, index)
+                found.append(((*place, "name"), f"another stage is named {stage.name!r} ({dotted(seen[stage.name])})"))
+            seen.setdefault(stage.name, place)
         return found
 
 
@@ -158,8 +182,16 @@ class LoadedRunbook:
     def path(self) -> Path:
         return self.document.path
 
+    def place(self, stage_index: int) -> Location:
+        """Where the plan's stage `stage_index` is in the file, e.g. ("stages", 2) or ("hooks", "before", 0)."""
+        return self.runbook.sequence()[stage_index][0]
+
     def where(self, stage_index: int, *field: str | int) -> str:
-        return self.document.where(("stages", stage_index, *field))
+        return self.document.where((*self.place(stage_index), *field))
+
+    def label(self, stage_index: int) -> str:
+        """The stage's place as errors name it: stages[2], hooks.before[0]."""
+        return dotted(self.place(stage_index))
 
 
 def runbook_path(name: str, runbooks_dir: Path = Path("runbooks")) -> Path:

@@ -14,13 +14,14 @@ from typing import Any
 
 from overhaul.context import StepHost
 from overhaul.plan import Plan, PlannedStage
+from overhaul.report import irreversible
 from overhaul.runner import UNDO_FACTS, HostResult
 from overhaul.step import Check, Outcome, Step
 
 
 @dataclass
 class UndoPlan:
-    plan: Plan  # the undo stages only, indices after the run's own
+    plan: Plan  # the undo stages only, indices after all of the runbook's (hooks.on_failure included)
     blocked: list[str]  # irreversible changes: when any, nothing is undone
 
     @property
@@ -34,7 +35,7 @@ def changed_pairs(plan: Plan, results: list[HostResult]) -> dict[int, dict[str, 
     found: dict[int, dict[str, dict[str, Any]]] = {}
     for result in results:
         if result.stage_index >= len(plan.stages):
-            continue  # an undo pair of an earlier attempt
+            continue  # a pair of hooks.on_failure, or of an earlier undo
         remembered = result.facts.get(UNDO_FACTS)
         if result.outcome is Outcome.CHANGED or (result.outcome is Outcome.FAILED and remembered is not None):
             found.setdefault(result.stage_index, {})[result.host] = remembered or {}
@@ -44,21 +45,20 @@ def changed_pairs(plan: Plan, results: list[HostResult]) -> dict[int, dict[str, 
 def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
     """The stages that take back what `results` (pairs of `plan`'s stages) changed, latest stage first."""
     changed = changed_pairs(plan, results)
-    count = len(plan.stages)
     stages, blocked = [], []
     for planned in reversed(plan.stages):
         hosts = changed.get(planned.index)
-        if not hosts or planned.step.read_only:
+        if not hosts or planned.step.read_only or planned.hook:  # a hook (maintenance mode, say) is not the change
             continue
         if not planned.step.reversible:
             blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
-                           f"{', '.join(hosts)} and cannot be undone: {planned.step.irreversible or 'irreversible'}")
+                           f"{', '.join(hosts)} and cannot be undone: {irreversible(planned)}")
             continue
         stage = planned.stage.model_copy(update={
             "name": f"undo {planned.stage.name}", "confirm": False, "on_failure": "stop", "max_failures": "100%",
         })  # every host is undone as far as it can be; a host that fails is left out of the earlier undo stages
         params = {host: planned.params[host] for host in planned.hosts if host in hosts}
-        stages.append(PlannedStage(count + len(stages), stage, undo_step(planned.step, hosts), params))
+        stages.append(PlannedStage(plan.next_index + len(stages), stage, undo_step(planned.step, hosts), params))
     undo = Plan(plan.runbook, plan.inventory, plan.run_params, [] if blocked else stages, plan.redactor, plan.limit)
     return UndoPlan(undo, blocked)
 

@@ -13,7 +13,9 @@ import os
 import sys
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,34 +44,52 @@ def runbook_cases(result: RunResult) -> list[Case]:
     return [Case(r.stage, r.host, status[r.outcome], r.message, r.duration) for r in result.results]
 
 
+CHECK_WIDTH = 8  # pytest sessions at once; measured at 20 lab hosts (bench/peers.py)
+
+# pytest's plugins a verify does without: its terminal (the controller's live view owns stdout) and, as they
+# change process-wide state the runbook's threads and the other sessions share, capture, debugging,
+# faulthandler, logging, warnings and the exception hooks; and the cache (and stepwise, which needs it).
+QUIET_PLUGINS = ("terminal", "debugging", "faulthandler", "logging", "warnings", "unraisableexception",
+                 "threadexception", "cacheprovider", "stepwise")
+
+
 def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None = None,
-               stop: threading.Event | None = None) -> list[Case]:
+               stop: threading.Event | None = None, width: int = CHECK_WIDTH) -> list[Case]:
     """Run the checks folder against `hosts` in this process, on `transport`'s connections: one case per (check, host).
 
-    pytest runs in-process (no second Python, no second connection, no second known_hosts parse); it
-    neither captures nor writes to the terminal, leaves signals, logging and warnings alone, and takes
-    back what it adds to sys.path and sys.modules, so a second verify in the process starts clean.
-    Setting `stop` ends the session before its next check (Ctrl-C of the run).
+    pytest runs in-process (no second Python, no second connection, no second known_hosts parse), one
+    session per group of hosts, `width` groups at once: a session runs its checks one after the other,
+    and most of a check's time is its host's answer. No session captures or writes to the terminal or
+    touches signals, logging, warnings or exception hooks; what they add to sys.path and sys.modules is
+    taken back, so a second verify in the process starts clean. `stop` ends every session before its
+    next check (Ctrl-C of the run).
     """
-    import pytest  # only a verify with checks pays for importing pytest and testinfra
-
     from overhaul import checks as overhaul_checks
 
-    collector = _Collector(str(checks), stop or threading.Event())
+    stop = stop or threading.Event()
+    groups = [hosts[index::width] for index in range(max(1, min(width, len(hosts))))]
+    env = transport.inventory.environment
+    with overhaul_checks.sharing(transport, hosts_dir), _session_state(checks, env, hosts_dir), \
+            ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="overhaul-checks") as pool:
+        sessions = list(pool.map(lambda group: _session(checks, env, hosts_dir, group, extra_vars, stop), groups))
+    rank: dict[str, int] = {}  # the cases in one session's order: by file, then host, then check
+    for cases in sessions:
+        for case in cases:
+            rank.setdefault(case.check.split("::")[0], len(rank))
+    return sorted((case for cases in sessions for case in cases), key=lambda c: (rank[c.check.split("::")[0]], c.host))
+
+
+def _session(checks: Path, env: str, hosts_dir: str, hosts: list[str], extra_vars: dict | None,
+             stop: threading.Event) -> list[Case]:
+    """One pytest session over some hosts: its cases, or one failed case per host when pytest itself failed."""
+    import pytest  # only a verify with checks pays for importing pytest and testinfra
+
+    collector = _Collector(str(checks), stop)
     args = [str(checks), "-s", "-o", "addopts=", "--rootdir", str(checks),
             *(arg for plugin in QUIET_PLUGINS for arg in ("-p", f"no:{plugin}")),
-            "--overhaul-env", transport.inventory.environment, "--overhaul-hosts-dir", hosts_dir,
-            "--overhaul-only", ",".join(hosts), "--overhaul-vars", json.dumps(extra_vars or {})]
-    path = sys.path[:]
-    try:
-        with overhaul_checks.sharing(transport, hosts_dir):
-            code = pytest.main(args, plugins=[collector])
-    finally:
-        sys.path[:] = path
-        folder = str(checks.resolve()) + os.sep
-        for name in [name for name, module in sys.modules.items()
-                     if (getattr(module, "__file__", None) or "").startswith(folder)]:
-            del sys.modules[name]  # the next session reads the checks afresh
+            "--overhaul-env", env, "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", ",".join(hosts),
+            "--overhaul-vars", json.dumps(extra_vars or {})]
+    code = pytest.main(args, plugins=[collector])
     if code not in (0, 1, 5) and not collector.stopped:  # 5: no checks; anything else is the checks' own fault
         problem = "; ".join(collector.problems) or "see `pytest CHECKS --overhaul-env ENV`"
         return [Case("checks", host, "failed", f"pytest exited {int(code)}: {problem}"[:300], source=str(checks),
@@ -77,9 +97,29 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
     return collector.cases
 
 
-# pytest's plugins a verify does without: its terminal (the controller's live view owns stdout), capture,
-# faulthandler, logging and warnings (process-wide state the runbook's threads use), and the cache.
-QUIET_PLUGINS = ("terminal", "faulthandler", "logging", "warnings", "cacheprovider")
+@contextmanager
+def _session_state(checks: Path, env: str, hosts_dir: str) -> Iterator[None]:
+    """What the sessions share of the process, set once for all of them and taken back after."""
+    from overhaul import checks as overhaul_checks
+
+    path = sys.path[:]
+    variables = {overhaul_checks.ENV_VARIABLE: env, overhaul_checks.HOSTS_DIR_VARIABLE: hosts_dir}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)  # how testinfra's backends (made at collection) learn the environment
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        folder = str(checks.resolve()) + os.sep
+        for name in [name for name, module in sys.modules.items()
+                     if (getattr(module, "__file__", None) or "").startswith(folder)]:
+            del sys.modules[name]  # the next verify reads the checks afresh
+        overhaul_checks.forget_hosts()
 
 
 class _Collector:

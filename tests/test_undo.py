@@ -104,3 +104,50 @@ def test_an_irreversible_change_refuses_the_whole_undo(lab, tmp_path):
     assert "stage 4 reconfigure db (app.reconfigure) changed db1 and cannot be undone" in migrated.blocked[0]
     untouched = undo_plan(plan, [*stopped, pair("reconfigure db", "db1", Outcome.FAILED)])  # failed before its apply
     assert not untouched.blocked
+
+
+HOOKED = """
+name: hooked
+on_failure: undo
+params: {tag: x, threshold: 1}
+hooks:
+  before:
+    - {name: maintenance on, step: shell, roles: [app], params: {command: "echo on > /root/maint-${tag}"}}
+  after:
+    - {name: maintenance off, step: shell, roles: [app], params: {command: "rm -f /root/maint-${tag}"}}
+  on_failure:
+    - {name: tell the status page, step: shell, hosts: [db1], params: {command: "echo failed >> /root/status-${tag}"}}
+stages:
+  - name: stop services
+    step: services.stop
+  - name: breaks
+    step: disk.usage
+    hosts: [app1]
+    params: {mounts: [/], threshold: "${threshold}"}
+"""
+
+
+def test_hooks_run_around_the_stages_and_on_failure_after_the_undo(fresh_lab, tmp_path):
+    lab = fresh_lab(3)
+    runbook = tmp_path / "runbooks/hooked.yaml"
+    runbook.parent.mkdir()
+    runbook.write_text(HOOKED)
+    args = ("run", str(runbook), "--env", "lab", "--yes", "--hosts-dir", str(lab.inventory.parent))
+    app1, db1 = lab.host("app1"), lab.host("db1")
+
+    failed = overhaul_cli(tmp_path, *args, "-p", "tag=a")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    [run] = SQLiteState(tmp_path / "journal.sqlite").runs("lab")
+    ran = [r for r in SQLiteState(tmp_path / "journal.sqlite").results(run.id) if r.outcome != "skipped"]
+    order = [r.stage for r in sorted(ran, key=lambda r: r.started)]
+    assert list(dict.fromkeys(order)) == ["maintenance on", "stop services", "breaks", "undo stop services",
+                                          "tell the status page"], order
+    assert run.status == "rolled back"  # the hook is not the change: left as is; the stopped services started again
+    assert app1.exec("cat /root/maint-a").stdout.strip() == "on"  # after-hooks run only when every stage passed
+    assert db1.exec("cat /root/status-a").stdout.strip() == "failed"
+    assert states(lab, "app1") == {"RUNNING"}
+
+    passed = overhaul_cli(tmp_path, *args, "-p", "tag=b", "-p", "threshold=100")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert app1.exec("test -e /root/maint-b", check=False).returncode == 1  # on, then off again
+    assert db1.exec("test -e /root/status-b", check=False).returncode == 1  # nothing failed: the page is not told
