@@ -9,8 +9,8 @@ The restore is one durable command under the host's lock (`mysql-restore`): it g
 if the controller dies, and it writes a marker beside the backup (`<file>.restored`: the run and the
 time) only when mysql succeeded. A marker means "restored": a resumed run, a retry, or the same
 rollback run again finds it and restores nothing (to restore the same file once more on purpose,
-remove the marker). `verify` proves the restore: every table of the dump exists, and the rows of
-`proof_table` (the application's schema version) are the dump's rows.
+remove the marker). `check` (and so `verify`) proves a marked restore each time it looks: every table of the
+dump exists, and the rows of `proof_table` (the application's schema version) are the dump's rows.
 """
 
 from __future__ import annotations
@@ -163,9 +163,14 @@ class MysqlRestore(Step[RestoreParams]):
         done = self._restored_by(host)
         if not done:
             return Check(False, f"restore {self.params.backup}: destroys what was written after it")
-        run_id = done.split()[0]
-        return Check(True, f"{self.params.backup} restored by run {done}",
-                     {"backup": self.params.backup, "sha256": self.params.sha256, "restored_by": run_id})
+        # Proven each time, not only after this run's own apply: a killed controller's restore finished on the host
+        # without anyone looking at what it left.
+        proof = self._proven(host)
+        if not proof.done:
+            return Check(False, f"restored by run {done}, but {proof.message}")
+        return Check(True, f"{self.params.backup} restored by run {done}: {proof.message}",
+                     {"backup": self.params.backup, "sha256": self.params.sha256, "restored_by": done.split()[0],
+                      "proven": proof.message})
 
     def apply(self, host: StepHost) -> str:
         script = RESTORE.format(
@@ -180,11 +185,8 @@ class MysqlRestore(Step[RestoreParams]):
             raise StepFailed(f"restore of {self.params.backup} failed (exit {result.exited}): {result.tail()}")
         return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else f"restored {self.params.backup}"
 
-    def verify(self, host: StepHost) -> Check:
-        """The marker is there, every table of the dump exists, and the proof table's rows are the dump's."""
-        check = self.check(host)
-        if not check.done:
-            return check
+    def _proven(self, host: StepHost) -> Check:
+        """Every table of the dump exists, and the proof table's rows are the dump's."""
         dump, tables, rows = self._proof(host)
         if not dump["tables"]:
             return Check(False, f"found no table in {self.params.backup}: cannot prove the restore")
@@ -199,7 +201,7 @@ class MysqlRestore(Step[RestoreParams]):
                 return Check(False, f"{self.params.proof_table} is {' '.join(rows) or '(empty)'}, the dump has "
                                     f"{' '.join(dump['rows']) or '(empty)'}")
             proven += f", {self.params.proof_table} as in the dump"
-        return Check(True, f"restored {self.params.backup}: {proven}", {**(check.facts or {}), "proven": proven})
+        return Check(True, proven)
 
     def _proof(self, host: StepHost) -> tuple[dict[str, list[str]], set[str], list[str]]:
         """What the dump holds (tables as DB.TABLE, the proof table's INSERT lines), the tables the database has

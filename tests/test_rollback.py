@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 
 from helpers import overhaul_cli
 
@@ -26,6 +30,9 @@ def query(lab, sql: str) -> str:
 def test_rollback_refuses_an_altered_backup_then_restores_the_real_one_once(fresh_lab, tmp_path):
     lab = fresh_lab(3)
     hosts_dir = ("--hosts-dir", str(lab.inventory.parent))
+    # Enough rows that the restore takes a moment: the controller is killed in the middle of it below.
+    query(lab, "CREATE TABLE scalr.bulk (id INT PRIMARY KEY, pad CHAR(100)); "
+               "INSERT INTO scalr.bulk SELECT seq, REPEAT('x', 100) FROM scalr.seq_1_to_200000")
     upgraded = overhaul_cli(tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes", *hosts_dir)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     journal = SQLiteState(tmp_path / "journal.sqlite")
@@ -56,11 +63,28 @@ def test_rollback_refuses_an_altered_backup_then_restores_the_real_one_once(fres
         assert (version(lab, host), states(lab, host)) == ("1.1.0", {"RUNNING"}), host
     db.exec(f"truncate -s {backup['size']} {backup['path']}")  # the file as the upgrade left it
 
-    # `overhaul rollback` finds all of the above in the journal, and says what is lost before it starts.
-    rolled_back = overhaul_cli(tmp_path, "rollback", "--env", "lab", "--yes", *hosts_dir)
-    assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
-    assert f"back to 1.0.0, the database restored from {backup['path']}" in rolled_back.stdout
-    assert "LOST: everything written to the database after " in rolled_back.stdout
+    # `overhaul rollback` finds all of the above in the journal, and says what is lost before it starts. SIGKILLed
+    # while the restore runs (the restore goes on to its end on the host), then resumed: restored exactly once.
+    environ = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"), PYTHONUNBUFFERED="1")
+    killed = subprocess.Popen([sys.executable, "-m", "overhaul", "rollback", "--env", "lab", "--yes", *hosts_dir],
+                              cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while db.exec(f"pgrep -f '[z]cat {backup['path']}'", check=False).returncode != 0:
+        assert time.monotonic() < deadline and killed.poll() is None, killed.communicate()[0]
+        time.sleep(0.02)
+    killed.kill()
+    said = killed.communicate()[0]
+    assert f"back to 1.0.0, the database restored from {backup['path']}" in said
+    assert "LOST: everything written to the database after " in said
+    marker = f"{backup['path']}.restored"
+    while db.exec(f"test -s {marker}", check=False).returncode != 0:  # the killed controller's restore, finishing
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    query(lab, "INSERT INTO scalr.farms (name, status) VALUES ('after-restore', 'running')")  # a 2nd restore drops it
+    resumed = overhaul_cli(tmp_path, "resume", "--env", "lab", "--yes", *hosts_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "after-restore" in query(lab, "SELECT name FROM scalr.farms")
+    query(lab, "DELETE FROM scalr.farms WHERE name = 'after-restore'")
     for host in HOSTS:
         assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
     assert query(lab, "SELECT version FROM scalr.schema_version") == "1.0.0"
@@ -68,7 +92,7 @@ def test_rollback_refuses_an_altered_backup_then_restores_the_real_one_once(fres
     assert query(lab, "SELECT COUNT(*) FROM information_schema.columns WHERE column_name = 'launched_at'") == "0"
     run = journal.runs("lab")[0]
     [restore] = [r for r in journal.results(run.id) if r.stage == "restore database"]
-    assert restore.outcome == "changed" and restore.facts["restored_by"] == run.id
+    assert restore.outcome == "ok" and restore.facts["restored_by"] == run.id  # the killed attempt's restore stands
     assert re.fullmatch(r"[1-9][0-9]* tables of the dump back, scalr.schema_version as in the dump", restore.facts["proven"])
 
     # The same rollback again changes nothing (the restore above is not repeated).
