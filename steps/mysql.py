@@ -176,12 +176,13 @@ class MysqlBackup(Step[BackupParams]):
         folder = shlex.quote(self.params.backup_dir)
         listing = host.run(
             f"cd {folder} 2>/dev/null && for f in $(ls -1t {self._pattern()} 2>/dev/null); do "
-            f'[ -e "$f.sha256" ] && echo "$(date +%s) $(stat -c "%Y %s" "$f") $f"; done'
+            f'[ -e "$f.sha256" ] && [ ! -e "$f.restored" ] && echo "$(date +%s) $(stat -c "%Y %s" "$f") $f"; done'
         ).stdout.split("\n")
         for line in filter(None, listing):
             now, modified, size, name = line.split(maxsplit=3)
             # This run's own backup always counts (a resume after the services were stopped cannot dump
-            # again); another run's only while it is fresh, so a stopped run's old dump is no safety net.
+            # again); another run's only while it is fresh, so a stopped run's old dump is no safety net. A restored
+            # one never does (listed above): the database has moved on since it was restored.
             fresh = (int(now) - int(modified)) / 3600 <= self.params.max_age_hours  # the host's own clock
             if not (fresh or name.endswith(f"-{host.run_id}.sql.gz")):
                 continue

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def aws(moto_url, monkeypatch):
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_url)
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     return moto_url, ec2, image
+
+
+@pytest.fixture
+def tag() -> str:
+    """A unique name, so tests on the shared lab never see each other's files."""
+    return uuid.uuid4().hex[:8]
 
 
 @pytest.fixture(scope="session")

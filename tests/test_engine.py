@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 from helpers import lab_inventory, outcomes, plan_for, run, write
@@ -17,12 +16,6 @@ from overhaul.lab import faults
 from overhaul.runbook import Stage, resolve_count
 from overhaul.step import Registry
 from overhaul.transport import Transport
-
-
-@pytest.fixture
-def tag() -> str:
-    """A unique name, so tests on the shared lab never see each other's files."""
-    return uuid.uuid4().hex[:8]
 
 
 def test_counts_and_percentages_resolve_against_the_stage_size():

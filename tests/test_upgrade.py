@@ -209,3 +209,23 @@ def test_retention_keeps_the_newest_backups_of_the_label(fresh_lab, tmp_path):
         time.sleep(1.1)  # distinct timestamps
     kept = lab.host("db1").exec("cd /var/backups/overhaul && ls -1t *.sql.gz").stdout.split()
     assert [name.split("-")[0] for name in kept] == ["nightly", "other", "nightly"]  # the oldest nightly went
+
+
+def test_a_backup_a_rollback_restored_is_never_reused_as_a_fresh_one(lab, tmp_path, tag):
+    """After a rollback restored it, the database has moved on: an upgrade soon after must dump again (found in review:
+    the reused file, already marked restored, made that upgrade's own rollback restore nothing)."""
+    runbook = f"""
+        name: backup only
+        stages:
+          - {{name: backup, step: mysql.backup, roles: [db], params: {{label: reuse-{tag}, backup_dir: /var/backups/r-{tag}}}}}
+    """
+    try:
+        first = run(runbook, tmp_path, lab_inventory(lab))
+        assert [r.outcome.value for r in first.results] == ["changed"]
+        assert [r.outcome.value for r in run(runbook, tmp_path, lab_inventory(lab)).results] == ["ok"]  # fresh: reused
+        lab.host("db1").exec(f"echo someone > {first.results[0].facts['path']}.restored")
+        again = run(runbook, tmp_path, lab_inventory(lab))
+        assert [r.outcome.value for r in again.results] == ["changed"]
+        assert again.results[0].facts["path"] != first.results[0].facts["path"]
+    finally:
+        lab.host("db1").exec(f"rm -rf /var/backups/r-{tag}")
