@@ -444,13 +444,13 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
     transport = Transport(planned.inventory, planned.redactor)
-    # The checks (one pytest session, in this process, on these connections) run while the runbook's stages do.
+    # The checks (pytest, in this process, on these connections) run while the runbook's stages do.
     checking = verification.BackgroundChecks(transport, hosts_dir, folder, planned.hosts,
                                              {"expected_version": expected_version(env)}) \
         if folder.is_dir() and not no_checks else None
     try:
         result = None if checks_only else run_plan(planned, mutating=False, show_summary=False,  # one summary below
-                                                   verbosity=verbosity(verbose, quiet))
+                                                   verbosity=verbosity(verbose, quiet), transport=transport)
         cases = verification.runbook_cases(result) if result is not None else []
         if checking is not None:
             cases += checking.cases(interrupted=result is not None and result.interrupted)

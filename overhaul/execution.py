@@ -243,8 +243,11 @@ def run_plan(
     verbosity: int = 0,
     undo_only: bool = False,
     version_from: str | None = None,
+    transport: Transport | None = None,
 ) -> RunResult:
     """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means.
+
+    `transport`: the caller's connections, which the caller closes (verify shares them with its checks).
 
     `undo_only` (with `resume`): take back what the journaled run changed instead of going on with it.
     `version_from`: the version the environment runs now, as far as the journal knows (for notifications).
@@ -267,7 +270,8 @@ def run_plan(
                                 limit=plan.limit or None))
     if not mutating:
         return _execute(plan, state, _journal_new_run(state, plan, run_id, mutating=False), confirm=confirm,
-                        stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity, notify=notify)
+                        stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity, notify=notify,
+                        transport=transport)
     with ExitStack() as held:
         try:
             keeper = held.enter_context(LockKeeper(state, environment, run_id))
@@ -332,8 +336,9 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
              confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
              resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
              gate: Gate | None = None, verbosity: int = 0, notify: tuple[RunNotifier, RunInfo] | None = None,
-             undo_only: bool = False) -> RunResult:
-    transport = Transport(plan.inventory, plan.redactor)
+             undo_only: bool = False, transport: Transport | None = None) -> RunResult:
+    owned = transport is None
+    transport = Transport(plan.inventory, plan.redactor) if transport is None else transport
     console = console_report(stream, check_only, verbosity)
     listeners: list = [console]
     previous: dict[tuple[int, str], HostResult] = {}
@@ -383,7 +388,8 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
                     result = _then(runner, result, ran.on_failure, stages, previous)
     finally:
         console.close()
-        transport.close()
+        if owned:
+            transport.close()
         lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)
         if lease_lost:
             print("error: this run lost its lease on the environment: it started nothing more, and leaves the run's "

@@ -176,7 +176,7 @@ class _Collector:
 
 
 class BackgroundChecks:
-    """The checks session in a thread of its own, beside the runbook's stages and on the same transport."""
+    """The checks in a thread of their own, beside the runbook's stages and on the same transport."""
 
     def __init__(self, transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None):
         self._stop = threading.Event()

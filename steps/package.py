@@ -185,9 +185,14 @@ class PackageUpgrade(Step[UpgradeParams]):
         done = f'[ "$({INSTALLED.format(name=shlex.quote(self.params.name))})" = {wanted} ] && {{ echo {said}; exit 0; }}; '
         if manager == "apt":
             # Finish any install an earlier, interrupted run left half done (waiting for another dpkg's lock), then
-            # install, waiting for another apt's lock.
-            command = (f"{done}{DPKG_CONFIGURE}; apt-get update -q {APT_LOCK_WAIT} && {APT_ENV} apt-get install -y -q "
-                       f"--allow-downgrades {APT_LOCK_WAIT} -o Dpkg::Options::=--force-confold {name}")
+            # install, waiting for another apt's lock. The package lists are refreshed first only when they lack the
+            # version (the preflight refreshed them if they did), or when installing from them fails (stale lists).
+            install = (f"{APT_ENV} apt-get install -y -q --allow-downgrades {APT_LOCK_WAIT} "
+                       f"-o Dpkg::Options::=--force-confold {name}")
+            update = f"apt-get update -q {APT_LOCK_WAIT}"
+            listed = any(same_version(version, target) for version in host.read(available_probe(self.params.name)))
+            then = f"{{ {install} || {{ {update} && {install}; }}; }}" if listed else f"{update} && {install}"
+            command = f"{done}{DPKG_CONFIGURE}; {then}"
         else:
             command = f"{done}yum install -y {name} || yum downgrade -y {name}"
         result = host.run_then_read(command, [installed_probe(self.params.name)], durable=f"package-{self.params.name}")

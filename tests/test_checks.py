@@ -142,8 +142,6 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     assert json.loads(to_stdout.stdout[to_stdout.stdout.index('{\n  "environment"'):])["totals"]["passed"] == 12
 
 
-@pytest.mark.xfail(strict=True, reason="needs run_plan(transport=...) in overhaul/execution.py (issue 15): the runbook "
-                                        "still opens connections of its own beside the checks'")
 def test_verify_with_checks_opens_one_ssh_connection_per_host(lab, tmp_path):
     """The checks run in the controller on the run's own connections: each host's sshd logs exactly one accepted
     connection for a whole `overhaul verify` (the built-in runbook and the checks), not one for each."""
