@@ -548,6 +548,11 @@ def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", st
     if record.status not in ("failed", "interrupted", "abandoned", "rolled back") or not record.mutating:
         raise OverhaulError(f"run {record.id} is {record.status}: only a failed, interrupted or abandoned run is undone")
     planned = journaled_plan(state, record, hosts_dir, steps_dir, "undo it")
+    cut = [f"{r.stage} on {r.host}" for r in state.results(record.id) if r.outcome == "running"
+           and r.stage_index < len(planned.stages) and not planned.stages[r.stage_index].step.read_only]
+    if cut:
+        raise Refused(f"run {record.id} was cut off in the middle of {', '.join(cut)}: what that changed is not in the "
+                      f"journal; finish the run first (`overhaul resume --run {record.id}`), then undo it")
     undo = undo_plan(planned, list(journaled_results(state, record.id).values()))
     if undo.blocked:
         raise Refused("; ".join(undo.blocked) + f"; nothing was undone: the way back is `overhaul rollback --run {record.id}`")

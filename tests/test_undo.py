@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from helpers import lab_inventory, overhaul_cli, plan_for
 
+from overhaul.execution import file_sha256
 from overhaul.lab import faults
 from overhaul.runbook import BUILTIN_RUNBOOKS
 from overhaul.runner import UNDO_FACTS, HostResult
-from overhaul.state import SQLiteState
+from overhaul.state import ResultRecord, RunRecord, SQLiteState
 from overhaul.step import Outcome
 from overhaul.undo import undo_plan
 
@@ -151,3 +153,18 @@ def test_hooks_run_around_the_stages_and_on_failure_after_the_undo(fresh_lab, tm
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert app1.exec("test -e /root/maint-b", check=False).returncode == 1  # on, then off again
     assert db1.exec("test -e /root/status-b", check=False).returncode == 1  # nothing failed: the page is not told
+
+
+def test_a_run_cut_off_in_the_middle_of_a_change_is_not_undone_blind(lab, tmp_path):
+    """A pair left `running` (the controller died in it) journaled nothing of what it changed: undo refuses (exit 3)."""
+    path = BUILTIN_RUNBOOKS / "upgrade.yaml"
+    journal = SQLiteState(tmp_path / "journal.sqlite")
+    journal.start_run(RunRecord("r-cut", "upgrade", str(path), file_sha256(path), "lab", {"version": "1.1.0"}, "t",
+                                time.time(), status="interrupted"))
+    journal.record(ResultRecord("r-cut", 1, "stop services", "db1", "changed", facts={UNDO_FACTS: {"stopped": []}}))
+    journal.record(ResultRecord("r-cut", 2, "upgrade package", "db1", "running"))
+    refused = overhaul_cli(tmp_path, "undo", "--run", "r-cut", "--hosts-dir", str(lab.inventory.parent))
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "cut off in the middle of upgrade package on db1" in refused.stderr
+    assert "overhaul resume --run r-cut" in refused.stderr
+    assert journal.run("r-cut").status == "interrupted"  # nothing started, nothing changed
