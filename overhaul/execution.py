@@ -377,15 +377,12 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
                 transport.connect(plan.hosts)
                 result = runner.run()
             else:
-                result = _gated(runner, transport, gate, stream)
-                ran = runner.plan
-                failed = result.failed and not (result.interrupted or result.refused)
-                if failed and ran.runbook.runbook.on_failure == "undo":
-                    result = _undo(runner, result, previous, stages, stream, on_start=lambda: record and state and state.event(
-                        record.environment, UNDO, "the run failed: on_failure undo", record.id))
-                if failed and ran.on_failure and not result.interrupted:
-                    print(f"the run failed: {len(ran.on_failure)} hooks.on_failure stage(s)", file=stream, flush=True)
-                    result = _then(runner, result, ran.on_failure, stages, previous)
+                def undo_started() -> None:  # from then on, the way on is the undo, not a resume
+                    if state is not None and record is not None:
+                        state.event(record.environment, UNDO, "the run failed: on_failure undo", record.id)
+
+                result = _after_failure(runner, _gated(runner, transport, gate, stream), previous, stages, stream,
+                                        undo_started)
     finally:
         console.close()
         if owned:
@@ -460,6 +457,21 @@ def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> 
         return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
     result = runner.run()
     result.preflight = report
+    return result
+
+
+def _after_failure(runner: Runner, result: RunResult, previous: dict[tuple[int, str], HostResult],
+                   stages: list[PlannedStage], stream: TextIO, undo_started: Callable[[], object]) -> RunResult:
+    """A run that failed (not interrupted, not refused): its undo if the runbook says on_failure: undo, then its
+    hooks.on_failure."""
+    ran = runner.plan
+    if not result.failed or result.interrupted or result.refused:
+        return result
+    if ran.runbook.runbook.on_failure == "undo":
+        result = _undo(runner, result, previous, stages, stream, on_start=undo_started)
+    if ran.on_failure and not result.interrupted:
+        print(f"the run failed: {len(ran.on_failure)} hooks.on_failure stage(s)", file=stream, flush=True)
+        result = _then(runner, result, ran.on_failure, stages, previous)
     return result
 
 
