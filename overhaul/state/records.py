@@ -24,7 +24,7 @@ class RunRecord:
     operator: str
     started: float
     ended: float | None = None
-    status: str = "running"  # running | interrupted | succeeded | failed | refused | abandoned
+    status: str = "running"  # running | interrupted | succeeded | failed | rolled back | refused | abandoned
     mutating: bool = True  # False: a read-only run (verify), never "unfinished", never resumed
 
     @property
