@@ -11,7 +11,9 @@ import functools
 import json
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -886,6 +888,10 @@ class OverhaulProgram(Program):
 
     def run(self, argv: list[str] | str | None = None, exit: bool = True) -> None:
         raise_open_files_limit()
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C stops every command (exit 130), even one started where SIGINT was ignored (a script's `cmd &`):
+            # as a run's own handler already does, so `verify --checks-only` is no exception.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             super().run(argv, exit)
         except BrokenPipeError:  # `overhaul --help | head`: the reader is gone, and so is what is left to say

@@ -42,6 +42,7 @@ while True:
 # sys_module, sys_rawio, sys_ptrace, sys_time, net_admin, net_raw, mknod, syslog, sys_boot.
 CAPABILITIES = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid", "net_bind_service",
                 "sys_chroot", "audit_write")
+BOUNDING = "-all," + ",".join(f"+{cap}" for cap in CAPABILITIES)  # setpriv's --bounding-set for everything a host runs
 
 # Device nodes a host gets (on a tmpfs of its own) instead of the machine's /dev: name, major, minor.
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
@@ -79,7 +80,7 @@ cd "$M"
 pivot_root . run/.machine-root
 umount -l /run/.machine-root
 rmdir /run/.machine-root
-exec setpriv --inh-caps=-all --bounding-set=-all,{capabilities} -- /usr/bin/python3 /usr/local/sbin/overhaul-lab-init
+exec setpriv --inh-caps=-all --bounding-set={bounding} -- /usr/bin/python3 /usr/local/sbin/overhaul-lab-init
 """
 
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -129,7 +130,7 @@ class LabHost:
             overlay=shlex.quote(f"lowerdir={rootfs},upperdir={self.upper},workdir={self.home / 'work'}"),
             data=DATA_MOUNT, data_mb=data_mb, repo_mount=REPO_MOUNT, name=shlex.quote(self.name),
             devices="\n".join(f"mknod -m 666 \"$M\"/dev/{name} c {major} {minor}" for name, major, minor in DEVICES),
-            capabilities=",".join(f"+{cap}" for cap in CAPABILITIES),
+            bounding=BOUNDING,
         )
         with open(self.home / "console.log", "ab") as console:
             unshare = subprocess.Popen(
@@ -183,12 +184,17 @@ class LabHost:
         return f"{fields[0]} {fields[1]}"
 
     def exec(self, command: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run a shell command inside the host as root, without SSH (setup and fault injection)."""
+        """Run a shell command inside the host as root, without SSH (setup and fault injection).
+
+        With the host's own bounded capabilities: what it starts (an sshd restarted by a fault, the services of
+        the setup) is as confined as the host's init, not as powerful as the machine's root.
+        """
         if not self.running():
             raise RuntimeError(f"lab: host {self.name} is not running")
         argv = [
-            "nsenter", f"--target={self.pid}", "--mount", "--uts", "--ipc", "--pid", "--root", "--wd",
-            "--", "/usr/bin/env", "-i", f"PATH={HOST_PATH}", "HOME=/root", "LC_ALL=C.UTF-8",
+            "nsenter", f"--target={self.pid}", "--mount", "--uts", "--ipc", "--pid", "--root", "--wd", "--",
+            "setpriv", "--inh-caps=-all", f"--bounding-set={BOUNDING}",
+            "/usr/bin/env", "-i", f"PATH={HOST_PATH}", "HOME=/root", "LC_ALL=C.UTF-8",
             "DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-c", command,
         ]
         proc = subprocess.run(argv, input=input, capture_output=True, text=True)
