@@ -490,7 +490,7 @@ def _undo(runner: Runner, forward: RunResult, previous: dict[tuple[int, str], Ho
         for line in undo.blocked:
             print(f"  {line}", file=stream)
         print(f"the way back: overhaul rollback --env {runner.plan.inventory.environment}", file=stream)
-        return replace(forward, undo_refused=undo.blocked)
+        return forward
     print(f"undoing: {len(undo.plan.stages)} stage(s) to take back, latest first", file=stream, flush=True)
     on_start()
     undone = _then(runner, forward, undo.plan.stages, stages, previous)

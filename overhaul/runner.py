@@ -62,7 +62,6 @@ class RunResult:
     preflight: PreflightReport | None = None
     run_id: str = ""  # the journaled run (none for a plan)
     rolled_back: bool = False  # it failed, and its undo took back every change it made
-    undo_refused: list[str] = field(default_factory=list)  # why its undo undid nothing (irreversible changes)
 
     @property
     def failed(self) -> bool:
