@@ -9,8 +9,8 @@ known_hosts with one `[address]:port key` line per host, so strict host-key chec
 Then, per size and round, each side runs in a child process of its own (interleaved, the order alternating by
 round), the same three read-only commands on every host as root:
 
-- overhaul: a verify-like runbook (`services.verify` on a stand-in `manage status` script, `disk.usage` of /, a
-  `shell` step whose `unless` reads /proc/loadavg), each stage `on_failure: continue`, run the way
+- overhaul: the verify runbook's three steps (`supervisor.up` and `services.verify` on stand-ins for `service` and
+  `manage status` first on the sessions' PATH, `disk.usage` of /), each stage `on_failure: continue`, run the way
   `overhaul verify --no-checks` runs it (`run_plan`, journal and per-host logs included), width: Overhaul's default
   (transport.FORKS, 100) or `--forks`;
 - raw: a paramiko script over a thread pool of the same width: per host, connect (known_hosts parsed once and
@@ -79,6 +79,10 @@ class Farm:
         return self.root / "manage"
 
     @property
+    def service(self) -> Path:
+        return self.root / "bin" / "service"
+
+    @property
     def runbook(self) -> Path:
         return self.root / "scale-verify.yaml"
 
@@ -90,7 +94,7 @@ class Farm:
 
     def commands(self) -> list[str]:
         """What the raw side runs on every host: the commands the runbook's three stages send."""
-        return [f"{self.manage} status", "df -P /", "cat /proc/loadavg"]
+        return ["service scalr status", f"{self.manage} status", "df -P /"]
 
 
 def write_farm(farm: Farm, sizes: list[int], forks: int, default_forks: int) -> None:
@@ -99,14 +103,16 @@ def write_farm(farm: Farm, sizes: list[int], forks: int, default_forks: int) -> 
     (farm.root / "authorized_keys").write_text(farm.client_key.with_suffix(".pub").read_text())
     farm.manage.write_text(f"#!/bin/sh\nprintf '{MANAGE_OUTPUT}'\n")
     farm.manage.chmod(0o755)
+    farm.service.parent.mkdir(exist_ok=True)
+    farm.service.write_text("#!/bin/sh\necho \"$1 is running\"\n")  # what `service scalr status` says on a farm host
+    farm.service.chmod(0o755)
     width = "" if forks == default_forks else f", concurrency: {forks}"
     farm.runbook.write_text(
-        "name: scale-verify\ndescription: three read-only commands per host, verify-like\nstages:\n"
+        "name: scale-verify\ndescription: three read-only commands per host, verify's steps\nstages:\n"
+        f"  - {{name: supervisor up, step: supervisor.up, on_failure: continue{width}}}\n"
         f"  - {{name: services running, step: services.verify, on_failure: continue{width},"
         f" params: {{manage_command: {farm.manage}}}}}\n"
         f"  - {{name: disk usage, step: disk.usage, on_failure: continue{width}, params: {{mounts: [/], threshold: 100}}}}\n"
-        # `unless` is the read; the command runs (and fails the host) only when the read fails.
-        f"  - {{name: load, step: shell, on_failure: continue{width}, params: {{command: 'false', unless: cat /proc/loadavg}}}}\n"
     )
     key_type, key_data = farm.host_key.with_suffix(".pub").read_text().split()[:2]
     for size in sizes:
@@ -155,7 +161,7 @@ def start_sshds(farm: Farm, size: int) -> list[subprocess.Popen]:
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "UseDNS no",
         "PidFile none", "MaxStartups 1000", "MaxSessions 100", "PrintMotd no", "PrintLastLog no", "LogLevel ERROR",
         # Sessions get an empty HOME: no shell start-up file of this machine's root (pyenv init: +120 ms per command).
-        f"SetEnv HOME={farm.root / 'home'}",
+        f"SetEnv HOME={farm.root / 'home'} PATH={farm.service.parent}:/usr/sbin:/usr/bin:/sbin:/bin",
     ]
     (farm.root / "home").mkdir(exist_ok=True)
     processes = []

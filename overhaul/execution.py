@@ -372,9 +372,10 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
             if undo_only:
                 result = _undo(runner, RunResult([]), previous, stages, stream)
             elif gate is None:
-                # A read-only run: every host's connection opened at once in parallel; one that fails
-                # now is retried (and reported) by its first stage.
-                transport.connect(plan.hosts)
+                if not runner.host_by_host:  # (host by host, each worker connects to its host when it takes it)
+                    # Every host's connection opened at once in parallel; one that fails now is retried (and
+                    # reported) by its first stage.
+                    transport.connect(plan.hosts)
                 result = runner.run()
             else:
                 def undo_started() -> None:  # from then on, the way on is the undo, not a resume

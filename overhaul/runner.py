@@ -126,14 +126,24 @@ class Runner:
         """Start no new (stage, host); let the running ones finish. The run ends interrupted."""
         self._stopping.set()
 
+    @property
+    def host_by_host(self) -> bool:
+        """Whether run() takes each host through every stage in turn (a read-only run) instead of stage by stage."""
+        return bool(self.plan.stages) and all(planned.step.read_only and planned.stage.strategy == "parallel"
+                                              and not planned.stage.confirm for planned in self.plan.stages)
+
     def run(self) -> RunResult:
+        if self.host_by_host:
+            return self._run_host_by_host()
         failed_hosts: set[str] = set()
         stopped_at, reason = None, ""
         last_stage = {host: planned.index for planned in self.plan.stages for host in planned.hosts}
+        if not self.check_only:
+            self.transport.hold(last_stage)
         for planned in self.plan.stages:
             if not self.check_only:  # a host with no stage left: its connection (and its thread) is not kept
                 for host in [h for h, index in last_stage.items() if index < planned.index]:
-                    self.transport.host(host).close()
+                    self.transport.release(host)
                     del last_stage[host]
             name = planned.stage.name
             if self._stopping.is_set():
@@ -204,6 +214,73 @@ class Runner:
                     self._tell("batch_started", planned, number, len(batches), batch)
                 results += [result for result in pool.map(one, batch) if result is not None]
         return results
+
+    def _run_host_by_host(self) -> RunResult:
+        """A read-only run (every stage an assertion, in parallel): each worker takes one host through all its
+        stages, then closes that host's connection, so a 1,000-host verify keeps `forks` connections and
+        threads, not one per host. Listeners still hear the stages in order (see _InStageOrder); a stage whose
+        failures exceed its budget (`on_failure: stop`) starts no pair of its own or of a later stage."""
+        stages = self.plan.stages
+        hosts = list(dict.fromkeys(host for planned in stages for host in planned.hosts))
+        budgets = {p.index: resolve_count(p.stage.max_failures, len(p.hosts), 0) for p in stages}
+        widths = {p.index: threading.Semaphore(p.stage.concurrency) for p in stages if p.stage.concurrency}
+        failures = Counter[int]()
+        stopped: dict[int, str] = {}  # stage index -> the reason, once over its failure budget
+        listeners = _InStageOrder(self.listeners, stages, self._lock)
+        first = len(self._results)
+
+        def skipped(planned: PlannedStage, host: str, message: str) -> None:
+            listeners.finished(self._record_quietly(HostResult(planned.stage.name, host, Outcome.SKIPPED, message,
+                                                               stage_index=planned.index)))
+
+        def walk(host: str) -> None:
+            benched = ""
+            try:
+                for planned in (p for p in stages if host in p.hosts):
+                    if self._stopping.is_set():
+                        return  # never started: resume will run it
+                    with self._lock:
+                        over = [index for index in stopped if index <= planned.index]
+                    if over or benched:
+                        message = benched if not over else (f"run stopped at stage {stages_by_index[min(over)]!r}"
+                                                            if min(over) < planned.index else
+                                                            "stage failure budget exceeded")
+                        skipped(planned, host, message)
+                        continue
+                    with self._lock:
+                        vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
+                    if any(vetoed):
+                        return  # the journal could not record the start (or the lease is lost): never run unrecorded
+                    limit = widths.get(planned.index)
+                    if limit is not None:
+                        with limit:
+                            result = self._run_host(planned, host)
+                    else:
+                        result = self._run_host(planned, host)
+                    listeners.finished(self._record_quietly(result))
+                    if result.outcome is Outcome.FAILED and planned.stage.on_failure == "stop":
+                        benched = "failed in an earlier stage"
+                        with self._lock:
+                            failures[planned.index] += 1
+                            if failures[planned.index] > budgets[planned.index]:
+                                stopped.setdefault(planned.index, f"{failures[planned.index]} of {len(planned.hosts)} "
+                                                   f"hosts failed (max_failures {planned.stage.max_failures})")
+            finally:
+                self.transport.release(host)
+
+        stages_by_index = {p.index: p.stage.name for p in stages}
+        self.transport.hold(hosts)
+        with ThreadPoolExecutor(max_workers=max(1, min(self.transport.max_workers, len(hosts)))) as pool:
+            list(pool.map(walk, hosts))
+        listeners.flush(every_stage=not self._stopping.is_set())
+        rank = {(p.index, host): order for order, (p, host) in enumerate((p, h) for p in stages for h in p.hosts)}
+        self._results[first:] = sorted(self._results[first:], key=lambda r: rank.get((r.stage_index, r.host), 0))
+        if self._stopping.is_set():
+            return RunResult(self._results, None, "interrupted", self.check_only, interrupted=True)
+        if stopped:
+            index = min(stopped)
+            return RunResult(self._results, stages_by_index[index], stopped[index], self.check_only)
+        return RunResult(self._results, None, "", self.check_only)
 
     def _tell(self, event: str, *args: Any) -> None:
         """An optional listener event (the live view's), to the listeners that want it, one at a time."""
@@ -310,3 +387,58 @@ class Runner:
             for listener in self.listeners:
                 listener.host_finished(result)
         return result
+
+    def _record_quietly(self, result: HostResult) -> HostResult:
+        with self._lock:
+            self._results.append(result)
+        return result
+
+
+class _InStageOrder:
+    """Listeners of a host-by-host run hear it as a stage-by-stage one: `stage_started` of each stage in order,
+    then its hosts' results; results of a later stage wait until every host of the stages before it has one."""
+
+    def __init__(self, listeners: list[Listener], stages: list[PlannedStage], lock: threading.Lock):
+        self.listeners, self.stages, self.lock = listeners, stages, lock
+        self.position = -1  # the stage listeners are hearing
+        self.waiting: dict[int, list[HostResult]] = {planned.index: [] for planned in stages}
+        self.heard = Counter[int]()
+        with lock:
+            self._next()
+
+    def finished(self, result: HostResult) -> None:
+        with self.lock:
+            if result.stage_index == self.stages[self.position].index:
+                self._tell(result)
+            else:
+                self.waiting[result.stage_index].append(result)
+            while self.position + 1 < len(self.stages) and self._complete():
+                self._next()
+
+    def flush(self, every_stage: bool) -> None:
+        """The run is over: what is still waiting is told, stage by stage (an interrupted run: only the stages
+        that have results, as a stage-by-stage run never starts the others)."""
+        with self.lock:
+            while self.position + 1 < len(self.stages):
+                self._next(every_stage)
+
+
+    def _complete(self) -> bool:
+        planned = self.stages[self.position]
+        return self.heard[planned.index] >= len(planned.hosts)
+
+    def _next(self, announce: bool = True) -> None:
+        self.position += 1
+        planned = self.stages[self.position]
+        waiting = self.waiting.pop(planned.index)
+        if not waiting and not announce:
+            return
+        for listener in self.listeners:
+            listener.stage_started(planned, planned.hosts)
+        for result in waiting:
+            self._tell(result)
+
+    def _tell(self, result: HostResult) -> None:
+        self.heard[result.stage_index] += 1
+        for listener in self.listeners:
+            listener.host_finished(result)

@@ -23,6 +23,8 @@ import shlex
 import socket
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +407,8 @@ class Transport:
         self.max_workers = max_workers or max(1, min(FORKS, len(inventory.hosts)))
         self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
         self._hosts: dict[str, RemoteHost] = {}
+        self._users: Counter[str] = Counter()  # hosts held open (see hold/release), by how many users
+        self._lock = threading.Lock()
         self._gateway = self._make_gateway()
         self._gateway_lock = threading.Lock()
 
@@ -421,10 +425,28 @@ class Transport:
         )
 
     def host(self, name: str) -> RemoteHost:
-        if name not in self._hosts:
-            self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
-                                           self._gateway_lock, self.host_keys)
-        return self._hosts[name]
+        with self._lock:  # the runner's workers and the checks' sessions ask at once: one RemoteHost per name
+            if name not in self._hosts:
+                self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
+                                               self._gateway_lock, self.host_keys)
+            return self._hosts[name]
+
+    def hold(self, names: Iterable[str]) -> None:
+        """One more user (a runner, the checks) works on these hosts: `release` closes none of them before it."""
+        with self._lock:
+            self._users.update(names)
+
+    def release(self, name: str) -> None:
+        """A user is done with a host: once no user holds it, its connection (and paramiko's thread) is closed.
+
+        This is what keeps a 1,000-host run at `forks` connections and threads, not 1,000. A host used
+        again reconnects."""
+        with self._lock:
+            self._users[name] -= 1
+            if self._users[name] > 0:
+                return
+            del self._users[name]
+        self.host(name).close()
 
     def connect(self, names: list[str]) -> dict[str, HostUnreachable]:
         """Connect to every named host in parallel; return the hosts that could not be reached."""

@@ -13,7 +13,8 @@ import os
 import sys
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -55,7 +56,7 @@ QUIET_PLUGINS = ("terminal", "debugging", "faulthandler", "logging", "warnings",
 
 
 def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None = None,
-               stop: threading.Event | None = None, width: int = CHECK_WIDTH) -> list[Case]:
+               stop: threading.Event | None = None, width: int = CHECK_WIDTH, held: bool = False) -> list[Case]:
     """Run the checks folder against `hosts` in this process, on `transport`'s connections: one case per (check, host).
 
     pytest runs in-process (no second Python, no second connection, no second known_hosts parse), one
@@ -64,9 +65,14 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
     touches signals, logging, warnings or exception hooks; what they add to sys.path and sys.modules is
     taken back, so a second verify in the process starts clean. `stop` ends every session before its
     next check (Ctrl-C of the run).
+
+    The checks hold their hosts' connections open (`Transport.hold`; already done by the caller when `held`)
+    and release each host after its last check, so no host is connected to twice.
     """
     from overhaul import checks as overhaul_checks
 
+    if not held:
+        transport.hold(hosts)
     if not hosts:
         return []
     stop = stop or threading.Event()
@@ -74,7 +80,8 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
     env = transport.inventory.environment
     with overhaul_checks.sharing(transport, hosts_dir), _session_state(checks, env, hosts_dir), \
             ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="overhaul-checks") as pool:
-        sessions = list(pool.map(lambda group: _session(checks, env, hosts_dir, group, extra_vars, stop), groups))
+        sessions = list(pool.map(lambda group: _session(checks, env, hosts_dir, group, extra_vars, stop,
+                                                        transport.release), groups))
     rank: dict[str, int] = {}  # the cases in one session's order: by file, then host, then check
     for cases in sessions:
         for case in cases:
@@ -83,21 +90,28 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
 
 
 def _session(checks: Path, env: str, hosts_dir: str, hosts: list[str], extra_vars: dict | None,
-             stop: threading.Event) -> list[Case]:
-    """One pytest session over some hosts: its cases, or one failed case per host when pytest itself failed."""
+             stop: threading.Event, release: Callable[[str], None]) -> list[Case]:
+    """One pytest session over some hosts: its cases, or one failed case per host when pytest itself failed.
+    Each host is released after its last check (or at the session's end)."""
     import pytest  # only a verify with checks pays for importing pytest and testinfra
 
-    collector = _Collector(str(checks), stop)
-    args = [str(checks), "-s", "-o", "addopts=", "--rootdir", str(checks),
-            *(arg for plugin in QUIET_PLUGINS for arg in ("-p", f"no:{plugin}")),
-            "--overhaul-env", env, "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", ",".join(hosts),
-            "--overhaul-vars", json.dumps(extra_vars or {})]
-    code = pytest.main(args, plugins=[collector])
+    collector = _Collector(str(checks), stop, hosts, release)
+    try:
+        code = pytest.main(_pytest_args(checks, env, hosts_dir, hosts, extra_vars), plugins=[collector])
+    finally:
+        collector.release_all()
     if code not in (0, 1, 5) and not collector.stopped:  # 5: no checks; anything else is the checks' own fault
         problem = "; ".join(collector.problems) or "see `pytest CHECKS --overhaul-env ENV`"
         return [Case("checks", host, "failed", f"pytest exited {int(code)}: {problem}"[:300], source=str(checks),
                      detail="\n".join(collector.problems)) for host in hosts]
     return collector.cases
+
+
+def _pytest_args(checks: Path, env: str, hosts_dir: str, hosts: list[str], extra_vars: dict | None) -> list[str]:
+    return [str(checks), "-s", "-o", "addopts=", "--rootdir", str(checks),
+            *(arg for plugin in QUIET_PLUGINS for arg in ("-p", f"no:{plugin}")),
+            "--overhaul-env", env, "--overhaul-hosts-dir", hosts_dir, "--overhaul-only", ",".join(hosts),
+            "--overhaul-vars", json.dumps(extra_vars or {})]
 
 
 @contextmanager
@@ -128,7 +142,7 @@ def _session_state(checks: Path, env: str, hosts_dir: str) -> Iterator[None]:
 class _Collector:
     """pytest plugin of one checks session: each check's reports on one host become one Case."""
 
-    def __init__(self, source: str, stop: threading.Event):
+    def __init__(self, source: str, stop: threading.Event, hosts: list[str], release: Callable[[str], None]):
         self.source = source
         self.stop = stop
         self.stopped = False
@@ -136,6 +150,14 @@ class _Collector:
         self.problems: list[str] = []  # collection errors: a check file that does not import, say
         self._case: dict[str, Case] = {}
         self._host: dict[str, str] = {}
+        self._left = Counter[str]()  # checks still to run, by host
+        self._held = set(hosts)
+        self._release = release
+
+    def release_all(self) -> None:
+        for host in self._held:
+            self._release(host)
+        self._held.clear()
 
     def pytest_collectreport(self, report: Any) -> None:
         if report.failed:
@@ -145,6 +167,15 @@ class _Collector:
         from overhaul.pytest_plugin import host_name
 
         self._host = {item.nodeid: host_name(item) or "?" for item in items}
+        self._left.update(self._host.values())
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        """A host's last check is done: its connection is free (the runbook may still hold it)."""
+        host = self._host.get(nodeid, "?")
+        self._left[host] -= 1
+        if self._left[host] <= 0 and host in self._held:
+            self._held.discard(host)
+            self._release(host)
 
     def pytest_runtest_protocol(self, item: Any) -> bool | None:
         if self.stop.is_set():
@@ -181,7 +212,9 @@ class BackgroundChecks:
     def __init__(self, transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None):
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overhaul-checks")
-        self._future = self._pool.submit(run_checks, transport, hosts_dir, checks, hosts, extra_vars, self._stop)
+        transport.hold(hosts)  # before the runbook's stages start (and could close a host the checks need)
+        self._future = self._pool.submit(run_checks, transport, hosts_dir, checks, hosts, extra_vars, self._stop,
+                                         held=True)
 
     def cases(self, interrupted: bool = False) -> list[Case]:
         """Every check's case (an interrupted run: those that ran, no new one starts)."""

@@ -399,3 +399,68 @@ def test_a_stop_right_after_a_start_was_journaled_still_finishes_that_pair(lab, 
     assert journaled and "running" not in journaled.values(), journaled
     assert journaled == {(r.stage, r.host): r.outcome.value for r in result.results}
     assert set(journaled.values()) == {"changed"} and len(journaled) < 6  # the stop held for every later pair
+
+
+LOOK = """
+    name: look
+    stages:
+      - {name: supervisor, step: supervisor.up}
+      - {name: disks, step: disk.usage, params: {mounts: [/], threshold: THRESHOLD}}
+"""
+
+
+class Ear:
+    """A listener that writes down what it hears, and how many connections were open at each pair's start."""
+
+    def __init__(self, transport: Transport):
+        self.transport, self.heard, self.open = transport, [], []
+
+    def stage_started(self, planned, hosts):
+        self.heard.append(("stage", planned.index))
+
+    def host_started(self, planned, host):
+        self.open.append(sum(h._connection is not None for h in self.transport._hosts.values()))
+
+    def host_finished(self, result):
+        self.heard.append(("host", result.stage_index))
+
+
+def test_a_read_only_run_goes_host_by_host_within_forks_connections_and_is_heard_stage_by_stage(lab, tmp_path):
+    from overhaul.runner import Runner
+
+    inventory = lab_inventory(lab)
+    hosts = [host.name for host in inventory.hosts]
+    plan = plan_for(LOOK.replace("THRESHOLD", "100"), tmp_path, inventory)
+    transport = Transport(inventory, max_workers=2)
+    ear = Ear(transport)
+    try:
+        result = Runner(plan, transport, listeners=[ear]).run()
+        left_open = [h.name for h in transport._hosts.values() if h._connection is not None]
+    finally:
+        transport.close()
+    assert [(r.stage_index, r.host, r.outcome.value) for r in result.results] == \
+        [(0, host, "ok") for host in hosts] + [(1, host, "ok") for host in hosts]
+    # Stage by stage, every host would still be connected at the second stage; host by host, two at most.
+    assert max(ear.open) <= 2 and len(ear.open) == 2 * len(hosts)
+    assert left_open == []  # each host's connection closed once its stages were done
+    assert ear.heard == [("stage", 0), *[("host", 0)] * len(hosts), ("stage", 1), *[("host", 1)] * len(hosts)]
+
+
+def test_a_read_only_stage_over_its_failure_budget_stops_the_run_host_by_host_too(lab, tmp_path):
+    inventory = lab_inventory(lab)
+    plan = plan_for(LOOK.replace("THRESHOLD", "1").replace("- {name: supervisor, step: supervisor.up}", "")
+                    + "      - {name: after, step: supervisor.up}\n", tmp_path, inventory)
+    from overhaul.runner import Runner
+
+    transport = Transport(inventory, max_workers=2)
+    try:
+        result = Runner(plan, transport).run()
+    finally:
+        transport.close()
+    disks = [r for r in result.results if r.stage == "disks"]
+    failed = [r for r in disks if r.outcome.value == "failed"]
+    assert 1 <= len(failed) <= 2 and all("/" in r.message for r in failed)  # the two workers' first hosts
+    assert {r.message for r in disks if r not in failed} <= {"stage failure budget exceeded"}
+    assert {(r.outcome.value, r.message) for r in result.results if r.stage == "after"} == \
+        {("skipped", "run stopped at stage 'disks'")}
+    assert result.stopped_at == "disks" and result.failed
