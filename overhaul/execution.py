@@ -84,7 +84,9 @@ class JournalRecorder:
         self.outputs = outputs
         self.fence = fence  # a mutating run's lease: each pair starts only while it still holds
         self.machine = machine_identity()
-        self._commands: dict[str, list[CommandRecord]] = {}  # per host, journaled with the pair's end
+        self._commands: dict[tuple[int, str], list[CommandRecord]] = {}  # per pair, journaled with its end
+        self._pair: dict[str, int] = {}  # host -> the stage it runs now (a host-by-host run may tell a pair's
+        # end after the host's next pair began)
         self.error = ""
         self.lease_lost = False
         self.on_error: Callable[[], None] = lambda: None
@@ -94,6 +96,7 @@ class JournalRecorder:
 
     def host_started(self, planned: PlannedStage, host: str) -> bool:
         """Journal the pair's start; False (the pair must not run) when it could not be journaled."""
+        self._pair[host] = planned.index
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
         if self.fence is None:
             return self._safely("the journal", lambda: self.state.record(started))
@@ -101,7 +104,7 @@ class JournalRecorder:
         return self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
 
     def command_done(self, host: str, result: CommandResult) -> None:
-        self._commands.setdefault(host, []).append(CommandRecord(
+        self._commands.setdefault((self._pair.get(host, -1), host), []).append(CommandRecord(
             self.run_id, -1, host, time.time() - result.duration, result.command, result.exited, result.duration,
             "", self.machine))
 
@@ -111,7 +114,7 @@ class JournalRecorder:
             self._safely(f"the run log {path}", lambda: _append_traceback(path, result))
         now = time.time()
         commands = [replace(command, stage_index=result.stage_index, log_path=str(path))
-                    for command in self._commands.pop(result.host, [])]
+                    for command in self._commands.pop((result.stage_index, result.host), [])]
         self._safely("the journal", lambda: self.state.record(ResultRecord(
             self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
             now - result.duration, now, result.message, str(path) if path.exists() else "", result.facts,

@@ -115,7 +115,8 @@ class Runner:
         self._stopping = threading.Event()
         self.sleep = sleep or self._stopping.wait  # a retry's wait ends early on Ctrl-C
         self.previous = previous or {}  # results of the run being resumed
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the run's own state: results, touched hosts, budgets
+        self._listening = threading.Lock()  # listeners hear one event at a time (the journal writes under it)
         self._results: list[HostResult] = []
         self.facts = facts or Facts()  # shared with the preflight and the preview of this run
         self.log_dir = log_dir  # each pair's commands go to log_dir/NN-HOST.log as they complete
@@ -197,7 +198,7 @@ class Runner:
             if over_budget:
                 return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded",
                                                stage_index=planned.index))
-            with self._lock:
+            with self._listening:
                 vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
             if any(vetoed):
                 return None  # the journal could not record the start (or the lease is lost): never run unrecorded
@@ -226,7 +227,7 @@ class Runner:
         widths = {p.index: threading.Semaphore(p.stage.concurrency) for p in stages if p.stage.concurrency}
         failures = Counter[int]()
         stopped: dict[int, str] = {}  # stage index -> the reason, once over its failure budget
-        listeners = _InStageOrder(self.listeners, stages, self._lock)
+        listeners = _InStageOrder(self.listeners, stages, self._listening)
         first = len(self._results)
 
         def skipped(planned: PlannedStage, host: str, message: str) -> None:
@@ -247,7 +248,7 @@ class Runner:
                                                             "stage failure budget exceeded")
                         skipped(planned, host, message)
                         continue
-                    with self._lock:
+                    with self._listening:
                         vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
                     if any(vetoed):
                         return  # the journal could not record the start (or the lease is lost): never run unrecorded
@@ -284,7 +285,7 @@ class Runner:
 
     def _tell(self, event: str, *args: Any) -> None:
         """An optional listener event (the live view's), to the listeners that want it, one at a time."""
-        with self._lock:
+        with self._listening:
             for listener in self.listeners:
                 method = getattr(listener, event, None)
                 if method is not None:
@@ -294,7 +295,7 @@ class Runner:
         stage = planned.stage
         log = self.log_dir / f"{planned.index:02d}-{name}.log" if self.log_dir is not None else None
         host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
-                        on_log_error=self.on_log_error, on_command=lambda result: self._tell("command_done", name, result))
+                        on_log_error=self.on_log_error, on_command=lambda result: self._command_done(name, result))
         step = planned.step(planned.params[name])
         started = time.monotonic()
         previous = self.previous.get((planned.index, name))
@@ -382,8 +383,8 @@ class Runner:
         return Outcome.CHANGED, message, verified.facts or {}
 
     def _record(self, result: HostResult) -> HostResult:
-        with self._lock:
-            self._results.append(result)
+        self._record_quietly(result)
+        with self._listening:
             for listener in self.listeners:
                 listener.host_finished(result)
         return result
@@ -392,6 +393,14 @@ class Runner:
         with self._lock:
             self._results.append(result)
         return result
+
+    def _command_done(self, host: str, result: CommandResult) -> None:
+        """Told as each command completes, from the host's worker, without waiting for the other listeners'
+        events (a journal write): listeners take each host's commands from one thread at a time."""
+        for listener in self.listeners:
+            method = getattr(listener, "command_done", None)
+            if method is not None:
+                method(host, result)
 
 
 class _InStageOrder:

@@ -464,3 +464,70 @@ def test_a_read_only_stage_over_its_failure_budget_stops_the_run_host_by_host_to
     assert {(r.outcome.value, r.message) for r in result.results if r.stage == "after"} == \
         {("skipped", "run stopped at stage 'disks'")}
     assert result.stopped_at == "disks" and result.failed
+
+
+def test_known_hosts_looked_up_by_name_answer_as_paramikos_linear_scan(tmp_path):
+    """The index (constant-time lookup) finds what paramiko's scan of every line finds: plain, [address]:port,
+    several names on a line, hashed names, duplicates (the first line wins) and names it does not know."""
+    import paramiko
+
+    from overhaul.transport import load_known_hosts
+
+    keys = [paramiko.ECDSAKey.generate() for _ in range(5)]
+
+    def line(names: str, key: paramiko.PKey) -> str:
+        return f"{names} {key.get_name()} {key.get_base64()}\n"
+
+    path = write(tmp_path / "known_hosts", "# a comment\n" + line("host-a", keys[0]) + line("[10.0.0.1]:2222", keys[1])
+                 + line(paramiko.HostKeys.hash_host("host-h"), keys[2]) + line("host-a", keys[3])
+                 + line("host-b,host-c", keys[4]) + line(paramiko.HostKeys.hash_host("host-a"), keys[4]))
+    ours = load_known_hosts(path)
+    scan = paramiko.HostKeys()
+    scan._entries = list(ours._entries)  # the same lines, looked up the way paramiko does: every line, in order
+
+    def found(keys: paramiko.HostKeys, name: str) -> dict[str, str] | None:
+        answer = keys.lookup(name)
+        return None if answer is None else {kind: key.get_base64() for kind, key in answer.items()}
+
+    names = ["host-a", "[10.0.0.1]:2222", "10.0.0.1", "host-h", "host-b", "host-c", "nobody"]
+    assert [found(ours, name) for name in names] == [found(scan, name) for name in names]
+    assert found(ours, "host-a") == {keys[0].get_name(): keys[0].get_base64()}  # the first line
+    assert found(ours, "host-h") == {keys[2].get_name(): keys[2].get_base64()}
+    assert found(ours, "nobody") is None and ours.check("host-c", keys[4]) and not ours.check("host-c", keys[0])
+
+
+def test_a_host_by_host_run_journals_each_command_with_its_own_stage(lab, tmp_path):
+    """One worker: a host's later pairs run while its earlier results wait for the other hosts (to be told stage
+    by stage); each pair's commands are still journaled with that pair, not with the one told before it."""
+    import io
+
+    from overhaul.execution import run_plan
+    from overhaul.state import SQLiteState
+
+    inventory = lab_inventory(lab)
+    plan = plan_for(LOOK.replace("THRESHOLD", "100") + "      - {name: tmp, step: disk.usage, params: {mounts: [/tmp]}}\n",
+                    tmp_path, inventory)
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    transport = Transport(inventory, max_workers=1)
+    try:
+        result = run_plan(plan, mutating=False, state=state, stream=io.StringIO(), transport=transport)
+    finally:
+        transport.close()
+    assert not result.failed
+    commands = state.commands(result.run_id)
+    assert {(c.stage_index, c.host) for c in commands} == {(stage, h.name) for stage in range(3) for h in inventory.hosts}
+    for command in commands:
+        assert ("service " in command.command, "df -P / " in command.command + " ", "/tmp" in command.command) == \
+            tuple(stage == command.stage_index for stage in range(3)), command
+
+
+def test_making_connections_leaves_the_one_shared_fabric_configuration_untouched(lab):
+    """Every connection reads one Fabric configuration; one that wrote to it (fabric stores an undeclared attribute
+    there, then merges the configuration again) would make other threads' reads of it fail now and then."""
+    from overhaul.transport import _fabric_config, make_connection
+
+    inventory = lab_inventory(lab)
+    connections = [make_connection(host.address, host.port or inventory.ssh.port, "root", inventory, None)
+                   for host in inventory.hosts]
+    assert all(connection.config is _fabric_config() for connection in connections)
+    assert _fabric_config()._modifications == {}
