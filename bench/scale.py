@@ -12,7 +12,7 @@ round), the same three read-only commands on every host as root:
 - overhaul: the verify runbook's three steps (`supervisor.up` and `services.verify` on stand-ins for `service` and
   `manage status` first on the sessions' PATH, `disk.usage` of /), each stage `on_failure: continue`, run the way
   `overhaul verify --no-checks` runs it (`run_plan`, journal and per-host logs included), width: Overhaul's default
-  (transport.FORKS, 100) or `--forks`;
+  (the inventory's `ssh.forks`, 100) or `--forks`;
 - raw: a paramiko script over a thread pool of the same width: per host, connect (known_hosts parsed once and
   shared, RejectPolicy, TCP_NODELAY as Overhaul sets it, the key file read once), run the three commands, close.
 
@@ -97,7 +97,7 @@ class Farm:
         return ["service scalr status", f"{self.manage} status", "df -P /"]
 
 
-def write_farm(farm: Farm, sizes: list[int], forks: int, default_forks: int) -> None:
+def write_farm(farm: Farm, sizes: list[int], forks: int) -> None:
     for key in (farm.client_key, farm.host_key):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "overhaul-scale", "-f", str(key)], check=True)
     (farm.root / "authorized_keys").write_text(farm.client_key.with_suffix(".pub").read_text())
@@ -106,19 +106,18 @@ def write_farm(farm: Farm, sizes: list[int], forks: int, default_forks: int) -> 
     farm.service.parent.mkdir(exist_ok=True)
     farm.service.write_text("#!/bin/sh\necho \"$1 is running\"\n")  # what `service scalr status` says on a farm host
     farm.service.chmod(0o755)
-    width = "" if forks == default_forks else f", concurrency: {forks}"
     farm.runbook.write_text(
         "name: scale-verify\ndescription: three read-only commands per host, verify's steps\nstages:\n"
-        f"  - {{name: supervisor up, step: supervisor.up, on_failure: continue{width}}}\n"
-        f"  - {{name: services running, step: services.verify, on_failure: continue{width},"
+        f"  - {{name: supervisor up, step: supervisor.up, on_failure: continue}}\n"
+        f"  - {{name: services running, step: services.verify, on_failure: continue,"
         f" params: {{manage_command: {farm.manage}}}}}\n"
-        f"  - {{name: disk usage, step: disk.usage, on_failure: continue{width}, params: {{mounts: [/], threshold: 100}}}}\n"
+        f"  - {{name: disk usage, step: disk.usage, on_failure: continue, params: {{mounts: [/], threshold: 100}}}}\n"
     )
     key_type, key_data = farm.host_key.with_suffix(".pub").read_text().split()[:2]
     for size in sizes:
         farm.known_hosts(size).write_text("".join(f"[{address(i)}]:{farm.port} {key_type} {key_data}\n" for i in range(size)))
         lines = ["environment: scale", "ssh:", "  user: root", f"  port: {farm.port}", f"  key_file: {farm.client_key.name}",
-                 f"  known_hosts: {farm.known_hosts(size).name}", "  connect_timeout: 30", "hosts:"]
+                 f"  known_hosts: {farm.known_hosts(size).name}", "  connect_timeout: 30", f"  forks: {forks}", "hosts:"]
         for i in range(size):
             lines += [f"  - name: h{i + 1:04d}", f"    address: {address(i)}", "    roles: [app]"]
         farm.inventory(size).write_text("\n".join(lines) + "\n")
@@ -236,14 +235,12 @@ def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
 
 def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     """The runbook through `run_plan` as `overhaul verify --no-checks` runs it. Returns host -> first failure."""
-    import overhaul.transport
     from overhaul.execution import run_plan
     from overhaul.inventory import load_inventory_file
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
     from overhaul.step import Outcome, Registry
 
-    overhaul.transport.FORKS = forks  # the connect width (stages say `concurrency` when it is not the default)
     os.environ["OVERHAUL_JOURNAL"] = str(farm.root / f"journal-{size}-{time.monotonic_ns()}" / "journal.sqlite")
     plan = build_plan(load_runbook(str(farm.runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
     result = run_plan(plan, mutating=False, stream=io.StringIO(), show_summary=False)
@@ -358,7 +355,7 @@ def targets(size: int, forks: int, overhaul: list[Measure], raw: list[Measure], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 500, 1000], help="endpoints (default 200 500 1000)")
-    parser.add_argument("--forks", type=int, default=0, help="width of both sides (default: Overhaul's, transport.FORKS)")
+    parser.add_argument("--forks", type=int, default=0, help="width of both sides (default: ssh.forks's)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each side per size, interleaved (default 1)")
     parser.add_argument("--port", type=int, default=2222)
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to one side at one size")
@@ -370,13 +367,14 @@ def main() -> None:
     if args.side:
         child(args)
         return
-    from overhaul.transport import FORKS
+    from overhaul.inventory import SSHSettings
 
+    default_forks = SSHSettings.model_fields["forks"].default
     if os.geteuid() != 0:
         raise SystemExit("run as root: the bench starts sshd and logs in as root on its own endpoints")
     if max(args.sizes) > 250 * (256 - FIRST_OCTET3) or min(args.sizes) < 1:
         raise SystemExit(f"--sizes: between 1 and {250 * (256 - FIRST_OCTET3)}")
-    forks = args.forks or FORKS
+    forks = args.forks or default_forks
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 3 * max(args.sizes) + 100:
         raise SystemExit(f"the hard limit of open files ({hard}) is too low for {max(args.sizes)} connections: raise it "
@@ -384,7 +382,7 @@ def main() -> None:
     sizes = sorted(set(args.sizes))
     with tempfile.TemporaryDirectory(prefix="overhaul-scale-") as tmp:
         farm = Farm(Path(tmp), args.port)
-        write_farm(farm, sizes, forks, FORKS)
+        write_farm(farm, sizes, forks)
         sshds = start_sshds(farm, max(sizes))
         try:
             print(f"{len(sshds)} sshd processes on 127.60.{FIRST_OCTET3}.1 and up, port {args.port}; forks {forks}; "

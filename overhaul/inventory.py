@@ -78,6 +78,8 @@ class SSHSettings(Strict):
     """Seconds to wait for a connection (and for sudo's answer) before the attempt counts as failed."""
     connect_retries: int = Field(3, ge=1, le=20, strict=True)
     """Attempts to connect to a host; transient faults (refused, reset, timeout) are retried with backoff."""
+    forks: int = Field(100, ge=1, le=1000, strict=True)
+    """Hosts connected to and worked on at once, at most (a stage's `concurrency` sets its own stage's width)."""
     bastion: Bastion | None = None
     """A jump host every connection goes through (optional)."""
     sudo: bool = Field(False, strict=True)  # not "yes", which YAML 1.2 and pydantic's lax mode disagree on

@@ -31,7 +31,7 @@ from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
 from overhaul.step import Outcome, Step
-from overhaul.transport import FORKS, CommandResult, Transport
+from overhaul.transport import CommandResult, Transport
 
 if TYPE_CHECKING:
     from overhaul.preflight import PreflightReport
@@ -180,7 +180,7 @@ class Runner:
         total = len(planned.hosts)
         budget = resolve_count(stage.max_failures, total, 0)
         if stage.strategy == "parallel":
-            width = stage.concurrency or min(FORKS, total)
+            width = stage.concurrency or self.transport.max_workers
             batches = [planned.hosts]
         else:
             width = 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, total, 1)

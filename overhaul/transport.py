@@ -54,7 +54,6 @@ DEFAULT_TIMEOUT = 300.0  # per command, when the caller gives none
 KEEPALIVE = 15  # seconds between SSH keepalives
 LOCKS = "/var/lib/overhaul/locks"  # host-side locks of durable commands
 KILLED = -1  # `exited` of a command whose process died by a signal (paramiko ignores exit-signal)
-FORKS = 100  # hosts connected to (and worked on) at once, at most, unless a stage says otherwise
 
 
 class UnknownHostKey(paramiko.SSHException):
@@ -456,7 +455,7 @@ class Transport:
     def __init__(self, inventory: Inventory, redactor: Redactor | None = None, max_workers: int | None = None):
         self.inventory = inventory
         self.redactor = redactor or Redactor()
-        self.max_workers = max_workers or max(1, min(FORKS, len(inventory.hosts)))
+        self.max_workers = max_workers or max(1, min(inventory.ssh.forks, len(inventory.hosts)))
         self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
         self._hosts: dict[str, RemoteHost] = {}
         self._users: Counter[str] = Counter()  # hosts held open (see hold/release), by how many users

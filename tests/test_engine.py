@@ -429,9 +429,10 @@ def test_a_read_only_run_goes_host_by_host_within_forks_connections_and_is_heard
     from overhaul.runner import Runner
 
     inventory = lab_inventory(lab)
+    inventory = inventory.model_copy(update={"ssh": inventory.ssh.model_copy(update={"forks": 2})})  # ssh.forks: 2
     hosts = [host.name for host in inventory.hosts]
     plan = plan_for(LOOK.replace("THRESHOLD", "100"), tmp_path, inventory)
-    transport = Transport(inventory, max_workers=2)
+    transport = Transport(inventory)
     ear = Ear(transport)
     try:
         result = Runner(plan, transport, listeners=[ear]).run()
