@@ -1,4 +1,5 @@
-"""The runner: walks a plan stage by stage over a bounded pool, within each stage's failure budget.
+"""The runner: walks a plan stage by stage over a bounded pool, within each stage's failure budget
+(a read-only plan: host by host, so a host's connection closes after its last stage; see run()).
 
 Per (stage, host): `check`; if the work is not done, `apply` then `verify`. Every pair ends `ok`,
 `changed`, `failed` or `skipped`. A host that failed is skipped by later stages. A stage whose
@@ -20,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -222,6 +224,7 @@ class Runner:
         threads, not one per host. Listeners still hear the stages in order (see _InStageOrder); a stage whose
         failures exceed its budget (`on_failure: stop`) starts no pair of its own or of a later stage."""
         stages = self.plan.stages
+        stages_by_index = {p.index: p.stage.name for p in stages}
         hosts = list(dict.fromkeys(host for planned in stages for host in planned.hosts))
         budgets = {p.index: resolve_count(p.stage.max_failures, len(p.hosts), 0) for p in stages}
         widths = {p.index: threading.Semaphore(p.stage.concurrency) for p in stages if p.stage.concurrency}
@@ -252,11 +255,7 @@ class Runner:
                         vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
                     if any(vetoed):
                         return  # the journal could not record the start (or the lease is lost): never run unrecorded
-                    limit = widths.get(planned.index)
-                    if limit is not None:
-                        with limit:
-                            result = self._run_host(planned, host)
-                    else:
+                    with widths.get(planned.index) or nullcontext():  # a stage's own `concurrency`
                         result = self._run_host(planned, host)
                     listeners.finished(self._record_quietly(result))
                     if result.outcome is Outcome.FAILED and planned.stage.on_failure == "stop":
@@ -267,10 +266,11 @@ class Runner:
                                 stopped.setdefault(planned.index, f"{failures[planned.index]} of {len(planned.hosts)} "
                                                    f"hosts failed (max_failures {planned.stage.max_failures})")
             finally:
-                self.transport.release(host)
+                if not self.check_only:  # (a preview: the run after it works on the same connections)
+                    self.transport.release(host)
 
-        stages_by_index = {p.index: p.stage.name for p in stages}
-        self.transport.hold(hosts)
+        if not self.check_only:
+            self.transport.hold(hosts)
         with ThreadPoolExecutor(max_workers=max(1, min(self.transport.max_workers, len(hosts)))) as pool:
             list(pool.map(walk, hosts))
         listeners.flush(every_stage=not self._stopping.is_set())
