@@ -53,39 +53,37 @@ class Facts:
     """
 
     def __init__(self) -> None:
-        self._answers: dict[tuple[str, str], Any] = {}
-        self._read_at: dict[tuple[str, str], float] = {}
-        self._stable: set[tuple[str, str]] = set()
+        # host -> question -> (answer, when it was read, stable): per host, so forgetting a host costs what
+        # that host holds, not what the whole farm does (once per pair: quadratic at 1,000 hosts otherwise)
+        self._hosts: dict[str, dict[str, tuple[Any, float, bool]]] = {}
         self._lock = threading.Lock()
 
     def get(self, host: str, question: str, read: Callable[[], T], stable: bool = False) -> T:
-        key = (host, question)
         with self._lock:
-            if key in self._answers:
-                return self._answers[key]
+            known = self._hosts.get(host, {}).get(question)
+        if known is not None:
+            return known[0]
         answer = read()  # outside the lock: hosts read in parallel; one host's pairs never overlap
         self.put(host, question, answer, stable)
         return answer
 
     def known(self, host: str, question: str) -> bool:
         with self._lock:
-            return (host, question) in self._answers
+            return question in self._hosts.get(host, {})
 
     def put(self, host: str, question: str, answer: Any, stable: bool = False) -> None:
         with self._lock:
-            self._answers[(host, question)] = answer
-            self._read_at[(host, question)] = time.monotonic()
-            if stable:
-                self._stable.add((host, question))
+            self._hosts.setdefault(host, {})[question] = (answer, time.monotonic(), stable)
 
     def forget(self, host: str, older_than: float = 0.0) -> None:
         """A step applied on `host` (or may have): what was read there before no longer holds. With
         `older_than`, only what was read more than that many seconds ago is forgotten."""
         now = time.monotonic()
         with self._lock:
-            for key in [key for key in self._answers if key[0] == host and key not in self._stable
-                        and now - self._read_at.get(key, 0.0) > older_than]:
-                del self._answers[key]
+            answers = self._hosts.get(host, {})
+            for question in [question for question, (_, read_at, stable) in answers.items()
+                             if not stable and now - read_at > older_than]:
+                del answers[question]
 
 
 class StepHost:

@@ -110,3 +110,16 @@ def test_a_verification_of_an_untouched_host_reads_it_afresh_after_a_while(lab, 
     result = run_stopping_plotter_at_the_gated_stage(lab, plan)
     assert outcomes(result, "first look") == {"app1": "ok"}
     assert outcomes(result, "final look") == {"app1": "failed"}  # app1 was never changed, but it was read again
+
+
+def test_forgetting_a_host_keeps_its_stable_facts_and_every_other_hosts():
+    facts = Facts()
+    facts.put("app1", "version", "1.0.0")
+    facts.put("app1", "package manager", "apt", stable=True)
+    facts.put("app2", "version", "1.0.0")
+    facts.forget("app1", older_than=3600)  # read just now: kept
+    assert facts.known("app1", "version")
+    facts.forget("app1")
+    assert not facts.known("app1", "version") and facts.known("app1", "package manager")
+    assert facts.known("app2", "version")
+    assert facts.get("app1", "version", lambda: "1.1.0") == "1.1.0" and facts.get("app1", "version", lambda: "x") == "1.1.0"
