@@ -229,42 +229,47 @@ class Runner:
         budgets = {p.index: resolve_count(p.stage.max_failures, len(p.hosts), 0) for p in stages}
         widths = {p.index: threading.Semaphore(p.stage.concurrency) for p in stages if p.stage.concurrency}
         failures = Counter[int]()
-        stopped: dict[int, str] = {}  # stage index -> the reason, once over its failure budget
+        stopped: set[int] = set()  # stages over their failure budget
         listeners = _InStageOrder(self.listeners, stages, self._listening)
         first = len(self._results)
 
-        def skipped(planned: PlannedStage, host: str, message: str) -> None:
-            listeners.finished(self._record_quietly(HostResult(planned.stage.name, host, Outcome.SKIPPED, message,
-                                                               stage_index=planned.index)))
+        def one(planned: PlannedStage, host: str, benched: bool) -> HostResult | None:
+            """The pair's result, run or skipped as the stage-by-stage path would; None: it must not start."""
+            if self._stopping.is_set():
+                return None  # never started: resume will run it
+            with self._lock:
+                over = min((index for index in stopped if index <= planned.index), default=None)
+            if over is not None and over < planned.index:
+                message = f"run stopped at stage {stages_by_index[over]!r}"
+            elif benched:
+                message = "failed in an earlier stage"
+            elif over is not None:
+                message = "stage failure budget exceeded"
+            else:
+                with self._listening:
+                    vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
+                if any(vetoed):
+                    return None  # the journal could not record the start (or the lease is lost): never run unrecorded
+                return self._run_host(planned, host)
+            return HostResult(planned.stage.name, host, Outcome.SKIPPED, message, stage_index=planned.index)
 
         def walk(host: str) -> None:
-            benched = ""
+            benched = False
             try:
                 for planned in (p for p in stages if host in p.hosts):
-                    if self._stopping.is_set():
-                        return  # never started: resume will run it
-                    with self._lock:
-                        over = [index for index in stopped if index <= planned.index]
-                    if over or benched:
-                        message = benched if not over else (f"run stopped at stage {stages_by_index[min(over)]!r}"
-                                                            if min(over) < planned.index else
-                                                            "stage failure budget exceeded")
-                        skipped(planned, host, message)
-                        continue
-                    with self._listening:
-                        vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
-                    if any(vetoed):
-                        return  # the journal could not record the start (or the lease is lost): never run unrecorded
-                    with widths.get(planned.index) or nullcontext():  # a stage's own `concurrency`
-                        result = self._run_host(planned, host)
+                    # A stage's own `concurrency` is held from before the pair is decided until its failure is
+                    # counted, so a stop or a spent budget holds back the pairs waiting for it.
+                    with widths.get(planned.index) or nullcontext():
+                        result = one(planned, host, benched)
+                        if result is None:
+                            return
+                        if result.outcome is Outcome.FAILED and planned.stage.on_failure == "stop":
+                            benched = True
+                            with self._lock:
+                                failures[planned.index] += 1
+                                if failures[planned.index] > budgets[planned.index]:
+                                    stopped.add(planned.index)
                     listeners.finished(self._record_quietly(result))
-                    if result.outcome is Outcome.FAILED and planned.stage.on_failure == "stop":
-                        benched = "failed in an earlier stage"
-                        with self._lock:
-                            failures[planned.index] += 1
-                            if failures[planned.index] > budgets[planned.index]:
-                                stopped.setdefault(planned.index, f"{failures[planned.index]} of {len(planned.hosts)} "
-                                                   f"hosts failed (max_failures {planned.stage.max_failures})")
             finally:
                 if not self.check_only:  # (a preview: the run after it works on the same connections)
                     self.transport.release(host)
@@ -279,8 +284,10 @@ class Runner:
         if self._stopping.is_set():
             return RunResult(self._results, None, "interrupted", self.check_only, interrupted=True)
         if stopped:
-            index = min(stopped)
-            return RunResult(self._results, stages_by_index[index], stopped[index], self.check_only)
+            planned = next(p for p in stages if p.index == min(stopped))
+            reason = (f"{failures[planned.index]} of {len(planned.hosts)} hosts failed "
+                      f"(max_failures {planned.stage.max_failures})")
+            return RunResult(self._results, planned.stage.name, reason, self.check_only)
         return RunResult(self._results, None, "", self.check_only)
 
     def _tell(self, event: str, *args: Any) -> None:

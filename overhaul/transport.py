@@ -497,7 +497,9 @@ class Transport:
             if self._users[name] > 0:
                 return
             del self._users[name]
-        self.host(name).close()
+            host = self._hosts.get(name)
+        if host is not None:
+            host.close()
 
     def connect(self, names: list[str]) -> dict[str, HostUnreachable]:
         """Connect to every named host in parallel; return the hosts that could not be reached."""
@@ -523,7 +525,9 @@ class Transport:
         return failures
 
     def close(self) -> None:
-        for host in self._hosts.values():
+        with self._lock:  # (workers may still be adding hosts: Ctrl-C's grace timer closes under them)
+            hosts = list(self._hosts.values())
+        for host in hosts:
             host.close()
         if self._gateway is not None:
             self._gateway.close()

@@ -52,10 +52,10 @@ CHECK_WIDTH = 8  # pytest sessions at once: 20 lab hosts' checks took 6.0 s in o
 # pytest's plugins a verify does without: its terminal (the controller's live view owns stdout) and, as they
 # change process-wide state the runbook's threads and the other sessions share, capture, debugging,
 # faulthandler, logging, warnings and the exception hooks; the cache (and stepwise, which needs it); and
-# those for options a verify never passes (its own JUnit report, doctests, pastebin, --setup-only/plan).
+# those only for options a verify never passes (pastebin, --setup-only/plan). junitxml and doctest stay: checks
+# may use their fixtures (record_property, doctest_namespace).
 QUIET_PLUGINS = ("terminal", "debugging", "faulthandler", "logging", "warnings", "unraisableexception",
-                 "threadexception", "cacheprovider", "stepwise", "junitxml", "doctest", "pastebin", "setuponly",
-                 "setupplan", "freeze_support")
+                 "threadexception", "cacheprovider", "stepwise", "pastebin", "setuponly", "setupplan", "freeze_support")
 
 
 def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None = None,

@@ -465,6 +465,25 @@ def test_a_read_only_stage_over_its_failure_budget_stops_the_run_host_by_host_to
     assert {(r.outcome.value, r.message) for r in result.results if r.stage == "after"} == \
         {("skipped", "run stopped at stage 'disks'")}
     assert result.stopped_at == "disks" and result.failed
+    assert result.stop_reason == f"{len(failed)} of {len(disks)} hosts failed (max_failures 0)"
+
+
+def test_a_stage_of_concurrency_1_over_its_budget_starts_no_more_of_its_pairs_host_by_host(lab, tmp_path):
+    """Every worker waits for the stage's one slot; once the first pair failed, those waiting start nothing."""
+    from overhaul.runner import Runner
+
+    inventory = lab_inventory(lab)
+    plan = plan_for(LOOK.replace("THRESHOLD", "1").replace("threshold: 1}", "threshold: 1}, concurrency: 1"),
+                    tmp_path, inventory)
+    transport = Transport(inventory)  # as wide as the lab: every host's worker is there at once
+    try:
+        result = Runner(plan, transport).run()
+    finally:
+        transport.close()
+    disks = {r.host: (r.outcome.value, r.message) for r in result.results if r.stage == "disks"}
+    assert sorted(outcome for outcome, _ in disks.values()) == ["failed"] + ["skipped"] * (len(disks) - 1)
+    assert {message for outcome, message in disks.values() if outcome == "skipped"} == {"stage failure budget exceeded"}
+    assert result.stop_reason == f"1 of {len(disks)} hosts failed (max_failures 0)"
 
 
 def test_known_hosts_looked_up_by_name_answer_as_paramikos_linear_scan(tmp_path):
