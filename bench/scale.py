@@ -234,7 +234,8 @@ def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
 
 
 def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
-    """The runbook through `run_plan` as `overhaul verify --no-checks` runs it. Returns host -> first failure."""
+    """The runbook through `run_plan` as `overhaul verify --no-checks` runs it (its width: the inventory's
+    `ssh.forks`, written as `forks`). Returns host -> first failure."""
     from overhaul.execution import run_plan
     from overhaul.inventory import load_inventory_file
     from overhaul.plan import build_plan

@@ -200,10 +200,8 @@ class Runner:
             if over_budget:
                 return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded",
                                                stage_index=planned.index))
-            with self._listening:
-                vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
-            if any(vetoed):
-                return None  # the journal could not record the start (or the lease is lost): never run unrecorded
+            if not self._may_start(planned, host):
+                return None
             result = self._record(self._run_host(planned, host))
             if result.outcome is Outcome.FAILED:
                 with self._lock:
@@ -246,11 +244,7 @@ class Runner:
             elif over is not None:
                 message = "stage failure budget exceeded"
             else:
-                with self._listening:
-                    vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
-                if any(vetoed):
-                    return None  # the journal could not record the start (or the lease is lost): never run unrecorded
-                return self._run_host(planned, host)
+                return self._run_host(planned, host) if self._may_start(planned, host) else None
             return HostResult(planned.stage.name, host, Outcome.SKIPPED, message, stage_index=planned.index)
 
         def walk(host: str) -> None:
@@ -290,13 +284,23 @@ class Runner:
             return RunResult(self._results, planned.stage.name, reason, self.check_only)
         return RunResult(self._results, None, "", self.check_only)
 
+    def _may_start(self, planned: PlannedStage, host: str) -> bool:
+        """Tell the listeners the pair starts; False when one vetoes it (the journal could not record the start,
+        or the lease is lost): a pair never runs unrecorded."""
+        with self._listening:
+            vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
+        return not any(vetoed)
+
     def _tell(self, event: str, *args: Any) -> None:
         """An optional listener event (the live view's), to the listeners that want it, one at a time."""
         with self._listening:
-            for listener in self.listeners:
-                method = getattr(listener, event, None)
-                if method is not None:
-                    method(*args)
+            self._each(event, *args)
+
+    def _each(self, event: str, *args: Any) -> None:
+        for listener in self.listeners:
+            method = getattr(listener, event, None)
+            if method is not None:
+                method(*args)
 
     def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
         stage = planned.stage
@@ -404,10 +408,7 @@ class Runner:
     def _command_done(self, host: str, result: CommandResult) -> None:
         """Told as each command completes, from the host's worker, without waiting for the other listeners'
         events (a journal write): listeners take each host's commands from one thread at a time."""
-        for listener in self.listeners:
-            method = getattr(listener, "command_done", None)
-            if method is not None:
-                method(host, result)
+        self._each("command_done", host, result)
 
 
 class _InStageOrder:
@@ -437,7 +438,6 @@ class _InStageOrder:
         with self.lock:
             while self.position + 1 < len(self.stages):
                 self._next(every_stage)
-
 
     def _complete(self) -> bool:
         planned = self.stages[self.position]

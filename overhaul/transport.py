@@ -343,19 +343,14 @@ class KnownHosts(paramiko.HostKeys):
     paramiko compares the name with every entry at each lookup: once per connection, so a run over N
     hosts with N known_hosts lines made N^2 comparisons (2 million at 1,000 hosts, seconds of CPU).
     Here plain names are indexed; hashed (`|1|`) entries, which only a hash of the name can match, are
-    still tried one by one, and the first matching line in file order wins, as before.
+    still tried one by one, and the first matching line in file order wins, as before. Filled by
+    load_known_hosts only (connections refuse unknown keys, never add one).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._plain: dict[str, list[int]] = {}  # name -> positions of its lines in _entries
         self._hashed: list[int] = []
-
-    def add(self, hostname: str, keytype: str, key: paramiko.PKey) -> None:
-        super().add(hostname, keytype, key)
-        entries, self._entries, self._plain, self._hashed = self._entries, [], {}, []
-        for entry in entries:
-            self.append(entry)
 
     def append(self, entry: paramiko.hostkeys.HostKeyEntry) -> None:
         position = len(self._entries)

@@ -59,7 +59,7 @@ QUIET_PLUGINS = ("terminal", "debugging", "faulthandler", "logging", "warnings",
 
 
 def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[str], extra_vars: dict | None = None,
-               stop: threading.Event | None = None, width: int = CHECK_WIDTH, held: bool = False) -> list[Case]:
+               stop: threading.Event | None = None, width: int = CHECK_WIDTH) -> list[Case]:
     """Run the checks folder against `hosts` in this process, on `transport`'s connections: one case per (check, host).
 
     pytest runs in-process (no second Python, no second connection, no second known_hosts parse), one
@@ -69,13 +69,11 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
     taken back, so a second verify in the process starts clean. `stop` ends every session before its
     next check (Ctrl-C of the run).
 
-    The checks hold their hosts' connections open (`Transport.hold`; already done by the caller when `held`)
-    and release each host after its last check, so no host is connected to twice.
+    Each host is released after its last check (`Transport.release`): its connection closes unless another
+    user still holds it. A caller sharing the transport holds the hosts for the checks first (BackgroundChecks).
     """
     from overhaul import checks as overhaul_checks
 
-    if not held:
-        transport.hold(hosts)
     if not hosts:
         return []
     stop = stop or threading.Event()
@@ -231,8 +229,7 @@ class BackgroundChecks:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overhaul-checks")
         transport.hold(hosts)  # before the runbook's stages start (and could close a host the checks need)
-        self._future = self._pool.submit(run_checks, transport, hosts_dir, checks, hosts, extra_vars, self._stop,
-                                         held=True)
+        self._future = self._pool.submit(run_checks, transport, hosts_dir, checks, hosts, extra_vars, self._stop)
 
     def cases(self, interrupted: bool = False) -> list[Case]:
         """Every check's case (an interrupted run: those that ran, no new one starts)."""
