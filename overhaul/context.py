@@ -143,7 +143,7 @@ class StepHost:
         missing = list({p.question: p for p in probes if not self.facts.known(self.name, p.question)}.values())
         if len(missing) < 2:
             return  # a single probe is read when it is asked
-        result = self.run(_probe_script(missing))
+        result = self.run(probe_script(p.command for p in missing))
         self._keep(missing, result.stdout, self.facts.put)
 
     def run_then_read(self, command: str, probes: list[Probe], *, stdin: str | None = None,
@@ -154,7 +154,7 @@ class StepHost:
         apply has ended (everything read before it is forgotten then).
         """
         body = durable_command(command, durable, self.timeout) if durable else command
-        result = self.run(f"{{ {body}\n}}; rc=$?; {_probe_script(probes)}; exit $rc", stdin=stdin)
+        result = self.run(f"{{ {body}\n}}; rc=$?; {probe_script(p.command for p in probes)}; exit $rc", stdin=stdin)
         output, _, answers = result.stdout.partition(MARK + "\n")
         self._keep(probes, MARK + "\n" + answers, lambda host, question, answer, stable: self._reported.append(
             (question, answer, stable)))
@@ -171,7 +171,7 @@ class StepHost:
         self._reported.clear()
 
     def _keep(self, probes: list[Probe], stdout: str, store: Callable[[str, str, Any, bool], None]) -> None:
-        for probe, (exited, output) in zip(probes, _sections(stdout), strict=False):
+        for probe, (exited, output) in zip(probes, sections(stdout), strict=False):
             try:
                 answer = probe.parse(CommandResult(probe.command, exited, output, "", 0.0))
             except Exception:  # not cached: the step's own read reports it
@@ -208,13 +208,13 @@ class StepHost:
         return self.remote.secret(name)
 
 
-def _probe_script(probes: list[Probe]) -> str:
-    """One shell script that prints each probe's output and exit code between marks."""
-    return "; ".join(f"printf '%s\\n' {MARK}; ( {p.command} ) 2>&1; printf '\\n%s%d\\n' {MARK} $?" for p in probes)
+def probe_script(commands: Iterable[str]) -> str:
+    """One shell script that prints each command's output (stderr merged) and exit code between marks."""
+    return "; ".join(f"printf '%s\\n' {MARK}; ( {command} ) 2>&1; printf '\\n%s%d\\n' {MARK} $?" for command in commands)
 
 
-def _sections(stdout: str) -> list[tuple[int, str]]:
-    """(exit code, output) of each probe in a prefetch's output."""
+def sections(stdout: str) -> list[tuple[int, str]]:
+    """(exit code, output) of each command of a `probe_script`, from its output."""
     found = []
     for chunk in stdout.split(MARK + "\n")[1:]:
         output, _, tail = chunk.rpartition("\n" + MARK)

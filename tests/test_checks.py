@@ -24,12 +24,15 @@ from overhaul.transport import RemoteHost, Transport
 
 @pytest.fixture
 def isolated(monkeypatch):
-    """Each test gets its own connections (and the plugin's environment variables are restored after)."""
+    """Each test gets its own connections and testinfra hosts (and the plugin's environment variables are
+    restored after)."""
     monkeypatch.setenv(checks.ENV_VARIABLE, "")
     monkeypatch.setenv(checks.HOSTS_DIR_VARIABLE, "")
     checks.close_all()
+    checks.forget_hosts()
     yield
     checks.close_all()
+    checks.forget_hosts()
 
 
 def test_testinfra_modules_work_through_the_backend(lab, isolated):
@@ -44,6 +47,21 @@ def test_testinfra_modules_work_through_the_backend(lab, isolated):
     assert app.file("/etc/scalr-server/scalr-server.conf").contains("ROLE=app")
     assert app.mount_point("/opt/scalr-server/data").filesystem == "tmpfs"
     assert not app.file("/nonexistent").exists
+
+
+def test_testinfra_system_info_is_one_round_trip(lab, isolated, monkeypatch):
+    """testinfra asks `uname -s`, `cat /etc/os-release` and `uname -m` one after the other (every package,
+    service or user module starts with them): the backend sends them as one command; a later ask reads again."""
+    sent = []
+    original = RemoteHost.run
+    monkeypatch.setattr(RemoteHost, "run", lambda self, command, **kw: sent.append(command) or original(self, command, **kw))
+    app = checks.get_host("lab", "app1", hosts_dir=str(lab.inventory.parent))
+    info = app.system_info
+    expected = lab.host("app1").exec(". /etc/os-release && echo $ID $VERSION_ID && uname -m").stdout.split()
+    assert (info.type, info.distribution, info.release, info.arch) == ("linux", *expected)
+    assert len(sent) == 1
+    assert app.run("uname -m").stdout == info.arch + "\n" and app.run("uname -s").stdout == "Linux\n"
+    assert len(sent) == 3
 
 
 def test_a_host_whose_key_does_not_match_is_refused(lab, tmp_path, isolated):

@@ -6,7 +6,7 @@ import io
 
 from helpers import lab_inventory, outcomes, plan_for
 
-from overhaul.context import MARK, Facts, _sections
+from overhaul.context import MARK, Facts, sections
 from overhaul.execution import Gate, run_plan
 from overhaul.plan import build_plan
 from overhaul.runbook import load_runbook
@@ -33,7 +33,7 @@ def test_a_fact_is_read_once_and_forgotten_on_apply_unless_stable():
 
 def test_probe_answers_are_split_exactly():
     out = f"{MARK}\nline one\nline two\n\n{MARK}0\n{MARK}\nno newline\n{MARK}3\n{MARK}\n\n{MARK}1\n"
-    assert _sections(out) == [(0, "line one\nline two\n"), (3, "no newline"), (1, "")]
+    assert sections(out) == [(0, "line one\nline two\n"), (3, "no newline"), (1, "")]
 
 
 def run_stopping_plotter_at_the_gated_stage(lab, plan):
