@@ -95,8 +95,14 @@ class JournalRecorder:
         pass
 
     def host_started(self, planned: PlannedStage, host: str) -> bool:
-        """Journal the pair's start; False (the pair must not run) when it could not be journaled."""
+        """Journal the pair's start; False (the pair must not run) when it could not be journaled.
+
+        A run that changes nothing (unfenced: a verify) journals a pair once, when it ends: there is nothing of it
+        to resume or undo, and each write is an fsync'd transaction on a path every pair waits for.
+        """
         self._pair[host] = planned.index
+        if planned.step.read_only and self.fence is None:
+            return not self.error
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
         if self.fence is None:
             return self._safely("the journal", lambda: self.state.record(started))

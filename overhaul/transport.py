@@ -50,6 +50,7 @@ from overhaul.secrets import Redactor
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 KILL_GRACE = 5  # seconds `timeout` waits after SIGTERM before SIGKILL on the host
+OUTPUT_GRACE = 5  # seconds a command's output may still come after its exit status (its end: EOF)
 DEFAULT_TIMEOUT = 300.0  # per command, when the caller gives none
 KEEPALIVE = 15  # seconds between SSH keepalives
 LOCKS = "/var/lib/overhaul/locks"  # host-side locks of durable commands
@@ -275,19 +276,21 @@ class RemoteHost:
             channel.shutdown_write()
             readable = select.poll()  # not select.select: it refuses file descriptors >= 1024 (many hosts)
             readable.register(channel, select.POLLIN)
+            exited = 0.0  # when the exit status came, while the output had not ended
             while True:
                 if channel.recv_ready():
                     out += channel.recv(65536)
                 elif channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
-                elif channel.exit_status_ready() or channel.closed:
-                    # The transport thread may have fed the last data just before the exit status: drain it.
-                    while channel.recv_ready():
-                        out += channel.recv(65536)
-                    while channel.recv_stderr_ready():
-                        err += channel.recv_stderr(65536)
+                elif channel.closed or (channel.eof_received and channel.exit_status_ready()):
                     break
+                elif exited and time.monotonic() - exited > OUTPUT_GRACE:
+                    break  # a background process the command started holds its output open
                 else:
+                    if not exited and channel.exit_status_ready():
+                        # sshd sends the exit status as the command ends, while what it wrote last may still be in
+                        # its pipe: the output ends at EOF.
+                        exited = time.monotonic()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         # Past the remote `timeout` and its grace: the host itself is not answering.
@@ -295,6 +298,11 @@ class RemoteHost:
                         raise HostUnreachable(f"{self.name}: no answer by the command's deadline (timeout + "
                                               f"{KILL_GRACE + 5} s): host frozen or overloaded?")
                     readable.poll(min(remaining, 1.0) * 1000)
+            # The transport thread may have fed the last data just before the end: drain it.
+            while channel.recv_ready():
+                out += channel.recv(65536)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
             status = channel.recv_exit_status()
         except TRANSIENT as exc:
             self.close()
@@ -361,13 +369,23 @@ class KnownHosts(paramiko.HostKeys):
             else:
                 self._plain.setdefault(name, []).append(position)
 
-    def lookup(self, hostname: str) -> Any:
+    def lookup(self, hostname: str) -> _KeysOfHost | None:
+        """The host's keys by type (the first line of each type wins), or None; as paramiko's, without the
+        class paramiko's lookup defines at each call (hundreds of microseconds, twice per connection)."""
         positions = sorted(set(self._plain.get(hostname, [])) | set(self._hashed))
-        if not positions:
-            return None
-        candidates = paramiko.HostKeys()  # paramiko's own matching and result, over this host's lines only
-        candidates._entries = [self._entries[position] for position in positions]
-        return candidates.lookup(hostname)
+        keys = _KeysOfHost()
+        for entry in (self._entries[position] for position in positions):
+            if entry.key is not None and self._hostname_matches(hostname, entry):
+                keys.setdefault(entry.key.get_name(), entry.key)
+        return keys or None
+
+
+class _KeysOfHost(dict):
+    """A host's known keys by type. `keys()` is a list, as in paramiko's lookup result: SSHClient.connect
+    indexes it (the type it asks the server for first)."""
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(super().keys())
 
 
 def load_known_hosts(path: Path) -> KnownHosts:
@@ -410,10 +428,12 @@ def _fabric_config() -> fabric.Config:
 def make_connection(
     address: str, port: int, user: str, inventory: Inventory, gateway: fabric.Connection | None,
     connect_kwargs: dict[str, Any] | None = None, host_keys: paramiko.HostKeys | None = None,
+    key_file: Path | None = None,
 ) -> fabric.Connection:
     """A Fabric connection that checks host keys strictly and ignores ~/.ssh/config.
 
     `host_keys`: the run's known_hosts, parsed once and shared (read-only) by every connection.
+    `key_file`: the private key to log in with (default: the inventory's `ssh.key_file`).
     """
     ssh = inventory.ssh
     kwargs: dict[str, Any] = {
@@ -421,15 +441,29 @@ def make_connection(
         "banner_timeout": ssh.connect_timeout, "auth_timeout": ssh.connect_timeout,
         **(connect_kwargs or {}),
     }
-    if ssh.key_file:
-        kwargs["key_filename"] = str(ssh.key_file)
+    key_file = key_file or ssh.key_file
+    if key_file:
+        kwargs["pkey"] = private_key(key_file)
     connection = _Connection(
         address, user=user, port=port, config=_fabric_config(), gateway=gateway,
         connect_timeout=ssh.connect_timeout, connect_kwargs=kwargs,
     )
     connection.client._host_keys = host_keys if host_keys is not None else load_known_hosts(ssh.known_hosts)
+    connection.client._system_host_keys = KnownHosts()  # none: only the inventory's known_hosts counts
     connection.client.set_missing_host_key_policy(_RejectUnknown(str(ssh.known_hosts)))
     return connection
+
+
+def private_key(path: Path) -> paramiko.PKey:
+    """The private key at `path`, with its OpenSSH certificate (`-cert.pub`) when there is one, read once per
+    version of the file (given as `key_filename`, paramiko reads and parses it again at every connection)."""
+    stat = path.stat()
+    return _read_private_key(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_private_key(path: str, mtime_ns: int, size: int) -> paramiko.PKey:
+    return paramiko.PKey.from_path(path)
 
 
 def _fast_socket(address: str, port: int, timeout: float) -> socket.socket:
@@ -462,13 +496,8 @@ class Transport:
         bastion = self.inventory.ssh.bastion
         if bastion is None:
             return None
-        kwargs = {}
-        if bastion.key_file:
-            kwargs["key_filename"] = str(bastion.key_file)
-        return make_connection(
-            bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory, None, kwargs,
-            self.host_keys,
-        )
+        return make_connection(bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory,
+                               None, host_keys=self.host_keys, key_file=bastion.key_file)
 
     def host(self, name: str) -> RemoteHost:
         with self._lock:  # the runner's workers and the checks' sessions ask at once: one RemoteHost per name

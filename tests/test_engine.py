@@ -239,6 +239,47 @@ def _inventory_with(lab, tmp_path, replace: tuple[str, str]):
     return load_inventory_file(write(tmp_path / "hosts/lab.yaml", text.replace(*replace)))
 
 
+def test_output_written_after_the_exit_status_is_kept_and_a_background_holder_does_not_hang(lab):
+    """sshd sends a command's exit status when the command ends, while what it wrote may still be in its pipe: the
+    output ends at EOF (it used to end at the exit status: under load a check read an empty answer). A background
+    process left holding the output open is waited for only briefly (transport.OUTPUT_GRACE)."""
+    transport = Transport(lab_inventory(lab))
+    try:
+        late = transport.host("app1").run("(sleep 0.5; echo late; echo also >&2) & exit 3", sudo=False)
+        assert (late.exited, late.stdout, late.stderr) == (3, "late\n", "also\n")
+        held = transport.host("app1").run("(sleep 61; echo never) & echo now", sudo=False)
+        assert (held.exited, held.stdout) == (0, "now\n")
+    finally:
+        transport.close()
+        lab.host("app1").exec("pkill -f 'sleep 6[1]' || true")
+
+
+def test_a_bastion_logs_in_with_its_own_key_file(lab, tmp_path):
+    """`ssh.bastion.key_file` is the bastion's key, even when `ssh.key_file` is set (it used to be ignored then):
+    a key the bastion does not know fails at the bastion, while the hosts' own key works without one."""
+    key = tmp_path / "hosts/jump_key"
+    key.parent.mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    bastion = lab.host("db1").spec.address
+    inventory = _inventory_with(lab, tmp_path, ("  connect_timeout: 5", f"  connect_timeout: 5\n  bastion: "
+                                                                      f"{{address: {bastion}, key_file: {key}}}"))
+    assert inventory.ssh.key_file and inventory.ssh.bastion.key_file == key
+    transport = Transport(inventory)
+    try:
+        failures = transport.connect(["app1"])
+        assert "authentication failed" in str(failures["app1"]).lower() and f"bastion {bastion}:22" in str(failures["app1"])
+    finally:
+        transport.close()
+    lab.host("db1").exec(f"cat >> /root/.ssh/authorized_keys <<'EOF'\n{key.with_suffix('.pub').read_text()}EOF")
+    transport = Transport(inventory)
+    try:
+        assert transport.host("app1").run("hostname").stdout == "app1\n"
+    finally:
+        transport.close()
+        lab.host("db1").exec(f"sed -i '/{key.with_suffix('.pub').read_text().split()[1].replace('/', '.')}/d' "
+                             "/root/.ssh/authorized_keys")
+
+
 def test_a_host_whose_key_does_not_match_known_hosts_is_refused(lab, tmp_path):
     # Give app1's address the key of db1: exactly what a man in the middle looks like.
     lines = lab.known_hosts.read_text().splitlines()
@@ -401,6 +442,41 @@ def test_a_stop_right_after_a_start_was_journaled_still_finishes_that_pair(lab, 
     assert set(journaled.values()) == {"changed"} and len(journaled) < 6  # the stop held for every later pair
 
 
+def test_a_run_that_changes_nothing_journals_each_pair_once_when_it_ends(lab, tmp_path):
+    """Unfenced (no lease: a verify), a read-only pair is written once, with its result; a pair that may change a
+    host is written when it starts too (what resume and undo read)."""
+    from overhaul.execution import JournalRecorder
+    from overhaul.runner import Runner
+    from overhaul.state import RunRecord, SQLiteState
+
+    written: list[tuple[str, str]] = []
+
+    class Counting(SQLiteState):
+        def record(self, result, commands=()):
+            written.append((result.stage, result.outcome))
+            super().record(result, commands)
+
+    inventory = lab_inventory(lab)
+    plan = plan_for(LOOK.replace("THRESHOLD", "99") + "      - {name: echo, step: shell, hosts: [db1], "
+                    "params: {command: 'true'}}\n", tmp_path, inventory)
+    state = Counting(tmp_path / "journal.sqlite")
+    state.start_run(RunRecord(id="r1", runbook="look", runbook_path="", runbook_sha256="", environment="lab",
+                              params={}, operator="t", started=time.time()))
+    transport = Transport(inventory)
+    runner = Runner(plan, transport, sleep=lambda _: None)
+    runner.listeners = [JournalRecorder(state, "r1", tmp_path / "out")]
+    try:
+        result = runner.run()
+    finally:
+        transport.close()
+    assert not result.failed
+    hosts = len(inventory.hosts)
+    assert sorted(written) == sorted([("supervisor", "ok")] * hosts + [("disks", "ok")] * hosts
+                                     + [("echo", "running"), ("echo", "changed")])
+    assert {(r.stage, r.host): r.outcome for r in state.results("r1")} == \
+        {(r.stage, r.host): r.outcome.value for r in result.results}
+
+
 LOOK = """
     name: look
     stages:
@@ -514,6 +590,8 @@ def test_known_hosts_looked_up_by_name_answer_as_paramikos_linear_scan(tmp_path)
     assert found(ours, "host-a") == {keys[0].get_name(): keys[0].get_base64()}  # the first line
     assert found(ours, "host-h") == {keys[2].get_name(): keys[2].get_base64()}
     assert found(ours, "nobody") is None and ours.check("host-c", keys[4]) and not ours.check("host-c", keys[0])
+    known = [name for name in names if scan.lookup(name) is not None]  # the type SSHClient.connect asks for first
+    assert [ours.lookup(name).keys()[0] for name in known] == [scan.lookup(name).keys()[0] for name in known]
 
 
 def test_a_host_by_host_run_journals_each_command_with_its_own_stage(lab, tmp_path):
