@@ -26,7 +26,7 @@ from overhaul.inventory import Inventory, load_inventory
 from overhaul.transport import RemoteHost, Transport
 
 # What testinfra's `host.system_info` asks, one command after the other, once per host and session: the first
-# of them reads all three in one round trip (stderr merged) and the other two take their answer once.
+# of them reads all three in one round trip (stderr merged) and the other two take their answer, if they come next.
 SYSTEM_INFO = ("uname -s", "cat /etc/os-release", "uname -m")
 ENV_VARIABLE = "OVERHAUL_CHECKS_ENV"
 HOSTS_DIR_VARIABLE = "OVERHAUL_CHECKS_HOSTS_DIR"
@@ -106,8 +106,10 @@ class OverhaulBackend(BaseBackend):
 
     def run(self, command: str, *args: str, **kwargs: Any) -> CommandResult:
         command = self.get_command(command, *args)  # testinfra's own sudo wrapping, if asked for
-        if command in self._read_ahead:
-            return self._read_ahead.pop(command)
+        answer = self._read_ahead.pop(command, None)
+        if answer is not None:
+            return answer
+        self._read_ahead.clear()  # only the questions asked right after may take them: later ones read afresh
         if command == SYSTEM_INFO[0]:
             return self._system_info()
         return self._ask(command)

@@ -284,7 +284,7 @@ class RemoteHost:
                     err += channel.recv_stderr(65536)
                 elif channel.closed or (channel.eof_received and channel.exit_status_ready()):
                     break
-                elif exited and time.monotonic() - exited > OUTPUT_GRACE:
+                elif exited and time.monotonic() > min(exited + OUTPUT_GRACE, deadline):
                     break  # a background process the command started holds its output open
                 else:
                     if not exited and channel.exit_status_ready():
@@ -456,13 +456,21 @@ def make_connection(
 
 def private_key(path: Path) -> paramiko.PKey:
     """The private key at `path`, with its OpenSSH certificate (`-cert.pub`) when there is one, read once per
-    version of the file (given as `key_filename`, paramiko reads and parses it again at every connection)."""
-    stat = path.stat()
-    return _read_private_key(str(path), stat.st_mtime_ns, stat.st_size)
+    version of the two files (given as `key_filename`, paramiko reads and parses them at every connection). A
+    renewed certificate is read at the next connection; the bastion's connection keeps what it was made with."""
+    return _read_private_key(str(path), _version(path), _version(Path(f"{path}-cert.pub")))
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=8)
-def _read_private_key(path: str, mtime_ns: int, size: int) -> paramiko.PKey:
+def _read_private_key(path: str, key: tuple[int, int] | None, certificate: tuple[int, int] | None) -> paramiko.PKey:
     return paramiko.PKey.from_path(path)
 
 
