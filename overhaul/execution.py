@@ -76,7 +76,15 @@ class JournalRecorder:
     The controller's own disk can fail (full, read-only): then the run must not go on unrecorded. The
     first failed write stops the run (no new pair starts; it ends interrupted, resumable) and is kept
     in `error` to be told.
+
+    A pair that changes nothing in a run that changes nothing (unfenced: a verify) is journaled once, when it
+    ends, and its end waits to be written with others in one transaction (`BATCH` ends, or those of the last
+    `BATCH_AGE` seconds, or at `flush`): each transaction is a disk sync that every worker would otherwise wait
+    for in turn (4 ms each here: at 1,000 hosts, half of every worker's time).
     """
+
+    BATCH = 100
+    BATCH_AGE = 1.0  # seconds
 
     def __init__(self, state: State, run_id: str, outputs: Path, fence: LockInfo | None = None):
         self.state = state
@@ -87,22 +95,24 @@ class JournalRecorder:
         self._commands: dict[tuple[int, str], list[CommandRecord]] = {}  # per pair, journaled with its end
         self._pair: dict[str, int] = {}  # host -> the stage it runs now (a host-by-host run may tell a pair's
         # end after the host's next pair began)
+        self._ends_only: set[int] = set()  # stages whose pairs are journaled once, when they end (see above)
+        self._waiting: list[tuple[ResultRecord, list[CommandRecord]]] = []  # their ends, not yet written
+        self._waiting_since = 0.0
         self.error = ""
         self.lease_lost = False
         self.on_error: Callable[[], None] = lambda: None
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
-        pass
+        if planned.step.read_only and self.fence is None:  # nothing of it to resume or undo
+            self._ends_only.add(planned.index)
 
     def host_started(self, planned: PlannedStage, host: str) -> bool:
-        """Journal the pair's start; False (the pair must not run) when it could not be journaled.
-
-        A run that changes nothing (unfenced: a verify) journals a pair once, when it ends: there is nothing of it
-        to resume or undo, and each write is an fsync'd transaction on a path every pair waits for.
-        """
+        """Journal the pair's start (unless it is journaled only when it ends); False (the pair must not run)
+        when it could not be journaled."""
         self._pair[host] = planned.index
         if planned.step.read_only and self.fence is None:
             return not self.error
+        self.flush()  # (the journal keeps the order things happened in)
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
         if self.fence is None:
             return self._safely("the journal", lambda: self.state.record(started))
@@ -121,10 +131,24 @@ class JournalRecorder:
         now = time.time()
         commands = [replace(command, stage_index=result.stage_index, log_path=str(path))
                     for command in self._commands.pop((result.stage_index, result.host), [])]
-        self._safely("the journal", lambda: self.state.record(ResultRecord(
-            self.run_id, result.stage_index, result.stage, result.host, result.outcome.value, result.attempts,
-            now - result.duration, now, result.message, str(path) if path.exists() else "", result.facts,
-        ), commands))
+        ended = ResultRecord(self.run_id, result.stage_index, result.stage, result.host, result.outcome.value,
+                             result.attempts, now - result.duration, now, result.message,
+                             str(path) if path.exists() else "", result.facts)
+        if result.stage_index not in self._ends_only:
+            self.flush()
+            self._safely("the journal", lambda: self.state.record(ended, commands))
+            return
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
+        self._waiting.append((ended, commands))
+        if len(self._waiting) >= self.BATCH or time.monotonic() - self._waiting_since >= self.BATCH_AGE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the ends still waiting (see the class); the run calls it when it ends."""
+        waiting, self._waiting = self._waiting, []
+        if waiting:
+            self._safely("the journal", lambda: self.state.record_ends(waiting))
 
     def report(self, problem: str) -> None:
         """A write of the run's own failed (a host log): stop the run as for a journal write."""
@@ -395,6 +419,8 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
                                         undo_started)
     finally:
         console.close()
+        if recorder is not None:
+            recorder.flush()
         if owned:
             transport.close()
         lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from overhaul.context import Facts, StepHost
+from overhaul.context import Facts, Probe, StepHost
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
@@ -231,7 +231,7 @@ class Runner:
         listeners = _InStageOrder(self.listeners, stages, self._listening)
         first = len(self._results)
 
-        def one(planned: PlannedStage, host: str, benched: bool) -> HostResult | None:
+        def one(planned: PlannedStage, host: str, benched: bool, ahead: list[Probe]) -> HostResult | None:
             """The pair's result, run or skipped as the stage-by-stage path would; None: it must not start."""
             if self._stopping.is_set():
                 return None  # never started: resume will run it
@@ -244,17 +244,20 @@ class Runner:
             elif over is not None:
                 message = "stage failure budget exceeded"
             else:
-                return self._run_host(planned, host) if self._may_start(planned, host) else None
+                return self._run_host(planned, host, ahead) if self._may_start(planned, host) else None
             return HostResult(planned.stage.name, host, Outcome.SKIPPED, message, stage_index=planned.index)
 
         def walk(host: str) -> None:
             benched = False
+            mine = [p for p in stages if host in p.hosts]
             try:
-                for planned in (p for p in stages if host in p.hosts):
+                for position, planned in enumerate(mine):
+                    # What the host's later stages will read is read with this stage's (one command, see _attempt).
+                    ahead = [probe for later in mine[position + 1:] for probe in later.step(later.params[host]).probes()]
                     # A stage's own `concurrency` is held from before the pair is decided until its failure is
                     # counted, so a stop or a spent budget holds back the pairs waiting for it.
                     with widths.get(planned.index) or nullcontext():
-                        result = one(planned, host, benched)
+                        result = one(planned, host, benched, ahead)
                         if result is None:
                             return
                         if result.outcome is Outcome.FAILED and planned.stage.on_failure == "stop":
@@ -302,7 +305,9 @@ class Runner:
             if method is not None:
                 method(*args)
 
-    def _run_host(self, planned: PlannedStage, name: str) -> HostResult:
+    def _run_host(self, planned: PlannedStage, name: str, ahead: list[Probe] | None = None) -> HostResult:
+        """Run one pair (check, then apply and verify if needed), with retries; `ahead`: probes of the host's later
+        read-only stages, read with this step's own (read-only runs: the host's reads are one command)."""
         stage = planned.stage
         log = self.log_dir / f"{planned.index:02d}-{name}.log" if self.log_dir is not None else None
         host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
@@ -336,7 +341,7 @@ class Runner:
                 raise _NotRetried(f"{last_error} (not retried: the run is stopping)")
             attempts += 1
             try:
-                return self._attempt(step, host, previous, applying)
+                return self._attempt(step, host, previous, applying, ahead or [])
             except (StepFailed, HostUnreachable) as exc:
                 last_error = str(exc)
                 self.facts.forget(name)  # a failed attempt may have changed the host: a retry reads afresh
@@ -358,8 +363,8 @@ class Runner:
             return result(Outcome.FAILED, f"step {stage.step!r} raised {type(exc).__name__}: {exc}",
                           trace=traceback.format_exc())
 
-    def _attempt(self, step: Step, host: StepHost, previous: HostResult | None,
-                 applying: Callable[[], None]) -> tuple[Outcome, str, dict[str, Any]]:
+    def _attempt(self, step: Step, host: StepHost, previous: HostResult | None, applying: Callable[[], None],
+                 ahead: list[Probe]) -> tuple[Outcome, str, dict[str, Any]]:
         host.remote.connect()
         # Once the run has changed a host, each stage reads it afresh (a change by hand between two stages is
         # seen); a host the run has not changed keeps what was read of it. What the step reads goes in one command.
@@ -370,7 +375,7 @@ class Runner:
                 self.facts.forget(host.name)
             elif step.read_only:
                 self.facts.forget(host.name, older_than=FRESH)
-        host.prefetch(step.probes())
+        host.prefetch([*step.probes(), *ahead])
         check = step.check(host)
         if check.done and previous is not None and previous.outcome in (Outcome.OK, Outcome.CHANGED):
             # Finished before the interruption, and check confirms it still holds: keep what it did.

@@ -11,6 +11,7 @@ import pytest
 from helpers import overhaul_cli
 from test_config_errors import INVENTORY, RUNBOOK, make_hosts_dir
 
+from overhaul import config
 from overhaul.errors import ConfigError
 from overhaul.inventory import load_inventory
 from overhaul.runbook import load_runbook
@@ -52,8 +53,19 @@ HOSTILE = [
 ]
 
 
+@pytest.fixture(params=sorted(config.PARSERS))
+def yaml_parser(request, monkeypatch):
+    """Each YAML parser Overhaul may load files with: libyaml's (where PyYAML has it) and PyYAML's own."""
+    monkeypatch.setattr(config, "_BoundedLoader", config.bounded_loader(config.PARSERS[request.param]))
+    return request.param
+
+
+def test_both_parsers_are_there():
+    assert sorted(config.PARSERS) == ["libyaml", "python"]  # (this machine's PyYAML has libyaml: both are tested)
+
+
 @pytest.mark.parametrize("content, expected", [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE])
-def test_a_hostile_inventory_is_a_clear_input_error(hosts_dir, content, expected):
+def test_a_hostile_inventory_is_a_clear_input_error(hosts_dir, content, expected, yaml_parser):
     path = hosts_dir / "staging.yaml"
     path.write_bytes(content)
     with pytest.raises(ConfigError) as caught:
@@ -144,3 +156,15 @@ def test_the_command_line_refuses_an_env_with_a_path_with_exit_2(hosts_dir, tmp_
     proc = overhaul_cli(tmp_path, "inventory", "--env", "../hosts/staging", "--hosts-dir", str(hosts_dir))
     assert proc.returncode == 2
     assert "environment '../hosts/staging': expected a name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_both_parsers_read_the_same_values_and_lines(monkeypatch):
+    """The repository's inventories and runbooks: the same data and the same line for every key and item."""
+    repository = Path(__file__).resolve().parent.parent
+    files = sorted(repository.glob("hosts/*.yaml")) + sorted(repository.glob("runbooks/*.yaml"))
+    assert files
+    read = {}
+    for name, parser in config.PARSERS.items():
+        monkeypatch.setattr(config, "_BoundedLoader", config.bounded_loader(parser))
+        read[name] = [(document.data, document.lines) for document in map(config.load_document, files)]
+    assert read["libyaml"] == read["python"]

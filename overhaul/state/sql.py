@@ -183,11 +183,18 @@ class SQLState:
 
     def record(self, result: ResultRecord, commands: Iterable[CommandRecord] = ()) -> None:
         """A pair's row (its start or its end) and, with its end, the index of its commands: one transaction."""
+        self.record_ends([(result, commands)])
+
+    def record_ends(self, ends: Iterable[tuple[ResultRecord, Iterable[CommandRecord]]]) -> None:
+        """Pairs' rows and their commands' index, in one transaction (one disk sync for them all)."""
+        rows = [(result, list(commands)) for result, commands in ends]  # (a retried transaction reads them again)
+
         def write(execute: Execute) -> None:
-            execute(_upsert_result(), _result_row(result))
-            for command in commands:
-                row = _row(command)
-                execute(_insert("commands", row), tuple(row.values()))
+            for result, commands in rows:
+                execute(_upsert_result(), _result_row(result))
+                for command in commands:
+                    row = _row(command)
+                    execute(_insert("commands", row), tuple(row.values()))
         self._transaction(write)
         self._journaled()
 
