@@ -60,6 +60,7 @@ SUBNET = "127.53.0"
 THRESHOLD = 80  # the verify runbook's disk threshold (runbooks/verify.yaml)
 UPGRADE = ("upgrade", "--env", "lab", "--version", "1.1.0", "--yes")
 EXIT_MARK = re.compile(r"\[exit -?\d+, \d+ ms\]\n")
+PROBE_MARK = "::overhaul-probe::"  # overhaul.context.MARK
 
 Stages = list[tuple[str, dict[str, list[dict]]]]  # (stage name, host name -> its commands in order)
 
@@ -130,7 +131,11 @@ def stage_commands(run: Path) -> dict[int, dict[str, int]]:
 
 
 def expectation(line: str, package: str) -> dict:
-    """The output check a verify makes of this command (as the built-in steps do): services RUNNING, disks < 80 %."""
+    """The output check a verify makes of this command (as the built-in steps do): services RUNNING, disks < 80 %.
+    Probes sent as one command (overhaul.context.probe_script, each answer between marks): a check per answer."""
+    script = shlex.split(line)[-1] if line.startswith("timeout ") else line  # (the remote timeout's sh -c)
+    if PROBE_MARK in script:
+        return {"sections": [expectation(part, package) for part in script.split(f"printf '%s\\n' {PROBE_MARK}; ")[1:]]}
     if f"{package}-manage status" in line:
         return {"expect": "running"}
     if "df -P" in line:
@@ -227,7 +232,15 @@ def same_everywhere(stages: Stages, hosts: list[str]) -> list[tuple[str, list[di
 
 
 def failed_when(command: dict) -> str | None:
-    """Ansible's form of the same output check."""
+    """Ansible's form of the same output check (for probes sent as one command: every answer's exit code 0, no
+    program in a state other than RUNNING, no disk at the threshold)."""
+    if "sections" in command:
+        parts = [failed_when(part) for part in command["sections"] if part]
+        states = "STOPPED|STARTING|BACKOFF|STOPPING|EXITED|FATAL|UNKNOWN"
+        return " or ".join([rf"out.rc != 0 or (out.stdout is search('{PROBE_MARK}(?!0$)-?\\d+$', multiline=True))",
+                            *([rf"(out.stdout is search('^\\S+\\s+({states})(\\s|$)', multiline=True))"]
+                              if any(p.get("expect") == "running" for p in command["sections"]) else []),
+                            *[part.partition("or ")[2] for part in parts if "regex_findall" in part]])
     if command.get("expect") == "running":
         return r"out.rc != 0 or (out.stdout_lines | reject('regex', '^\\S+\\s+RUNNING(\\s|$)') | list | length > 0)"
     if command.get("expect") == "disk":

@@ -249,7 +249,7 @@ class Runner:
 
         def walk(host: str) -> None:
             benched = False
-            mine = [p for p in stages if host in p.hosts]
+            mine = [p for p in stages if host in p.params]  # (a dict: not a list built per call)
             try:
                 for position, planned in enumerate(mine):
                     # What the host's later stages will read is read with this stage's (one command, see _attempt).
@@ -446,7 +446,7 @@ class _InStageOrder:
 
     def _complete(self) -> bool:
         planned = self.stages[self.position]
-        return self.heard[planned.index] >= len(planned.hosts)
+        return self.heard[planned.index] >= len(planned.params)
 
     def _next(self, announce: bool = True) -> None:
         self.position += 1

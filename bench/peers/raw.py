@@ -22,6 +22,7 @@ from pathlib import Path
 import paramiko
 
 PERCENT = re.compile(r"(\d+)%")
+PROBE_MARK = "::overhaul-probe::"  # overhaul.context.MARK: probes sent as one command answer between these
 
 
 def connect(host: dict) -> paramiko.SSHClient:
@@ -52,6 +53,16 @@ def problem(command: dict, status: int, out: str, err: str) -> str | None:
     """What is wrong with a command's result (its exit code, then the check the spec asks for), or None."""
     if status != 0:
         return f"exit {status}: {(err or out).strip()[-300:]}"
+    if "sections" in command:  # probes sent as one command: each answer between marks, with its exit code
+        answers = out.split(PROBE_MARK + "\n")[1:]
+        if len(answers) != len(command["sections"]):
+            return f"{len(answers)} answers, expected {len(command['sections'])}: {out.strip()[-300:]}"
+        for check, answer in zip(command["sections"], answers, strict=True):
+            body, _, code = answer.rpartition("\n" + PROBE_MARK)
+            wrong = problem(check, int(code), body.strip("\n"), "")
+            if wrong:
+                return wrong
+        return None
     if command.get("expect") == "running":
         stopped = [line for line in out.splitlines() if line.split()[1:2] != ["RUNNING"]]
         return f"not RUNNING: {stopped}" if stopped else None
