@@ -12,11 +12,13 @@ warm-up round not counted), ratios taken within each round:
   B  `overhaul verify --env lab`: the same plus the testinfra checks of checks/;
   C  a raw paramiko script (bench/peers/raw.py) sending exactly the command lines A sends (read off the
      wire, see bench/peers/wire.py), stage by stage, strict host keys, a pool as wide as A's;
-  D  Ansible (ansible-core, installed into bench/.peers-venv): the same command lines with the `shell`
-     module, the lab's inventory converted, forks = hosts, pipelining on, ControlMaster/ControlPersist
-     as default but every run cold (its control sockets closed after each run, as every other side
-     connects anew), strict host keys with the lab's known_hosts, no fact gathering;
-  E  pyinfra (same venv): the same command lines with `server.shell`, --parallel = hosts, strict host
+  D  Ansible (ansible-core, installed into bench/.peers-venv): one `shell` task per question A asks (A's
+     command lines, those that join several probes between marks split back into their commands, as a
+     playbook is written; C gets A's lines as they are), the lab's inventory converted, forks = hosts,
+     pipelining on, ControlMaster/ControlPersist as default but every run cold (its control sockets closed
+     after each run, as every other side connects anew), strict host keys with the lab's known_hosts, no
+     fact gathering;
+  E  pyinfra (same venv): the same questions as D, one `server.shell` each, --parallel = hosts, strict host
      keys. A and C check the outputs (programs RUNNING, disks under the threshold), D does too
      (failed_when); E checks exit codes only.
 
@@ -135,7 +137,9 @@ def expectation(line: str, package: str) -> dict:
     Probes sent as one command (overhaul.context.probe_script, each answer between marks): a check per answer."""
     script = shlex.split(line)[-1] if line.startswith("timeout ") else line  # (the remote timeout's sh -c)
     if PROBE_MARK in script:
-        return {"sections": [expectation(part, package) for part in script.split(f"printf '%s\\n' {PROBE_MARK}; ")[1:]]}
+        parts = script.split(f"printf '%s\\n' {PROBE_MARK}; ( ")[1:]
+        return {"sections": [{"line": question, **expectation(question, package)}
+                             for question in (part.rpartition(" ) 2>&1;")[0] for part in parts)]}
     if f"{package}-manage status" in line:
         return {"expect": "running"}
     if "df -P" in line:
@@ -231,16 +235,14 @@ def same_everywhere(stages: Stages, hosts: list[str]) -> list[tuple[str, list[di
     return plain
 
 
+def questions(commands: list[dict]) -> list[dict]:
+    """D and E: one task per question the verify asks, as a playbook or a deploy is written (what Overhaul sends a
+    host as one command, its probes joined between marks, is split back into its commands)."""
+    return [part for command in commands for part in command.get("sections", [command])]
+
+
 def failed_when(command: dict) -> str | None:
-    """Ansible's form of the same output check (for probes sent as one command: every answer's exit code 0, no
-    program in a state other than RUNNING, no disk at the threshold)."""
-    if "sections" in command:
-        parts = [failed_when(part) for part in command["sections"] if part]
-        states = "STOPPED|STARTING|BACKOFF|STOPPING|EXITED|FATAL|UNKNOWN"
-        return " or ".join([rf"out.rc != 0 or (out.stdout is search('{PROBE_MARK}(?!0$)-?\\d+$', multiline=True))",
-                            *([rf"(out.stdout is search('^\\S+\\s+({states})(\\s|$)', multiline=True))"]
-                              if any(p.get("expect") == "running" for p in command["sections"]) else []),
-                            *[part.partition("or ")[2] for part in parts if "regex_findall" in part]])
+    """Ansible's form of the same output check."""
     if command.get("expect") == "running":
         return r"out.rc != 0 or (out.stdout_lines | reject('regex', '^\\S+\\s+RUNNING(\\s|$)') | list | length > 0)"
     if command.get("expect") == "disk":
@@ -260,7 +262,7 @@ def ansible_side(work: Path, inventory: Inventory, stages: Stages, program: str)
     folder.mkdir()
     tasks = []
     for stage, commands in same_everywhere(stages, list(hosts)):
-        for number, command in enumerate(commands, 1):
+        for number, command in enumerate(questions(commands), 1):
             task = {"name": f"{stage} #{number}", "shell": jinja_safe(command["line"]), "register": "out",
                     "changed_when": False}
             if failed_when(command):
@@ -303,7 +305,7 @@ def pyinfra_side(work: Path, inventory: Inventory, stages: Stages, program: str)
     (folder / "inventory.py").write_text(f"hosts = {entries!r}\n")
     operations = ["from pyinfra.operations import server", ""]
     for stage, commands in same_everywhere(stages, list(hosts)):
-        for number, command in enumerate(commands, 1):
+        for number, command in enumerate(questions(commands), 1):
             operations.append(f"server.shell(name={f'{stage} #{number}'!r}, commands=[{command['line']!r}])")
     (folder / "deploy.py").write_text("\n".join(operations) + "\n")
     argv = [program, "-y", "--parallel", str(len(hosts)), "inventory.py", "deploy.py"]
@@ -422,7 +424,7 @@ def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNE
                     skipped.append(f"  {tool}: {tools[tool]}")
                 else:
                     letter = "D" if tool == "ansible" else "E"
-                    sides.append((Series(f"{letter} {tool}, same command lines"), make(tmp, inventory, stages, tools[tool])))
+                    sides.append((Series(f"{letter} {tool}, one task per question"), make(tmp, inventory, stages, tools[tool])))
             per_host = sum(len(commands) for _, hosts in stages for commands in hosts.values()) / size
             print(f"\n== {size} hosts: verify, {count} rounds (+1 warm-up), {per_host:g} commands per host, "
                   f"{len(stages)} stages; {load()}", flush=True)
