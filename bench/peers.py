@@ -135,7 +135,7 @@ def stage_commands(run: Path) -> dict[int, dict[str, int]]:
 def expectation(line: str, package: str) -> dict:
     """The output check a verify makes of this command (as the built-in steps do): services RUNNING, disks < 80 %.
     Probes sent as one command (overhaul.context.probe_script, each answer between marks): a check per answer."""
-    script = shlex.split(line)[-1] if line.startswith("timeout ") else line  # (the remote timeout's sh -c)
+    script = shlex.split(line)[-1] if " sh -c " in line else line  # (the remote timeout's sh -c, under sudo too)
     if PROBE_MARK in script:
         parts = script.split(f"printf '%s\\n' {PROBE_MARK}; ( ")[1:]
         return {"sections": [{"line": question, **expectation(question, package)}

@@ -147,8 +147,9 @@ def _error_line(exc: yaml.YAMLError, text: str) -> int:
     mark = getattr(exc, "problem_mark", None)
     if mark is not None:
         return mark.line + 1
-    if isinstance(exc, yaml.reader.ReaderError):
-        return text.count("\n", 0, exc.position) + 1
+    if isinstance(exc, yaml.reader.ReaderError):  # (libyaml's position counts bytes, PyYAML's characters)
+        found = yaml.reader.Reader.NON_PRINTABLE.search(text)
+        return text.count("\n", 0, found.start() if found else exc.position) + 1
     return 1
 
 

@@ -183,17 +183,25 @@ class StepHost:
         """Run `command` with sh on the host (see `RemoteHost.run`); the stage's timeout unless given."""
         result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
         self.history.append(result)
-        if self.log is not None:  # now, not when the step ends: after a crash the log shows the step in flight
+        # now, not when the step ends: after a crash the log shows the step in flight
+        self._log(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}, "
+                  f"{result.duration * 1000:.0f} ms]\n")
+        self._on_command(result)
+        return result
+
+    def note(self, text: str) -> None:
+        """A line of this pair's log that is not a command's (where its answers were read, say)."""
+        self._log(f"# {text}\n")
+
+    def _log(self, text: str) -> None:
+        if self.log is not None:
             try:
                 self.log.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.log, "a") as log:
-                    log.write(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}, "
-                              f"{result.duration * 1000:.0f} ms]\n")
+                    log.write(text)
             except OSError as exc:
                 self._on_log_error(f"cannot write the run log {self.log}: {exc}")
                 self.log = None
-        self._on_command(result)
-        return result
 
     def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:
         """Create `path` with `mode` from the start (no window where others can read it); content on stdin."""
@@ -217,8 +225,8 @@ def sections(stdout: str) -> list[tuple[int, str]]:
     """(exit code, output) of each command of a `probe_script`, from its output."""
     found = []
     for chunk in stdout.split(MARK + "\n")[1:]:
-        output, _, tail = chunk.rpartition("\n" + MARK)
+        output, closed, tail = chunk.rpartition("\n" + MARK)
         code = tail.strip()
-        if code.lstrip("-").isdigit():
+        if closed and code.lstrip("-").isdigit():  # (an answer cut short, by a timeout say, has no closing mark)
             found.append((int(code), output))
     return found

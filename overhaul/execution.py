@@ -111,6 +111,8 @@ class JournalRecorder:
         when it could not be journaled."""
         self._pair[host] = planned.index
         if planned.step.read_only and self.fence is None:
+            if self._waiting and time.monotonic() - self._waiting_since >= self.BATCH_AGE:
+                self.flush()  # (ends wait at most about BATCH_AGE, even while few pairs end)
             return not self.error
         self.flush()  # (the journal keeps the order things happened in)
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
@@ -145,10 +147,11 @@ class JournalRecorder:
             self.flush()
 
     def flush(self) -> None:
-        """Write the ends still waiting (see the class); the run calls it when it ends."""
-        waiting, self._waiting = self._waiting, []
-        if waiting:
-            self._safely("the journal", lambda: self.state.record_ends(waiting))
+        """Write the ends still waiting (see the class); the run calls it when it ends. Ends that could not be
+        written stay waiting (the next flush tries them again) and stop the run, as any failed journal write."""
+        waiting = self._waiting
+        if waiting and self._safely("the journal", lambda: self.state.record_ends(waiting)):
+            self._waiting = []
 
     def report(self, problem: str) -> None:
         """A write of the run's own failed (a host log): stop the run as for a journal write."""
@@ -421,6 +424,8 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
         console.close()
         if recorder is not None:
             recorder.flush()
+            if recorder.error and result is not None:
+                result.interrupted = True  # its last ends could not be journaled: as any failed journal write
         if owned:
             transport.close()
         lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)

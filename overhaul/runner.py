@@ -231,7 +231,8 @@ class Runner:
         listeners = _InStageOrder(self.listeners, stages, self._listening)
         first = len(self._results)
 
-        def one(planned: PlannedStage, host: str, benched: bool, ahead: list[Probe]) -> HostResult | None:
+        def one(planned: PlannedStage, host: str, benched: bool, ahead: list[Probe],
+                read_with: int | None) -> HostResult | None:
             """The pair's result, run or skipped as the stage-by-stage path would; None: it must not start."""
             if self._stopping.is_set():
                 return None  # never started: resume will run it
@@ -244,20 +245,21 @@ class Runner:
             elif over is not None:
                 message = "stage failure budget exceeded"
             else:
-                return self._run_host(planned, host, ahead) if self._may_start(planned, host) else None
+                return self._run_host(planned, host, ahead, read_with) if self._may_start(planned, host) else None
             return HostResult(planned.stage.name, host, Outcome.SKIPPED, message, stage_index=planned.index)
 
         def walk(host: str) -> None:
             benched = False
             mine = [p for p in stages if host in p.params]  # (a dict: not a list built per call)
             try:
+                read_with = None  # the stage whose command read ahead for this one
                 for position, planned in enumerate(mine):
-                    # What the host's later stages will read is read with this stage's (one command, see _attempt).
-                    ahead = [probe for later in mine[position + 1:] for probe in later.step(later.params[host]).probes()]
+                    ahead = reads_ahead(planned, mine[position + 1:], host)
                     # A stage's own `concurrency` is held from before the pair is decided until its failure is
                     # counted, so a stop or a spent budget holds back the pairs waiting for it.
                     with widths.get(planned.index) or nullcontext():
-                        result = one(planned, host, benched, ahead)
+                        result = one(planned, host, benched, ahead, read_with)
+                        read_with = planned.index if ahead else read_with
                         if result is None:
                             return
                         if result.outcome is Outcome.FAILED and planned.stage.on_failure == "stop":
@@ -305,9 +307,11 @@ class Runner:
             if method is not None:
                 method(*args)
 
-    def _run_host(self, planned: PlannedStage, name: str, ahead: list[Probe] | None = None) -> HostResult:
+    def _run_host(self, planned: PlannedStage, name: str, ahead: list[Probe] | None = None,
+                  read_with: int | None = None) -> HostResult:
         """Run one pair (check, then apply and verify if needed), with retries; `ahead`: probes of the host's later
-        read-only stages, read with this step's own (read-only runs: the host's reads are one command)."""
+        read-only stages, read with this step's own (read-only runs: the host's reads are one command); `read_with`:
+        the earlier stage whose command read ahead for this one (its log says so when it sent no command)."""
         stage = planned.stage
         log = self.log_dir / f"{planned.index:02d}-{name}.log" if self.log_dir is not None else None
         host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
@@ -362,6 +366,9 @@ class Runner:
         except Exception as exc:  # a bug in a step fails this pair, not the run, and is never retried
             return result(Outcome.FAILED, f"step {stage.step!r} raised {type(exc).__name__}: {exc}",
                           trace=traceback.format_exc())
+        finally:
+            if read_with is not None and not host.history:
+                host.note(f"read with the command of stage {read_with + 1} (see {read_with:02d}-{name}.log)")
 
     def _attempt(self, step: Step, host: StepHost, previous: HostResult | None, applying: Callable[[], None],
                  ahead: list[Probe]) -> tuple[Outcome, str, dict[str, Any]]:
@@ -414,6 +421,20 @@ class Runner:
         """Told as each command completes, from the host's worker, without waiting for the other listeners'
         events (a journal write): listeners take each host's commands from one thread at a time."""
         self._each("command_done", host, result)
+
+
+def reads_ahead(planned: PlannedStage, later: list[PlannedStage], host: str) -> list[Probe]:
+    """What `host`'s later read-only stages will read, to be read with `planned`'s in one command: those of the
+    later stages with the same timeout (each stage's reads stay under its own limit). A step whose probes cannot
+    be listed is left to read them itself (its own pair reports the error)."""
+    probes: list[Probe] = []
+    for stage in later:
+        if stage.stage.timeout == planned.stage.timeout:
+            try:
+                probes += stage.step(stage.params[host]).probes()
+            except Exception:
+                continue
+    return probes
 
 
 class _InStageOrder:

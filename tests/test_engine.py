@@ -559,13 +559,17 @@ def test_a_read_only_run_reads_each_host_in_one_command_and_each_stage_judges_it
     transport = Transport(inventory)
     commands = Commands()
     try:
-        runner = Runner(plan, transport, listeners=[commands])
+        runner = Runner(plan, transport, listeners=[commands], log_dir=tmp_path / "logs")
         assert runner.host_by_host
         result = runner.run()
     finally:
         transport.close()
     hosts = [host.name for host in inventory.hosts]
     assert commands.sent == {host: 1 for host in hosts}  # (stage by stage: one per stage)
+    for host in hosts:  # each stage's log: the command, or where its answers were read
+        assert "service scalr status" in (tmp_path / f"logs/00-{host}.log").read_text()
+        assert "df -P /" in (tmp_path / f"logs/00-{host}.log").read_text()
+        assert (tmp_path / f"logs/01-{host}.log").read_text() == f"# read with the command of stage 1 (see 00-{host}.log)\n"
     assert {(r.stage, r.outcome.value) for r in result.results} == {("supervisor", "ok"), ("disks", "failed")}
     assert all("is running" in r.message for r in result.results if r.stage == "supervisor")
     assert all("/ at" in r.message and "%" in r.message for r in result.results if r.stage == "disks")
@@ -679,6 +683,27 @@ def test_a_host_by_host_run_journals_each_command_with_its_own_stage(lab, tmp_pa
     assert {(c.stage_index, c.host) for c in commands} == {(stage, h.name) for stage in range(3) for h in inventory.hosts}
     for command in commands:
         assert f"echo w{command.stage_index}" in command.command, command
+
+
+def test_a_verify_whose_last_results_cannot_be_journaled_ends_interrupted(lab, tmp_path):
+    """The ends of a verify's pairs are written together, the last ones when the run ends: if the disk refuses them,
+    the run does not end as if recorded (as when any journal write fails: interrupted, exit 130)."""
+    import io
+
+    from overhaul.execution import exit_code, run_plan
+    from overhaul.state import SQLiteState, StateError
+
+    class FullDisk(SQLiteState):
+        def record_ends(self, ends):
+            raise StateError("database or disk is full")
+
+    inventory = lab_inventory(lab)
+    plan = plan_for(LOOK.replace("THRESHOLD", "100"), tmp_path, inventory)
+    state = FullDisk(tmp_path / "journal.sqlite")
+    stream = io.StringIO()
+    result = run_plan(plan, mutating=False, state=state, stream=stream)
+    assert result.interrupted and exit_code(result) == 130
+    assert state.run(result.run_id).status == "interrupted"
 
 
 def test_making_connections_leaves_the_one_shared_fabric_configuration_untouched(lab):

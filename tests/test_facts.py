@@ -36,6 +36,28 @@ def test_probe_answers_are_split_exactly():
     assert sections(out) == [(0, "line one\nline two\n"), (3, "no newline"), (1, "")]
 
 
+def test_an_answer_cut_short_is_not_taken_for_one():
+    """A joined read killed by its timeout: the answer without its closing mark is not parsed (its output is not an
+    exit code); the step reads it again by itself."""
+    assert sections(f"{MARK}\nfirst\n{MARK}0\n{MARK}\n42\n") == [(0, "first")]
+
+
+def test_a_stage_reads_ahead_only_what_later_stages_read_under_the_same_timeout(lab, tmp_path):
+    from overhaul.runner import reads_ahead
+
+    plan = plan_for("""
+    name: look
+    stages:
+      - {name: first, step: supervisor.up}
+      - {name: same, step: services.verify}
+      - {name: slower, step: disk.usage, timeout: 900, params: {mounts: [/]}}
+""", tmp_path, lab_inventory(lab))
+    first, same, slower = plan.stages
+    ahead = [probe.question for probe in reads_ahead(first, [same, slower], "app1")]
+    assert ahead == [probe.question for probe in same.step(same.params["app1"]).probes()]
+    assert [probe.question for probe in reads_ahead(slower, [], "app1")] == []
+
+
 def run_stopping_plotter_at_the_gated_stage(lab, plan):
     """Run `plan`; just before its `confirm: true` stage, someone stops plotter on app1 by hand (started again after)."""
 

@@ -43,6 +43,8 @@ HOSTILE = [
      ":3: not UTF-8 text (byte 0xf6 at offset"),
     ("utf-16 text", INVENTORY.encode("utf-16"), ":1: not UTF-8 text (byte 0xff at offset 0)"),
     ("a NUL byte", INVENTORY.replace("db1", "db\x001").encode(), ":7: not valid YAML: control character #x0000"),
+    ("a NUL byte after non-ASCII text", INVENTORY.replace("root", "r" + "\xf6" * 20 + "t").replace("db1", "db\x001").encode(),
+     ":7: not valid YAML: control character #x0000"),
     ("a 5000-digit number", (INVENTORY + "vars: {n: " + "9" * 5000 + "}\n").encode(), ": not valid YAML: Exceeds the limit"),
     ("an impossible date", (INVENTORY + "vars: {d: 2024-13-45}\n").encode(), ": not valid YAML: month must be in 1..12"),
     ("a list as a key", (INVENTORY + "vars: {[a, b]: 1}\n").encode(), ":13: vars: a key must be a plain value"),

@@ -58,7 +58,9 @@ def problem(command: dict, status: int, out: str, err: str) -> str | None:
         if len(answers) != len(command["sections"]):
             return f"{len(answers)} answers, expected {len(command['sections'])}: {out.strip()[-300:]}"
         for check, answer in zip(command["sections"], answers, strict=True):
-            body, _, code = answer.rpartition("\n" + PROBE_MARK)
+            body, closed, code = answer.rpartition("\n" + PROBE_MARK)
+            if not closed or not code.strip().lstrip("-").isdigit():
+                return f"an answer cut short: {answer.strip()[-300:]}"
             wrong = problem(check, int(code), body.strip("\n"), "")
             if wrong:
                 return wrong
