@@ -159,9 +159,9 @@ def _problem(exc: yaml.YAMLError) -> str:
     return getattr(exc, "problem", None) or str(exc)
 
 
-# libyaml's parser (C: 5x faster on a 1,000-host inventory) where PyYAML has it, PyYAML's own otherwise; the
-# nodes are composed by PyYAML's Python composer either way, so the depth bound below holds for both.
 class _PythonParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """PyYAML's own parser (what yaml.SafeLoader parses with), for where PyYAML has no libyaml."""
+
     def __init__(self, text: str):
         yaml.reader.Reader.__init__(self, text)
         yaml.scanner.Scanner.__init__(self)
@@ -194,9 +194,11 @@ def bounded_loader(parser: type) -> type:
     return BoundedLoader
 
 
+# libyaml's parser (C: 5x faster on a 1,000-host inventory) where PyYAML has it, PyYAML's own otherwise; the
+# nodes are composed by PyYAML's Python composer either way, so the depth bound holds for both.
 PARSERS = {"libyaml": yaml.cyaml.CParser} if yaml.__with_libyaml__ else {}
 PARSERS["python"] = _PythonParser
-_BoundedLoader = bounded_loader(next(iter(PARSERS.values())))
+_BoundedLoader = bounded_loader(PARSERS.get("libyaml", _PythonParser))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

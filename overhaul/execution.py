@@ -102,15 +102,19 @@ class JournalRecorder:
         self.lease_lost = False
         self.on_error: Callable[[], None] = lambda: None
 
+    def _ends_only_for(self, planned: PlannedStage) -> bool:
+        """Whether `planned`'s pairs are journaled once, when they end: nothing of them to resume or undo."""
+        return planned.step.read_only and self.fence is None
+
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
-        if planned.step.read_only and self.fence is None:  # nothing of it to resume or undo
+        if self._ends_only_for(planned):
             self._ends_only.add(planned.index)
 
     def host_started(self, planned: PlannedStage, host: str) -> bool:
         """Journal the pair's start (unless it is journaled only when it ends); False (the pair must not run)
         when it could not be journaled."""
         self._pair[host] = planned.index
-        if planned.step.read_only and self.fence is None:
+        if self._ends_only_for(planned):  # (host by host, a pair may start before its stage is announced)
             if self._waiting and time.monotonic() - self._waiting_since >= self.BATCH_AGE:
                 self.flush()  # (ends wait at most about BATCH_AGE, even while few pairs end)
             return not self.error
