@@ -21,40 +21,22 @@ from datetime import datetime
 from importlib import resources
 from json import dumps, loads
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, Exit, ParseError, Program, Task, task
 
-from overhaul import __version__, verification
-from overhaul.context import StepHost
-from overhaul.errors import HostUnreachable, OverhaulError, Refused, StepFailed
-from overhaul.execution import (
-    INTERRUPTED_EXIT,
-    LIMIT,
-    REFUSED_EXIT,
-    UNDO,
-    Gate,
-    exit_code,
-    file_sha256,
-    journaled_results,
-    operator,
-    recorded,
-    recorded_hosts,
-    run_plan,
-)
-from overhaul.inventory import Inventory, human_duration, inventory_path, load_inventory
-from overhaul.lab import Lab
-from overhaul.lab.lab import FIRST_VERSION
-from overhaul.plan import Plan, PlannedStage, build_plan
-from overhaul.planfile import check_unchanged, read_plan, saved_plan, write_plan
-from overhaul.runbook import Runbook, load_runbook
-from overhaul.settings import open_state
-from overhaul.state import RunRecord, State
-from overhaul.state.sql import holder_gone
-from overhaul.step import Registry
-from overhaul.transport import Transport
+from overhaul import __version__
+from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, USAGE_EXIT, HostUnreachable, OverhaulError, Refused, StepFailed
 
-USAGE_EXIT = 2
+# Each command imports what it needs when it runs: `overhaul --help` (and the shell completion, which runs
+# `overhaul --complete` at each Tab) loads no SSH, model or database library.
+if TYPE_CHECKING:
+    from overhaul.inventory import Inventory
+    from overhaul.lab import Lab
+    from overhaul.plan import Plan, PlannedStage
+    from overhaul.state import RunRecord, State
+    from overhaul.step import Registry
+
 CHECK = "check"  # journal event: one testinfra check's result on one host, in a verify run
 ROLLBACK = "rollback"  # the built-in runbook back to an upgrade's previous version and backup
 REBUILT = "rebuilt"  # journal event: the environment's hosts were built anew, at the version its detail says
@@ -126,6 +108,13 @@ def friendly(task_function: Callable) -> Callable:
     return wrapper
 
 
+def open_state(*, migrate: bool = False) -> State:
+    """The configured journal (see overhaul.settings)."""
+    from overhaul import settings
+
+    return settings.open_state(migrate=migrate)
+
+
 def need(value: str, flag: str) -> str:
     if not value or not value.strip():
         raise OverhaulError(f"{flag} is required")
@@ -133,6 +122,8 @@ def need(value: str, flag: str) -> str:
 
 
 def registry(steps_dir: str) -> Registry:
+    from overhaul.step import Registry
+
     builtin = Path(str(resources.files("overhaul.steps"))).resolve()
     local = Path(steps_dir)
     return Registry([local] if local.resolve() != builtin else [])
@@ -151,6 +142,10 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_dir: str,
               params: dict[str, Any], flags: dict[str, str] | None = None, limit: str = "") -> Plan:
     """Everything that can be checked without touching a host, checked; then `latest` resolved, once."""
+    from overhaul.inventory import load_inventory
+    from overhaul.plan import build_plan
+    from overhaul.runbook import load_runbook
+
     inventory = load_inventory(need(env, "--env"), Path(hosts_dir))
     loaded = load_runbook(runbook, Path(runbooks_dir))
     plan = build_plan(loaded, inventory, registry(steps_dir), params, flags, limit)
@@ -182,6 +177,8 @@ def ask(yes: bool) -> Callable[[PlannedStage], bool]:
 
 
 def describe_policy(inventory: Inventory) -> str:
+    from overhaul.inventory import human_duration
+
     policy = inventory.policy
     said = ["protected (shows the plan and asks, or --yes)" if policy.protected else "not protected"]
     if policy.promotion_from:
@@ -236,6 +233,8 @@ def verbosity(verbose: bool, quiet: bool) -> int:
 
 def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None, view: int = 0) -> None:
     """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run."""
+    from overhaul.execution import Gate, exit_code, run_plan
+
     if "version" in planned.run_params and planned.runbook.runbook.name != ROLLBACK:  # back to what it ran: no promotion
         check_promotion(planned.inventory, str(planned.run_params["version"]))
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes))
@@ -270,6 +269,9 @@ def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="
 
 
 def show_plan(planned: Plan, skip_unreachable: bool, out: str = "", view: int = 0) -> None:
+    from overhaul.execution import Gate, exit_code, file_sha256, operator, run_plan
+    from overhaul.planfile import saved_plan, write_plan
+
     result = run_plan(planned, check_only=True, gate=Gate(skip_unreachable=skip_unreachable), verbosity=view)
     if out and not result.refused and not result.interrupted:
         assert planned.inventory.path is not None
@@ -294,6 +296,12 @@ def apply(c, plan_file, yes=False, max_age=24.0, verbose=False, quiet=False, hos
 
 
 def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir: str, view: int = 0) -> None:
+    from overhaul.execution import file_sha256
+    from overhaul.inventory import inventory_path, load_inventory
+    from overhaul.plan import build_plan
+    from overhaul.planfile import check_unchanged, read_plan
+    from overhaul.runbook import load_runbook
+
     saved = read_plan(path)
     runbook_file = Path(saved.runbook_path)
     if not runbook_file.exists():
@@ -374,7 +382,9 @@ def rollback_params(state: State, record: RunRecord) -> dict[str, Any]:
 
 def newest_available(inventory: Inventory) -> str:
     """Resolve "latest" once, on the first host that answers, so every host gets the same, journaled version."""
+    from overhaul.context import StepHost
     from overhaul.steps.package import newest_version, package_manager
+    from overhaul.transport import Transport
 
     transport = Transport(inventory)
     problems = []
@@ -394,6 +404,8 @@ def newest_available(inventory: Inventory) -> str:
 def check_promotion(inventory: Inventory, version: str) -> None:
     """policy.promotion_from: the version must have been upgraded to, successfully, on that environment first,
     and (policy.soak) have been there long enough."""
+    from overhaul.inventory import human_duration
+
     policy = inventory.policy
     source = policy.promotion_from
     if not source:
@@ -425,6 +437,8 @@ def journal_of(state: State, env: str) -> tuple[list[RunRecord], list[tuple[floa
 
 def full_upgrades(runs: list[RunRecord], events: list[tuple[float, str, str, str]]) -> list[tuple[float, str]]:
     """(when it ended, version) of each successful upgrade of the whole environment, newest first."""
+    from overhaul.execution import LIMIT
+
     limited = {run_id for _, run_id, kind, _ in events if kind == LIMIT}
     return [(record.ended or record.started, str(record.params["version"])) for record in runs
             if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")
@@ -439,6 +453,10 @@ def full_upgrades(runs: list[RunRecord], events: list[tuple[float, str, str, str
 def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, limit="",
            verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
+    from overhaul import verification
+    from overhaul.execution import exit_code, run_plan
+    from overhaul.transport import Transport
+
     if no_checks and checks_only:
         raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
     planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}, limit=limit)
@@ -496,6 +514,8 @@ def expected_version(env: str) -> str | None:
 def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, verbose=False, quiet=False,
            hosts_dir="hosts", steps_dir="steps"):
     """Continue an interrupted or failed run: finished work is skipped once its check confirms it still holds."""
+    from overhaul.execution import UNDO, Gate, exit_code, recorded, run_plan
+
     state = open_state()
     if run:
         record = journaled_run(state, run)
@@ -527,6 +547,11 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
 
 def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str) -> Plan:
     """The plan a journaled run ran: its runbook (unchanged since, by SHA-256), parameters, hosts and limit."""
+    from overhaul.execution import LIMIT, file_sha256, recorded, recorded_hosts
+    from overhaul.inventory import load_inventory
+    from overhaul.plan import build_plan
+    from overhaul.runbook import load_runbook
+
     path = Path(record.runbook_path)
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
@@ -543,6 +568,7 @@ def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", st
 
     Refused (nothing undone) when a stage that changed something cannot be undone: `overhaul rollback` then.
     """
+    from overhaul.execution import exit_code, journaled_results, run_plan
     from overhaul.undo import undo_plan
 
     state = open_state()
@@ -596,6 +622,9 @@ def journaled_run(state: State, run_id: str) -> RunRecord:
 @command(help={"run": "the run to abandon"})
 def abandon(c, run=""):
     """Mark an unfinished run abandoned, so a new upgrade may start (the journal keeps it)."""
+    from overhaul.execution import operator
+    from overhaul.state.sql import holder_gone
+
     state = open_state()
     record = journaled_run(state, need(run, "--run"))
     if record.status not in ("running", "interrupted", "failed"):
@@ -613,6 +642,8 @@ def abandon(c, run=""):
                "reason": "why (journaled with who removed it; required with --force)"})
 def unlock(c, env="", force=False, reason=""):
     """Remove an environment's lock (with --force and a --reason); who and why are journaled."""
+    from overhaul.execution import operator
+
     state = open_state()
     lock = state.lock(need(env, "--env"))
     if lock is None:
@@ -714,6 +745,7 @@ def show(c, run, json=False):
                         "claim; journaled)"})
 def synthetic(c, env="", hosts_dir="hosts", rerun=False):
     """Launch a small farm, prove it comes up and works, tear it down; exit code names a failed phase (20-30)."""
+    from overhaul.inventory import load_inventory
     from overhaul.synthetic.run import SyntheticRun, workdir_default
 
     loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
@@ -723,6 +755,8 @@ def synthetic(c, env="", hosts_dir="hosts", rerun=False):
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
 def inventory(c, env="", hosts_dir="hosts"):
     """Show an environment's resolved hosts (roles, address, user, variables)."""
+    from overhaul.inventory import load_inventory
+
     loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
     print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts)")
     print(f"  policy: {describe_policy(loaded)}")
@@ -755,6 +789,9 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 def file_schemas(steps: Registry) -> dict[str, dict[str, Any]]:
     """The inventory and runbook schemas; a runbook stage's `params` is checked against its step's own
     parameters (by name: a value may be a `${reference}`, so types are left to `overhaul plan`)."""
+    from overhaul.inventory import Inventory
+    from overhaul.runbook import Runbook
+
     inventory = {"$schema": SCHEMA_DIALECT, "$id": "urn:overhaul:schema:inventory", **Inventory.model_json_schema()}
     runbook = {"$schema": SCHEMA_DIALECT, "$id": "urn:overhaul:schema:runbook", **Runbook.model_json_schema()}
     by_step = []
@@ -776,6 +813,8 @@ LAB_HELP = {
 
 
 def _lab(home: str, inventory: str) -> Lab:
+    from overhaul.lab import Lab
+
     return Lab(home=home, inventory=inventory)
 
 
@@ -784,6 +823,9 @@ def _lab(home: str, inventory: str) -> Lab:
                **LAB_HELP})
 def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127.10.0"):
     """Start the lab (or repair a half-started one): real hosts with scalr-server 1.0.0."""
+    from overhaul.lab import Lab
+    from overhaul.lab.lab import FIRST_VERSION
+
     lab = Lab(home=home, inventory=inventory, subnet=subnet)
     lab.up(int(hosts))
     if lab.started_fresh:  # what verify expects is what the farm now is, not the last upgrade of the one before

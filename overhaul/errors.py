@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# The exit codes of the command line (a contract, see overhaul.cli.EXIT_CODES); 1 is a host that failed.
+USAGE_EXIT = 2  # bad input or usage: nothing was touched
+REFUSED_EXIT = 3  # refused before any change
+INTERRUPTED_EXIT = 130  # interrupted: resumable
+
 
 class OverhaulError(Exception):
     """A problem the operator can fix: the message says what and where."""

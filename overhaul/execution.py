@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from overhaul.alerts import RunInfo, RunNotifier
-from overhaul.errors import Refused
+from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, Refused
 from overhaul.plan import Plan, PlannedStage
 from overhaul.preflight import print_report, run_preflight
 from overhaul.report import console_report, describe_changes, summary
@@ -45,8 +45,6 @@ SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source fo
 LIMIT = "limit"  # journal event: the run was kept to some hosts (--limit)
 UNDO = "undo"  # journal event: an operator started taking the run back (`overhaul undo`): resume is refused
 FAILED_EXIT = 1
-REFUSED_EXIT = 3
-INTERRUPTED_EXIT = 130
 
 
 @dataclass

@@ -311,6 +311,19 @@ def test_starting_the_command_line_imports_no_library_only_some_commands_need():
     assert loaded == "[]"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["upgrade", "--help"], ["--complete", "--", "overhaul", "up"]])
+def test_help_and_shell_completion_load_no_ssh_model_or_journal_library(argv):
+    # The shell completion runs `overhaul --complete` at every Tab: it should cost what invoke costs, not a run's start.
+    heavy = ("paramiko", "fabric", "cryptography", "pydantic", "tenacity", "sqlite3", "overhaul.runner",
+             "overhaul.inventory")
+    probe = ("import contextlib, io, sys; from overhaul.cli import program\n"
+             "with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):\n"
+             f"    program.run(['overhaul', *{argv!r}])\n"
+             f"print(bool(shown.getvalue().strip()), [name for name in {heavy!r} if name in sys.modules])")
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert answer == "True []"
+
+
 def test_ctrl_c_at_the_gate_ends_the_run_interrupted_as_its_exit_code_says(lab, tmp_path):
     # A host that accepts TCP and never speaks SSH keeps the preflight gate waiting: Ctrl-C arrives there.
     silent = socket.create_server((f"127.30.{PROCESS_OCTET}.200", 22))
