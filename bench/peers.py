@@ -1,7 +1,7 @@
 """Overhaul side by side with raw paramiko, Ansible and pyinfra on the same lab: issue 15's targets, as ratios.
 
 Usage (as root, from the repository): .venv/bin/python bench/peers.py [--sizes 4,20] [--rounds 5] [--upgrade-rounds 3]
-    [--subnet 127.53.0] [--verify-only]
+    [--subnet 127.53.0] [--verify-only] [--each-check]
 
 For each size it starts a lab on 127.53.0.x (or --subnet) (torn down afterwards, whatever happens) in a temporary
 project folder (hosts/lab.yaml, a copy of the repository's checks/), then measures, each side a fresh
@@ -29,14 +29,19 @@ upgrade` against a fresh lab upgraded by hand over SSH (bench/peers/raw.py) with
 commands, stage by stage, parallel within a stage (target upgrade at most 1.1x). A fresh lab is a new
 lab (lab.down, lab.up): that is how the tests reset one too.
 
+With --each-check, rounds of A against A plus one check of checks/ at a time (each test function alone in a
+copy of its file): what each check adds to the verify, in wall time and in the machine's CPU.
+
 Each ratio line gives the median of the per-round ratios (the verdict), their range, and best/best (the
-ratio of the two sides' fastest runs): the machine is shared, so the load average is printed too. To
+ratio of the two sides' fastest runs): the machine is shared, so the load average is printed too, and each
+side's median machine CPU (controller, sshds and the hosts' commands: on the lab, one machine's cores). To
 measure another tree of Overhaul, put it first on PYTHONPATH: every side's process inherits it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -63,6 +68,7 @@ THRESHOLD = 80  # the verify runbook's disk threshold (runbooks/verify.yaml)
 UPGRADE = ("upgrade", "--env", "lab", "--version", "1.1.0", "--yes")
 EXIT_MARK = re.compile(r"\[exit -?\d+, \d+ ms\]\n")
 PROBE_MARK = "::overhaul-probe::"  # overhaul.context.MARK
+CONTEXT = "(context)"  # a ratio printed to explain others, with no target of its own
 
 Stages = list[tuple[str, dict[str, list[dict]]]]  # (stage name, host name -> its commands in order)
 
@@ -73,10 +79,12 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Series:
-    """One side's wall times, one per round."""
+    """One side's wall times, one per round, and the machine's CPU time in each (controller, sshds and every
+    command the hosts ran: on this lab they all share the machine's cores, so it is what the wall time is made of)."""
 
     label: str
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
 
 def run_timed(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
@@ -349,8 +357,9 @@ def ratio_line(label: str, top: Series, bottom: Series, target: str, good: Calla
     (what each side costs when nothing else on the machine gets in its way: a check on the median under load)."""
     ratios = [t / b for t, b in zip(top.times, bottom.times, strict=True)]
     middle = statistics.median(ratios)
+    verdict = "" if target == CONTEXT else "met" if good(middle) else "MISSED"
     return (f"  {label:<44} {middle:6.2f}x  ({min(ratios):5.2f}-{max(ratios):5.2f}x; best/best "
-            f"{min(top.times) / min(bottom.times):5.2f}x)  target {target:<24} {'met' if good(middle) else 'MISSED'}")
+            f"{min(top.times) / min(bottom.times):5.2f}x)  target {target:<24} {verdict}")
 
 
 def load() -> str:
@@ -360,16 +369,25 @@ def load() -> str:
 
 def times_line(series: Series) -> str:
     times = series.times
-    return f"  {series.label:<44} median {statistics.median(times):6.2f} s  min {min(times):6.2f} s  max {max(times):6.2f} s"
+    return (f"  {series.label:<44} median {statistics.median(times):6.2f} s  min {min(times):6.2f} s  max {max(times):6.2f} s"
+            f"  machine CPU {statistics.median(series.cpu):6.2f} s")
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has spent (user, nice, system) since boot: /proc/stat's first line."""
+    user, nice, system = (int(value) for value in Path("/proc/stat").read_text().split()[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
 def rounds(sides: list[tuple[Series, Callable[[], float]]], count: int) -> None:
     """One warm-up round, then `count` rounds of every side in turn."""
     for index in range(count + 1):
-        results = [(series, side()) for series, side in sides]
-        if index:  # round 0 warms up
-            for series, elapsed in results:
+        for series, side in sides:
+            before = machine_cpu()
+            elapsed = side()
+            if index:  # round 0 warms up
                 series.times.append(elapsed)
+                series.cpu.append(machine_cpu() - before)
 
 
 def command_kinds(lines: list[str], package: str) -> str:
@@ -397,6 +415,38 @@ def command_table(inventory: Inventory, sent: dict[str, list[str]], logged: dict
     return table
 
 
+def one_check_folders(checks: Path, work: Path) -> dict[str, Path]:
+    """For each test function of the checks folder, a folder with its file holding only that test (the rest of the
+    file, and every file that is not a test file, kept): to measure what each check costs on its own."""
+    folders = {}
+    for file in sorted(checks.glob("test_*.py")):
+        text = file.read_text()
+        lines = text.splitlines(keepends=True)
+        tests = [node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef) and node.name.startswith("test")]
+        for kept in tests:
+            dropped = {number for node in tests if node is not kept
+                       for number in range(min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1, node.end_lineno)}
+            folder = work / f"only-{kept.name}"
+            shutil.copytree(checks, folder, ignore=shutil.ignore_patterns("test_*.py", "__pycache__"))
+            (folder / file.name).write_text("".join(line for number, line in enumerate(lines) if number not in dropped))
+            folders[kept.name] = folder
+    return folders
+
+
+def bench_each_check(project: Path, work: Path, verify: tuple[Series, Callable[[], float]], count: int, size: int) -> None:
+    """Rounds of the built-in verify against itself plus one check of checks/ at a time: what each check adds."""
+    plain = Series(verify[0].label)
+    sides = [(plain, verify[1])] + [(Series(f"+ {name}"), cli_side(project, "verify", "--env", "lab", "--checks", str(folder)))
+                                    for name, folder in one_check_folders(project / "checks", work).items()]
+    rounds(sides, count)
+    print(f"\n== {size} hosts: the built-in verify plus one check of checks/ at a time, {count} rounds (+1 warm-up); "
+          f"{load()}")
+    for series, _ in sides:
+        print(times_line(series))
+    for series, _ in sides[1:]:
+        print(ratio_line(f"{series.label[2:42]} / A", series, plain, CONTEXT, lambda r: True))
+
+
 # -- one lab size ----------------------------------------------------------------------------------------------------
 def new_project(tmp: Path, subnet: str = SUBNET) -> tuple[Path, Lab]:
     project = tmp / "project"
@@ -406,7 +456,8 @@ def new_project(tmp: Path, subnet: str = SUBNET) -> tuple[Path, Lab]:
     return project, lab
 
 
-def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNET, upgrade: bool = True) -> None:
+def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNET, upgrade: bool = True,
+               each_check: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
         tmp = Path(tmp_name)
         project, lab = new_project(tmp, subnet)
@@ -443,7 +494,9 @@ def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNE
             if "E" in series:
                 print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], "<= 1.0x (not behind)", lambda r: r <= 1.0))
             if "D" in series:
-                print(ratio_line("D / A  Ansible vs built-in (issue: 3.4-4.1x)", series["D"], a, "(context)", lambda r: True))
+                print(ratio_line("D / A  Ansible vs built-in (issue: 3.4-4.1x)", series["D"], a, CONTEXT, lambda r: True))
+            if each_check:
+                bench_each_check(project, tmp, verify, count, size)
             if not upgrade:
                 return
 
@@ -499,13 +552,15 @@ def main() -> None:
                         help="rounds of the critical-path comparison, at the smallest size (default 3; 0 skips it)")
     parser.add_argument("--subnet", default=SUBNET, help=f"the labs' loopback subnet, three octets (default {SUBNET})")
     parser.add_argument("--verify-only", action="store_true", help="only the verify comparisons: no upgrade measured")
+    parser.add_argument("--each-check", action="store_true",
+                        help="also the built-in verify plus each check of checks/ alone: what each check adds")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
     tools = peers_venv()
     print(f"overhaul from {Path(sys.modules['overhaul'].__file__).parent}; peers: "
           + ", ".join(f"{tool} {'missing' if path.startswith('SKIPPED') else 'installed'}" for tool, path in tools.items()))
     for size in sizes:
-        bench_size(size, args.rounds, tools, args.subnet, upgrade=not args.verify_only)
+        bench_size(size, args.rounds, tools, args.subnet, upgrade=not args.verify_only, each_check=args.each_check)
     if args.upgrade_rounds and not args.verify_only:
         bench_critical_path(min(sizes), args.upgrade_rounds, args.subnet)
 
