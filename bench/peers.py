@@ -26,8 +26,10 @@ Then the upgrade: one real upgrade 1.0.0 -> 1.1.0 and one no-op re-run, every ex
 (commands per app host, target at most 10), and rounds of the no-op re-run against A (target at most
 1.2x). At the smallest size (4 hosts), the critical path: rounds of a fresh lab upgraded by `overhaul
 upgrade` against a fresh lab upgraded by hand over SSH (bench/peers/raw.py) with only the unavoidable
-commands, stage by stage, parallel within a stage (target upgrade at most 1.1x). A fresh lab is a new
-lab (lab.down, lab.up): that is how the tests reset one too.
+commands, stage by stage, parallel within a stage (target upgrade at most 1.1x), and against a fresh lab
+upgraded by hand with the reads of the programs' states Overhaul makes for safety added (its preflight, after
+the stop, after each tier's reconfigure): what those reads cost, and what Overhaul costs beyond them. A fresh
+lab is a new lab (lab.down, lab.up): that is how the tests reset one too.
 
 With --each-check, rounds of A against A plus one check of checks/ at a time (each test function alone in a
 copy of its file): what each check adds to the verify, in wall time and in the machine's CPU.
@@ -329,9 +331,14 @@ gzip -t "$f"; [ "$(zcat "$f" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
 """
 
 
-def unavoidable_stages(inventory: Inventory, package: str, version: str) -> Stages:
+def unavoidable_stages(inventory: Inventory, package: str, version: str, safety_reads: bool = False) -> Stages:
     """The upgrade's unavoidable commands, in the runbook's stage order: a proven backup, stop, install (the
-    lists already hold the version), reconfigure db -> worker -> app, one verify command per host."""
+    lists already hold the version), reconfigure db -> worker -> app, one verify command per host.
+
+    With `safety_reads`, also the reads of the programs' states Overhaul's upgrade makes for safety: on every host
+    before anything changes (its preflight: the supervisor answers), after the stop (all stopped before the
+    package changes) and after each tier's reconfigure (all RUNNING before the next tier starts), each in the
+    same command as the change it follows, as Overhaul sends them."""
     password = inventory.secrets["mysql_backup_password"].resolve()
     role = {host.name: host.roles[0] for host in inventory.hosts}
     every = list(role)
@@ -340,13 +347,16 @@ def unavoidable_stages(inventory: Inventory, package: str, version: str) -> Stag
         return {name: [{"line": line, "stdin": stdin}] for name in names}
 
     of = {r: [n for n in every if role[n] == r] for r in ("db", "worker", "app")}
-    return [
+    states = f" && {{ {package}-manage status || true; }}" if safety_reads else ""  # the states, whatever they are
+    reconfigure = f"{package}-ctl reconfigure{states}"
+    preflight = [("preflight", on(every, f"{package}-manage status"))] if safety_reads else []
+    return [*preflight,
         ("backup", on(of["db"], f"bash -c {shlex.quote(BACKUP)}", f'[client]\nuser=backup\npassword="{password}"\n')),
-        ("stop", on(every, f"{package}-manage stop all")),
+        ("stop", on(every, f"{package}-manage stop all{states}")),
         ("install", on(every, f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}={version}")),
-        ("reconfigure db", on(of["db"], f"{package}-ctl reconfigure")),
-        ("reconfigure worker", on(of["worker"], f"{package}-ctl reconfigure")),
-        ("reconfigure app", on(of["app"], f"{package}-ctl reconfigure")),
+        ("reconfigure db", on(of["db"], reconfigure)),
+        ("reconfigure worker", on(of["worker"], reconfigure)),
+        ("reconfigure app", on(of["app"], reconfigure)),
         ("verify", on(every, f"service scalr status && {package}-manage status && df -P /opt/{package}")),
     ]
 
@@ -519,29 +529,37 @@ def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNE
 
 
 def bench_critical_path(size: int, count: int, subnet: str = SUBNET) -> None:
-    """Rounds of: a fresh lab upgraded by overhaul; a fresh lab upgraded by hand (the unavoidable commands only)."""
+    """Rounds of: a fresh lab upgraded by overhaul; a fresh lab upgraded by hand (the unavoidable commands only);
+    a fresh lab upgraded by hand with Overhaul's safety reads of the programs' states added (see unavoidable_stages)."""
     with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
         tmp = Path(tmp_name)
         project, lab = new_project(tmp, subnet)
         upgrade, by_hand = Series("overhaul upgrade 1.0.0 -> 1.1.0"), Series("by hand: unavoidable commands, same order")
+        safe = Series("by hand, plus Overhaul's reads of the states")
         try:
             for _ in range(count):
-                for series in (upgrade, by_hand):
+                for series in (upgrade, by_hand, safe):
                     lab.down()
                     lab.up(size)
                     inventory = load_inventory_file(lab.inventory)
+                    before = machine_cpu()
                     if series is upgrade:
                         series.times.append(cli_side(project, *UPGRADE)())
                     else:
-                        stages = unavoidable_stages(inventory, inventory.vars.get("package", "scalr-server"), "1.1.0")
+                        stages = unavoidable_stages(inventory, inventory.vars.get("package", "scalr-server"), "1.1.0",
+                                                    safety_reads=series is safe)
                         series.times.append(raw_side(tmp, inventory, stages, "by-hand-spec.json")())
+                    series.cpu.append(machine_cpu() - before)
         finally:
             lab.down()
     print(f"\n== {size} hosts: upgrade vs the critical path of its unavoidable commands, {count} rounds (a fresh lab "
           f"each); {load()}")
     print(times_line(upgrade))
     print(times_line(by_hand))
+    print(times_line(safe))
     print(ratio_line("upgrade / critical path", upgrade, by_hand, "<= 1.1x (4 hosts)", lambda r: r <= 1.1))
+    print(ratio_line("upgrade / critical path plus the safety reads", upgrade, safe, CONTEXT, lambda r: True))
+    print(ratio_line("the safety reads alone: by hand with / without", safe, by_hand, CONTEXT, lambda r: True))
 
 
 def main() -> None:
