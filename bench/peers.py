@@ -36,7 +36,8 @@ copy of its file): what each check adds to the verify, in wall time and in the m
 
 Each ratio line gives the median of the per-round ratios (the verdict), their range, and best/best (the
 ratio of the two sides' fastest runs): the machine is shared, so the load average is printed too, and each
-side's median machine CPU (controller, sshds and the hosts' commands: on the lab, one machine's cores). To
+side's median machine CPU (controller, sshds and the hosts' commands: on the lab, one machine's cores; and
+anything else running then, so measure on an otherwise idle machine). To
 measure another tree of Overhaul, put it first on PYTHONPATH: every side's process inherits it.
 """
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import os
 import re
@@ -384,9 +386,10 @@ def times_line(series: Series) -> str:
 
 
 def machine_cpu() -> float:
-    """CPU seconds the whole machine has spent (user, nice, system) since boot: /proc/stat's first line."""
-    user, nice, system = (int(value) for value in Path("/proc/stat").read_text().split()[1:4])
-    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine has spent since boot (user, nice, system, irq, softirq: /proc/stat's first line).
+    Whatever else runs on the machine meanwhile counts too: run the bench on an otherwise idle machine."""
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def rounds(sides: list[tuple[Series, Callable[[], float]]], count: int) -> None:
@@ -426,20 +429,23 @@ def command_table(inventory: Inventory, sent: dict[str, list[str]], logged: dict
 
 
 def one_check_folders(checks: Path, work: Path) -> dict[str, Path]:
-    """For each test function of the checks folder, a folder with its file holding only that test (the rest of the
-    file, and every file that is not a test file, kept): to measure what each check costs on its own."""
+    """For each test function of the checks folder (top-level `test*` functions; a test class is kept whole in every
+    folder), a folder with its file holding only that test (the rest of the file, and every file that is not a
+    test file, kept): to measure what each check costs on its own."""
     folders = {}
     for file in sorted(checks.glob("test_*.py")):
         text = file.read_text()
-        lines = text.splitlines(keepends=True)
-        tests = [node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef) and node.name.startswith("test")]
+        lines = io.StringIO(text).readlines()  # lines as ast numbers them (str.splitlines also splits at \f, ...)
+        tests = [node for node in ast.parse(text).body
+                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test")]
         for kept in tests:
             dropped = {number for node in tests if node is not kept
                        for number in range(min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1, node.end_lineno)}
-            folder = work / f"only-{kept.name}"
+            name = f"{file.stem}::{kept.name}"
+            folder = work / f"only-{file.stem}-{kept.name}"
             shutil.copytree(checks, folder, ignore=shutil.ignore_patterns("test_*.py", "__pycache__"))
             (folder / file.name).write_text("".join(line for number, line in enumerate(lines) if number not in dropped))
-            folders[kept.name] = folder
+            folders[name] = folder
     return folders
 
 
@@ -454,7 +460,7 @@ def bench_each_check(project: Path, work: Path, verify: tuple[Series, Callable[[
     for series, _ in sides:
         print(times_line(series))
     for series, _ in sides[1:]:
-        print(ratio_line(f"{series.label[2:42]} / A", series, plain, CONTEXT, lambda r: True))
+        print(ratio_line(f"{series.label[2:].partition('::')[2][:40]} / A", series, plain, CONTEXT, lambda r: True))
 
 
 # -- one lab size ----------------------------------------------------------------------------------------------------

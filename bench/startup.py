@@ -1,5 +1,6 @@
-"""Start-up of the commands that touch no host: `overhaul --help` (also what shell completion runs at each
-Tab, as `overhaul --complete`) and `overhaul inventory`, against the floor they stand on and against peers.
+"""Start-up of the commands that touch no host: `overhaul --help`, `overhaul --complete` (what shell completion
+runs at each Tab: here, completing the flags of `upgrade`) and `overhaul inventory`, against the floor they
+stand on and against peers.
 
 Usage (from the repository): .venv/bin/python bench/startup.py [--rounds 15] [--hosts 20]
 
@@ -60,6 +61,7 @@ def main() -> None:
         "python: import invoke": [python, "-c", "import invoke"],
         "overhaul --help": [python, "-m", "overhaul", "--help"],
         "overhaul upgrade --help": [python, "-m", "overhaul", "upgrade", "--help"],
+        "overhaul --complete (flags)": [python, "-m", "overhaul", "--complete", "--", "overhaul", "upgrade", "--"],
         "overhaul inventory": [python, "-m", "overhaul", "inventory", "--env", "bench"],
     }
     peers = {"ansible-playbook --help": [str(PEERS / "ansible-playbook"), "--help"],
@@ -90,6 +92,7 @@ def main() -> None:
 
     print("ratios (medians):")
     ratio("overhaul --help", "python: import invoke")
+    ratio("overhaul --complete (flags)", "python: import invoke")
     ratio("overhaul --help", "ansible-playbook --help")
     ratio("overhaul --help", "pyinfra --help")
     ratio("overhaul inventory", "ansible-inventory --list")

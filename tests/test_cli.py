@@ -311,7 +311,8 @@ def test_starting_the_command_line_imports_no_library_only_some_commands_need():
     assert loaded == "[]"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["upgrade", "--help"], ["--complete", "--", "overhaul", "up"]])
+@pytest.mark.parametrize("argv", [["--help"], ["upgrade", "--help"], ["--complete", "--", "overhaul", "up"],
+                                  ["--complete", "--", "overhaul", "upgrade", "--"]])  # tasks, then a task's flags
 def test_help_and_shell_completion_load_no_ssh_model_or_journal_library(argv):
     # The shell completion runs `overhaul --complete` at every Tab: it should cost what invoke costs, not a run's start.
     heavy = ("paramiko", "fabric", "cryptography", "pydantic", "tenacity", "sqlite3", "overhaul.runner",
