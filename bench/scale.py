@@ -53,6 +53,7 @@ PER_SSHD = 16  # OpenSSH's MAX_LISTEN_SOCKS: addresses one sshd process can list
 FIRST_OCTET3 = 240  # endpoints are 127.60.240.1 and up, 250 per /24
 MANAGE_OUTPUT = "web RUNNING pid 101, uptime 1:00:00\nworker RUNNING pid 102, uptime 1:00:00\n"
 TARGET_RATIO, TARGET_RSS_MB, THREAD_SLACK = 1.3, 600, 16
+CHANGE = "true"  # what each stage of --changes runs on every host
 
 
 def address(index: int) -> str:
@@ -86,6 +87,10 @@ class Farm:
     def runbook(self) -> Path:
         return self.root / "scale-verify.yaml"
 
+    @property
+    def changes_runbook(self) -> Path:
+        return self.root / "scale-changes.yaml"
+
     def known_hosts(self, size: int) -> Path:
         return self.root / f"known_hosts-{size}"
 
@@ -113,6 +118,9 @@ def write_farm(farm: Farm, sizes: list[int], forks: int) -> None:
         f" params: {{manage_command: {farm.manage}}}}}\n"
         f"  - {{name: disk usage, step: disk.usage, on_failure: continue, params: {{mounts: [/], threshold: 100}}}}\n"
     )
+    farm.changes_runbook.write_text("name: scale-changes\ndescription: three stages that change hosts (as far as Overhaul "
+                                    "knows)\nstages:\n" + "".join(f"  - {{name: change {number}, step: shell, params: "
+                                                                   f"{{command: '{CHANGE}'}}}}\n" for number in (1, 2, 3)))
     key_type, key_data = farm.host_key.with_suffix(".pub").read_text().split()[:2]
     for size in sizes:
         farm.known_hosts(size).write_text("".join(f"[{address(i)}]:{farm.port} {key_type} {key_data}\n" for i in range(size)))
@@ -233,6 +241,71 @@ def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
         return {host: failure for host, failure in zip(hosts, pool.map(one, hosts), strict=True) if failure}
 
 
+def raw_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """--changes: every host connected first (a pool of `forks`), then stage by stage the same command on every host,
+    all connections kept to the end: a group of connections, as Fabric's ThreadingGroup keeps one."""
+    import paramiko
+
+    known = paramiko.HostKeys(str(farm.known_hosts(size)))
+    key = paramiko.Ed25519Key.from_private_key_file(str(farm.client_key))
+    hosts = [address(i) for i in range(size)]
+    clients: dict[str, paramiko.SSHClient] = {}
+    failures: dict[str, str] = {}
+
+    def connect(host: str) -> None:
+        try:
+            sock = socket.create_connection((host, farm.port), timeout=30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = paramiko.SSHClient()
+            client._host_keys = known
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client.connect(host, farm.port, username="root", pkey=key, sock=sock, look_for_keys=False,
+                           allow_agent=False, timeout=30, banner_timeout=30, auth_timeout=30)
+            clients[host] = client
+        except Exception as exc:
+            failures[host] = f"{type(exc).__name__}: {exc}"
+
+    def change(host: str) -> None:
+        if host in failures:
+            return
+        try:
+            _, stdout, stderr = clients[host].exec_command(CHANGE)
+            stdout.read()
+            stderr.read()
+            if stdout.channel.recv_exit_status() != 0:
+                failures[host] = f"`{CHANGE}` failed"
+        except Exception as exc:
+            failures[host] = f"{type(exc).__name__}: {exc}"
+
+    try:
+        with ThreadPoolExecutor(max_workers=forks) as pool:
+            list(pool.map(connect, hosts))
+            for _ in range(3):
+                list(pool.map(change, hosts))
+    finally:
+        for client in clients.values():
+            client.close()
+    return failures
+
+
+def overhaul_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """--changes: the three-stage runbook as `overhaul run` runs it (preflight gate, journal of every pair's start and
+    end, stage by stage)."""
+    from overhaul.execution import Gate, run_plan
+    from overhaul.inventory import load_inventory_file
+    from overhaul.plan import build_plan
+    from overhaul.runbook import load_runbook
+    from overhaul.step import Outcome, Registry
+
+    os.environ["OVERHAUL_JOURNAL"] = str(farm.root / f"journal-{size}-{time.monotonic_ns()}" / "journal.sqlite")
+    plan = build_plan(load_runbook(str(farm.changes_runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
+    result = run_plan(plan, gate=Gate(), stream=io.StringIO(), show_summary=False)
+    failures = {r.host: f"{r.stage}: {r.outcome.value}: {r.message}" for r in result.results if r.outcome is not Outcome.CHANGED}
+    if result.refused or len(result.results) != size * len(plan.stages):
+        failures["(run)"] = f"{len(result.results)} results, expected {size * len(plan.stages)}; refused {result.refused[:2]}"
+    return failures
+
+
 def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     """The runbook through `run_plan` as `overhaul verify --no-checks` runs it (its width: the inventory's
     `ssh.forks`, written as `forks`). Returns host -> first failure."""
@@ -254,13 +327,17 @@ def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     return failures
 
 
+SIDES = {"raw": raw_side, "overhaul": overhaul_side, "raw-changes": raw_changes_side,
+         "overhaul-changes": overhaul_changes_side}
+
+
 def child(args: argparse.Namespace) -> None:
     """One side, one size: do the work and write its wall time, CPU and failures to `--result`."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per open connection
     farm = Farm(Path(args.dir), args.port)
-    side = raw_side if args.side == "raw" else overhaul_side
-    importlib.import_module("paramiko" if args.side == "raw" else "overhaul.execution")  # start-up, not work
+    side = SIDES[args.side]
+    importlib.import_module("paramiko" if args.side.startswith("raw") else "overhaul.execution")  # start-up, not work
     cpu_before, started = _cpu(resource.RUSAGE_SELF), time.perf_counter()
     failures = side(farm, args.hosts, args.forks)
     wall, cpu = time.perf_counter() - started, _cpu(resource.RUSAGE_SELF) - cpu_before
@@ -360,7 +437,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each side per size, interleaved (default 1)")
     parser.add_argument("--port", type=int, default=2222)
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to one side at one size")
-    parser.add_argument("--side", choices=["raw", "overhaul"], help=argparse.SUPPRESS)  # the child's arguments
+    parser.add_argument("--changes", action="store_true",
+                        help="instead of the verify: three stages that change every host, gated by the preflight")
+    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # the child's arguments
     parser.add_argument("--hosts", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -395,12 +474,18 @@ def main() -> None:
                     load = os.getloadavg()[0]
                     print(f"\n{size} hosts, round {number + 1}/{args.rounds} (load average {load:.2f})\n{HEADER}", flush=True)
                     for side in ("raw", "overhaul") if number % 2 == 0 else ("overhaul", "raw"):
-                        m = measure(side, farm, size, forks, args.timeout)
+                        m = measure(f"{side}-changes" if args.changes else side, farm, size, forks, args.timeout)
                         (raw if side == "raw" else overhaul).append(m)
                         print(row(side, m), flush=True)
                     print(ratios(overhaul[-1], raw[-1]), flush=True)
                 threads[size] = (max(m.threads for m in overhaul), max(m.threads for m in raw))
-            targets(sizes[-1], forks, overhaul, raw, threads)
+            if args.changes:
+                peak, bound = threads[sizes[-1]][0], 2 * forks + THREAD_SLACK  # a worker and a connection's thread each
+                print(f"\npeak threads at {sizes[-1]} hosts: overhaul {peak} (bounded by 2 x forks + {THREAD_SLACK} = "
+                      f"{bound}: {'ok' if peak <= bound else 'OFF TARGET'}); the raw group keeps a connection and a "
+                      f"thread per host: {threads[sizes[-1]][1]}")
+            else:
+                targets(sizes[-1], forks, overhaul, raw, threads)
         finally:
             stop_sshds(sshds)
 

@@ -410,9 +410,10 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
             if undo_only:
                 result = _undo(runner, RunResult([]), previous, stages, stream)
             elif gate is None:
-                if not runner.host_by_host:  # (host by host, each worker connects to its host when it takes it)
+                if not runner.host_by_host and not transport.parks(plan.hosts):
                     # Every host's connection opened at once in parallel; one that fails now is retried (and
-                    # reported) by its first stage.
+                    # reported) by its first stage. (Host by host, or on a farm larger than the pool, each
+                    # worker connects to its host when it takes it.)
                     transport.connect(plan.hosts)
                 result = runner.run()
             else:

@@ -9,7 +9,6 @@ the whole run before its first change. An unreachable host is decided here, once
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -51,12 +50,6 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
     """Run every stage's preflight on every host it targets; never changes a host."""
     report = PreflightReport(plan.stages)
     hosts = list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts))
-    unreachable = transport.connect(hosts)
-    skip = skip_unreachable or plan.runbook.runbook.preflight.unreachable == "skip"
-    for host, error in sorted(unreachable.items(), key=lambda item: hosts.index(item[0])):
-        report.checks[(HOST_COLUMN, host)] = Check(False, f"unreachable: {_reason(host, error)}")
-        if skip:
-            report.excluded[host] = f"unreachable: {_reason(host, error)}"
 
     def one(host: str) -> None:
         # run_id: a step finds what this run made (a backup, on a resume) by it.
@@ -71,10 +64,15 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
         for planned in mine:
             report.checks[(planned.index, host)] = _stage_ready(planned, view)
 
-    reachable = [host for host in hosts if host not in unreachable]
-    with ThreadPoolExecutor(max_workers=max(1, min(transport.max_workers, len(reachable)))) as pool:
-        list(pool.map(one, reachable))
-    report.checks = dict(sorted(report.checks.items(), key=lambda item: (hosts.index(item[0][1]), item[0][0])))
+    # Each host is checked by the worker that connected it (and, on a farm larger than the pool, let go after).
+    unreachable = transport.connect(hosts, then=one)
+    skip = skip_unreachable or plan.runbook.runbook.preflight.unreachable == "skip"
+    position = {host: index for index, host in enumerate(hosts)}
+    for host, error in sorted(unreachable.items(), key=lambda item: position[item[0]]):
+        report.checks[(HOST_COLUMN, host)] = Check(False, f"unreachable: {_reason(host, error)}")
+        if skip:
+            report.excluded[host] = f"unreachable: {_reason(host, error)}"
+    report.checks = dict(sorted(report.checks.items(), key=lambda item: (position[item[0][1]], item[0][0])))
     return report
 
 

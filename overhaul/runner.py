@@ -138,11 +138,21 @@ class Runner:
     def run(self) -> RunResult:
         if self.host_by_host:
             return self._run_host_by_host()
+        last_stage = {host: planned.index for planned in self.plan.stages for host in planned.hosts}
+        if self.check_only:  # (a preview: the run after it works on the same connections)
+            return self._run_stages(last_stage)
+        self.transport.hold(last_stage)
+        try:
+            return self._run_stages(last_stage)
+        finally:
+            for host in last_stage:  # those whose last stage was the run's last (or never came)
+                self.transport.release(host)
+
+    def _run_stages(self, last_stage: dict[str, int]) -> RunResult:
+        """The stages in order, each on its hosts in parallel; a host with no stage left is released (and
+        removed from `last_stage`) as the next stage starts."""
         failed_hosts: set[str] = set()
         stopped_at, reason = None, ""
-        last_stage = {host: planned.index for planned in self.plan.stages for host in planned.hosts}
-        if not self.check_only:
-            self.transport.hold(last_stage)
         for planned in self.plan.stages:
             if not self.check_only:  # a host with no stage left: its connection (and its thread) is not kept
                 for host in [h for h, index in last_stage.items() if index < planned.index]:
@@ -188,6 +198,7 @@ class Runner:
             width = 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, total, 1)
             batches = [planned.hosts[i : i + width] for i in range(0, total, width)]
         failures = Counter[str]()
+        parking = self.transport.parks(self.plan.hosts)
 
         def one(host: str) -> HostResult | None:
             if self._stopping.is_set():
@@ -202,7 +213,11 @@ class Runner:
                                                stage_index=planned.index))
             if not self._may_start(planned, host):
                 return None
-            result = self._record(self._run_host(planned, host))
+            try:
+                result = self._record(self._run_host(planned, host))
+            finally:
+                if parking:  # its next stage reconnects: open connections stay at the pool's width
+                    self.transport.park(host)
             if result.outcome is Outcome.FAILED:
                 with self._lock:
                     failures["failed"] += 1

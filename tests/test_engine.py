@@ -532,6 +532,62 @@ def test_a_read_only_run_goes_host_by_host_within_forks_connections_and_is_heard
     assert ear.heard == [("stage", 0), *[("host", 0)] * len(hosts), ("stage", 1), *[("host", 1)] * len(hosts)]
 
 
+CHANGES = """
+    name: changes
+    stages:
+      - {name: one, step: shell, params: {command: 'true'}}
+      - {name: two, step: shell, params: {command: 'true'}}
+      - {name: three, step: shell, params: {command: 'true'}}
+      - {name: last, step: shell, hosts: [app1], params: {command: 'true'}}
+"""
+
+
+def open_connections(transport: Transport) -> list[str]:
+    return [h.name for h in transport._hosts.values() if h._connection is not None]
+
+
+def test_a_run_closes_a_hosts_connection_once_the_host_has_no_stage_left(lab, tmp_path):
+    from overhaul.runner import Runner
+
+    inventory = lab_inventory(lab)  # 4 hosts, forks above that: every connection may stay open between stages
+    plan = plan_for(CHANGES, tmp_path, inventory)
+    transport = Transport(inventory)
+    ear = Ear(transport)
+    try:
+        transport.connect(plan.hosts)
+        result = Runner(plan, transport, listeners=[ear]).run()
+        left_open = open_connections(transport)
+    finally:
+        transport.close()
+    assert [r.outcome.value for r in result.results] == ["changed"] * (3 * len(inventory.hosts) + 1)
+    assert ear.open[:-1] == [len(inventory.hosts)] * 3 * len(inventory.hosts)  # reused from stage to stage ...
+    assert ear.open[-1] == 1  # ... but at the last stage, only app1's is still open: the others had no stage left
+    assert left_open == []
+
+
+def test_a_run_on_more_hosts_than_forks_keeps_forks_connections_open_from_its_preflight_to_its_end(lab, tmp_path):
+    from overhaul.preflight import run_preflight
+    from overhaul.runner import Runner
+
+    inventory = lab_inventory(lab)
+    inventory = inventory.model_copy(update={"ssh": inventory.ssh.model_copy(update={"forks": 2})})  # 4 hosts, 2 forks
+    plan = plan_for(CHANGES, tmp_path, inventory)
+    transport = Transport(inventory)
+    ear = Ear(transport)
+    try:
+        report = run_preflight(plan, transport, "preflight")
+        after_preflight = open_connections(transport)
+        result = Runner(plan, transport, listeners=[ear]).run()
+        left_open = open_connections(transport)
+    finally:
+        transport.close()
+    assert report.ok, report.refusals
+    assert after_preflight == []  # each host let go once its preflight was done: its first stage reconnects
+    assert [r.outcome.value for r in result.results] == ["changed"] * (3 * len(inventory.hosts) + 1)
+    assert max(ear.open) <= 2  # at any pair's start, at most the two workers' hosts are connected
+    assert left_open == []
+
+
 def test_a_read_only_run_reads_each_host_in_one_command_and_each_stage_judges_its_own_answer(lab, tmp_path):
     """Host by host, what all of a host's stages read goes to it as one command (status reads back to back are one
     round trip), and each stage still judges its own answer: every disk is over 1 %, every supervisor runs."""
