@@ -1,6 +1,7 @@
 """A 1,000-host scale bench: Overhaul's verify path against a raw paramiko script, on N loopback SSH endpoints.
 
 Usage (as root, from the repository): .venv/bin/python bench/scale.py [--sizes 200 500 1000] [--forks 100] [--rounds 1]
+    [--changes]
 
 What it does. It starts OpenSSH's sshd (installing Debian's openssh-server if missing) in the foreground with its
 own config, host key and authorized_keys in a temporary folder, listening on port 2222 of 127.60.240.1 and up
@@ -15,6 +16,16 @@ round), the same three read-only commands on every host as root:
   (the inventory's `ssh.forks`, 100) or `--forks`;
 - raw: a paramiko script over a thread pool of the same width: per host, connect (known_hosts parsed once and
   shared, RejectPolicy, TCP_NODELAY as Overhaul sets it, the key file read once), run the three commands, close.
+
+With --changes, the sides instead change every host in three stages (`true`, as far as Overhaul knows a change):
+- overhaul: a runbook of three `shell` stages run the way `overhaul run` runs it: the preflight gate on every host,
+  every pair's start and end journaled to disk before the run goes on, stage by stage; on a farm of more hosts than
+  forks, each host is let go after its preflight and after each stage and reconnected at its next (threads and
+  connections stay at about forks), so it makes one SSH handshake per host per stage, where
+- raw: a group of connections as Fabric's ThreadingGroup keeps one: every host connected first (same pool), the three
+  stages run over the open connections, all closed at the end: one handshake per host, a thread per host.
+Here each handshake's server side (about 35 ms of CPU) runs on the controller's own cores: on a real farm it is the
+hosts' work, and only the client side's (a few ms) is the controller's.
 
 Printed per size: wall time and CPU of the work (inventory loaded to last result; the child's whole CPU, start-up
 and imports included, in brackets), the controller's peak RSS, peak threads and peak open file descriptors (sampled
@@ -48,6 +59,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PER_SSHD = 16  # OpenSSH's MAX_LISTEN_SOCKS: addresses one sshd process can listen on
 FIRST_OCTET3 = 240  # endpoints are 127.60.240.1 and up, 250 per /24
@@ -206,29 +218,50 @@ def stop_sshds(processes: list[subprocess.Popen]) -> None:
 
 # -- the two sides (each in a child process) -------------------------------------------------------------------------
 
-def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
-    """Per host over a pool of `forks` threads: connect strictly, run the commands, close. Returns host -> failure."""
+def raw_connect(farm: Farm, host: str, known: Any, key: Any) -> Any:
+    """One raw connection: strict (known_hosts parsed once and shared read-only, RejectPolicy), TCP_NODELAY as
+    Overhaul sets it, the key read once."""
     import paramiko
 
-    known = paramiko.HostKeys(str(farm.known_hosts(size)))  # parsed once, shared read-only by every client
-    key = paramiko.Ed25519Key.from_private_key_file(str(farm.client_key))
+    sock = socket.create_connection((host, farm.port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client = paramiko.SSHClient()
+    client._host_keys = known
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(host, farm.port, username="root", pkey=key, sock=sock, look_for_keys=False, allow_agent=False,
+                       timeout=30, banner_timeout=30, auth_timeout=30)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def raw_ran(client: Any, command: str) -> bool:
+    """Run a command to its end (its output read); whether it exited 0."""
+    _, stdout, stderr = client.exec_command(command)
+    stdout.read()
+    stderr.read()
+    return stdout.channel.recv_exit_status() == 0
+
+
+def raw_credentials(farm: Farm, size: int) -> tuple[Any, Any]:
+    import paramiko
+
+    return paramiko.HostKeys(str(farm.known_hosts(size))), paramiko.Ed25519Key.from_private_key_file(str(farm.client_key))
+
+
+def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """Per host over a pool of `forks` threads: connect strictly, run the commands, close. Returns host -> failure."""
+    known, key = raw_credentials(farm, size)
     commands = farm.commands()
 
     def one(host: str) -> str | None:
         try:
-            sock = socket.create_connection((host, farm.port), timeout=30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = paramiko.SSHClient()
-            client._host_keys = known
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client = raw_connect(farm, host, known, key)
             try:
-                client.connect(host, farm.port, username="root", pkey=key, sock=sock, look_for_keys=False,
-                               allow_agent=False, timeout=30, banner_timeout=30, auth_timeout=30)
                 for command in commands:
-                    _, stdout, stderr = client.exec_command(command)
-                    stdout.read()
-                    stderr.read()
-                    if stdout.channel.recv_exit_status() != 0:
+                    if not raw_ran(client, command):
                         return f"`{command}` failed"
             finally:
                 client.close()
@@ -244,24 +277,14 @@ def raw_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
 def raw_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     """--changes: every host connected first (a pool of `forks`), then stage by stage the same command on every host,
     all connections kept to the end: a group of connections, as Fabric's ThreadingGroup keeps one."""
-    import paramiko
-
-    known = paramiko.HostKeys(str(farm.known_hosts(size)))
-    key = paramiko.Ed25519Key.from_private_key_file(str(farm.client_key))
+    known, key = raw_credentials(farm, size)
     hosts = [address(i) for i in range(size)]
-    clients: dict[str, paramiko.SSHClient] = {}
+    clients: dict[str, Any] = {}
     failures: dict[str, str] = {}
 
     def connect(host: str) -> None:
         try:
-            sock = socket.create_connection((host, farm.port), timeout=30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = paramiko.SSHClient()
-            client._host_keys = known
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            client.connect(host, farm.port, username="root", pkey=key, sock=sock, look_for_keys=False,
-                           allow_agent=False, timeout=30, banner_timeout=30, auth_timeout=30)
-            clients[host] = client
+            clients[host] = raw_connect(farm, host, known, key)
         except Exception as exc:
             failures[host] = f"{type(exc).__name__}: {exc}"
 
@@ -269,10 +292,7 @@ def raw_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
         if host in failures:
             return
         try:
-            _, stdout, stderr = clients[host].exec_command(CHANGE)
-            stdout.read()
-            stderr.read()
-            if stdout.channel.recv_exit_status() != 0:
+            if not raw_ran(clients[host], CHANGE):
                 failures[host] = f"`{CHANGE}` failed"
         except Exception as exc:
             failures[host] = f"{type(exc).__name__}: {exc}"
