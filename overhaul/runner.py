@@ -138,21 +138,13 @@ class Runner:
     def run(self) -> RunResult:
         if self.host_by_host:
             return self._run_host_by_host()
-        last_stage = {host: planned.index for planned in self.plan.stages for host in planned.hosts}
-        if self.check_only:  # (a preview: the run after it works on the same connections)
-            return self._run_stages(last_stage)
-        self.transport.hold(last_stage)
-        try:
-            return self._run_stages(last_stage)
-        finally:
-            for host in last_stage:  # those whose last stage was the run's last (or never came)
-                self.transport.release(host)
-
-    def _run_stages(self, last_stage: dict[str, int]) -> RunResult:
-        """The stages in order, each on its hosts in parallel; a host with no stage left is released (and
-        removed from `last_stage`) as the next stage starts."""
         failed_hosts: set[str] = set()
         stopped_at, reason = None, ""
+        # The hosts of the last stage stay connected for what may follow on this transport (an undo, hooks): the
+        # transport's owner closes them.
+        last_stage = {host: planned.index for planned in self.plan.stages for host in planned.hosts}
+        if not self.check_only:
+            self.transport.hold(last_stage)
         for planned in self.plan.stages:
             if not self.check_only:  # a host with no stage left: its connection (and its thread) is not kept
                 for host in [h for h, index in last_stage.items() if index < planned.index]:
@@ -217,7 +209,7 @@ class Runner:
                 result = self._record(self._run_host(planned, host))
             finally:
                 if parking:  # its next stage reconnects: open connections stay at the pool's width
-                    self.transport.park(host)
+                    self.transport.park(host, held=not self.check_only)
             if result.outcome is Outcome.FAILED:
                 with self._lock:
                     failures["failed"] += 1

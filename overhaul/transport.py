@@ -534,15 +534,15 @@ class Transport:
         if host is not None:
             host.close()
 
-    def park(self, name: str) -> None:
+    def park(self, name: str, held: bool = True) -> None:
         """Between two uses of a host, in a run of more hosts than workers: close its connection (the next use
-        reconnects) unless more than one user holds it (a runner holds its hosts; a verify's checks theirs).
+        reconnects) unless another user holds it (a verify's checks hold theirs); `held`: the caller holds it too.
 
         An open connection keeps a paramiko thread that wakes ten times a second even when idle: 1,000 of them
         took 37 % of a core doing nothing and halved the controller's Python throughput. Parked, a run keeps
         about `max_workers` connections open, whatever the farm's size."""
         with self._lock:
-            if self._users[name] > 1:
+            if self._users[name] > (1 if held else 0):
                 return
             host = self._hosts.get(name)
         if host is not None:
@@ -572,7 +572,7 @@ class Transport:
                 then(name)
             finally:
                 if parking:
-                    self.park(name)
+                    self.park(name, held=False)
 
         if self._gateway is not None:
             try:

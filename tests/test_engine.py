@@ -562,7 +562,7 @@ def test_a_run_closes_a_hosts_connection_once_the_host_has_no_stage_left(lab, tm
     assert [r.outcome.value for r in result.results] == ["changed"] * (3 * len(inventory.hosts) + 1)
     assert ear.open[:-1] == [len(inventory.hosts)] * 3 * len(inventory.hosts)  # reused from stage to stage ...
     assert ear.open[-1] == 1  # ... but at the last stage, only app1's is still open: the others had no stage left
-    assert left_open == []
+    assert left_open == ["app1"]  # (kept for what may follow on the transport, an undo or hooks: its owner closes it)
 
 
 def test_a_run_on_more_hosts_than_forks_keeps_forks_connections_open_from_its_preflight_to_its_end(lab, tmp_path):
@@ -584,8 +584,8 @@ def test_a_run_on_more_hosts_than_forks_keeps_forks_connections_open_from_its_pr
     assert report.ok, report.refusals
     assert after_preflight == []  # each host let go once its preflight was done: its first stage reconnects
     assert [r.outcome.value for r in result.results] == ["changed"] * (3 * len(inventory.hosts) + 1)
-    assert max(ear.open) <= 2  # at any pair's start, at most the two workers' hosts are connected
-    assert left_open == []
+    assert max(ear.open) <= 1  # as a pair starts, its host was let go after its last use; the other worker's may be open
+    assert left_open == []  # app1 too, let go after the last stage's pair like every other
 
 
 def test_a_read_only_run_reads_each_host_in_one_command_and_each_stage_judges_its_own_answer(lab, tmp_path):
