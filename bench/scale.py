@@ -308,43 +308,40 @@ def raw_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     return failures
 
 
-def overhaul_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
-    """--changes: the three-stage runbook as `overhaul run` runs it (preflight gate, journal of every pair's start and
-    end, stage by stage)."""
-    from overhaul.execution import Gate, run_plan
-    from overhaul.inventory import load_inventory_file
-    from overhaul.plan import build_plan
-    from overhaul.runbook import load_runbook
-    from overhaul.step import Outcome, Registry
-
-    os.environ["OVERHAUL_JOURNAL"] = str(farm.root / f"journal-{size}-{time.monotonic_ns()}" / "journal.sqlite")
-    plan = build_plan(load_runbook(str(farm.changes_runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
-    result = run_plan(plan, gate=Gate(), stream=io.StringIO(), show_summary=False)
-    failures = {r.host: f"{r.stage}: {r.outcome.value}: {r.message}" for r in result.results if r.outcome is not Outcome.CHANGED}
-    if result.refused or len(result.results) != size * len(plan.stages):
-        failures["(run)"] = f"{len(result.results)} results, expected {size * len(plan.stages)}; refused {result.refused[:2]}"
-    return failures
-
-
-def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
-    """The runbook through `run_plan` as `overhaul verify --no-checks` runs it (its width: the inventory's
-    `ssh.forks`, written as `forks`). Returns host -> first failure."""
+def overhaul_run(farm: Farm, size: int, runbook: Path, expected: str, **how: Any) -> dict[str, str]:
+    """`runbook` on the farm's first `size` hosts through `run_plan` (`how`: its options), the way the command line
+    runs it (journal and per-host logs included; width: the inventory's `ssh.forks`, written as `forks`).
+    Returns host -> its first pair whose outcome is not `expected`."""
     from overhaul.execution import run_plan
     from overhaul.inventory import load_inventory_file
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
-    from overhaul.step import Outcome, Registry
+    from overhaul.step import Registry
 
     os.environ["OVERHAUL_JOURNAL"] = str(farm.root / f"journal-{size}-{time.monotonic_ns()}" / "journal.sqlite")
-    plan = build_plan(load_runbook(str(farm.runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
-    result = run_plan(plan, mutating=False, stream=io.StringIO(), show_summary=False)
+    plan = build_plan(load_runbook(str(runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
+    result = run_plan(plan, stream=io.StringIO(), show_summary=False, **how)
     failures: dict[str, str] = {}
     for r in result.results:
-        if r.outcome is not Outcome.OK:
+        if r.outcome.value != expected:
             failures.setdefault(r.host, f"{r.stage}: {r.outcome.value}: {r.message}")
-    if len(result.results) != size * len(plan.stages):
-        failures["(run)"] = f"{len(result.results)} results, expected {size * len(plan.stages)}"
+    if result.refused or len(result.results) != size * len(plan.stages):
+        refused = f"; refused: {'; '.join(result.refused[:2])}" if result.refused else ""
+        failures["(run)"] = f"{len(result.results)} results, expected {size * len(plan.stages)}{refused}"
     return failures
+
+
+def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """The verify runbook as `overhaul verify --no-checks` runs it."""
+    return overhaul_run(farm, size, farm.runbook, "ok", mutating=False)
+
+
+def overhaul_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
+    """--changes: the three-stage runbook as `overhaul run` runs it (preflight gate, journal of every pair's start and
+    end, stage by stage)."""
+    from overhaul.execution import Gate
+
+    return overhaul_run(farm, size, farm.changes_runbook, "changed", gate=Gate())
 
 
 SIDES = {"raw": raw_side, "overhaul": overhaul_side, "raw-changes": raw_changes_side,

@@ -21,19 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-PEERS = Path(__file__).resolve().parent / ".peers-venv" / "bin"
+from peers import PEERS_VENV, BenchError, run_timed  # (bench/ is this script's folder)
 
-
-def timed(argv: list[str], cwd: Path) -> float:
-    started = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {(proc.stdout + proc.stderr)[-500:]}")
-    return elapsed
+PEERS = PEERS_VENV / "bin"
 
 
 def project(folder: Path, hosts: int) -> None:
@@ -78,7 +70,7 @@ def main() -> None:
         times: dict[str, list[float]] = {label: [] for label in sides}
         for number in range(args.rounds + 1):
             for label, argv in sides.items():
-                elapsed = timed(argv, folder)
+                elapsed = run_timed(argv, folder)
                 if number:  # the first round warms the page cache
                     times[label].append(elapsed)
     median = {label: statistics.median(values) for label, values in times.items()}
@@ -99,4 +91,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as exc:
+        sys.exit(f"bench: {exc}")

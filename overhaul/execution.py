@@ -113,7 +113,7 @@ class JournalRecorder:
         when it could not be journaled."""
         self._pair[host] = planned.index
         if self._ends_only_for(planned):  # (host by host, a pair may start before its stage is announced)
-            if self._waiting and time.monotonic() - self._waiting_since >= self.BATCH_AGE:
+            if self._due():
                 self.flush()  # (ends wait at most about BATCH_AGE, even while few pairs end)
             return not self.error
         self.flush()  # (the journal keeps the order things happened in)
@@ -145,8 +145,13 @@ class JournalRecorder:
         if not self._waiting:
             self._waiting_since = time.monotonic()
         self._waiting.append((ended, commands))
-        if len(self._waiting) >= self.BATCH or time.monotonic() - self._waiting_since >= self.BATCH_AGE:
+        if self._due():
             self.flush()
+
+    def _due(self) -> bool:
+        """Whether the waiting ends are to be written now: BATCH of them, or the oldest BATCH_AGE old."""
+        return bool(self._waiting) and (len(self._waiting) >= self.BATCH
+                                        or time.monotonic() - self._waiting_since >= self.BATCH_AGE)
 
     def flush(self) -> None:
         """Write the ends still waiting (see the class); the run calls it when it ends. Ends that could not be

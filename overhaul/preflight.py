@@ -49,7 +49,7 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
                   facts: Facts | None = None) -> PreflightReport:
     """Run every stage's preflight on every host it targets; never changes a host."""
     report = PreflightReport(plan.stages)
-    hosts = list(dict.fromkeys(host for planned in plan.stages for host in planned.hosts))
+    hosts = plan.hosts
 
     def one(host: str) -> None:
         # run_id: a step finds what this run made (a backup, on a resume) by it.
