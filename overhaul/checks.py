@@ -21,6 +21,7 @@ import testinfra
 import testinfra.backend
 from testinfra.backend.base import BaseBackend, CommandResult
 
+from overhaul.command import Command, sh
 from overhaul.context import probe_script, sections
 from overhaul.inventory import Inventory, load_inventory
 from overhaul.transport import RemoteHost, Transport
@@ -28,6 +29,9 @@ from overhaul.transport import RemoteHost, Transport
 # What testinfra's `host.system_info` asks, one command after the other, once per host and session: the first
 # of them reads all three in one round trip (stderr merged) and the other two take their answer, if they come next.
 SYSTEM_INFO = ("uname -s", "cat /etc/os-release", "uname -m")
+# The login user's shell reads a check's command, as sshd's own exec does for testinfra's other backends (bash for
+# root on Debian: checks are written with `[[`, `set -o pipefail`).
+LOGIN_SHELL = sh('"${{SHELL:-sh}}"')
 ENV_VARIABLE = "OVERHAUL_CHECKS_ENV"
 HOSTS_DIR_VARIABLE = "OVERHAUL_CHECKS_HOSTS_DIR"
 
@@ -115,18 +119,30 @@ class OverhaulBackend(BaseBackend):
         return self._ask(command)
 
     def _ask(self, command: str) -> CommandResult:
-        result = self.remote.run(command, sudo=False)
-        return self.result(result.exited, self.encode(command), result.stdout, result.stderr)
+        """The command's output as bytes, as testinfra's own backends give it (binary content stays whole; text is
+        decoded by testinfra, strictly): redacted only where it is text."""
+        remote = self.remote
+        result = remote.execute(Command.script(command), sudo=False, shell=LOGIN_SHELL)
+        return self.result(result.exited, self.encode(command), _redacted(result.stdout, remote),
+                           _redacted(result.stderr, remote))
 
     def _system_info(self) -> CommandResult:
         """`uname -s`, read with the two questions testinfra asks next (kept for them, once each)."""
-        found = sections(self.remote.run(probe_script(SYSTEM_INFO), sudo=False).stdout)
+        found = sections(self.remote.run(probe_script(Command.script(c) for c in SYSTEM_INFO), sudo=False).stdout)
         if len(found) != len(SYSTEM_INFO):  # cut short: ask the plain question
             return self._ask(SYSTEM_INFO[0])
         answers = {command: self.result(exited, self.encode(command), output, "")
                    for command, (exited, output) in zip(SYSTEM_INFO, found, strict=True)}
         self._read_ahead = {command: answers[command] for command in SYSTEM_INFO[1:]}
         return answers[SYSTEM_INFO[0]]
+
+
+def _redacted(output: bytes, remote: RemoteHost) -> bytes:
+    try:
+        text = output.decode()
+    except UnicodeDecodeError:
+        return output
+    return remote.redactor(text).encode()
 
 
 testinfra.backend.BACKENDS.setdefault("overhaul", f"{__name__}.OverhaulBackend")

@@ -14,7 +14,6 @@ step before its check, after an apply, by the preflight) go to the host as one c
 
 from __future__ import annotations
 
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from overhaul.command import Command, as_command, join, sh
 from overhaul.inventory import Inventory
 from overhaul.secrets import Redactor
 from overhaul.transport import CommandResult, RemoteHost, durable_command
@@ -35,14 +35,14 @@ class Probe(Generic[T]):
     """A fact read by one shell command: `parse` turns the command's result (stderr merged) into the answer."""
 
     question: str
-    command: str
+    command: Command
     parse: Callable[[CommandResult], T]
     stable: bool = False
 
 
 def file_probe(path: str) -> Probe[str]:
     """The contents of a file on the host, stripped ("" when it does not exist): e.g. a step's marker."""
-    return Probe(f"marker {path}", f"cat {shlex.quote(path)} 2>/dev/null", lambda result: result.stdout.strip())
+    return Probe(f"marker {path}", sh("cat {path} 2>/dev/null", path=path), lambda result: result.stdout.strip())
 
 
 class Facts:
@@ -146,15 +146,16 @@ class StepHost:
         result = self.run(probe_script(p.command for p in missing))
         self._keep(missing, result.stdout, self.facts.put)
 
-    def run_then_read(self, command: str, probes: list[Probe], *, stdin: str | None = None,
+    def run_then_read(self, command: Command | str, probes: list[Probe], *, stdin: str | None = None,
                       durable: str | None = None) -> CommandResult:
         """Run `command` (see `run`), then read `probes` in the same round trip; returns the command's result.
 
         The probes' answers are read after the change, so they hold after it: the runner keeps them once the
         apply has ended (everything read before it is forgotten then).
         """
-        body = durable_command(command, durable, self.timeout) if durable else command
-        result = self.run(f"{{ {body}\n}}; rc=$?; {probe_script(p.command for p in probes)}; exit $rc", stdin=stdin)
+        body = durable_command(as_command(command), durable, self.timeout) if durable else as_command(command)
+        result = self.run(sh("{{ {body}\n}}; rc=$?; {probes}; exit $rc", body=body,
+                             probes=probe_script(p.command for p in probes)), stdin=stdin)
         output, _, answers = result.stdout.partition(MARK + "\n")
         self._keep(probes, MARK + "\n" + answers, lambda host, question, answer, stable: self._reported.append(
             (question, answer, stable)))
@@ -178,14 +179,18 @@ class StepHost:
                 continue
             store(self.name, probe.question, answer, probe.stable)
 
-    def run(self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None,
-            durable: str | None = None) -> CommandResult:
-        """Run `command` with sh on the host (see `RemoteHost.run`); the stage's timeout unless given."""
+    def run(self, command: Command | str, *, sudo: bool | None = None, stdin: str | None = None,
+            timeout: float | None = None, durable: str | None = None) -> CommandResult:
+        """Run `command` with sh on the host (see `RemoteHost.run`); the stage's timeout unless given.
+
+        `command` is best built with `overhaul.command.sh` (values quoted by construction); a plain string is
+        taken as shell its author wrote (see `Command.script`)."""
         result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
         self.history.append(result)
-        # now, not when the step ends: after a crash the log shows the step in flight
-        self._log(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}, "
-                  f"{result.duration * 1000:.0f} ms]\n")
+        # now, not when the step ends: after a crash the log shows the step in flight. Redacted again as a whole:
+        # a secret split between stdout and stderr is whole only once they are joined.
+        self._log(self.redactor(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}, "
+                                f"{result.duration * 1000:.0f} ms]\n"))
         self._on_command(result)
         return result
 
@@ -205,8 +210,8 @@ class StepHost:
 
     def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:
         """Create `path` with `mode` from the start (no window where others can read it); content on stdin."""
-        quoted = shlex.quote(path)
-        return self.run(f"umask 077 && cat > {quoted} && chmod {mode:o} {quoted}", stdin=content, sudo=sudo)
+        return self.run(sh("umask 077 && cat > {path} && chmod {mode} {path}", path=path, mode=f"{mode:o}"),
+                        stdin=content, sudo=sudo)
 
     def download(self, remote_path: str, local_path: Path) -> None:
         self.remote.download(remote_path, local_path)
@@ -216,9 +221,10 @@ class StepHost:
         return self.remote.secret(name)
 
 
-def probe_script(commands: Iterable[str]) -> str:
+def probe_script(commands: Iterable[Command]) -> Command:
     """One shell script that prints each command's output (stderr merged) and exit code between marks."""
-    return "; ".join(f"printf '%s\\n' {MARK}; ( {command} ) 2>&1; printf '\\n%s%d\\n' {MARK} $?" for command in commands)
+    return join(sh("printf '%s\\n' {mark}; ( {command}\n) 2>&1; printf '\\n%s%d\\n' {mark} $?", mark=MARK,
+                   command=command) for command in commands)
 
 
 def sections(stdout: str) -> list[tuple[int, str]]:

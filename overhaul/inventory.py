@@ -78,6 +78,9 @@ class SSHSettings(Strict):
     """Seconds to wait for a connection (and for sudo's answer) before the attempt counts as failed."""
     connect_retries: int = Field(3, ge=1, le=20, strict=True)
     """Attempts to connect to a host; transient faults (refused, reset, timeout) are retried with backoff."""
+    max_sessions: int = Field(8, ge=1, le=64, strict=True)
+    """Commands run at once on one host's connection; more wait their turn. Below sshd's MaxSessions (10 by default),
+    which refuses the channel after it: back-pressure, never taken for a frozen host."""
     forks: int = Field(100, ge=1, le=1000, strict=True)
     """Hosts connected to and worked on at once, at most (a stage's `concurrency` sets its own stage's width)."""
     bastion: Bastion | None = None

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from overhaul.command import quote
 from overhaul.errors import ConfigError, OverhaulError
 from overhaul.inventory import Host, Inventory
 from overhaul.runbook import LoadedRunbook, Stage
@@ -199,8 +199,9 @@ def select_hosts(
 def substitute(value: Any, values: dict[str, Any]) -> Any:
     """Replace ${name} references in strings (recursively); a whole-string reference keeps its type.
 
-    `${q:name}` inserts the value quoted for a POSIX shell (shlex.quote): the form to use inside a
-    `shell` step's command, where a plain `${name}` would let the value's own characters be shell syntax.
+    `${q:name}` inserts the value quoted for a POSIX shell (overhaul.command.quote): the form to use inside a
+    `shell` step's command, where a plain `${name}` would let the value's own characters be shell syntax. It stands
+    as a word of its own, never inside quotes (the runbook's load refuses that).
     """
     if isinstance(value, str):
         whole = REFERENCE.fullmatch(value)
@@ -215,4 +216,4 @@ def substitute(value: Any, values: dict[str, Any]) -> Any:
 
 
 def _insert(value: Any, quoted: bool) -> str:
-    return shlex.quote(str(value)) if quoted else str(value)
+    return quote(str(value)) if quoted else str(value)

@@ -9,10 +9,12 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from overhaul.command import open_quote
 from overhaul.config import Document, Location, dotted, load_document, plain_name
 from overhaul.errors import ConfigError
 
 PERCENT = re.compile(r"^(\d{1,3})%$")
+QUOTED_REFERENCE = re.compile(r"\$\{q:[A-Za-z_][A-Za-z0-9_]*\}")
 BUILTIN_RUNBOOKS = Path(str(resources.files("overhaul.runbooks")))
 
 
@@ -168,7 +170,22 @@ class Runbook(Strict):
             if stage.name in seen:
                 found.append(((*place, "name"), f"another stage is named {stage.name!r} ({dotted(seen[stage.name])})"))
             seen.setdefault(stage.name, place)
+            found += _quoted_references(stage.params, (*place, "params"))
         return found
+
+
+def _quoted_references(value: Any, where: Location) -> list[tuple[Location, str]]:
+    """Each `${q:name}` written inside quotes: the value, quoted already, would keep its quotes (inside "...") or
+    end them and run as shell (inside '...'). It must stand alone as a word."""
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _quoted_references(item, (*where, key))]
+    if isinstance(value, list):
+        return [found for i, item in enumerate(value) for found in _quoted_references(item, (*where, i))]
+    if not isinstance(value, str):
+        return []
+    return [(where, f"{match.group()} stands inside {quote}...{quote}: write it outside the quotes (it is quoted "
+                    "for the shell already)")
+            for match in QUOTED_REFERENCE.finditer(value) if (quote := open_quote(value[:match.start()]))]
 
 
 class LoadedRunbook:

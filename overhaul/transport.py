@@ -18,9 +18,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import re
 import select
-import shlex
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from overhaul.command import Command, as_command, sh
 from overhaul.errors import HostUnreachable, StepFailed
 from overhaul.inventory import Host, Inventory
 from overhaul.secrets import Redactor
@@ -125,6 +127,9 @@ class RemoteHost:
         self._sudo_password_needed: bool | None = None
         self._connection: fabric.Connection | None = None
         self._lock = threading.Lock()
+        self._sessions = threading.BoundedSemaphore(inventory.ssh.max_sessions)
+        self._in_flight = 0  # commands running on the connection: a close waits for them (see close)
+        self._close_when_idle = False
 
     @property
     def name(self) -> str:
@@ -142,11 +147,11 @@ class RemoteHost:
         return f"<RemoteHost {self.name} {self.host.address}>"
 
     # -- connecting ------------------------------------------------------------------------
-    def connect(self) -> None:
-        """Open the connection (retrying transient faults) unless it is already open."""
+    def connect(self) -> fabric.Connection:
+        """The open connection (opened, retrying transient faults, unless it already is)."""
         with self._lock:
             if self._connection is not None and self._connection.is_connected:
-                return
+                return self._connection
             ssh = self.inventory.ssh
             retrying = Retrying(
                 retry=retry_if_exception_type(TRANSIENT) & retry_if_not_exception_type(NEVER_RETRY),
@@ -172,6 +177,7 @@ class RemoteHost:
                 raise HostUnreachable(
                     f"{endpoint}: {reason or type(exc).__name__} after {ssh.connect_retries} attempts"
                 ) from None
+            return self._connection
 
     def _open(self) -> fabric.Connection:
         ssh = self.inventory.ssh
@@ -194,16 +200,28 @@ class RemoteHost:
         connection.transport.set_keepalive(KEEPALIVE)
         return connection
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
+        """Close the connection; one that commands are still running on is closed as the last of them ends,
+        unless `now` (Ctrl-C, the run's end): between two uses of a host, a check's command is never cut."""
         with self._lock:
-            if self._connection is not None:
-                self._connection.close()
+            if self._in_flight and not now:
+                self._close_when_idle = True
+                return
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+    def _drop(self, connection: fabric.Connection) -> None:
+        """This connection failed: close it, unless a reconnect already replaced it."""
+        with self._lock:
+            if self._connection is connection:
                 self._connection = None
+        connection.close()
 
     # -- running ---------------------------------------------------------------------------
     def run(
-        self, command: str, *, sudo: bool | None = None, stdin: str | None = None, timeout: float | None = None,
-        durable: str | None = None,
+        self, command: Command | str, *, sudo: bool | None = None, stdin: str | None = None,
+        timeout: float | None = None, durable: str | None = None,
     ) -> CommandResult:
         """Run `command` with sh on the host; stdin (for secrets and file contents) never shows in logs.
 
@@ -214,35 +232,50 @@ class RemoteHost:
         end, and should then find its work done (the command checks that itself, under the lock).
         """
         timeout = timeout or DEFAULT_TIMEOUT
+        command = as_command(command)
         if durable:
             command = durable_command(command, durable, timeout)
-        use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
-        line = f"timeout -k {KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
-        payload = stdin or ""
-        self.connect()
-        if use_sudo and self.user != "root":
-            if self._sudo_needs_password():
-                # -k: sudo ignores any cached ticket, so it always reads the password first and the
-                # command's own stdin never receives it.
-                line = f"sudo -k -S -p '' -- {line}"
-                payload = self.redactor.add(self._sudo_password()) + "\n" + payload
-            else:
-                line = f"sudo -n -- {line}"
-        started = time.monotonic()
-        exited, out, err, timed_out = self._exec(line, payload.encode(), started + timeout + KILL_GRACE + 5)
-        if exited == KILLED:
+        raw = self.execute(command, sudo=sudo, stdin=stdin, timeout=timeout)
+        out, err = raw.stdout.decode(errors="replace"), raw.stderr.decode(errors="replace")
+        if raw.exited == KILLED:
             err += "\n[the command was killed by a signal on the host]"
         result = CommandResult(
-            command=self.redactor(command), exited=124 if timed_out else exited, stdout=self.redactor(out),
-            stderr=self.redactor(err), duration=time.monotonic() - started, timed_out=timed_out or exited == 124,
+            command=self.redactor(command.text), exited=raw.exited, stdout=self.redactor(out),
+            stderr=self.redactor(err), duration=raw.duration, timed_out=raw.timed_out,
         )
         self.history.append(result)
         return result
 
-    def _sudo_needs_password(self) -> bool:
+    def execute(self, command: Command, *, sudo: bool | None = None, stdin: str | None = None,
+                timeout: float | None = None, shell: Command | None = None) -> RawResult:
+        """Run `command` under the remote `timeout` and give its output as bytes, neither decoded nor redacted.
+
+        `shell`: the shell that reads the command (default `sh`; the checks use the login user's own).
+        """
+        timeout = timeout or DEFAULT_TIMEOUT
+        use_sudo = self.inventory.ssh.sudo if sudo is None else sudo
+        line = sh("timeout -k {grace} {seconds} {shell} -c {command}", grace=KILL_GRACE, seconds=timeout,
+                  shell=shell or sh("sh"), command=command.text)
+        payload = stdin or ""
+        connection = self.connect()
+        if use_sudo and self.user != "root":
+            if self._sudo_needs_password(connection):
+                # -k: sudo ignores any cached ticket, so it always reads the password first and the
+                # command's own stdin never receives it.
+                line = sh("sudo -k -S -p '' -- {line}", line=line)
+                payload = self.redactor.add(self._sudo_password()) + "\n" + payload
+            else:
+                line = sh("sudo -n -- {line}", line=line)
+        started = time.monotonic()
+        exited, out, err, timed_out = self._exec(connection, line.text, payload.encode(),
+                                                 started + timeout + KILL_GRACE + 5)
+        return RawResult(124 if timed_out else exited, out, err, time.monotonic() - started,
+                         timed_out or exited == 124)
+
+    def _sudo_needs_password(self, connection: fabric.Connection) -> bool:
         """Asked once per host: does sudo want a password here (no NOPASSWD rule)?"""
         if self._sudo_password_needed is None:
-            probe = self._exec("sudo -k -n true", b"", time.monotonic() + self.inventory.ssh.connect_timeout)
+            probe = self._exec(connection, "sudo -k -n true", b"", time.monotonic() + self.inventory.ssh.connect_timeout)
             self._sudo_password_needed = probe[0] != 0
         return self._sudo_password_needed
 
@@ -251,23 +284,55 @@ class RemoteHost:
             raise HostUnreachable(f"{self.name}: sudo needs a password here, and the inventory has no ssh.sudo_password")
         return self.inventory.ssh.sudo_password.resolve()
 
-    def _exec(self, line: str, stdin: bytes, deadline: float) -> tuple[int, str, str, bool]:
-        assert self._connection is not None
-        transport = self._connection.transport
-        wait = max(0.1, min(self.inventory.ssh.connect_timeout, deadline - time.monotonic()))
+    def _exec(self, connection: fabric.Connection, line: str, stdin: bytes,
+              deadline: float) -> tuple[int, bytes, bytes, bool]:
+        """One command on one channel of `connection`, which stays open while it runs (see `close`)."""
+        with self._lock:
+            self._in_flight += 1
         try:
-            channel = transport.open_session(timeout=wait)
-        except TRANSIENT as exc:
-            if transport.is_active():  # the link is up, the host does not answer: frozen or overloaded
+            with self._sessions:  # at most ssh.max_sessions channels at once: sshd refuses the ones past its own
+                return self._exec_channel(connection, line, stdin, deadline)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                idle_close = self._in_flight == 0 and self._close_when_idle
+                if idle_close:
+                    self._close_when_idle = False
+            if idle_close:
                 self.close()
-                raise HostUnreachable(f"{self.name}: no answer within {wait:g} s (host frozen or overloaded?)") from None
-            # The link dropped and the command never started: reconnect once and try again.
-            self.close()
-            self.connect()
+
+    def _open_channel(self, connection: fabric.Connection, deadline: float) -> tuple[fabric.Connection,
+                                                                                        paramiko.Channel]:
+        """A new session channel. A refused one (sshd's MaxSessions, when others hold channels on this connection
+        too) is waited for; a link that dropped before the command started is reconnected once."""
+        delay = 0.05
+        while True:
+            transport = connection.transport
+            wait = max(0.1, min(self.inventory.ssh.connect_timeout, deadline - time.monotonic()))
             try:
-                channel = self._connection.transport.open_session(timeout=self.inventory.ssh.connect_timeout)
-            except TRANSIENT:
-                raise HostUnreachable(f"{self.name}: cannot open a session: {exc}") from None
+                return connection, transport.open_session(timeout=wait)
+            except paramiko.ChannelException:
+                if not transport.is_active() or time.monotonic() + delay > deadline:
+                    raise HostUnreachable(f"{self.name}: the host refused a new session until the command's "
+                                          "deadline (sshd MaxSessions lower than ssh.max_sessions?)") from None
+                time.sleep(delay)  # back-pressure, not a dead host: the running commands go on
+                delay = min(delay * 2, 1.0)
+            except TRANSIENT as exc:
+                if transport.is_active():  # the link is up, the host does not answer: frozen or overloaded
+                    self._drop(connection)
+                    raise HostUnreachable(f"{self.name}: no answer within {wait:g} s (host frozen or overloaded?)") \
+                        from None
+                self._drop(connection)  # the link dropped and the command never started: reconnect once
+                connection = self.connect()
+                try:
+                    return connection, connection.transport.open_session(timeout=self.inventory.ssh.connect_timeout)
+                except TRANSIENT:
+                    raise HostUnreachable(f"{self.name}: cannot open a session: {exc}") from None
+
+    def _exec_channel(self, connection: fabric.Connection, line: str, stdin: bytes,
+                      deadline: float) -> tuple[int, bytes, bytes, bool]:
+        connection, channel = self._open_channel(connection, deadline)
+        transport = connection.transport
         out, err = bytearray(), bytearray()
         try:
             channel.exec_command(line)
@@ -294,7 +359,7 @@ class RemoteHost:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         # Past the remote `timeout` and its grace: the host itself is not answering.
-                        self.close()
+                        self._drop(connection)
                         raise HostUnreachable(f"{self.name}: no answer by the command's deadline (timeout + "
                                               f"{KILL_GRACE + 5} s): host frozen or overloaded?")
                     readable.poll(min(remaining, 1.0) * 1000)
@@ -305,21 +370,20 @@ class RemoteHost:
                 err += channel.recv_stderr(65536)
             status = channel.recv_exit_status()
         except TRANSIENT as exc:
-            self.close()
+            self._drop(connection)
             raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown): {exc}") from None
         finally:
             channel.close()
         if status == -1 and not transport.is_active():
-            self.close()
+            self._drop(connection)
             raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown)")
-        return status, out.decode(errors="replace"), err.decode(errors="replace"), False
+        return status, bytes(out), bytes(err), False
 
     def download(self, remote_path: str, local_path: Path) -> None:
         """Copy a file from the host over this host's connection (SFTP)."""
-        self.connect()
-        assert self._connection is not None
+        connection = self.connect()
         try:
-            self._connection.sftp().get(remote_path, str(local_path))
+            connection.sftp().get(remote_path, str(local_path))
         except TRANSIENT as exc:
             raise HostUnreachable(f"{self.name}: cannot copy {remote_path}: {exc}") from None
 
@@ -333,16 +397,38 @@ class RemoteHost:
         return self.redactor.add(ref.resolve())
 
 
-def durable_command(command: str, lock: str, wait: float) -> str:
+def durable_command(command: Command, lock: str, wait: float) -> Command:
     """`command` under the host-side lock `lock`, its output kept in files until it ends.
 
-    `flock -o`: the lock belongs to flock itself, not to daemons the command may start.
+    `flock -o`: the lock belongs to flock itself, not to daemons the command may start. The lock's file name
+    keeps only safe characters of `lock` (a step may name it after a parameter), with a digest when it differs.
     """
-    path = shlex.quote(f"{LOCKS}/{lock}.lock")
-    body = shlex.quote(f'o=$(mktemp) e=$(mktemp); ( {command} ) >"$o" 2>"$e"; rc=$?; '
-                       f'cat "$o"; cat "$e" >&2; rm -f "$o" "$e"; exit $rc')
-    return (f"mkdir -p {LOCKS} && {{ flock -o -n {path} true || echo 'overhaul: waiting for the same command, still "
-            f"running on this host ({lock})' >&2; }} && flock -o -w {wait:g} {path} sh -c {body}")
+    body = sh('o=$(mktemp) e=$(mktemp); ( {command}\n) >"$o" 2>"$e"; rc=$?; '
+              'cat "$o"; cat "$e" >&2; rm -f "$o" "$e"; exit $rc', command=command)
+    return sh("mkdir -p {locks} && {{ flock -o -n {path} true || echo {waiting} >&2; }} && "
+              "flock -o -w {wait} {path} sh -c {body}", locks=LOCKS, path=f"{LOCKS}/{lock_file_name(lock)}",
+              waiting=f"overhaul: waiting for the same command, still running on this host ({lock})", wait=wait,
+              body=body.text)
+
+
+def lock_file_name(lock: str) -> str:
+    """A file name for a host-side lock: `lock`'s letters, digits, '.', '_' and '-', plus a digest if others were
+    dropped (two different names never share a lock file by accident)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", lock)[:80].lstrip(".") or "_"
+    if safe != lock:
+        safe += "-" + hashlib.sha256(lock.encode()).hexdigest()[:12]
+    return safe + ".lock"
+
+
+@dataclass
+class RawResult:
+    """What a command gave, as bytes (see RemoteHost.execute)."""
+
+    exited: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    timed_out: bool = False
 
 
 class KnownHosts(paramiko.HostKeys):
@@ -591,7 +677,7 @@ class Transport:
         with self._lock:  # (workers may still be adding hosts: Ctrl-C's grace timer closes under them)
             hosts = list(self._hosts.values())
         for host in hosts:
-            host.close()
+            host.close(now=True)
         if self._gateway is not None:
             self._gateway.close()
 

@@ -7,11 +7,11 @@ writes on the host after each successful reconfigure.
 
 from __future__ import annotations
 
-import shlex
-
-from overhaul.steps.package import installed_probe, installed_version
+from overhaul.steps.package import PACKAGE, installed_probe, installed_version
 from overhaul.steps.services import missing_probe, not_all_running, states_probe, supervisor_ready
+from pydantic import Field
 
+from overhaul.command import sh
 from overhaul.context import Probe, StepHost, file_probe
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -22,7 +22,7 @@ class ReconfigureParams(Params):
     """The command whose `reconfigure` applies the configuration."""
     manage_command: str = "scalr-server-manage"
     """The command whose `status` lists the supervised programs and their states."""
-    package: str = "scalr-server"
+    package: str = Field("scalr-server", pattern=PACKAGE)
     """The package whose installed version the host is reconfigured for."""
     state_dir: str = "/var/lib/overhaul"
     """Folder on the host for the marker saying which version it was last reconfigured for."""
@@ -70,15 +70,13 @@ class AppReconfigure(Step[ReconfigureParams]):
         # One durable command under its host lock: the marker is written if and only if reconfigure succeeded,
         # even when the connection drops meanwhile; and if another run (say, one killed mid-command whose
         # reconfigure carried on) changed the marker since we looked, its reconfigure stands and ours is skipped.
-        marker, state_dir = shlex.quote(self.marker), shlex.quote(self.params.state_dir)
-        ctl = shlex.quote(self.params.ctl_command)
-        script = (
-            f'[ "$(cat {marker} 2>/dev/null)" = {shlex.quote(seen)} ] || exit 0; '
-            f"{ctl} reconfigure && echo {shlex.quote(installed)} > {marker}.new && mv {marker}.new {marker}"
-        )
+        script = sh('[ "$(cat -- {marker} 2>/dev/null)" = {seen} ] || exit 0; '
+                    "{ctl} reconfigure && echo {installed} > {new} && mv -- {new} {marker}",
+                    marker=self.marker, new=f"{self.marker}.new", seen=seen, ctl=self.params.ctl_command,
+                    installed=installed)
         after = [installed_probe(self.params.package), file_probe(self.marker), states_probe(self.params.manage_command)]
-        result = host.run_then_read(f"mkdir -p {state_dir} && sh -c {shlex.quote(script)}", after,
-                                    durable=f"reconfigure-{self.params.package}")
+        result = host.run_then_read(sh("mkdir -p -- {state_dir} && sh -c {script}", state_dir=self.params.state_dir,
+                                       script=script.text), after, durable=f"reconfigure-{self.params.package}")
         if not result.ok:
             raise StepFailed(f"`{self.params.ctl_command} reconfigure` exited {result.exited}: {result.tail()}")
         return f"reconfigured for {self.params.package} {installed}"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shlex
-
 from overhaul.steps.services import AssertionStep
 from pydantic import Field
 
+from overhaul.command import sh
 from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params
@@ -24,10 +23,10 @@ class DiskUsage(AssertionStep):
     Params = DiskParams
 
     def probes(self) -> list[Probe]:
-        mounts = " ".join(shlex.quote(mount) for mount in self.params.mounts)
-        return [Probe(f"missing mounts {mounts}", f'for m in {mounts}; do [ -e "$m" ] || echo "$m"; done',
-                      lambda result: result.stdout.split()),
-                Probe(f"df {mounts}", f"df -P {mounts}", lambda result: result)]
+        mounts = sh("{mounts}", mounts=self.params.mounts)
+        return [Probe(f"missing mounts {mounts}", sh('for m in {mounts}; do [ -e "$m" ] || echo "$m"; done',
+                                                     mounts=mounts), lambda result: result.stdout.split()),
+                Probe(f"df {mounts}", sh("df -P -- {mounts}", mounts=mounts), lambda result: result)]
 
     def preflight(self, host: StepHost) -> Check:
         missing = host.read(self.probes()[0])

@@ -10,20 +10,20 @@ with the same label younger than `max_age_hours`, so a run repeated soon after d
 from __future__ import annotations
 
 import base64
-import shlex
 import tempfile
 import time
 from pathlib import Path
 
 from pydantic import Field
 
+from overhaul.command import Command, bash, join, sh
 from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
 
 VERIFY = """\
 f={file}
-gzip -t "$f" && [ -s "$f" ] && (cd "$(dirname "$f")" && sha256sum --status -c "$(basename "$f").sha256") \
+gzip -t -- "$f" && [ -s "$f" ] && (cd -- "$(dirname -- "$f")" && sha256sum --status -c -- "$(basename -- "$f").sha256") \
   && [ "$(zcat "$f" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
 """
 
@@ -44,7 +44,7 @@ gzip -t "$partial"
 [ -s "$partial" ]
 [ "$(zcat "$partial" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
 mv "$partial" {final}
-(cd {folder} && sha256sum {name} > {name}.sha256)
+(cd -- {folder} && sha256sum -- {name} > {name}.sha256)
 echo {final}
 stat -c %s {final}
 cut -d' ' -f1 {final}.sha256
@@ -61,10 +61,10 @@ cat > "$cnf"
 echo "data=$({mysql} --defaults-extra-file="$cnf" -N -B -e \
   'SELECT COALESCE(SUM(data_length + index_length), 0) FROM information_schema.tables' 2>&1 | tr '\\n' ' ')"
 d={folder}
-while [ ! -e "$d" ]; do d=$(dirname "$d"); done
+while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done
 if [ -d "$d" ] && [ -w "$d" ]; then echo "writable=yes"; else echo "writable=$d"; fi
-echo "free=$(df -P -B1 "$d" | tail -n 1 | tr -s ' ' | cut -d' ' -f4)"
-echo "last=$(cd {folder} 2>/dev/null && ls -1t {pattern} 2>/dev/null | head -n 1 | xargs -r stat -c %s)"
+echo "free=$(df -P -B1 -- "$d" | tail -n 1 | tr -s ' ' | cut -d' ' -f4)"
+echo "last=$(cd -- {folder} 2>/dev/null && ls -1t -- {pattern} 2>/dev/null | head -n 1 | xargs -r stat -c %s)"
 """
 MIN_FREE = 1024 * 1024
 
@@ -119,13 +119,13 @@ class BackupParams(Params):
     """Another run's backup older than this is not trusted: a new one is made."""
     space_factor: float = Field(1.5, ge=1)
     """Free space needed before a dump: the last backup's size (first: the data size) times this."""
-    s3_bucket: str | None = None
+    s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     """Also keep a copy in this S3 bucket (uploaded from the controller, size and SHA-256 checked)."""
     s3_prefix: str = ""
     """Key prefix of the S3 copy, e.g. 'production/'."""
-    s3_region: str | None = None
+    s3_region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
     """The S3 bucket's region."""
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s'\"`$;|&<>]+$")
     """An S3-compatible endpoint instead of AWS's own."""
 
 
@@ -144,10 +144,9 @@ class MysqlBackup(Step[BackupParams]):
         return self._can_dump(host)
 
     def _can_dump(self, host: StepHost) -> Check:
-        script = PROBE.format(mysql=shlex.quote(self.params.mysql), folder=shlex.quote(self.params.backup_dir),
-                              pattern=self._pattern())
+        script = sh(PROBE, mysql=self.params.mysql, folder=self.params.backup_dir, pattern=self._pattern())
         probe = dict(line.partition("=")[::2] for line in
-                     host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host)).stdout.splitlines())
+                     host.run(bash(script), stdin=self._credentials(host)).stdout.splitlines())
         data = probe.get("data", "").strip()
         if not data.isdigit():
             return Check(False, f"the database does not answer as {self.params.user!r}: {data or '(no output)'}")
@@ -173,11 +172,11 @@ class MysqlBackup(Step[BackupParams]):
         return host.fact(f"backup {self.params.backup_dir} {self.params.label}", self._find_backup)
 
     def _find_backup(self, host: StepHost) -> dict | None:
-        folder = shlex.quote(self.params.backup_dir)
-        listing = host.run(
-            f"cd {folder} 2>/dev/null && for f in $(ls -1t {self._pattern()} 2>/dev/null); do "
-            f'[ -e "$f.sha256" ] && [ ! -e "$f.restored" ] && echo "$(date +%s) $(stat -c "%Y %s" "$f") $f"; done'
-        ).stdout.split("\n")
+        listing = host.run(sh(
+            "cd -- {folder} 2>/dev/null && for f in $(ls -1t -- {pattern} 2>/dev/null); do "
+            '[ -e "$f.sha256" ] && [ ! -e "$f.restored" ] && echo "$(date +%s) $(stat -c "%Y %s" "$f") $f"; done',
+            folder=self.params.backup_dir, pattern=self._pattern(),
+        )).stdout.split("\n")
         for line in filter(None, listing):
             now, modified, size, name = line.split(maxsplit=3)
             # This run's own backup always counts (a resume after the services were stopped cannot dump
@@ -187,14 +186,14 @@ class MysqlBackup(Step[BackupParams]):
             if not (fresh or name.endswith(f"-{host.run_id}.sql.gz")):
                 continue
             path = f"{self.params.backup_dir}/{name}"
-            if host.run(f"bash -c {shlex.quote(VERIFY.format(file=shlex.quote(path)))}").ok:
-                digest = host.run(f"cut -d' ' -f1 {shlex.quote(path)}.sha256").stdout.strip()
+            if host.run(bash(sh(VERIFY, file=path))).ok:
+                digest = host.run(sh("cut -d' ' -f1 -- {file}", file=f"{path}.sha256")).stdout.strip()
                 return {"path": path, "size": int(size), "sha256": digest}
         return None
 
-    def _pattern(self, label: str | None = None) -> str:
-        """Backups of a label: LABEL-<UTC timestamp>-<run id>.sql.gz (so label 2.0 never matches 2.0-rc1)."""
-        return f"{label or self.params.label}-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]T[0-9]*Z-*.sql.gz"
+    def _pattern(self, label: str | None = None) -> Command:
+        """Backups of a label: LABEL-<UTC timestamp>-<run id>.sql.gz (so label 2.0 never matches 2.0-rc1); a glob."""
+        return sh("{label}-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]T[0-9]*Z-*.sql.gz", label=label or self.params.label)
 
     def _s3(self):
         import boto3
@@ -247,18 +246,16 @@ class MysqlBackup(Step[BackupParams]):
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = f"{self.params.label}-{stamp}-{host.run_id}.sql.gz"
         final = f"{folder}/{name}"
-        options = " ".join(
-            flag for flag, wanted in (("--single-transaction", self.params.single_transaction),
-                                      ("--routines --events", self.params.routines)) if wanted
+        options = join((flags for flags, wanted in ((sh("--single-transaction"), self.params.single_transaction),
+                                                    (sh("--routines --events"), self.params.routines)) if wanted), " ")
+        script = sh(
+            DUMP, partial=final + ".partial", final=final, folder=folder, name=name, dump=self.params.mysqldump,
+            options=options, label=self.params.label, run_id=host.run_id,
+            verify_done=sh(VERIFY, file=sh('"$0"')).text,
         )
-        script = DUMP.format(
-            partial=shlex.quote(final + ".partial"), final=shlex.quote(final), folder=shlex.quote(folder),
-            name=shlex.quote(name), dump=shlex.quote(self.params.mysqldump), options=options,
-            label=self.params.label, run_id=shlex.quote(host.run_id), verify_done=shlex.quote(VERIFY.format(file='"$0"')),
-        )
-        host.run(f"mkdir -p {shlex.quote(folder)} && chmod 700 {shlex.quote(folder)}")
-        result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host),
-                          durable=f"mysql-backup-{self.params.label}")
+        # 0700 only when the step creates the folder: an existing one (say /tmp) keeps its mode.
+        host.run(sh("[ -d {folder} ] || mkdir -p -m 700 -- {folder}", folder=folder))
+        result = host.run(bash(script), stdin=self._credentials(host), durable=f"mysql-backup-{self.params.label}")
         host.forget()  # a new backup exists (or a failed dump left its folder changed)
         if not result.ok:
             raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")
@@ -270,6 +267,6 @@ class MysqlBackup(Step[BackupParams]):
         return option_file(host, self.params.user, self.params.password_secret)
 
     def _prune(self, host: StepHost, folder: str) -> None:
-        quoted = shlex.quote(folder)
-        host.run(f"cd {quoted} && ls -1t {self._pattern()} | tail -n +{self.params.keep + 1} | "
-                 f"while read -r old; do rm -f -- \"$old\" \"$old.sha256\" \"$old.restored\"; done")
+        host.run(sh("cd -- {folder} && ls -1t -- {pattern} | tail -n +{first} | "
+                    'while read -r old; do rm -f -- "$old" "$old.sha256" "$old.restored"; done',
+                    folder=folder, pattern=self._pattern(), first=self.params.keep + 1))

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from pydantic import Field
 
+from overhaul.command import Command, sh
 from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
 from overhaul.transport import CommandResult
 
-APT_ENV = "DEBIAN_FRONTEND=noninteractive"
-APT_LOCK_WAIT = "-o DPkg::Lock::Timeout=120"  # wait for another apt or dpkg (up to 2 minutes) instead of failing
+APT_ENV = sh("DEBIAN_FRONTEND=noninteractive")
+APT_LOCK_WAIT = sh("-o DPkg::Lock::Timeout=120")  # wait for another apt or dpkg (up to 2 minutes) instead of failing
+APT_UPDATE = sh("apt-get update -q {wait}", wait=APT_LOCK_WAIT)
 
 
-MANAGER: Probe[str] = Probe("package manager", "command -v apt-get >/dev/null && echo apt || "
-                            "{ command -v yum >/dev/null && echo yum; }", lambda result: result.stdout.strip(), stable=True)
+MANAGER: Probe[str] = Probe("package manager", sh("command -v apt-get >/dev/null && echo apt || "
+                            "{{ command -v yum >/dev/null && echo yum; }}"), lambda result: result.stdout.strip(),
+                            stable=True)
 
 
 def package_manager(host: StepHost) -> str:
@@ -33,12 +35,16 @@ def same_version(installed: str | None, target: str) -> bool:
     return installed is not None and (installed == target or ("-" not in target and installed.split("-")[0] == target))
 
 
-# "Status|Version" of a package, apt or rpm alike.
-INSTALLED = ("if command -v dpkg-query >/dev/null; then dpkg-query -W -f '${{Status}}|${{Version}}' {name} 2>/dev/null; "
-             "else rpm -q --qf 'install ok installed|%{{VERSION}}-%{{RELEASE}}' {name} 2>/dev/null; fi")
+def installed_command(package: str) -> Command:
+    """Prints "Status|Version" of a package, apt or rpm alike."""
+    return sh("if command -v dpkg-query >/dev/null; then dpkg-query -W -f '${{Status}}|${{Version}}' -- {name} "
+              "2>/dev/null; else rpm -q --qf 'install ok installed|%{{VERSION}}-%{{RELEASE}}' -- {name} 2>/dev/null; fi",
+              name=package)
+
+
 # Finish what an interrupted dpkg left; while another dpkg holds its lock, wait (up to 2 minutes) and try again.
-DPKG_CONFIGURE = (f"for i in $(seq 60); do out=$({APT_ENV} dpkg --configure -a 2>&1) && break; "
-                  "case $out in *lock*) sleep 2 ;; *) echo \"$out\" >&2; break ;; esac; done")
+DPKG_CONFIGURE = sh("for i in $(seq 60); do out=$({env} dpkg --configure -a 2>&1) && break; "
+                    "case $out in *lock*) sleep 2 ;; *) echo \"$out\" >&2; break ;; esac; done", env=APT_ENV)
 
 
 def _installed(result: CommandResult) -> str | None:
@@ -47,7 +53,7 @@ def _installed(result: CommandResult) -> str | None:
 
 
 def installed_probe(package: str) -> Probe[str | None]:
-    return Probe(f"installed {package}", INSTALLED.format(name=shlex.quote(package)), _installed)
+    return Probe(f"installed {package}", installed_command(package), _installed)
 
 
 def installed_version(host: StepHost, package: str) -> str | None:
@@ -62,30 +68,29 @@ def _madison(result: CommandResult) -> list[str]:
 
 def available_probe(package: str) -> Probe[list[str]]:
     """apt's versions of `package` from its package lists as they are (newest first)."""
-    return Probe(f"available {package}", f"apt-cache madison {shlex.quote(package)}", _madison)
+    return Probe(f"available {package}", sh("apt-cache madison -- {name}", name=package), _madison)
 
 
 def older_probe(package: str, target: str) -> Probe[bool]:
     """apt: is `target` older than the installed version (installing it would downgrade)?"""
-    command = (f"dpkg --compare-versions {shlex.quote(target)} lt "
-               f"\"$(dpkg-query -W -f '${{Version}}' {shlex.quote(package)} 2>/dev/null)\"")
+    command = sh("dpkg --compare-versions {target} lt \"$(dpkg-query -W -f '${{Version}}' -- {name} 2>/dev/null)\"",
+                 target=target, name=package)
     return Probe(f"older {package} {target}", command, lambda result: result.ok)
 
 
 def available_versions(host: StepHost, manager: str, package: str, refresh: bool = False) -> list[str]:
     """Every version of `package` the host's repositories offer, newest first (apt: after refreshing its lists
     if asked)."""
-    name = shlex.quote(package)
     if manager == "apt":
         if refresh:
-            refreshed = host.run(f"apt-get update -q {APT_LOCK_WAIT}")
+            refreshed = host.run(APT_UPDATE)
             if not refreshed.ok:
                 raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
-            versions = _madison(host.run(f"apt-cache madison {name}"))
+            versions = _madison(host.run(available_probe(package).command))
             host.facts.put(host.name, available_probe(package).question, versions)  # the lists as they are now
             return versions
         return host.read(available_probe(package))
-    listing = host.run(f"yum -q list available --showduplicates {name}").stdout.splitlines()
+    listing = host.run(sh("yum -q list available --showduplicates -- {name}", name=package)).stdout.splitlines()
     rows = [line.split() for line in listing]  # yum lists oldest first
     return [row[1] for row in reversed(rows) if len(row) >= 2 and row[0].startswith(package + ".")]
 
@@ -177,24 +182,24 @@ class PackageUpgrade(Step[UpgradeParams]):
 
     def _install(self, host: StepHost, manager: str, target: str, installed: str | None) -> str:
         """Install `target` (an older version too: the callers decide), finishing first what an interrupted one left."""
-        name = shlex.quote(f"{self.params.name}={target}" if manager == "apt" else f"{self.params.name}-{target}")
+        name = f"{self.params.name}={target}" if manager == "apt" else f"{self.params.name}-{target}"
         # Under the host lock, first: an install of this version that finished meanwhile (one a dropped link or a
         # killed controller left running) is the install.
-        wanted = shlex.quote(f"install ok installed|{target}")
-        said = shlex.quote(f"{self.params.name} {target} already installed")
-        done = f'[ "$({INSTALLED.format(name=shlex.quote(self.params.name))})" = {wanted} ] && {{ echo {said}; exit 0; }}; '
+        done = sh('[ "$({installed})" = {wanted} ] && {{ echo {said}; exit 0; }}; ',
+                  installed=installed_command(self.params.name), wanted=f"install ok installed|{target}",
+                  said=f"{self.params.name} {target} already installed")
         if manager == "apt":
             # Finish any install an earlier, interrupted run left half done (waiting for another dpkg's lock), then
             # install, waiting for another apt's lock. The package lists are refreshed first only when they lack the
             # version (the preflight refreshed them if they did), or when installing from them fails (stale lists).
-            install = (f"{APT_ENV} apt-get install -y -q --allow-downgrades {APT_LOCK_WAIT} "
-                       f"-o Dpkg::Options::=--force-confold {name}")
-            update = f"apt-get update -q {APT_LOCK_WAIT}"
+            install = sh("{env} apt-get install -y -q --allow-downgrades {wait} -o Dpkg::Options::=--force-confold "
+                         "-- {name}", env=APT_ENV, wait=APT_LOCK_WAIT, name=name)
             listed = any(same_version(version, target) for version in host.read(available_probe(self.params.name)))
-            then = f"{{ {install} || {{ {update} && {install}; }}; }}" if listed else f"{update} && {install}"
-            command = f"{done}{DPKG_CONFIGURE}; {then}"
+            then = (sh("{{ {install} || {{ {update} && {install}; }}; }}", install=install, update=APT_UPDATE) if listed
+                    else sh("{update} && {install}", update=APT_UPDATE, install=install))
+            command = sh("{done}{configure}; {then}", done=done, configure=DPKG_CONFIGURE, then=then)
         else:
-            command = f"{done}yum install -y {name} || yum downgrade -y {name}"
+            command = sh("{done}yum install -y -- {name} || yum downgrade -y -- {name}", done=done, name=name)
         result = host.run_then_read(command, [installed_probe(self.params.name)], durable=f"package-{self.params.name}")
         if not result.ok:
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
@@ -226,8 +231,9 @@ class PackageUpgrade(Step[UpgradeParams]):
     def _older(self, host: StepHost, manager: str, target: str, installed: str) -> bool:
         if manager == "apt":
             return host.read(older_probe(self.params.name, target))
-        script = f"import rpm,sys; sys.exit(0 if rpm.labelCompare(('0',{target!r},''),('0',{installed!r},''))<0 else 1)"
-        result = host.run(f"python3 -c {shlex.quote(script)}")
+        script = "import rpm,sys; sys.exit(0 if rpm.labelCompare(('0',sys.argv[1],''),('0',sys.argv[2],''))<0 else 1)"
+        result = host.run(sh("python3 -c {script} {target} {installed}", script=script, target=target,
+                             installed=installed))
         if result.exited not in (0, 1):  # cannot tell: never guess "not older" and downgrade by accident
             raise StepFailed(f"cannot compare versions {target} and {installed} on this host: {result.tail()}")
         return result.ok

@@ -16,11 +16,11 @@ dump exists, and the rows of `proof_table` (the application's schema version) ar
 from __future__ import annotations
 
 import re
-import shlex
 
 from overhaul.steps.mysql import option_file, space_for
 from pydantic import Field
 
+from overhaul.command import bash, sh
 from overhaul.context import Probe, StepHost, file_probe
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -61,25 +61,26 @@ f={file}
 marker={marker}
 # Under the host lock: a restore of this file that finished meanwhile (a killed controller's) is the restore.
 if [ -s "$marker" ]; then echo "already restored by run $(cat "$marker")"; exit 0; fi
-[ "$(stat -c %s "$f")" = {size} ] || {{ echo "its size is no longer {size} bytes" >&2; exit 3; }}
-echo {sha256}"  $f" | sha256sum --status -c - || {{ echo "its SHA-256 is no longer {sha256}" >&2; exit 3; }}
+[ "$(stat -c %s -- "$f")" = {size} ] || {{ echo "its size is no longer "{size}" bytes" >&2; exit 3; }}
+echo {sha256}"  $f" | sha256sum --status -c - || {{ echo "its SHA-256 is no longer "{sha256} >&2; exit 3; }}
 zcat "$f" | {mysql} --defaults-extra-file="$cnf" || {{ echo "mysql exited $?: the database may be half restored" >&2; exit 1; }}
-echo "{run_id} $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$marker.new" && mv "$marker.new" "$marker"
+echo {run_id}" $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$marker.new" && mv "$marker.new" "$marker"
 echo "restored $f"
 """
 
 # The proof, after the restore: what the dump holds (its databases, tables and the proof table's rows), the
 # tables the database has now, and the proof table's rows now (dumped the same way, so the lines compare).
 PROOF = OPTION_FILE + """\
-echo "{mark} dump"
-zcat {file} | grep -a -E {lines}
-echo "{mark} tables"
+echo {mark}" dump"
+zcat -- {file} | grep -a -E {lines}
+echo {mark}" tables"
 {mysql} --defaults-extra-file="$cnf" -N -B -e \
   "SELECT CONCAT(table_schema, '.', table_name) FROM information_schema.tables" 2>&1 || echo "!! failed: exit $?"
-echo "{mark} rows"
+echo {mark}" rows"
 {rows}
 """
-ROWS = '{mysqldump} --defaults-extra-file="$cnf" --compact --no-create-info {database} {table} 2>&1 || echo "!! failed: exit $?"'
+ROWS = ('{mysqldump} --defaults-extra-file="$cnf" --compact --no-create-info -- {database} {table} 2>&1 '
+        '|| echo "!! failed: exit $?"')
 MARK = "::overhaul-proof::"  # heads each section of the proof's output
 
 
@@ -135,10 +136,9 @@ class MysqlRestore(Step[RestoreParams]):
         done = self._restored_by(host)
         if done:
             return Check(True, f"{self.params.backup} already restored by run {done}")
-        script = PROBE.format(mysql=shlex.quote(self.params.mysql), file=shlex.quote(self.params.backup),
-                              privileges=shlex.quote(PRIVILEGES))
+        script = sh(PROBE, mysql=self.params.mysql, file=self.params.backup, privileges=PRIVILEGES)
         probe = dict(line.partition("=")[::2] for line in
-                     host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host)).stdout.splitlines())
+                     host.run(bash(script), stdin=self._credentials(host)).stdout.splitlines())
         backup = self.params.backup
         if probe.get("missing"):
             return Check(False, f"backup {backup} does not exist on this host")
@@ -173,11 +173,9 @@ class MysqlRestore(Step[RestoreParams]):
                       "proven": proof.message})
 
     def apply(self, host: StepHost) -> str:
-        script = RESTORE.format(
-            mysql=shlex.quote(self.params.mysql), file=shlex.quote(self.params.backup), marker=shlex.quote(self.marker),
-            size=self.params.size, sha256=self.params.sha256, run_id=shlex.quote(host.run_id),
-        )
-        result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host), durable="mysql-restore")
+        script = sh(RESTORE, mysql=self.params.mysql, file=self.params.backup, marker=self.marker,
+                    size=self.params.size, sha256=self.params.sha256, run_id=host.run_id)
+        result = host.run(bash(script), stdin=self._credentials(host), durable="mysql-restore")
         host.forget()
         if result.exited == 3:
             raise StepFailed(f"backup {self.params.backup} changed since the preflight ({result.tail()}): nothing restored")
@@ -207,12 +205,11 @@ class MysqlRestore(Step[RestoreParams]):
         """What the dump holds (tables as DB.TABLE, the proof table's INSERT lines), the tables the database has
         now, and the proof table's INSERT lines now."""
         database, _, table = (self.params.proof_table or ".").partition(".")
-        rows = ROWS.format(mysqldump=shlex.quote(self.params.mysqldump), database=shlex.quote(database),
-                           table=shlex.quote(table)) if self.params.proof_table else "true"
+        rows = sh(ROWS, mysqldump=self.params.mysqldump, database=database, table=table) if self.params.proof_table \
+            else sh("true")
         lines = "^(USE `|CREATE TABLE `" + (f"|INSERT INTO `{re.escape(table)}` " if table else "") + ")"
-        script = PROOF.format(mysql=shlex.quote(self.params.mysql), file=shlex.quote(self.params.backup),
-                              lines=shlex.quote(lines), rows=rows, mark=MARK)
-        result = host.run(f"bash -c {shlex.quote(script)}", stdin=self._credentials(host))
+        script = sh(PROOF, mysql=self.params.mysql, file=self.params.backup, lines=lines, rows=rows, mark=MARK)
+        result = host.run(bash(script), stdin=self._credentials(host))
         sections = dict(part.partition("\n")[::2] for part in result.stdout.split(MARK + " ")[1:])
         for name in ("tables", "rows"):
             if "!! failed" in sections.get(name, ""):

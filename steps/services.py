@@ -6,12 +6,12 @@ States come from the STATE column of supervisorctl-style status lines; exit code
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from overhaul.steps.package import PACKAGE, VERSION, installed_probe, installed_version, same_version
 from pydantic import Field
 
+from overhaul.command import sh
 from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -22,14 +22,14 @@ STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FA
 
 
 def states_probe(manage: str) -> Probe[dict[str, str]]:
-    return Probe(f"states {manage}", f"{shlex.quote(manage)} status", lambda result: _states(result, manage))
+    return Probe(f"states {manage}", sh("{manage} status", manage=manage), lambda result: _states(result, manage))
 
 
 def missing_probe(*commands: str) -> Probe[list[str]]:
     """Which of `commands` the host does not have."""
-    wanted = " ".join(shlex.quote(command) for command in commands)
-    return Probe(f"missing {wanted}", f'for c in {wanted}; do command -v "$c" >/dev/null || echo "$c"; done',
-                 lambda result: result.stdout.split(), stable=True)
+    wanted = sh("{commands}", commands=list(commands))
+    return Probe(f"missing {wanted}", sh('for c in {wanted}; do command -v -- "$c" >/dev/null || echo "$c"; done',
+                                         wanted=wanted), lambda result: result.stdout.split(), stable=True)
 
 
 def program_states(host: StepHost, manage: str) -> dict[str, str]:
@@ -124,7 +124,7 @@ class ServicesStop(Step[StopParams]):
         manage = self.params.manage_command
         running = sorted(name for name, state in program_states(host, manage).items() if state not in NOT_RUNNING)
         self.remembered.setdefault("stopped", running)  # a retry keeps the first reading: what ran before the run
-        result = host.run_then_read(f"{shlex.quote(manage)} stop all", [states_probe(manage)])
+        result = host.run_then_read(sh("{manage} stop all", manage=manage), [states_probe(manage)])
         if "ERROR" in result.stdout + result.stderr and not result.ok:
             raise StepFailed(f"`{self.params.manage_command} stop all` failed: {result.tail()}")
         return "stopped all services"
@@ -144,7 +144,7 @@ class ServicesStop(Step[StopParams]):
     def undo(self, host: StepHost, remembered: dict[str, Any]) -> str:
         """Start what it stopped (and only that)."""
         manage, programs = self.params.manage_command, remembered.get("stopped", [])
-        command = f"{shlex.quote(manage)} start {' '.join(shlex.quote(name) for name in programs)}"
+        command = sh("{manage} start {programs}", manage=manage, programs=list(programs))
         result = host.run_then_read(command, [states_probe(manage)])
         if not result.ok:
             raise StepFailed(f"`{manage} start` exited {result.exited}: {result.tail()}")
@@ -177,7 +177,7 @@ class SupervisorUp(AssertionStep):
     Params = SupervisorParams
 
     def probes(self) -> list[Probe]:
-        return [Probe(f"service {self.params.service}", f"service {shlex.quote(self.params.service)} status",
+        return [Probe(f"service {self.params.service}", sh("service {name} status", name=self.params.service),
                       lambda result: (result.ok, result.stdout.strip() or result.stderr.strip(), result.exited))]
 
     def check(self, host: StepHost) -> Check:

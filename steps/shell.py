@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shlex
-
+from overhaul.command import Command, sh
 from overhaul.context import StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import Check, Params, Step
@@ -32,14 +31,14 @@ class Shell(Step[ShellParams]):
     Params = ShellParams
 
     def check(self, host: StepHost) -> Check:
-        if self.params.creates and host.run(f"test -e {shlex.quote(self.params.creates)}", sudo=self.params.sudo).ok:
+        if self.params.creates and host.run(sh("test -e {path}", path=self.params.creates), sudo=self.params.sudo).ok:
             return Check(True, f"{self.params.creates} exists")
-        if self.params.unless and host.run(self.params.unless, sudo=self.params.sudo).ok:
+        if self.params.unless and host.run(Command.script(self.params.unless), sudo=self.params.sudo).ok:
             return Check(True, "`unless` command succeeded")
         return Check(False, f"would run: {self.params.command}")
 
     def apply(self, host: StepHost) -> str:
-        result = host.run(self.params.command, sudo=self.params.sudo)
+        result = host.run(Command.script(self.params.command), sudo=self.params.sudo)
         if not result.ok:
             raise StepFailed(f"`{self.params.command}` exited {result.exited}: {result.tail()}")
         return f"ran `{self.params.command}`"

@@ -53,8 +53,9 @@ def test_testinfra_system_info_is_one_round_trip(lab, isolated, monkeypatch):
     """testinfra asks `uname -s`, `cat /etc/os-release` and `uname -m` one after the other (every package,
     service or user module starts with them): the backend sends them as one command; a later ask reads again."""
     sent = []
-    original = RemoteHost.run
-    monkeypatch.setattr(RemoteHost, "run", lambda self, command, **kw: sent.append(command) or original(self, command, **kw))
+    original = RemoteHost.execute  # every command sent to a host goes through it
+    monkeypatch.setattr(RemoteHost, "execute",
+                        lambda self, command, **kw: sent.append(command) or original(self, command, **kw))
     app = checks.get_host("lab", "app1", hosts_dir=str(lab.inventory.parent))
     info = app.system_info
     expected = lab.host("app1").exec(". /etc/os-release && echo $ID $VERSION_ID && uname -m").stdout.split()

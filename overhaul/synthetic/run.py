@@ -10,7 +10,6 @@ a server. Unlike the vendor's example, every error is reported and fails the run
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -26,6 +25,7 @@ import paramiko
 from tenacity import Retrying, stop_before_delay, wait_exponential_jitter
 
 from overhaul import alerts
+from overhaul.command import sh
 from overhaul.errors import HostUnreachable, OverhaulError, Refused
 from overhaul.execution import new_run_id, operator
 from overhaul.inventory import Host, Inventory, SSHSettings
@@ -326,7 +326,8 @@ class SyntheticRun:
                 host = transport.host(server.name)
                 for target in targets:
                     address, _, port = target.rpartition(":")
-                    probe = f"timeout {self.config.timeouts.endpoints:g} bash -c {shlex.quote(f'</dev/tcp/{address}/{port}')}"
+                    probe = sh("timeout {seconds} bash -c {script} _ {address} {port}", script='</dev/tcp/"$1"/"$2"',
+                               seconds=self.config.timeouts.endpoints, address=address, port=port)
                     if not host.run(probe).ok:
                         problems.append(f"{server.name} cannot reach {target}")
         finally:
