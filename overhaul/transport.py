@@ -43,13 +43,15 @@ from tenacity import (
 )
 
 from overhaul.command import Command, as_command, sh
-from overhaul.errors import HostUnreachable, StepFailed
+from overhaul.errors import ConfigError, HostUnreachable, StepFailed
+from overhaul.files import read_regular
 from overhaul.inventory import Host, Inventory
 from overhaul.secrets import Redactor
 
 # paramiko's own thread logs a traceback when a connection is cut mid-handshake (Ctrl-C, a host gone);
 # what failed reaches the operator as our own one-line error instead.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
+log = logging.getLogger(__name__)  # warnings for the operator: the command line shows them, a library's caller decides
 
 KILL_GRACE = 5  # seconds `timeout` waits after SIGTERM before SIGKILL on the host
 OUTPUT_GRACE = 5  # seconds a command's output may still come after its exit status (its end: EOF)
@@ -128,6 +130,7 @@ class RemoteHost:
         self._connection: fabric.Connection | None = None
         self._lock = threading.Lock()
         self._sessions = threading.BoundedSemaphore(inventory.ssh.max_sessions)
+        self._opening = threading.Lock()
         self._in_flight = 0  # commands running on the connection: a close waits for them (see close)
         self._close_when_idle = False
 
@@ -310,14 +313,19 @@ class RemoteHost:
             transport = connection.transport
             wait = max(0.1, min(self.inventory.ssh.connect_timeout, deadline - time.monotonic()))
             try:
-                return connection, transport.open_session(timeout=wait)
-            except paramiko.ChannelException:
-                if not transport.is_active() or time.monotonic() + delay > deadline:
-                    raise HostUnreachable(f"{self.name}: the host refused a new session until the command's "
-                                          "deadline (sshd MaxSessions lower than ssh.max_sessions?)") from None
-                time.sleep(delay)  # back-pressure, not a dead host: the running commands go on
-                delay = min(delay * 2, 1.0)
+                # One open at a time per connection: paramiko keeps a refusal in one slot per transport, which a
+                # concurrent open could take for its own (it then says "Unable to open channel.").
+                with self._opening:
+                    return connection, transport.open_session(timeout=wait)
             except TRANSIENT as exc:
+                refused = isinstance(exc, paramiko.SSHException) and "Timeout" not in str(exc)
+                if refused and transport.is_active():
+                    if time.monotonic() + delay > deadline:
+                        raise HostUnreachable(f"{self.name}: the host refused a new session until the command's "
+                                              "deadline (sshd MaxSessions lower than ssh.max_sessions?)") from None
+                    time.sleep(delay)  # back-pressure, not a dead host: the running commands go on
+                    delay = min(delay * 2, 1.0)
+                    continue
                 if transport.is_active():  # the link is up, the host does not answer: frozen or overloaded
                     self._drop(connection)
                     raise HostUnreachable(f"{self.name}: no answer within {wait:g} s (host frozen or overloaded?)") \
@@ -325,7 +333,8 @@ class RemoteHost:
                 self._drop(connection)  # the link dropped and the command never started: reconnect once
                 connection = self.connect()
                 try:
-                    return connection, connection.transport.open_session(timeout=self.inventory.ssh.connect_timeout)
+                    with self._opening:
+                        return connection, connection.transport.open_session(timeout=self.inventory.ssh.connect_timeout)
                 except TRANSIENT:
                     raise HostUnreachable(f"{self.name}: cannot open a session: {exc}") from None
 
@@ -474,27 +483,43 @@ class _KeysOfHost(dict):
         return list(super().keys())
 
 
+KNOWN_HOSTS_LIMIT = 64 * 1024 * 1024  # bytes: far above any real known_hosts, far below what /dev/zero would feed
+
+
 def load_known_hosts(path: Path) -> KnownHosts:
     """known_hosts parsed once, in linear time (paramiko's own load checks each line against all before it).
 
-    Duplicate lines are kept rather than merged: a lookup finds the first, as OpenSSH does.
+    Duplicate lines are kept rather than merged: a lookup finds the first, as OpenSSH does. A line that is not a
+    valid entry (cut short, a bad key) is skipped with a warning naming it, as OpenSSH does: it must not stop
+    connections to every other host. Only a regular file is read (a FIFO or /dev/zero would hang or fill memory).
     """
     keys = KnownHosts()
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return keys
-    for number, line in enumerate(lines, 1):
+    text = _read_known_hosts(path)
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         try:
             entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
-        except paramiko.SSHException:
+        except Exception as exc:  # paramiko raises SSHException, InvalidHostKey, binascii or ValueError by case
+            reason = exc.args[-1] if isinstance(exc, paramiko.hostkeys.InvalidHostKey) else exc
+            log.warning("%s:%d: not a valid known_hosts entry, skipped (%s)", path, number,
+                        str(reason) or type(reason).__name__)
             continue
-        if entry is not None:
-            keys.append(entry)
+        if entry is None:
+            log.warning("%s:%d: not a valid known_hosts entry, skipped", path, number)
+            continue
+        keys.append(entry)
     return keys
+
+
+def _read_known_hosts(path: Path) -> str:
+    try:
+        return read_regular(path.expanduser(), KNOWN_HOSTS_LIMIT, "a known_hosts file").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the known_hosts file: {exc.strerror}"]) from None
 
 
 class _Connection(fabric.Connection):

@@ -1,0 +1,141 @@
+"""The transport under pressure and hostile files: sshd's session limit is back-pressure (never a frozen host),
+a connection stays open while commands run on it, a bad known_hosts line costs only its own host, and the run's
+log never shows a secret that a command split between its two streams."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from helpers import lab_inventory, run, write
+
+from overhaul.command import sh
+from overhaul.context import StepHost
+from overhaul.errors import ConfigError, HostUnreachable
+from overhaul.inventory import load_inventory_file
+from overhaul.secrets import REDACTED
+from overhaul.transport import Transport
+
+
+def concurrent(host, count: int) -> list:
+    """`count` commands at once on one host, each one second long; each result (or the error it raised)."""
+    def one(i: int):
+        try:
+            return host.run(sh("sleep 1; echo {i}", i=i))
+        except HostUnreachable as exc:
+            return exc
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_more_commands_at_once_than_sshd_allows_all_succeed_on_one_connection(lab):
+    transport = Transport(lab_inventory(lab))
+    try:
+        host = transport.host("app1")
+        connection = host.connect()
+        results = concurrent(host, 11)
+        assert [getattr(r, "stdout", r) for r in results] == [f"{i}\n" for i in range(11)]
+        assert host.connect() is connection  # the same connection all along: never closed under the others
+    finally:
+        transport.close()
+
+
+def test_a_session_limit_above_sshds_is_waited_for_not_taken_for_a_frozen_host(lab, tmp_path):
+    """With ssh.max_sessions 16, sshd (MaxSessions 10) refuses channels: they wait, all 16 commands succeed."""
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    inventory_file = write(tmp_path / "hosts/lab.yaml", text.replace("ssh:\n", "ssh:\n  max_sessions: 16\n", 1))
+    inventory = load_inventory_file(inventory_file)
+    assert inventory.ssh.max_sessions == 16
+    transport = Transport(inventory)
+    try:
+        host = transport.host("app2")
+        results = concurrent(host, 16)
+        assert [getattr(r, "stdout", r) for r in results] == [f"{i}\n" for i in range(16)]
+    finally:
+        transport.close()
+
+
+def test_a_close_while_a_command_runs_lets_it_finish_then_closes(lab):
+    transport = Transport(lab_inventory(lab))
+    try:
+        host = transport.host("worker1")
+        outcome = {}
+        worker = threading.Thread(target=lambda: outcome.setdefault("result", host.run(sh("sleep 1; echo done"))))
+        worker.start()
+        time.sleep(0.3)
+        host.close()  # between two uses (a park, a release): the running command is not cut
+        worker.join(10)
+        assert outcome["result"].stdout == "done\n"
+        assert host._connection is None  # closed once it ended
+        assert host.run(sh("echo again")).stdout == "again\n"  # and a later command reconnects
+    finally:
+        transport.close()
+
+
+def test_a_bad_known_hosts_line_is_skipped_with_a_warning_naming_it(lab, tmp_path, caplog):
+    lines = lab.known_hosts.read_text().splitlines()
+    db1 = lab.host("db1").spec.address
+    cut = [line[:40] if line.startswith(db1 + " ") else line for line in lines]
+    known_hosts = write(tmp_path / "known_hosts", "\n".join(cut) + "\n")
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    inventory_file = write(tmp_path / "hosts/lab.yaml", text.replace(str(lab.known_hosts), str(known_hosts)))
+    bad_line = next(i for i, line in enumerate(cut, 1) if line.startswith(db1 + " "))
+    with caplog.at_level(logging.WARNING, logger="overhaul"):
+        transport = Transport(load_inventory_file(inventory_file))
+    try:
+        assert f"{known_hosts}:{bad_line}: not a valid known_hosts entry, skipped" in caplog.text
+        assert transport.host("app1").run(sh("echo fine")).stdout == "fine\n"  # every other host connects
+        with pytest.raises(HostUnreachable, match="is not in"):
+            transport.host("db1").connect()  # its own host is unknown now: refused, as OpenSSH would
+    finally:
+        transport.close()
+
+
+def test_a_known_hosts_that_is_not_a_regular_file_is_an_input_error(lab, tmp_path):
+    fifo = tmp_path / "known_hosts"
+    os.mkfifo(fifo)
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    inventory_file = write(tmp_path / "hosts/lab.yaml", text.replace(str(lab.known_hosts), str(fifo)))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Transport(load_inventory_file(inventory_file))
+
+
+def test_a_secret_split_between_stdout_and_stderr_never_shows_whole_in_the_log(lab, tmp_path):
+    secret = "s3cr3t-Value-2026"
+    transport = Transport(lab_inventory(lab))
+    try:
+        transport.redactor.add(secret)
+        log = tmp_path / "logs/app1.log"
+        host = StepHost(transport.host("app1"), timeout=30, run_id="split", log=log)
+        host.run(sh("printf %s {a}; printf %s {b} >&2", a=secret[:8], b=secret[8:]))
+        host.run(sh("echo {whole}", whole=secret))
+        text = log.read_text()
+        assert secret not in text
+        assert text.count(REDACTED) >= 2  # the split one and the whole one, both redacted
+    finally:
+        transport.close()
+
+
+def test_a_backup_into_an_existing_folder_leaves_its_mode_alone(fresh_lab, tmp_path):
+    lab = fresh_lab(1)
+    db = lab.host("db1")
+    db.exec("mkdir -p /srv/shared && chmod 1777 /srv/shared")
+    runbook = """
+        name: backup
+        stages:
+          - name: backup
+            step: mysql.backup
+            roles: [db]
+            params: {backup_dir: /srv/shared, label: modes}
+    """
+    result = run(runbook, tmp_path, lab_inventory(lab))
+    assert [r.outcome.value for r in result.results] == ["changed"]
+    assert db.exec("stat -c %a /srv/shared").stdout.strip() == "1777"
+    second = run(runbook.replace("/srv/shared", "/srv/fresh/backups"), tmp_path, lab_inventory(lab))
+    assert [r.outcome.value for r in second.results] == ["changed"]
+    assert db.exec("stat -c %a /srv/fresh/backups").stdout.strip() == "700"  # a folder it made: private
