@@ -264,19 +264,25 @@ def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="
     """Show what a runbook would change on each host: every preflight, then the read-only checks."""
     if help_asked(runbook, "plan"):
         return
+    if out:  # a folder or an unwritable path: exit 2 now, before the plan runs (and before any host is contacted)
+        from overhaul.planfile import writable
+
+        writable(out)
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
     show_plan(planned, skip_unreachable, out, verbosity(verbose, quiet))
 
 
 def show_plan(planned: Plan, skip_unreachable: bool, out: str = "", view: int = 0) -> None:
     from overhaul.execution import Gate, exit_code, file_sha256, operator, run_plan
-    from overhaul.planfile import saved_plan, write_plan
+    from overhaul.planfile import by_reference, saved_plan, write_plan
 
+    # A parameter equal to an inventory secret is saved by the secret's name, and redacted from the plan's output.
+    params = by_reference(planned.run_params, planned.inventory, planned.redactor) if out else None
     result = run_plan(planned, check_only=True, gate=Gate(skip_unreachable=skip_unreachable), verbosity=view)
     if out and not result.refused and not result.interrupted:
         assert planned.inventory.path is not None
         saved = saved_plan(planned, result, operator(), file_sha256(planned.runbook.path),
-                           file_sha256(planned.inventory.path))
+                           file_sha256(planned.inventory.path), params)
         write_plan(saved, Path(out))
         print(f"plan saved to {out}: apply exactly this with `overhaul apply {out}`")
     finish(exit_code(result))
@@ -299,19 +305,25 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
     from overhaul.execution import file_sha256
     from overhaul.inventory import inventory_path, load_inventory
     from overhaul.plan import build_plan
-    from overhaul.planfile import check_unchanged, read_plan
+    from overhaul.planfile import check_matches, check_unchanged, read_plan, resolve_params
     from overhaul.runbook import load_runbook
 
+    # Every check of the file itself before anything is journaled: its binding (no field edited), its date, its
+    # runbook and inventory unchanged, its stages and exclusions what they give now. Then the gate: each host's state.
     saved = read_plan(path)
     runbook_file = Path(saved.runbook_path)
-    if not runbook_file.exists():
+    if not runbook_file.is_file():
         raise Refused(f"the plan's runbook {runbook_file} is gone: plan again")
     inventory_file = inventory_path(saved.environment, Path(hosts_dir))
     check_unchanged(saved, file_sha256(runbook_file), file_sha256(inventory_file), max_age)
     inventory = load_inventory(saved.environment, Path(hosts_dir))
-    planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), saved.params, limit=saved.limit)
+    params, secret_values = resolve_params(saved, inventory)
+    planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), params, limit=saved.limit)
+    check_matches(saved, planned, path)
+    for value in secret_values:  # a parameter given a secret's value is never shown
+        planned.redactor.add(value)
     print(f"applying {path}: {saved.runbook} on {saved.environment}, made by {saved.created_by} "
-          f"{saved.age_hours():.1f} h ago, params {json.dumps(saved.params, sort_keys=True)}")
+          f"{saved.age_hours():.1f} h ago, params {saved.shown_params()}")
     execute(planned, yes, bool(saved.excluded), reviewed=saved, view=view)
 
 
