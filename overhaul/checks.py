@@ -30,8 +30,9 @@ from overhaul.transport import RemoteHost, Transport
 # of them reads all three in one round trip (stderr merged) and the other two take their answer, if they come next.
 SYSTEM_INFO = ("uname -s", "cat /etc/os-release", "uname -m")
 # The login user's shell reads a check's command, as sshd's own exec does for testinfra's other backends (bash for
-# root on Debian: checks are written with `[[`, `set -o pipefail`).
-LOGIN_SHELL = sh('"${{SHELL:-sh}}"')
+# root on Debian: checks are written with `[[`, `set -o pipefail`). As sshd does, its $0 is its bare name (`bash`,
+# not `/bin/bash`: that is what its error messages start with): `sh -c` execs it as `SHELL -c COMMAND NAME`.
+LOGIN_SHELL = sh("sh -c {login} sh", login='s="${SHELL:-sh}"; exec "$s" "$@" "${s##*/}"')
 ENV_VARIABLE = "OVERHAUL_CHECKS_ENV"
 HOSTS_DIR_VARIABLE = "OVERHAUL_CHECKS_HOSTS_DIR"
 
