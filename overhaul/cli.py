@@ -901,16 +901,18 @@ def state_export(c, out="-"):
 
 @command(help={"file": "JSON lines written by `overhaul state.export` (- reads standard input)"}, name="import")
 def state_import(c, file=""):
-    """Add an exported journal to the configured state (rows already there are kept as they are)."""
-    text = sys.stdin.read() if need(file, "--file") == "-" else Path(file).read_text()
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise OverhaulError(f"{file}:{number}: not a JSON line: {exc.msg}") from None
-    state = open_state()
-    print(f"{state.url}: {state.import_rows(rows)} of {len(rows)} rows added")
+    """Add an exported journal to the configured state, all or nothing (rows already there are kept as they are).
+
+    The file is read a line at a time, each row validated as the journal's own records are
+    (overhaul.state.exported): a bad row is refused with its file, line and column, and nothing is imported.
+    """
+    from overhaul.state.exported import Reader, open_export
+
+    with open_export(need(file, "--file")) as (stream, name):
+        rows = Reader(stream, name)
+        state = open_state()
+        added = state.import_rows(rows)
+    print(f"{state.url}: {added} of {rows.count} rows added")
 
 
 lab = Collection("lab", up, down, status)

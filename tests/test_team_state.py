@@ -262,5 +262,5 @@ def test_export_then_import_moves_the_whole_history(fresh_lab, tmp_path, pg):
     assert "$ " in shown and "[exit 0, " in shown and "log on " in shown
     write(tmp_path / "bad.jsonl", '{"table": "runs", "row": {}}\n')
     bad = overhaul_cli(tmp_path, "state.import", "--file", str(tmp_path / "bad.jsonl"), env=pg.env)
-    assert bad.returncode == 2 and "line 1: not an exported journal row" in bad.stderr
+    assert bad.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:1: runs: missing id, runbook," in bad.stderr
 

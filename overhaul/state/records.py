@@ -11,6 +11,8 @@ from overhaul.errors import OverhaulError, Refused
 
 UNFINISHED = ("running", "interrupted")
 RESUMABLE = (*UNFINISHED, "failed")  # a failed run is continued once the operator repaired the cause
+STATUSES = ("running", "interrupted", "succeeded", "failed", "rolled back", "refused", "abandoned")  # a run's
+OUTCOMES = ("running", "ok", "changed", "failed", "skipped")  # a (stage, host) pair's (overhaul.step.Outcome, running)
 
 
 @dataclass
@@ -60,6 +62,28 @@ class CommandRecord:
     duration: float
     log_path: str
     machine: str
+
+
+@dataclass
+class EventRecord:
+    """A journal event of an environment (promotion evidence, limits, rebuilds, checks...), maybe of one run."""
+
+    at: float
+    environment: str
+    run_id: str  # "" when it is no run's
+    kind: str
+    detail: str  # free text, or JSON for some kinds (check, source-hosts)
+
+
+@dataclass
+class ClaimRecord:
+    """A claim: one run per key (e.g. per environment and night) until it expires."""
+
+    key: str
+    holder: str
+    run_id: str
+    at: float
+    expires: float
 
 
 @dataclass
@@ -133,6 +157,10 @@ class State(Protocol):
     # the schema, and moving between backends
     def schema_version(self) -> int: ...
     def migrate(self) -> tuple[int, int]: ...
-    def export(self) -> Iterator[dict[str, Any]]: ...
-    def import_rows(self, rows: Iterable[dict[str, Any]]) -> int: ...
+    def export(self) -> Iterator[dict[str, Any]]:
+        """Every journal row as {"table": ..., "row": {...}} (overhaul.state.exported describes the format)."""
+    def import_rows(self, rows: Iterable[Any]) -> int:
+        """Add exported rows (overhaul.state.exported.Row, or dicts as `export` yields them) in one transaction:
+        each validated, all or none (overhaul.state.exported.BadExport names the bad row's line); rows whose key
+        is already journaled are kept as they are. Return how many were added."""
     def close(self) -> None: ...

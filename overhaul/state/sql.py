@@ -22,7 +22,9 @@ from overhaul.proc import alive, start_time
 from overhaul.state.records import (
     RESUMABLE,
     UNFINISHED,
+    ClaimRecord,
     CommandRecord,
+    EventRecord,
     LockHeld,
     LockInfo,
     LockLost,
@@ -69,16 +71,17 @@ MIGRATIONS: list[list[str]] = [
 ]
 LATEST = len(MIGRATIONS)
 
-# What `export` writes and `import_rows` reads (the lease is not history: it is never exported).
-COLUMNS = {
-    "runs": [f.name for f in fields(RunRecord)],
-    "results": [f.name for f in fields(ResultRecord)],
-    "events": ["at", "environment", "run_id", "kind", "detail"],
-    "claims": ["key", "holder", "run_id", "at", "expires"],
-    "commands": [f.name for f in fields(CommandRecord)],
-}
+# What `export` writes and `import_rows` reads (the lease is not history: it is never exported), in that order:
+# each table's record type gives its columns (overhaul.state.exported: the format, and each row's validation).
+RECORDS: dict[str, type] = {"runs": RunRecord, "results": ResultRecord, "events": EventRecord, "claims": ClaimRecord,
+                            "commands": CommandRecord}
+COLUMNS = {table: [f.name for f in fields(record)] for table, record in RECORDS.items()}
+# What makes a row the same row. A table with a primary key holds each key once (so does its export); events and
+# commands have none: two alike are two rows, and an import adds one only if no row with its key is there yet.
 KEYS = {"runs": ["id"], "results": ["run_id", "stage_index", "host"], "events": ["at", "run_id", "kind"],
         "claims": ["key"], "commands": ["run_id", "stage_index", "host", "at"]}
+PRIMARY = ("runs", "results", "claims")
+IMPORT_BATCH = 500  # rows per INSERT of an import (11 columns at most: far below either database's limit)
 LOCK_COLUMNS = [f.name for f in fields(LockInfo) if f.name != "live"]
 
 T = TypeVar("T")
@@ -342,26 +345,82 @@ class SQLState:
                     values["mutating"] = bool(values["mutating"])
                 yield {"table": table, "row": values}
 
-    def import_rows(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Add exported rows that are not here yet (by their key); return how many were added."""
-        batch = list(rows)
-        for number, item in enumerate(batch, 1):
-            if item.get("table") not in COLUMNS or set(item.get("row", {})) != set(COLUMNS[item["table"]]):
-                raise StateError(f"line {number}: not an exported journal row (table and columns: {sorted(COLUMNS)})")
+    def import_rows(self, rows: Iterable[Any]) -> int:
+        """Add exported rows in one transaction, all or none; return how many were added.
+
+        `rows`: overhaul.state.exported.Row (a Reader's, validated as read) or dicts as `export` yields them
+        (validated here). Rows are staged in temporary tables, a batch at a time, then added by one statement
+        per table: a row whose key is already journaled is kept as it is (importing twice adds nothing). A bad
+        row, or a key twice in a table that has one, raises BadExport naming its line: nothing is added.
+        """
+        from overhaul.state.exported import rows_of
+
+        source = getattr(rows, "source", "rows")
+        attempts = 0
 
         def add(execute: Execute) -> int:
-            added = 0
-            for item in batch:
-                table, row = item["table"], item["row"]
-                key = KEYS[table]
-                where = " AND ".join(f"{name} = ?" for name in key)
-                _, found = execute(f"SELECT 1 FROM {table} WHERE {where}", tuple(row[name] for name in key))
-                if not found:
-                    names = COLUMNS[table]
-                    execute(_insert(table, {name: row[name] for name in names}), tuple(row[name] for name in names))
-                    added += 1
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # a backend retrying the transaction: the rows were read (a stream is read once)
+                raise StateError(f"the state database {self.url} went away during the import (it kept all of it or "
+                                 "none): import again (rows already there are kept as they are)")
+            for table, names in COLUMNS.items():
+                execute(f"CREATE TEMP TABLE import_{table} AS SELECT 0 AS line, {', '.join(names)} FROM {table} "
+                        "WHERE 1 = 0", ())
+            pending: dict[str, list[tuple]] = {table: [] for table in COLUMNS}
+            for row in rows_of(rows, source):
+                batch = pending[row.table]
+                batch.append((row.line, *row.values))
+                if len(batch) == IMPORT_BATCH:
+                    _stage(execute, row.table, batch)
+                    batch.clear()
+            for table, batch in pending.items():
+                _stage(execute, table, batch)
+            for table in PRIMARY:
+                _refuse_twice(execute, table, source)
+            added = sum(execute(_add_new(table), ())[0] for table in COLUMNS)
+            for table in COLUMNS:
+                execute(f"DROP TABLE import_{table}", ())
             return added
         return self._transaction(add)
+
+
+def _stage(execute: Execute, table: str, rows: list[tuple]) -> None:
+    """Stage rows (line, *values) of `table` for an import: one INSERT of them all."""
+    if rows:
+        names = ["line", *COLUMNS[table]]
+        one = f"({', '.join('?' * len(names))})"
+        execute(f"INSERT INTO import_{table} ({', '.join(names)}) VALUES {', '.join([one] * len(rows))}",
+                tuple(value for row in rows for value in row))
+
+
+def _refuse_twice(execute: Execute, table: str, source: str) -> None:
+    """A key twice in the staged rows of a table that has a primary key: the export is not one journal's."""
+    from overhaul.state.exported import BadExport
+
+    key = KEYS[table]
+    _, twice = execute(f"SELECT {', '.join(key)}, min(line) FROM import_{table} GROUP BY {', '.join(key)} "
+                       "HAVING count(*) > 1 ORDER BY min(line) LIMIT 1", ())
+    if twice:
+        *values, first = twice[0]
+        where = " AND ".join(f"{name} = ?" for name in key)
+        _, [(again,)] = execute(f"SELECT line FROM import_{table} WHERE {where} ORDER BY line LIMIT 1 OFFSET 1",
+                                tuple(values))
+        said = ", ".join(f"{name} {value!r}" for name, value in zip(key, values, strict=True))
+        raise BadExport(f"{source}:{again}: {table}: {said} again (first on line {first}): a journal holds each "
+                        f"{table[:-1]} once, so this is no export of one")
+
+
+def _add_new(table: str) -> str:
+    """The staged rows of `table` whose key is not journaled yet, added (in the file's order)."""
+    names = ", ".join(COLUMNS[table])
+    if table in PRIMARY:
+        return (f"INSERT INTO {table} ({names}) SELECT {names} FROM import_{table} WHERE true ORDER BY line "
+                f"ON CONFLICT ({', '.join(KEYS[table])}) DO NOTHING")
+    # An anti-join (SQLite: an automatic index on the key; PostgreSQL: a hash anti-join), never a scan per row.
+    match = " AND ".join(f"e.{name} = s.{name}" for name in KEYS[table])
+    return (f"INSERT INTO {table} ({names}) SELECT {', '.join(f's.{name}' for name in COLUMNS[table])} "
+            f"FROM import_{table} s LEFT JOIN {table} e ON {match} WHERE e.{KEYS[table][0]} IS NULL ORDER BY s.line")
 
 
 def holder_gone(lock: LockInfo) -> bool:
