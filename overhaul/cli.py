@@ -895,8 +895,9 @@ def state_export(c, out="-"):
     if out == "-":
         sys.stdout.writelines(lines)
         return
-    with open(out, "w") as file:
-        file.writelines(lines)
+    from overhaul.files import write_private
+
+    write_private(Path(out), lines)  # the journal's commands and logs: 0600, as the journal itself
 
 
 @command(help={"file": "JSON lines written by `overhaul state.export` (- reads standard input)"}, name="import")

@@ -21,13 +21,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from overhaul.alerts import RunInfo, RunNotifier
+from overhaul.config import MAX_BYTES
 from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, Refused
+from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
 from overhaul.preflight import print_report, run_preflight
 from overhaul.report import console_report, describe_changes, summary
@@ -65,7 +67,9 @@ def new_run_id() -> str:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The SHA-256 of a runbook or inventory file (a regular file within the size cap: a saved plan may name any
+    path, /dev/zero included)."""
+    return hashlib.sha256(read_regular(path, MAX_BYTES, "an inventory or runbook")).hexdigest()
 
 
 class JournalRecorder:
@@ -88,6 +92,9 @@ class JournalRecorder:
         self.state = state
         self.run_id = run_id
         self.outputs = outputs
+        with suppress(OSError):  # (if it cannot be made, the first log written says so, and stops the run)
+            private_dir(outputs.parent, tighten_existing=True)  # the runs' logs: the operator's only
+            private_dir(outputs)
         self.fence = fence  # a mutating run's lease: each pair starts only while it still holds
         self.machine = machine_identity()
         self._commands: dict[tuple[int, str], list[CommandRecord]] = {}  # per pair, journaled with its end
@@ -179,9 +186,7 @@ class JournalRecorder:
 
 
 def _append_traceback(path: Path, result: HostResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as log:
-        log.write(f"! {result.message}\n{result.traceback}")
+    append_private(path, f"! {result.message}\n{result.traceback}")
 
 
 class LockKeeper:

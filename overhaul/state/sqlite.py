@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from overhaul.files import FILE_MODE, create_private, private_dir, tighten
 from overhaul.state.records import StateError
 from overhaul.state.sql import KILL_AFTER_WRITES, Execute, SQLState
 
@@ -29,7 +30,7 @@ class SQLiteState(SQLState):
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create_private()
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -37,6 +38,16 @@ class SQLiteState(SQLState):
             raise StateError(f"the journal {self.path}: {exc}") from None
         self._lock = threading.Lock()
         self.ensure_schema(migrate=True)  # one team member's own file: always brought up to date
+
+    def _create_private(self) -> None:
+        """The journal's folder 0700 and its file 0600 before SQLite opens it: SQLite makes the -wal and -shm
+        files with the database file's mode. Overhaul's own `.overhaul` folder, and files of an older Overhaul
+        (0755 and 0644), are tightened; a folder the operator named (OVERHAUL_JOURNAL) is left as it is."""
+        folder = self.path.parent
+        private_dir(folder, tighten_existing=folder.name == ".overhaul")
+        create_private(self.path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            tighten(f"{self.path}{suffix}", FILE_MODE)
 
     def close(self) -> None:
         self._db.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from overhaul.errors import OverhaulError
+from overhaul.files import private_dir, write_private
 from overhaul.synthetic.providers import Farm, Problem, Provider, Server
 
 if TYPE_CHECKING:
@@ -61,8 +62,10 @@ class LabProvider(Provider):
 
     def launch(self, farm: Farm) -> None:
         lab = self._lab(farm.run_id)
-        (self.workdir / farm.run_id).mkdir(parents=True, exist_ok=True)
-        (self.workdir / farm.run_id / "farm.json").write_text(json.dumps({"started": time.time()}))
+        # The farms' keys and secrets: .overhaul/synthetic is Overhaul's own (a folder OVERHAUL_SYNTHETIC_DIR names
+        # is the operator's, and left as it is); each farm's folder is made 0700.
+        private_dir(self.workdir, tighten_existing=self.workdir.parent.name == ".overhaul")
+        write_private(private_dir(self.workdir / farm.run_id) / "farm.json", json.dumps({"started": time.time()}))
         try:
             lab.up(sum(spec.count for spec in self.config.roles.values()))  # idempotent: a second call starts nothing
         finally:  # whatever started is part of the farm, so teardown finds it
