@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from overhaul.command import Command, as_command, join, sh
+from overhaul.files import append_private
 from overhaul.inventory import Inventory
 from overhaul.secrets import Redactor
 from overhaul.transport import CommandResult, RemoteHost, durable_command
@@ -201,9 +202,7 @@ class StepHost:
     def _log(self, text: str) -> None:
         if self.log is not None:
             try:
-                self.log.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.log, "a") as log:
-                    log.write(text)
+                append_private(self.log, text)  # 0600 in 0700 folders: command output is nobody else's
             except OSError as exc:
                 self._on_log_error(f"cannot write the run log {self.log}: {exc}")
                 self.log = None

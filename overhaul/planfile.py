@@ -14,11 +14,9 @@ its value, and resolved again when the plan is applied.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from overhaul import __version__
 from overhaul.errors import ConfigError, OverhaulError, Refused
+from overhaul.files import read_regular, write_private
 from overhaul.inventory import Inventory
 from overhaul.plan import Plan
 from overhaul.runner import RunResult
@@ -250,17 +249,9 @@ def writable(out: str) -> Path:
 
 def write_plan(saved: SavedPlan, path: Path) -> None:
     """Write the plan file whole (a reader never sees half of it); a failure is a ConfigError naming it."""
-    written = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-            written = file.name
-            file.write(saved.model_dump_json(indent=2) + "\n")
-        os.replace(written, path)
+        write_private(path, saved.model_dump_json(indent=2) + "\n")  # 0600, in 0700 folders it makes
     except OSError as exc:
-        if written is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(written)
         raise ConfigError([f"--out {path}: cannot write the plan: {exc.strerror or exc}"]) from None
 
 
@@ -272,11 +263,8 @@ def read_plan(path: Path) -> SavedPlan:
     refused (exit 3). Both before anything is journaled.
     """
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ConfigError([f"{path}: {size} bytes: a plan file is at most {MAX_FILE_BYTES} bytes"])
-        document = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates,
-                              parse_constant=_no_constant)
+        raw = read_regular(path, MAX_FILE_BYTES, "a saved plan")
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such plan file (write one with `overhaul plan ... --out {path}`)"]) from None
     except IsADirectoryError:

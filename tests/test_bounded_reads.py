@@ -155,8 +155,6 @@ def _limit_memory() -> None:  # (for a child that would read /dev/zero: a Memory
     resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
 
 
-@pytest.mark.xfail(strict=True, reason="overhaul/planfile.py read_plan reads the path with stat + read_bytes; it is to "
-                                       "read it with overhaul.files.read_regular(path, MAX_FILE_BYTES, 'a saved plan')")
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_plan_to_apply_that_is_not_a_regular_file_is_exit_2(hosts_dir, tmp_path, kind):
     path = not_regular(kind, tmp_path / "plan.json")
@@ -337,15 +335,11 @@ def test_a_run_makes_its_folders_0700_and_its_journal_0600(verified):
     assert "journal.sqlite" in others and others == dict.fromkeys(others, 0o600)
 
 
-@pytest.mark.xfail(strict=True, reason="overhaul/context.py StepHost._log appends with mkdir + open(path, 'a') "
-                                       "(0666 & ~umask); it is to call overhaul.files.append_private(self.log, text)")
 def test_everything_a_run_writes_under_overhaul_is_0600_in_0700_folders(verified):
     found = modes_under(verified)
     assert found == {name: 0o700 if (verified / name).is_dir() else 0o600 for name in found}
 
 
-@pytest.mark.xfail(strict=True, reason="overhaul/planfile.py write_plan makes missing folders with path.parent.mkdir "
-                                       "(0777 & ~umask); it is to call overhaul.files.write_private(path, text)")
 def test_plan_out_is_0600_in_0700_folders(lab, tmp_path):
     out = tmp_path / "plans" / "reviewed" / "plan.json"
     proc = overhaul_under_umask_0(lab, tmp_path, "plan", "verify", "--env", "lab", "--out", str(out))
