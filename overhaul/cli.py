@@ -924,6 +924,19 @@ namespace = Collection(upgrade, rollback, undo, verify, synthetic, resume, aband
 CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")
 
 
+def show_warnings() -> None:
+    """What the engine logs as a warning for the operator (a known_hosts line skipped, say) goes to stderr."""
+    import logging
+
+    logger = logging.getLogger("overhaul")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def raise_open_files_limit() -> None:
     """A connection per host: a farm of 1,000 needs more than the usual soft limit of 1,024 open files."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -945,6 +958,7 @@ class OverhaulProgram(Program):
 
     def run(self, argv: list[str] | str | None = None, exit: bool = True) -> None:
         raise_open_files_limit()
+        show_warnings()
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C stops every command (exit 130), even one started where SIGINT was ignored (a script's `cmd &`):
             # as a run's own handler already does, so `verify --checks-only` is no exception.

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import lab_inventory, run, write
+from helpers import lab_inventory, overhaul_cli, run, write
 
 from overhaul.command import sh
 from overhaul.context import StepHost
@@ -139,3 +139,14 @@ def test_a_backup_into_an_existing_folder_leaves_its_mode_alone(fresh_lab, tmp_p
     second = run(runbook.replace("/srv/shared", "/srv/fresh/backups"), tmp_path, lab_inventory(lab))
     assert [r.outcome.value for r in second.results] == ["changed"]
     assert db.exec("stat -c %a /srv/fresh/backups").stdout.strip() == "700"  # a folder it made: private
+
+
+def test_the_command_line_shows_a_skipped_known_hosts_line_and_goes_on(lab, tmp_path):
+    lines = lab.known_hosts.read_text().splitlines()
+    known_hosts = write(tmp_path / "known_hosts", "\n".join(["127.0.0.9 ssh-ed25519 AAAAC3Nz", *lines]) + "\n")
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    write(tmp_path / "hosts/lab.yaml", text.replace(str(lab.known_hosts), str(known_hosts)))
+    proc = overhaul_cli(tmp_path, "verify", "--env", "lab", "--no-checks", "--hosts-dir", str(tmp_path / "hosts"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"warning: {known_hosts}:1: not a valid known_hosts entry, skipped" in proc.stderr
+    assert "Traceback" not in proc.stderr
