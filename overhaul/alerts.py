@@ -7,6 +7,7 @@ path is its token): nothing here puts it in an error, a problem string or a log 
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import http.client
 import ipaddress
@@ -118,12 +119,16 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 def notify(url: str, text: str, fields: dict | None = None, timeout: float = 5, wait: float = 1) -> None:
     """POST {"text": text, **fields} (what Slack incoming webhooks and compatible receivers take).
 
+    A URL's userinfo (https://user:token@relay/...) is sent as HTTP Basic authorization, not as part of the address.
+
     A failure is tried once more after about `wait` seconds; a second failure raises OverhaulError, whose
     message names the webhook's scheme and host and the reason, never its URL.
     """
     url = check_webhook(url)
-    request = urllib.request.Request(url, data=json.dumps({"text": text, **(fields or {})}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    target, authorization = split_userinfo(url)
+    headers = {"Content-Type": "application/json", **({"Authorization": authorization} if authorization else {})}
+    request = urllib.request.Request(target, data=json.dumps({"text": text, **(fields or {})}).encode(), method="POST",
+                                     headers=headers)
     try:
         for attempt in Retrying(stop=stop_after_attempt(2), reraise=True,
                                 wait=wait_exponential_jitter(multiplier=wait, max=5 * wait, jitter=wait / 2),
@@ -148,10 +153,28 @@ def _reason(exc: BaseException, timeout: float) -> str:
     return str(reason) or type(reason).__name__
 
 
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """`url` without its userinfo, and the HTTP Basic `Authorization` value that userinfo makes (None: it has none)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def learn_webhook(redactor: Redactor, url: str) -> None:
+    """Tell `redactor` a webhook's URL: the URL itself, its userinfo's password (the Redactor finds it in any URL it
+    is told), and the URL without the userinfo (what is posted to), whose path is a Slack webhook's token."""
+    redactor.add(url)
+    redactor.add(split_userinfo(url)[0])
+
+
 def _without(text: str, url: str) -> str:
-    """`text` with the URL and its path (the token), in their common encodings, replaced by ********."""
+    """`text` with the URL, its userinfo and its path (the token), in their common encodings, replaced by ********."""
     secret = Redactor()
-    secret.add(url)
+    learn_webhook(secret, url)
     path = urllib.parse.urlsplit(url).path.strip("/")
     if path:
         secret.add(path)
@@ -319,17 +342,20 @@ class RunNotifier:
     """
 
     def __init__(self, config: NotifyConfig | None, webhook_url: str | None = None,
-                 on_problem: Callable[[str], None] | None = None, retry_wait: float = 1):
+                 on_problem: Callable[[str], None] | None = None, retry_wait: float = 1,
+                 redactor: Redactor | None = None):
         self.config = config or NotifyConfig()
         self.webhook_url = webhook_url
         self.on_problem = on_problem
         self.retry_wait = retry_wait
+        self.redactor = redactor  # the run's: a problem's text may quote any secret of the run
 
     @classmethod
     def for_inventory(cls, inventory: Inventory, on_problem: Callable[[str], None] | None = None,
                       redactor: Redactor | None = None) -> RunNotifier:
         """The inventory's notifier, its webhook URL read and checked now: a missing or bad one is an input error
-        (OverhaulError) before the run starts. `redactor` learns the URL, so no log or journal line shows it."""
+        (OverhaulError) before the run starts. `redactor` learns the URL and its userinfo's password (see
+        `learn_webhook`), so no log or journal line shows them, and redacts each problem this notifier reports."""
         config = inventory.notify
         url = None
         if config is not None and config.webhook is not None:
@@ -339,8 +365,8 @@ class RunNotifier:
             except OverhaulError as exc:
                 raise OverhaulError(f"{inventory.path}: notify.webhook.url_secret ({reference.describe()}): {exc}") from None
             if redactor is not None:
-                redactor.add(url)
-        return cls(config, url, on_problem)
+                learn_webhook(redactor, url)
+        return cls(config, url, on_problem, redactor=redactor)
 
     def started(self, run: RunInfo) -> list[str]:
         """The `start` message."""
@@ -411,6 +437,8 @@ class RunNotifier:
     def _problem(self, problem: str) -> list[str]:
         if self.webhook_url:
             problem = _without(problem, self.webhook_url)
+        if self.redactor is not None:
+            problem = self.redactor(problem)
         if self.on_problem is not None:
             try:
                 self.on_problem(problem)

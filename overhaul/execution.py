@@ -354,7 +354,8 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
         runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
-        params=json.loads(plan.redactor(json.dumps(plan.run_params))), operator=operator(), started=time.time(),
+        params=plan.redactor.walk(json.loads(json.dumps(plan.run_params))),  # in values, never in JSON text
+        operator=operator(), started=time.time(),
         mutating=mutating,
     )
     state.start_run(record)

@@ -364,7 +364,8 @@ class Runner:
             redact = host.redactor
             facts = {**(facts or {}), **({UNDO_FACTS: step.remembered} if began else {})}
             return HostResult(stage.name, name, outcome, redact(message), attempts, time.monotonic() - started,
-                              json.loads(redact(json.dumps(facts))), planned.index, host.history, redact(trace))
+                              redact.walk(json.loads(json.dumps(facts))),  # in values, never in JSON text
+                              planned.index, host.history, redact(trace))
 
         try:
             return result(*retrying(attempt))
