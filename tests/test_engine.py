@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
-from helpers import lab_inventory, outcomes, plan_for, run, write
+from helpers import lab_inventory, outcomes, overhaul_cli, plan_for, run, write
 
 from overhaul.errors import HostUnreachable
 from overhaul.lab import faults
@@ -400,12 +399,11 @@ def test_the_command_line_runs_a_runbook_and_exits_non_zero_on_failure(lab, tmp_
         stages:
           - {name: fail, step: shell, hosts: [db1], params: {command: 'exit 3'}}
     """)
-    base = [sys.executable, "-m", "overhaul"]
     common = ["--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks")]
-    good = subprocess.run([*base, "run", "ok", *common], capture_output=True, text=True)
+    good = overhaul_cli(tmp_path, "run", "ok", *common)  # (its own journal: never the checkout's)
     assert good.returncode == 0, good.stdout + good.stderr
     assert "run succeeded" in good.stdout
-    bad = subprocess.run([*base, "run", "bad", *common], capture_output=True, text=True)
+    bad = overhaul_cli(tmp_path, "run", "bad", *common)
     assert bad.returncode == 1
     assert "FAILED fail on db1: `exit 3` exited 3" in bad.stdout
 
