@@ -121,7 +121,7 @@ class OverhaulBackend(BaseBackend):
 
     def _ask(self, command: str) -> CommandResult:
         """The command's output as bytes, as testinfra's own backends give it (binary content stays whole; text is
-        decoded by testinfra, strictly): redacted only where it is text."""
+        decoded by testinfra, strictly), every secret redacted."""
         remote = self.remote
         result = remote.execute(Command.script(command), sudo=False, shell=LOGIN_SHELL)
         return self.result(result.exited, self.encode(command), _redacted(result.stdout, remote),
@@ -139,11 +139,12 @@ class OverhaulBackend(BaseBackend):
 
 
 def _redacted(output: bytes, remote: RemoteHost) -> bytes:
+    """`output` with every secret redacted, its other bytes as they were: text that is not UTF-8 is read as
+    Latin-1 (one character per byte, so it comes back byte for byte) and searched all the same."""
     try:
-        text = output.decode()
+        return remote.redactor(output.decode()).encode()
     except UnicodeDecodeError:
-        return output
-    return remote.redactor(text).encode()
+        return remote.redactor(output.decode("latin-1")).encode("latin-1")
 
 
 testinfra.backend.BACKENDS.setdefault("overhaul", f"{__name__}.OverhaulBackend")

@@ -379,6 +379,8 @@ def last_upgrade(state: State, env: str) -> RunRecord:
 
 def rollback_params(state: State, record: RunRecord) -> dict[str, Any]:
     """The rollback runbook's parameters from the upgrade's journal: its backup, and the version before it."""
+    from overhaul.secrets import redacted_in
+
     results = state.results(record.id)
     backups = [result for result in results if result.facts.get("sha256") and result.facts.get("path")]
     if not backups:
@@ -388,6 +390,10 @@ def rollback_params(state: State, record: RunRecord) -> dict[str, Any]:
         found = ", ".join(sorted(previous)) or "none"
         raise OverhaulError(f"run {record.id}: the version before it is not known from its journal (found: {found})")
     backup = backups[-1]
+    cut = redacted_in([backup.facts["path"], backup.facts["sha256"], *previous])
+    if cut:
+        raise OverhaulError(f"run {record.id}: its journaled backup or version holds a secret's value, redacted "
+                            f"({', '.join(cut)}): it cannot be rolled back from the journal (restore by hand)")
     return {"version": previous.pop(), "backup": backup.facts["path"], "backup_sha256": backup.facts["sha256"],
             "backup_size": str(backup.facts["size"]), "backup_taken": backup.ended or backup.started}
 
@@ -544,12 +550,14 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         raise OverhaulError(f"run {record.id} is {record.status}: there is nothing to resume")
     if recorded(state, record, UNDO) is not None:
         raise OverhaulError(f"run {record.id} was being undone: finish that with `overhaul undo --run {record.id}`")
+    from overhaul.secrets import redacted_in
+
     given = parse_params(param or []) | ({"version": version} if version else {})
     for name, value in given.items():
-        if str(record.params.get(name)) != value:
+        if str(record.params.get(name)) != value and not redacted_in(record.params.get(name)):
             raise OverhaulError(f"run {record.id} was started with {name}={record.params.get(name)!r}; "
                                 f"a resumed run keeps its parameters (got {value!r})")
-    planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume")
+    planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume", given)
     if dry_run(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
@@ -557,18 +565,32 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
                               verbosity=verbosity(verbose, quiet), version_from=expected_version(record.environment))))
 
 
-def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str) -> Plan:
-    """The plan a journaled run ran: its runbook (unchanged since, by SHA-256), parameters, hosts and limit."""
+def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str,
+                   given: dict[str, str] | None = None) -> Plan:
+    """The plan a journaled run ran: its runbook (unchanged since, by SHA-256), parameters, hosts and limit.
+
+    A parameter the journal holds redacted (a secret's value was in it) must be `given` again: the run is never
+    rebuilt with the mark in place of the value."""
     from overhaul.execution import LIMIT, file_sha256, recorded, recorded_hosts
     from overhaul.inventory import load_inventory
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
+    from overhaul.secrets import redacted_in
+
+    given = given or {}
+    missing = [name for name, value in record.params.items() if redacted_in(value) and name not in given]
+    if missing:
+        flags = " ".join(f"--param {name}=VALUE" for name in missing)
+        how = f"give it again: `overhaul resume --run {record.id} {flags}`" if doing == "resume" else "do it by hand"
+        raise OverhaulError(f"run {record.id}: the journal holds {', '.join(missing)} redacted (a secret's value was "
+                            f"in it): cannot {doing} with the mark in its place; {how}")
+    params = {**record.params, **{name: given[name] for name in given if redacted_in(record.params.get(name))}}
 
     path = Path(record.runbook_path)
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
     inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
-    return build_plan(load_runbook(str(path)), inventory, registry(steps_dir), record.params,
+    return build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
                       limit=recorded(state, record, LIMIT) or "")
 
 

@@ -21,6 +21,9 @@ from pathlib import PurePath
 from typing import Any
 
 _FORMATTER = string.Formatter()
+# Where a quoted value is not safe (see open_quote), as messages name it.
+CONTEXTS = {"'": "'...'", '"': '"..."', "$'": "$'...'", "`": "backticks", "((": "an arithmetic (( ))",
+            "[[": "a [[ ]] test (its operands may be arithmetic)", "<<": "a here-document"}
 
 
 class Command:
@@ -104,25 +107,32 @@ def _fields(template: str) -> tuple[tuple[str, str | None], ...]:
             if spec or conversion or not field.isidentifier():
                 raise ValueError(f"{{{field}}}: a command's field is a plain name (no format, index or attribute)")
             if open_quote(before):
-                raise ValueError(f"{{{field}}} stands inside {open_quote(before)}...: a value is quoted by itself; "
-                                 f"write it outside quotes, in {template!r}")
+                raise ValueError(f"{{{field}}} stands inside {CONTEXTS[open_quote(before)]}: a value is quoted by "
+                                 f"itself, as a word of its own; write it outside, in {template!r}")
             before += "x"
         found.append((literal, field))
     return tuple(found)
 
 
 def open_quote(text: str) -> str | None:
-    """The quote (' or ") still open at the end of the shell text `text`, or None.
+    """Where a value written right after the shell text `text` would land, when that is not a plain word: the quote
+    still open (`'`, `"`, `$'`), or a context where quoting does not protect a value (backticks `` ` ``, an
+    arithmetic `((`, a `[[` test, whose operands bash may evaluate as arithmetic, a here-document `<<`); else None.
 
-    Follows what POSIX sh does with quotes, backslashes, `$(...)` and backticks (a new context inside double
-    quotes) and comments: enough to tell whether a value would land inside quotes.
+    Follows what sh and bash do with quotes, backslashes, `$(...)` and subshells (a new context inside double
+    quotes), `case` patterns and comments: enough to tell whether a value would stay one word.
     """
-    stack = [""]  # "" unquoted, "'" or '"' inside those quotes, "(" inside $( ), "`" inside backticks
-    i, word_start = 0, True
+    stack = [""]  # "" unquoted; "'", '"', "$'" quotes; "(" subshell or $( ); "`"; "((" ; "[["; "case"
+    i, word_start, heredoc = 0, True, False
     while i < len(text):
         c, top = text[i], stack[-1]
         if top == "'":
             if c == "'":
+                stack.pop()
+        elif top == "$'":
+            if c == "\\":
+                i += 1
+            elif c == "'":
                 stack.pop()
         elif top == '"':
             if c == "\\":
@@ -131,21 +141,49 @@ def open_quote(text: str) -> str | None:
                 stack.pop()
             elif c == "`":
                 stack.append("`")
+            elif text.startswith("$((", i):
+                stack.append("((")
+                i += 2
             elif text.startswith("$(", i):
                 stack.append("(")
                 i += 1
         elif c == "\\":
+            i += 1
+        elif text.startswith("$'", i):
+            stack.append("$'")
             i += 1
         elif c in "'\"":
             stack.append(c)
         elif c == "#" and word_start:
             end = text.find("\n", i)
             i = len(text) if end < 0 else end
-            word_start = True
             continue
-        elif text.startswith("$(", i):
-            stack.append("(")
+        elif text.startswith("<<<", i):
+            i += 2  # a here-string: one word, quoted as any other
+        elif text.startswith("<<", i):
+            heredoc = True  # its body is neither quoted nor a word: nothing may be inserted after one
             i += 1
+        elif text.startswith("$((", i) or (word_start and text.startswith("((", i)):
+            stack.append("((")
+            i += 2 if c == "$" else 1
+        elif top == "((" and text.startswith("))", i):
+            stack.pop()
+            i += 1
+        elif word_start and _word_at(text, i, "[["):
+            stack.append("[[")
+            i += 1
+        elif top == "[[" and _word_at(text, i, "]]"):
+            stack.pop()
+            i += 1
+        elif word_start and _word_at(text, i, "case"):
+            stack.append("case")
+            i += 3
+        elif top == "case" and word_start and _word_at(text, i, "esac"):
+            stack.pop()
+            i += 3
+        elif text.startswith("$(", i) or c == "(":
+            stack.append("(")
+            i += 1 if c == "$" else 0
         elif c == "`":
             if top == "`":
                 stack.pop()
@@ -153,9 +191,17 @@ def open_quote(text: str) -> str | None:
                 stack.append("`")
         elif c == ")" and top == "(":
             stack.pop()
-        word_start = c in " \t\n;&|(){}"
+        word_start = text[i] in " \t\n;&|(){}"  # (the last character read: the "(" of a "$(" starts a word)
         i += 1
-    return stack[-1] if stack[-1] in ("'", '"') else None
+    if stack[-1] in ("'", '"', "$'"):
+        return stack[-1]
+    unsafe = [context for context in stack if context in ("`", "((", "[[")]
+    return unsafe[-1] if unsafe else ("<<" if heredoc else None)
+
+
+def _word_at(text: str, i: int, word: str) -> bool:
+    end = i + len(word)
+    return text.startswith(word, i) and (end == len(text) or text[end] in " \t\n;&|()")
 
 
 def join(commands: Iterable[Command], separator: str = "; ") -> Command:

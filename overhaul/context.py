@@ -43,7 +43,7 @@ class Probe(Generic[T]):
 
 def file_probe(path: str) -> Probe[str]:
     """The contents of a file on the host, stripped ("" when it does not exist): e.g. a step's marker."""
-    return Probe(f"marker {path}", sh("cat {path} 2>/dev/null", path=path), lambda result: result.stdout.strip())
+    return Probe(f"marker {path}", sh("cat -- {path} 2>/dev/null", path=path), lambda result: result.stdout.strip())
 
 
 class Facts:
@@ -209,7 +209,7 @@ class StepHost:
 
     def write_file(self, path: str, content: str, mode: int = 0o600, sudo: bool | None = None) -> CommandResult:
         """Create `path` with `mode` from the start (no window where others can read it); content on stdin."""
-        return self.run(sh("umask 077 && cat > {path} && chmod {mode} {path}", path=path, mode=f"{mode:o}"),
+        return self.run(sh("umask 077 && cat > {path} && chmod {mode} -- {path}", path=path, mode=f"{mode:o}"),
                         stdin=content, sudo=sudo)
 
     def download(self, remote_path: str, local_path: Path) -> None:

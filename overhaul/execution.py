@@ -31,6 +31,7 @@ from overhaul.config import MAX_BYTES
 from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, Refused
 from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
+from overhaul.planfile import by_reference
 from overhaul.preflight import print_report, run_preflight
 from overhaul.report import console_report, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
@@ -256,12 +257,12 @@ def graceful_stop(runner: Runner, transport: Transport, grace: float) -> Iterato
 
     def handler(signum: int, frame: object) -> None:
         if runner._stopping.is_set():
-            transport.close()
+            transport.cut()
             return
         print(f"\nstopping: no new step starts; running commands get {grace:g} s to finish "
               "(signal again to cut them now)", file=sys.stderr, flush=True)
         runner.request_stop()
-        timer.append(threading.Timer(grace, transport.close))
+        timer.append(threading.Timer(grace, transport.cut))
         timer[0].daemon = True
         timer[0].start()
 
@@ -351,6 +352,7 @@ def _journal_start(state: State, plan: Plan, run_id: str, resume: RunRecord | No
 
 
 def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
+    by_reference(plan.run_params, plan.inventory, plan.redactor)  # a --param equal to a secret: redacted as one
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
         runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,

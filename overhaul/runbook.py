@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from overhaul.command import open_quote
+from overhaul.command import CONTEXTS, open_quote
 from overhaul.config import Document, Location, dotted, load_document, plain_name
 from overhaul.errors import ConfigError
 
@@ -183,8 +183,8 @@ def _quoted_references(value: Any, where: Location) -> list[tuple[Location, str]
         return [found for i, item in enumerate(value) for found in _quoted_references(item, (*where, i))]
     if not isinstance(value, str):
         return []
-    return [(where, f"{match.group()} stands inside {quote}...{quote}: write it outside the quotes (it is quoted "
-                    "for the shell already)")
+    return [(where, f"{match.group()} stands inside {CONTEXTS[quote]}: write it as a word of its own, outside (it is "
+                    "quoted for the shell already)")
             for match in QUOTED_REFERENCE.finditer(value) if (quote := open_quote(value[:match.start()]))]
 
 

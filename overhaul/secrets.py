@@ -192,6 +192,23 @@ def _pattern(values: set[str]) -> re.Pattern[str] | None:
         return re.compile("|".join(re.escape(value) for value in sorted(values, key=len, reverse=True)))
 
 
+def _glued(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] continues a run of letters or digits on one side (it is part of a longer word)."""
+    return ((start > 0 and text[start - 1].isalnum() and text[start].isalnum())
+            or (end < len(text) and text[end].isalnum() and text[end - 1].isalnum()))
+
+
+def redacted_in(value: Any) -> list[str]:
+    """The strings of a journaled value that hold the redaction mark: values a secret was cut out of."""
+    if isinstance(value, str):
+        return [value] if REDACTED in value else []
+    if isinstance(value, dict):
+        return [found for item in value.values() for found in redacted_in(item)]
+    if isinstance(value, list | tuple):
+        return [found for item in value for found in redacted_in(item)]
+    return []
+
+
 def _run_of(text: str, start: int, end: int, character: str) -> tuple[int, int]:
     """The span of the longest run of `character` in `text` around text[start:end] (made of it)."""
     while start > 0 and text[start - 1] == character:
@@ -216,6 +233,7 @@ class Redactor:
     """
 
     MIN_LENGTH = 4  # shorter values would redact ordinary text (and are no secret anyway)
+    GLUED_BELOW = 12  # in a structured value, a secret shorter than this glued to letters or digits is a coincidence
 
     def __init__(self) -> None:
         self._values: set[str] = set()
@@ -247,20 +265,24 @@ class Redactor:
         """`value` (JSON-like: dicts, lists, strings, numbers, booleans, None) with every secret redacted inside its
         strings, before it is serialized, so that what is written is always valid JSON.
 
-        A string holding a secret anywhere is redacted where the secret is (a path like
-        /var/backups/db-20261207.sql.gz with the secret 2026 becomes /var/backups/db-********1207.sql.gz: the path
-        names the secret, so it is a leak otherwise). Mapping keys are left as they are (they are names a step
-        chose, not values read from a host), and so are numbers, booleans and None: a number equal to a secret
-        stays that number and is never turned into a string. Tuples come back as lists (JSON has no tuple)."""
+        A string holding a secret is redacted where the secret stands on its own: not glued to a letter or a digit on
+        either side. A short secret (under GLUED_BELOW characters) inside a longer run of letters and digits is a
+        coincidence, not a leak: the secret 2026 inside /var/backups/db-20261207T101010Z-abc.sql.gz, or inside a
+        SHA-256, is left alone, since those values are what rollback and undo read back (redacted, they would name
+        no file and match no digest); `password=2026`, `2026`, `1.0.2026` are redacted. A longer secret is redacted
+        wherever it is. Mapping keys are left as they are (names a step chose, not values read from a host), and so
+        are numbers, booleans and None: a number equal to a secret stays that number and is never turned into a
+        string. Tuples come back as lists (JSON has no tuple). What the way back reads must then be checked for the
+        mark (see `redacted_in`)."""
         if isinstance(value, str):
-            return self(value)
+            return self._generic(self._known(value, glued_ok=True))
         if isinstance(value, dict):
             return {key: self.walk(item) for key, item in value.items()}
         if isinstance(value, list | tuple):
             return [self.walk(item) for item in value]
         return value
 
-    def _known(self, text: str) -> str:
+    def _known(self, text: str, glued_ok: bool = False) -> str:
         pattern, starry = self._expression()
         if pattern is None or not text:
             return text
@@ -268,6 +290,9 @@ class Redactor:
         match = pattern.search(text)
         while match:
             start, end = match.span()
+            if glued_ok and end - start < self.GLUED_BELOW and _glued(text, start, end):
+                match = pattern.search(text, start + 1)
+                continue
             if starry and not text[start:end].strip(REDACTED[0]):
                 if not stars[0] <= start < end <= stars[1]:
                     stars = _run_of(text, start, end, REDACTED[0])

@@ -131,6 +131,7 @@ class RemoteHost:
         self._lock = threading.Lock()
         self._sessions = threading.BoundedSemaphore(inventory.ssh.max_sessions)
         self._opening = threading.Lock()
+        self._cut = False  # the run cut its connections (a second Ctrl-C): no command may reconnect
         self._in_flight = 0  # commands running on the connection: a close waits for them (see close)
         self._close_when_idle = False
 
@@ -153,6 +154,8 @@ class RemoteHost:
     def connect(self) -> fabric.Connection:
         """The open connection (opened, retrying transient faults, unless it already is)."""
         with self._lock:
+            if self._cut:
+                raise HostUnreachable(f"{self.name}: not connecting: the run's connections were cut (Ctrl-C)")
             if self._connection is not None and self._connection.is_connected:
                 return self._connection
             ssh = self.inventory.ssh
@@ -202,6 +205,12 @@ class RemoteHost:
         _set_nodelay(connection)
         connection.transport.set_keepalive(KEEPALIVE)
         return connection
+
+    def cut(self) -> None:
+        """Close now, and refuse to connect again: commands still queued for a channel end unreachable."""
+        with self._lock:
+            self._cut = True
+        self.close(now=True)
 
     def close(self, now: bool = False) -> None:
         """Close the connection; one that commands are still running on is closed as the last of them ends,
@@ -269,16 +278,13 @@ class RemoteHost:
                 payload = self.redactor.add(self._sudo_password()) + "\n" + payload
             else:
                 line = sh("sudo -n -- {line}", line=line)
-        started = time.monotonic()
-        exited, out, err, timed_out = self._exec(connection, line.text, payload.encode(),
-                                                 started + timeout + KILL_GRACE + 5)
-        return RawResult(124 if timed_out else exited, out, err, time.monotonic() - started,
-                         timed_out or exited == 124)
+        exited, out, err, duration = self._exec(connection, line.text, payload.encode(), timeout + KILL_GRACE + 5)
+        return RawResult(exited, out, err, duration, exited == 124)
 
     def _sudo_needs_password(self, connection: fabric.Connection) -> bool:
         """Asked once per host: does sudo want a password here (no NOPASSWD rule)?"""
         if self._sudo_password_needed is None:
-            probe = self._exec(connection, "sudo -k -n true", b"", time.monotonic() + self.inventory.ssh.connect_timeout)
+            probe = self._exec(connection, "sudo -k -n true", b"", self.inventory.ssh.connect_timeout)
             self._sudo_password_needed = probe[0] != 0
         return self._sudo_password_needed
 
@@ -288,13 +294,15 @@ class RemoteHost:
         return self.inventory.ssh.sudo_password.resolve()
 
     def _exec(self, connection: fabric.Connection, line: str, stdin: bytes,
-              deadline: float) -> tuple[int, bytes, bytes, bool]:
-        """One command on one channel of `connection`, which stays open while it runs (see `close`)."""
+              budget: float) -> tuple[int, bytes, bytes, float]:
+        """One command on one channel of `connection`, which stays open while it runs (see `close`): (exit code,
+        stdout, stderr, seconds it ran). `budget`: how long the host has to answer once the command started; the
+        wait for a free channel before it is not counted (a queue is not a frozen host)."""
         with self._lock:
             self._in_flight += 1
         try:
             with self._sessions:  # at most ssh.max_sessions channels at once: sshd refuses the ones past its own
-                return self._exec_channel(connection, line, stdin, deadline)
+                return self._exec_channel(connection, line, stdin, budget)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -304,14 +312,20 @@ class RemoteHost:
             if idle_close:
                 self.close()
 
-    def _open_channel(self, connection: fabric.Connection, deadline: float) -> tuple[fabric.Connection,
-                                                                                        paramiko.Channel]:
+    def _open_channel(self, connection: fabric.Connection, budget: float) -> tuple[fabric.Connection,
+                                                                                      paramiko.Channel]:
         """A new session channel. A refused one (sshd's MaxSessions, when others hold channels on this connection
-        too) is waited for; a link that dropped before the command started is reconnected once."""
+        too) is waited for, up to `budget` seconds while other commands of ours hold channels (they free one by
+        then), `connect_timeout` when none does (the host refuses sessions outright); a link that dropped before
+        the command started is reconnected once."""
+        connect_timeout = self.inventory.ssh.connect_timeout
+        with self._lock:
+            others = self._in_flight > 1
+        deadline = time.monotonic() + (budget if others else connect_timeout)
         delay = 0.05
         while True:
             transport = connection.transport
-            wait = max(0.1, min(self.inventory.ssh.connect_timeout, deadline - time.monotonic()))
+            wait = connect_timeout
             try:
                 # One open at a time per connection: paramiko keeps a refusal in one slot per transport, which a
                 # concurrent open could take for its own (it then says "Unable to open channel.").
@@ -321,8 +335,9 @@ class RemoteHost:
                 refused = isinstance(exc, paramiko.SSHException) and "Timeout" not in str(exc)
                 if refused and transport.is_active():
                     if time.monotonic() + delay > deadline:
-                        raise HostUnreachable(f"{self.name}: the host refused a new session until the command's "
-                                              "deadline (sshd MaxSessions lower than ssh.max_sessions?)") from None
+                        raise HostUnreachable(f"{self.name}: the host refused a new session for "
+                                              f"{budget if others else connect_timeout:g} s (sshd MaxSessions lower "
+                                              "than ssh.max_sessions, or sessions not allowed?)") from None
                     time.sleep(delay)  # back-pressure, not a dead host: the running commands go on
                     delay = min(delay * 2, 1.0)
                     continue
@@ -339,9 +354,11 @@ class RemoteHost:
                     raise HostUnreachable(f"{self.name}: cannot open a session: {exc}") from None
 
     def _exec_channel(self, connection: fabric.Connection, line: str, stdin: bytes,
-                      deadline: float) -> tuple[int, bytes, bytes, bool]:
-        connection, channel = self._open_channel(connection, deadline)
+                      budget: float) -> tuple[int, bytes, bytes, float]:
+        connection, channel = self._open_channel(connection, budget)
         transport = connection.transport
+        started = time.monotonic()
+        deadline = started + budget
         out, err = bytearray(), bytearray()
         try:
             channel.exec_command(line)
@@ -386,7 +403,7 @@ class RemoteHost:
         if status == -1 and not transport.is_active():
             self._drop(connection)
             raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown)")
-        return status, bytes(out), bytes(err), False
+        return status, bytes(out), bytes(err), time.monotonic() - started
 
     def download(self, remote_path: str, local_path: Path) -> None:
         """Copy a file from the host over this host's connection (SFTP)."""
@@ -607,6 +624,7 @@ class Transport:
         self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
         self._hosts: dict[str, RemoteHost] = {}
         self._users: Counter[str] = Counter()  # hosts held open (see hold/release), by how many users
+        self._cut = False  # see cut
         self._lock = threading.Lock()
         self._gateway = self._make_gateway()
         self._gateway_lock = threading.Lock()
@@ -623,6 +641,7 @@ class Transport:
             if name not in self._hosts:
                 self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
                                                self._gateway_lock, self.host_keys)
+                self._hosts[name]._cut = self._cut
             return self._hosts[name]
 
     def hold(self, names: Iterable[str]) -> None:
@@ -703,6 +722,17 @@ class Transport:
             hosts = list(self._hosts.values())
         for host in hosts:
             host.close(now=True)
+        if self._gateway is not None:
+            self._gateway.close()
+
+    def cut(self) -> None:
+        """Ctrl-C's cut: close every connection now, and let none be opened again (a command queued for a channel
+        or waiting out a refusal would otherwise reconnect after the operator asked to stop)."""
+        with self._lock:
+            self._cut = True
+            hosts = list(self._hosts.values())
+        for host in hosts:
+            host.cut()
         if self._gateway is not None:
             self._gateway.close()
 

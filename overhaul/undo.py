@@ -16,6 +16,7 @@ from overhaul.context import StepHost
 from overhaul.plan import Plan, PlannedStage
 from overhaul.report import irreversible
 from overhaul.runner import UNDO_FACTS, HostResult
+from overhaul.secrets import redacted_in
 from overhaul.step import Check, Outcome, Step
 
 
@@ -49,6 +50,12 @@ def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
     for planned in reversed(plan.stages):
         hosts = changed.get(planned.index)
         if not hosts or planned.step.read_only or planned.hook:  # a hook (maintenance mode, say) is not the change
+            continue
+        cut = sorted(host for host, remembered in hosts.items() if redacted_in(remembered))
+        if cut:
+            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
+                           f"{', '.join(cut)}, and what it remembered to take that back holds a secret's value "
+                           "(redacted in the journal): it cannot be undone from the journal")
             continue
         if not planned.step.reversible:
             blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "

@@ -87,6 +87,8 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
     for cases in sessions:
         for case in cases:
             rank.setdefault(case.check.split("::")[0], len(rank))
+            # an assertion's text quotes what a check read (a config file, say): never a secret in it
+            case.message, case.detail = transport.redactor(case.message), transport.redactor(case.detail)
     return sorted((case for cases in sessions for case in cases), key=lambda c: (rank[c.check.split("::")[0]], c.host))
 
 

@@ -24,7 +24,7 @@ class ReconfigureParams(Params):
     """The command whose `status` lists the supervised programs and their states."""
     package: str = Field("scalr-server", pattern=PACKAGE)
     """The package whose installed version the host is reconfigured for."""
-    state_dir: str = "/var/lib/overhaul"
+    state_dir: str = Field("/var/lib/overhaul", pattern=r"^/[^\n]*$")
     """Folder on the host for the marker saying which version it was last reconfigured for."""
 
 

@@ -43,11 +43,11 @@ cat > "$cnf"
 gzip -t "$partial"
 [ -s "$partial" ]
 [ "$(zcat "$partial" | tail -n 1 | cut -c1-17)" = "-- Dump completed" ]
-mv "$partial" {final}
+mv -- "$partial" {final}
 (cd -- {folder} && sha256sum -- {name} > {name}.sha256)
 echo {final}
-stat -c %s {final}
-cut -d' ' -f1 {final}.sha256
+stat -c %s -- {final}
+cut -d' ' -f1 -- {final}.sha256
 """
 
 
@@ -99,7 +99,7 @@ def _b64(hex_digest: str) -> str:
 class BackupParams(Params):
     label: str = Field("backup", pattern=r"^[A-Za-z0-9._-]+$")
     """Names the backup (`LABEL-<time>-<run>.sql.gz`): a fresh verified backup of this label counts as done."""
-    backup_dir: str = "/var/backups/overhaul"
+    backup_dir: str = Field("/var/backups/overhaul", pattern=r"^/[^\n]*$")
     """Folder on the db host the backups are written to."""
     user: str = Field("backup", pattern=r"^[A-Za-z0-9_.@%-]+$")
     """The database user the dump runs as."""

@@ -6,6 +6,7 @@ States come from the STATE column of supervisorctl-style status lines; exit code
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from overhaul.steps.package import PACKAGE, VERSION, installed_probe, installed_version, same_version
@@ -18,6 +19,7 @@ from overhaul.step import Check, Params, Step
 from overhaul.transport import CommandResult
 
 NOT_RUNNING = ("STOPPED", "EXITED", "FATAL")
+PROGRAM = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")  # a supervisord program (or group:program) name
 STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
 
 
@@ -144,6 +146,9 @@ class ServicesStop(Step[StopParams]):
     def undo(self, host: StepHost, remembered: dict[str, Any]) -> str:
         """Start what it stopped (and only that)."""
         manage, programs = self.params.manage_command, remembered.get("stopped", [])
+        if not (isinstance(programs, list) and all(isinstance(name, str) and PROGRAM.match(name) for name in programs)):
+            raise StepFailed(f"the journal's list of programs this step stopped is not a list of program names: "
+                             f"{programs!r}: start them by hand")
         command = sh("{manage} start {programs}", manage=manage, programs=list(programs))
         result = host.run_then_read(command, [states_probe(manage)])
         if not result.ok:

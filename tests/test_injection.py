@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import lab_inventory, overhaul_cli, write
 from pydantic import ValidationError
 
@@ -129,6 +130,14 @@ def test_a_command_cannot_be_made_from_text_but_by_the_builder():
 
 
 def test_open_quote_follows_the_shell():
+    # where quoting does not keep a value one inert word (each was a working injection through ${q:name})
+    assert open_quote("cat <<EOF\n") == "<<"  # a here-document's body runs $( )
+    assert open_quote("echo $'a\\'") == "$'"  # \' does not end $'...'
+    assert open_quote('echo "$(case a in a) echo ;; esac; echo "') == '"'  # a case pattern's ) is not the $( )'s
+    assert open_quote("echo `echo ") == "`"  # a backtick inside the value ends the outer one
+    assert open_quote("[[ ") == "[[" and open_quote("(( ") == "((" and open_quote("echo $(( 1 + ") == "(("
+    assert open_quote("cat <<< ") is None and open_quote("[[ -e x ]] && echo ") is None
+    assert open_quote("( cd /x && ls ") is None and open_quote("case $x in a) echo ") is None
     assert open_quote("echo 'a") == "'"
     assert open_quote('echo "a') == '"'
     assert open_quote("echo 'a' \"b\" c") is None
@@ -146,7 +155,8 @@ def test_lock_names_become_safe_file_names():
 
 # -- no command is pasted: the code itself ---------------------------------------------------------------
 
-SENDERS = {"run", "run_then_read", "execute", "Probe", "durable_command", "probe_script"}
+SENDERS = {"run", "run_then_read", "execute", "Probe", "durable_command", "probe_script", "sh", "script", "bash",
+           "as_command"}
 
 
 def _engine_files() -> list[Path]:
@@ -157,7 +167,8 @@ def _engine_files() -> list[Path]:
 
 def test_no_command_sent_to_a_host_is_pasted_text():
     """Every command argument of run/run_then_read/execute/Probe/durable_command in the engine and the built-in
-    steps is a built Command: never an f-string, a `+`, a `%` or a `.format()` of text."""
+    steps is a built Command, and every template given to sh() or Command.script() is written in the code: never
+    an f-string, a `+`, a `%` or a `.format()` of text."""
     pasted = []
     for path in _engine_files():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -301,6 +312,19 @@ def test_a_quoted_reference_inside_quotes_is_refused_at_load_with_its_line(tmp_p
         """)
     with pytest.raises(ConfigError) as raised:
         load_runbook(str(path))
-    assert f"{path}:9: stages[0].params.unless: ${{q:v}} stands inside \"...\"" in str(raised.value)
+    assert f"{path}:8: stages[0].params.unless: ${{q:v}} stands inside \"...\"" in str(raised.value)
     write(tmp_path / "fine.yaml", path.read_text().replace("'test -e \"${q:v}\"'", "test -e ${q:v}"))
     load_runbook(str(tmp_path / "fine.yaml"))
+
+
+@pytest.mark.parametrize("command", [
+    "cat > /tmp/x <<EOF\nname=${q:v}\nEOF", "echo `echo ${q:v}`", "[[ ${q:v} -gt 3 ]] && echo big",
+    "echo $'a\\'${q:v}'", "echo \"$(case a in a) echo ;; esac; echo \"${q:v}\")\"",
+])
+def test_a_quoted_reference_where_quoting_does_not_protect_it_is_refused(tmp_path, command):
+    """Each of these ran the value as shell through ${q:name} (a reviewer's canaries): refused at load now."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "params": {"v": None}, "stages": [
+        {"name": "s", "step": "shell", "params": {"command": command}}]}))
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.params\.command: \$\{q:v\} stands inside"):
+        load_runbook(str(path))

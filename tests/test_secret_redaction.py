@@ -31,13 +31,14 @@ from overhaul.state import SQLiteState
 BACKUP = {"path": "/var/backups/db-20261207.sql.gz", "size": 2026}
 
 
-def test_a_short_secret_in_a_fact_redacts_the_string_and_leaves_keys_numbers_and_json_intact():
+def test_a_short_secret_in_a_fact_leaves_the_path_the_way_back_reads_keys_numbers_and_json_intact():
     redactor = Redactor()
     redactor.add("2026")
     with pytest.raises(json.JSONDecodeError):  # what redacting the JSON text did: "size": ******** is no JSON
         json.loads(redactor(json.dumps(BACKUP)))
     redacted = redactor.walk(BACKUP)
-    assert redacted == {"path": "/var/backups/db-********1207.sql.gz", "size": 2026}
+    # 2026 glued to 1207 is a date, not the secret: the path rollback restores from stays a path
+    assert redacted == {"path": "/var/backups/db-20261207.sql.gz", "size": 2026}
     assert json.loads(json.dumps(redacted)) == redacted and type(redacted["size"]) is int
     assert BACKUP == {"path": "/var/backups/db-20261207.sql.gz", "size": 2026}  # the step's own value is untouched
 
@@ -46,10 +47,12 @@ def test_walk_goes_through_nested_values_and_leaves_every_non_string_as_it_is():
     redactor = Redactor()
     redactor.add("2026")
     fact = {"backups": [{"file": "db-2026.sql", "bytes": 2026, "ratio": 2026.0}, ("2026", None, True)],
-            "ok": False, "note": None, "2026-key": "x"}
+            "ok": False, "note": None, "2026-key": "x", "sha256": "ab2026cd", "said": "password=2026"}
     assert redactor.walk(fact) == {
         "backups": [{"file": "db-********.sql", "bytes": 2026, "ratio": 2026.0}, [REDACTED, None, True]],
-        "ok": False, "note": None, "2026-key": "x"}  # keys are names the step chose: left as they are
+        "ok": False, "note": None, "2026-key": "x",  # keys are names the step chose: left as they are
+        "sha256": "ab2026cd",  # inside a digest: a coincidence, and the digest is what restore checks
+        "said": f"password={REDACTED}"}  # standing on its own: the secret
     assert redactor.walk("2026") == REDACTED and redactor.walk(2026) == 2026 and redactor.walk([]) == []
 
 
@@ -458,8 +461,8 @@ def test_a_short_secret_in_a_fact_keeps_the_journal_valid_json_with_numbers_inta
         inventory_file.unlink()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    expected = {"path": "/var/backups/db-********1207.sql.gz", "size": 2026,
-                "kept": [{"file": "db-********1130.sql.gz", "size": 1999}]}
+    expected = {"path": "/var/backups/db-20261207.sql.gz", "size": 2026,  # the path rollback reads: whole
+                "kept": [{"file": "db-20261130.sql.gz", "size": 1999}]}
     state = SQLiteState(tmp_path / "journal.sqlite")
     [record] = state.runs("pin")
     [pair] = state.results(record.id)

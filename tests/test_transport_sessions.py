@@ -150,3 +150,37 @@ def test_the_command_line_shows_a_skipped_known_hosts_line_and_goes_on(lab, tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"warning: {known_hosts}:1: not a valid known_hosts entry, skipped" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_waiting_for_a_free_channel_does_not_count_against_a_commands_deadline(lab, tmp_path):
+    """max_sessions 1, four 4-second commands with a 4.5 s timeout: the last waits 12 s for its turn, longer than
+    its timeout and grace (4.5 + 10 s), and still runs and succeeds: a queue is not a frozen host."""
+    text = lab.inventory.read_text().replace("../", str(lab.inventory.parent.parent) + "/")
+    inventory_file = write(tmp_path / "hosts/lab.yaml", text.replace("ssh:\n", "ssh:\n  max_sessions: 1\n", 1))
+    transport = Transport(load_inventory_file(inventory_file))
+    try:
+        host = transport.host("worker1")
+
+        def one(i: int):
+            try:
+                return host.run(sh("sleep 4; echo {i}", i=i), timeout=4.5)
+            except HostUnreachable as exc:
+                return exc
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+        assert [getattr(r, "stdout", r) for r in results] == [f"{i}\n" for i in range(4)]
+        assert max(r.duration for r in results) < 8  # each measured from its own start, not from its wait
+    finally:
+        transport.close()
+
+
+def test_after_a_cut_no_command_reconnects(lab):
+    transport = Transport(lab_inventory(lab))
+    host = transport.host("app1")
+    assert host.run(sh("true")).ok
+    transport.cut()
+    with pytest.raises(HostUnreachable, match="connections were cut"):
+        host.run(sh("true"))
+    with pytest.raises(HostUnreachable, match="connections were cut"):
+        transport.host("app2").run(sh("true"))  # a host first asked for after the cut, too
