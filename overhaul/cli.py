@@ -554,7 +554,10 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
 
     given = parse_params(param or []) | ({"version": version} if version else {})
     for name, value in given.items():
-        if str(record.params.get(name)) != value and not redacted_in(record.params.get(name)):
+        journaled = record.params.get(name)
+        if isinstance(journaled, dict) and set(journaled) == {"secret"}:
+            continue  # the value of an inventory secret: read again from it
+        if str(journaled) != value and not redacted_in(journaled):
             raise OverhaulError(f"run {record.id} was started with {name}={record.params.get(name)!r}; "
                                 f"a resumed run keeps its parameters (got {value!r})")
     planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume", given)
@@ -585,13 +588,31 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: s
         raise OverhaulError(f"run {record.id}: the journal holds {', '.join(missing)} redacted (a secret's value was "
                             f"in it): cannot {doing} with the mark in its place; {how}")
     params = {**record.params, **{name: given[name] for name in given if redacted_in(record.params.get(name))}}
+    inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
+    params = {name: secret_param(inventory, value) for name, value in params.items()}
 
     path = Path(record.runbook_path)
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
-    inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
-    return build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
-                      limit=recorded(state, record, LIMIT) or "")
+    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
+                         limit=recorded(state, record, LIMIT) or "")
+    for name, value in record.params.items():
+        if isinstance(value, dict) and set(value) == {"secret"}:
+            planned.redactor.add(params[name])
+    return planned
+
+
+def secret_param(inventory: Inventory, value: Any) -> Any:
+    """A journaled parameter: `{"secret": NAME}` (a --param that was an inventory secret) read again now."""
+    from overhaul.planfile import secret_refs
+
+    if not (isinstance(value, dict) and set(value) == {"secret"}):
+        return value
+    ref = secret_refs(inventory).get(value["secret"])
+    if ref is None:
+        raise OverhaulError(f"a parameter of the run was the value of secret {value['secret']!r}, which the inventory "
+                            f"of {inventory.environment!r} no longer has")
+    return ref.resolve()
 
 
 @command(help={"run": "the failed, interrupted or abandoned run to undo (an id, a prefix of one, or last)",

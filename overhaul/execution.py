@@ -31,7 +31,7 @@ from overhaul.config import MAX_BYTES
 from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, Refused
 from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
-from overhaul.planfile import by_reference
+from overhaul.planfile import SecretParam, by_reference
 from overhaul.preflight import print_report, run_preflight
 from overhaul.report import console_report, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
@@ -352,11 +352,14 @@ def _journal_start(state: State, plan: Plan, run_id: str, resume: RunRecord | No
 
 
 def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = True) -> RunRecord:
-    by_reference(plan.run_params, plan.inventory, plan.redactor)  # a --param equal to a secret: redacted as one
+    # A --param equal to an inventory secret is journaled by the secret's name ({"secret": NAME}, read again by
+    # resume and undo), and redacted from everything the run prints; any other is redacted in its values.
+    params = {name: value.model_dump() if isinstance(value, SecretParam) else value
+              for name, value in by_reference(plan.run_params, plan.inventory, plan.redactor).items()}
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
         runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
-        params=plan.redactor.walk(json.loads(json.dumps(plan.run_params))),  # in values, never in JSON text
+        params=plan.redactor.walk(json.loads(json.dumps(params))),  # in values, never in JSON text
         operator=operator(), started=time.time(),
         mutating=mutating,
     )

@@ -84,3 +84,25 @@ def test_resume_asks_again_for_a_parameter_the_journal_holds_redacted(lab, tmp_p
         assert "https://********@git.example/x" in log and "t0ken" not in log  # ran with the real value, redacted
     finally:
         app1.exec("rm -f /tmp/overhaul-fetch-ok")
+
+
+def test_a_parameter_equal_to_a_secret_is_journaled_by_reference_and_resumed_with_the_secret(lab, tmp_path):
+    write(tmp_path / "runbooks/fetch.yaml", RUNBOOK)
+    common = ["--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks")]
+    password = lab.secret_file("mysql-backup").read_text().strip()
+    app1 = lab.host("app1")
+    try:
+        failed = overhaul_cli(tmp_path, "run", "fetch", *common, "--param", f"source={password}")
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        run_id = re.search(r"\d{8}T\d{6}-[0-9a-f]{6}", failed.stdout).group()
+        assert SQLiteState(tmp_path / "journal.sqlite").run(run_id).params == {
+            "source": {"secret": "mysql_backup_password"}}
+        app1.exec("touch /tmp/overhaul-fetch-ok")
+        resumed = overhaul_cli(tmp_path, "resume", *common[:4])
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        written = [path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file()]
+        assert not [text for text in written if password in text]
+        log = next((tmp_path / "runs" / run_id).glob("**/*app1*.log")).read_text()
+        assert f"echo {REDACTED}" in log  # the resumed command had the secret's value, redacted in its log
+    finally:
+        app1.exec("rm -f /tmp/overhaul-fetch-ok")
