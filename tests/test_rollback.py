@@ -69,7 +69,8 @@ def test_rollback_refuses_an_altered_backup_then_restores_the_real_one_once(fres
     killed = subprocess.Popen([sys.executable, "-m", "overhaul", "rollback", "--env", "lab", "--yes", *hosts_dir],
                               cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while db.exec(f"pgrep -f '[z]cat {backup['path']}'", check=False).returncode != 0:
+    # the restore's `zcat "$f"` (gzip -cd FILE) is running; the proof after it reads `zcat -- FILE`, which this misses
+    while db.exec(f"pgrep -f '[g]zip -cd {backup['path']}'", check=False).returncode != 0:
         assert time.monotonic() < deadline and killed.poll() is None, killed.communicate()[0]
         time.sleep(0.02)
     killed.kill()
