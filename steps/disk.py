@@ -25,7 +25,7 @@ class DiskUsage(AssertionStep):
     def probes(self) -> list[Probe]:
         mounts = sh("{mounts}", mounts=self.params.mounts)
         return [Probe(f"missing mounts {mounts}", sh('for m in {mounts}; do [ -e "$m" ] || echo "$m"; done',
-                                                     mounts=mounts), lambda result: result.stdout.split()),
+                                                     mounts=mounts), lambda result: result.stdout.splitlines()),
                 Probe(f"df {mounts}", sh("df -P -- {mounts}", mounts=mounts), lambda result: result)]
 
     def preflight(self, host: StepHost) -> Check:

@@ -31,7 +31,7 @@ def missing_probe(*commands: str) -> Probe[list[str]]:
     """Which of `commands` the host does not have."""
     wanted = sh("{commands}", commands=list(commands))
     return Probe(f"missing {wanted}", sh('for c in {wanted}; do command -v -- "$c" >/dev/null || echo "$c"; done',
-                                         wanted=wanted), lambda result: result.stdout.split(), stable=True)
+                                         wanted=wanted), lambda result: result.stdout.splitlines(), stable=True)
 
 
 def program_states(host: StepHost, manage: str) -> dict[str, str]:
