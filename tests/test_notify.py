@@ -3,17 +3,15 @@ textfile on disk, the webhook's URL never shown."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import re
 import socket
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from helpers import overhaul_cli, write
+from webhook import Receiver, closed_port, receiving
 
 from overhaul.alerts import MetricsSettings, NotifyConfig, RunInfo, RunNotifier, WebhookSettings
 from overhaul.errors import ConfigError, OverhaulError
@@ -27,38 +25,10 @@ UPGRADE = RunInfo(environment="production", runbook="upgrade", run_id="20261123T
                   version_from="1.0.0", version_to="1.1.0")
 
 
-class Receiver(http.server.BaseHTTPRequestHandler):
-    """A Slack-like webhook: records each POST (path, content type, JSON body); answers `statuses` in turn, then 200."""
-
-    received: list[tuple[str, str, dict]] = []
-    statuses: list[int] = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Receiver.received.append((self.path, self.headers["Content-Type"], body))
-        self.send_response(Receiver.statuses.pop(0) if Receiver.statuses else 200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def receiver():
-    Receiver.received, Receiver.statuses = [], []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/services/{TOKEN}"
-    server.shutdown()
-    server.server_close()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    with receiving() as port:
+        yield f"http://127.0.0.1:{port}/services/{TOKEN}"
 
 
 def inventory(folder: Path, notify: str, env: dict | None = None):
@@ -103,8 +73,8 @@ def test_start_and_failure_messages_reach_a_webhook_on_loopback_with_every_field
     assert notifier.started(UPGRADE) == []
     assert notifier.ended(UPGRADE, "failed", 75.2, failed_hosts=["app2", "app1", "app2"], failed_pairs=3) == []
 
-    (start_path, start_type, start), (end_path, _, end) = Receiver.received
-    assert start_path == end_path == f"/services/{TOKEN}" and start_type == "application/json"
+    (start_path, start_headers, start), (end_path, _, end) = Receiver.received
+    assert start_path == end_path == f"/services/{TOKEN}" and start_headers["Content-Type"] == "application/json"
     print("\n" + start["text"] + "\n" + end["text"])
     assert start["text"] == ("Overhaul: upgrade on production started (by alice@ci, version 1.0.0 -> 1.1.0, "
                              "run 20261123T140000-abc123). Details: overhaul show 20261123T140000-abc123")

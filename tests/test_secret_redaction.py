@@ -5,19 +5,17 @@ secrets; secrets that overlap or are part of the mark; one expression; and URLs 
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import random
 import re
 import shlex
-import socket
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 from helpers import overhaul_cli, plan_for, write
+from webhook import Receiver, closed_port, receiving
 
 from overhaul.alerts import NotifyConfig, RunInfo, RunNotifier, WebhookSettings, notify, split_userinfo
 from overhaul.execution import _journal_new_run
@@ -249,41 +247,16 @@ TOKEN = "T0001/B0002/s3cr3t-token"
 PASSWORD = "S3cr3tTok"
 
 
-class Hook(http.server.BaseHTTPRequestHandler):
-    """A webhook receiver that records each POST's path, Authorization and Host headers and JSON body."""
-
-    received: list[tuple[str, str | None, str, dict]] = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Hook.received.append((self.path, self.headers["Authorization"], self.headers["Host"], body))
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def hook():
-    Hook.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_port
-    server.shutdown()
-    server.server_close()
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    with receiving() as port:
+        yield port
 
 
 def test_a_webhook_with_userinfo_is_posted_with_basic_authorization(hook):
     notify(f"http://hook:{PASSWORD}@127.0.0.1:{hook}/services/{TOKEN}", "hello", wait=0.1)
-    [(path, authorization, host, body)] = Hook.received
+    [(path, headers, body)] = Receiver.received
+    authorization, host = headers["Authorization"], headers["Host"]
     assert path == f"/services/{TOKEN}" and body == {"text": "hello"}
     assert authorization == "Basic " + base64.b64encode(f"hook:{PASSWORD}".encode()).decode()
     assert host == f"127.0.0.1:{hook}"
@@ -390,7 +363,7 @@ def test_a_webhook_url_with_userinfo_never_reaches_the_journal_show_or_export(la
     assert told.returncode == 1 and unheard.returncode == 1, told.stdout + told.stderr + unheard.stdout + unheard.stderr
 
     basic = "Basic " + base64.b64encode(f"hook:{PASSWORD}".encode()).decode()
-    assert [(path, authorization) for path, authorization, _, _ in Hook.received] == [(f"/services/{TOKEN}", basic)] * 2
+    assert [(path, headers["Authorization"]) for path, headers, _ in Receiver.received] == [(f"/services/{TOKEN}", basic)] * 2
     state = SQLiteState(tmp_path / "journal.sqlite")
     first, second = sorted(state.runs("userinfo"), key=lambda run: run.started)
     assert first.params == {"mirror": f"https://{REDACTED}@repo.example.com/"}
