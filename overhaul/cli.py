@@ -548,6 +548,9 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
     if record.status in ("succeeded", "abandoned", "rolled back"):
         raise OverhaulError(f"run {record.id} is {record.status}: there is nothing to resume")
+    if record.status == "refused":
+        raise OverhaulError(f"run {record.id} was refused before any change: there is nothing to resume; once its "
+                            "reasons are repaired (`overhaul show " + record.id + "`), start it again")
     if recorded(state, record, UNDO) is not None:
         raise OverhaulError(f"run {record.id} was being undone: finish that with `overhaul undo --run {record.id}`")
     from overhaul.secrets import redacted_in
@@ -722,6 +725,10 @@ def unlock(c, env="", force=False, reason=""):
                "an age (30m, 2h, 3d)", "all": "also the read-only runs (verify, synthetic)", "json": "one JSON object per run"})
 def history(c, env="", count=20, runbook="", status="", since="", all=False, json=False):
     """Runs, newest first: id, runbook, environment, version, status, duration, who (read-only runs with --all)."""
+    from overhaul.state.records import STATUSES
+
+    if status and status not in STATUSES:
+        raise OverhaulError(f"--status {status!r}: not a run status (one of: {', '.join(STATUSES)})")
     after = since_time(since) if since else None
     runs = [record for record in open_state().runs(env or None, 1_000_000)
             if (all or record.mutating) and (not runbook or record.runbook == runbook)
@@ -1026,6 +1033,13 @@ class OverhaulProgram(Program):
 
     def parse_tasks(self) -> None:
         self._usage(super().parse_tasks)
+        for context in self.tasks:
+            for argument in context.args.values():
+                values = argument.value if isinstance(argument.value, list) else [argument.value]
+                if argument.got_value and any(isinstance(value, str) and not value.strip() for value in values):
+                    flag = "--" + argument.name.replace("_", "-")
+                    raise Exit(f"error: {flag} of `{context.name}` is empty: give it a value, or leave the flag out "
+                               "(an empty value never means everything)", code=USAGE_EXIT)
 
     def parse_cleanup(self) -> None:
         self._usage(super().parse_cleanup)

@@ -579,7 +579,7 @@ def _journal_end(state: State, record: RunRecord, result: RunResult | None, resu
         for line in result.refused:
             state.event(environment, "refused", line, record.id)
         if resumed:
-            state.set_status(record.id, record.status)  # what it was before this attempt: still resumable
+            state.set_status(record.id, record.status, record.ended)  # as before this attempt: still resumable
         else:
             state.set_status(record.id, "refused", time.time())
         return

@@ -366,3 +366,22 @@ def test_loading_the_labs_inventory_does_not_import_the_aws_library(lab):
              f"load_inventory_file(Path({str(lab.inventory)!r})); print('boto3' in sys.modules)")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "False"  # its synthetic section names the lab provider: only that one is imported
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (("verify", "--env", "lab", "--limit", ""), "--limit"), (("upgrade", "--env", "lab", "--limit", "  ", "--yes"), "--limit"),
+    (("rollback", "--env", "lab", "--run", ""), "--run"), (("undo", "--run", " "), "--run"),
+    (("run", "x", "--env", "lab", "--param", ""), "--param"), (("history", "--env", ""), "--env"),
+])
+def test_an_empty_or_blank_flag_value_is_exit_2_never_everything(tmp_path, args, flag):
+    proc = overhaul_cli(tmp_path, *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: {flag} of `{args[0]}` is empty: give it a value, or leave the flag out" in proc.stderr
+    assert not (tmp_path / "journal.sqlite").exists() or not SQLiteState(tmp_path / "journal.sqlite").runs()
+
+
+def test_an_unknown_status_is_exit_2_naming_the_known_ones(tmp_path):
+    proc = overhaul_cli(tmp_path, "history", "--status", "bogus")
+    assert proc.returncode == 2
+    assert "error: --status 'bogus': not a run status (one of: running, interrupted, succeeded" in proc.stderr
+    assert overhaul_cli(tmp_path, "history", "--status", "failed").returncode == 0

@@ -208,3 +208,18 @@ def test_a_protected_environment_shows_what_would_change_before_it_asks(lab, tmp
     [run] = SQLiteState(tmp_path / "journal.sqlite").runs("prod")
     assert run.status == "refused"
     assert_untouched(lab)
+
+
+def test_a_refused_run_is_final_it_keeps_its_end_and_resume_says_so(lab, tmp_path):
+    refused = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "9.9.9", "--yes")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    journal = SQLiteState(tmp_path / "journal.sqlite")
+    [record] = journal.runs("lab")
+    assert record.status == "refused" and record.ended is not None
+    for how in (("--env", "lab"), ("--run", record.id)):
+        resumed = cli(lab, tmp_path, "resume", *how, "--yes")
+        assert resumed.returncode == 2, resumed.stdout + resumed.stderr
+        assert "preflight" not in resumed.stdout  # nothing connected
+    assert f"run {record.id} was refused before any change: there is nothing to resume" in resumed.stderr
+    assert journal.run(record.id).status == "refused" and journal.run(record.id).ended == record.ended
+    assert_untouched(lab)
