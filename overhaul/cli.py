@@ -558,7 +558,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     given = parse_params(param or []) | ({"version": version} if version else {})
     for name, value in given.items():
         journaled = record.params.get(name)
-        if isinstance(journaled, dict) and set(journaled) == {"secret"}:
+        if secret_name(journaled):
             continue  # the value of an inventory secret: read again from it
         if str(journaled) != value and not redacted_in(journaled):
             raise OverhaulError(f"run {record.id} was started with {name}={record.params.get(name)!r}; "
@@ -600,20 +600,26 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: s
     planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
                          limit=recorded(state, record, LIMIT) or "")
     for name, value in record.params.items():
-        if isinstance(value, dict) and set(value) == {"secret"}:
+        if secret_name(value):
             planned.redactor.add(params[name])
     return planned
+
+
+def secret_name(value: Any) -> str | None:
+    """The secret a journaled parameter refers to (`{"secret": NAME}`), or None for a plain value."""
+    return value["secret"] if isinstance(value, dict) and set(value) == {"secret"} else None
 
 
 def secret_param(inventory: Inventory, value: Any) -> Any:
     """A journaled parameter: `{"secret": NAME}` (a --param that was an inventory secret) read again now."""
     from overhaul.planfile import secret_refs
 
-    if not (isinstance(value, dict) and set(value) == {"secret"}):
+    name = secret_name(value)
+    if name is None:
         return value
-    ref = secret_refs(inventory).get(value["secret"])
+    ref = secret_refs(inventory).get(name)
     if ref is None:
-        raise OverhaulError(f"a parameter of the run was the value of secret {value['secret']!r}, which the inventory "
+        raise OverhaulError(f"a parameter of the run was the value of secret {name!r}, which the inventory "
                             f"of {inventory.environment!r} no longer has")
     return ref.resolve()
 

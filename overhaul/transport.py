@@ -717,22 +717,21 @@ class Transport:
             list(pool.map(attempt, names))
         return failures
 
-    def close(self) -> None:
+    def close(self, cut: bool = False) -> None:
+        """Close every connection now; with `cut`, let none be opened again (see `cut`)."""
         with self._lock:  # (workers may still be adding hosts: Ctrl-C's grace timer closes under them)
+            self._cut = self._cut or cut
             hosts = list(self._hosts.values())
         for host in hosts:
-            host.close(now=True)
+            if cut:
+                host.cut()
+            else:
+                host.close(now=True)
         if self._gateway is not None:
             self._gateway.close()
 
     def cut(self) -> None:
         """Ctrl-C's cut: close every connection now, and let none be opened again (a command queued for a channel
         or waiting out a refusal would otherwise reconnect after the operator asked to stop)."""
-        with self._lock:
-            self._cut = True
-            hosts = list(self._hosts.values())
-        for host in hosts:
-            host.cut()
-        if self._gateway is not None:
-            self._gateway.close()
+        self.close(cut=True)
 
