@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from overhaul.command import quote
+from overhaul.config import load_document
 from overhaul.errors import ConfigError, OverhaulError
 from overhaul.inventory import Host, Inventory
 from overhaul.runbook import LoadedRunbook, Stage
@@ -122,13 +123,58 @@ def build_plan(
                     for line in loaded.document.explain(exc, prefix=(*place, "params"))
                 ]
         stages.append(planned)
+    failing = len(runbook.hooks.on_failure)
+    if not problems:
+        _untiered_hosts(loaded, inventory, stages[:len(stages) - failing], problems)
     redactor = Redactor()
     if not problems:
         _resolve_secrets(stages, inventory, redactor, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, not per host
-    failing = len(runbook.hooks.on_failure)
     return Plan(loaded, inventory, given, stages[:len(stages) - failing], redactor, limit, stages[len(stages) - failing:])
+
+
+def _untiered_hosts(loaded: LoadedRunbook, inventory: Inventory, stages: list[PlannedStage],
+                    problems: list[str]) -> None:
+    """A host of the run that misses a step the runbook runs tier by tier is an input error.
+
+    A step the runbook runs in several stages, each selecting by role (the upgrade's `app.reconfigure` for db,
+    worker, then app), is run tier by tier: every host of the run must be in one of those tiers. A host whose roles
+    none of them names (a misspelt role, `roles: [ap]`) would go through the run's other stages, stopped and
+    upgraded, but never reconfigured. Hosts a runbook leaves out on purpose are not of the run: a step run by role
+    in one stage only, or also without roles, is no tiering (and a runbook without roles has none).
+    """
+    steps: dict[str, list[PlannedStage]] = {}
+    for planned in stages:
+        steps.setdefault(planned.stage.step, []).append(planned)
+    in_run = {host for planned in stages for host in planned.hosts}
+    for step, tiers in steps.items():
+        if len(tiers) < 2 or not all(planned.stage.roles for planned in tiers):
+            continue
+        roles = sorted({role for planned in tiers for role in planned.stage.roles})
+        for host in inventory.hosts:
+            if host.name not in in_run or set(roles) & set(host.roles):
+                continue
+            through = ", ".join(planned.stage.name for planned in stages if host.name in planned.params)
+            problems.append(
+                f"{_host_where(inventory, host.name)}: host {host.name!r} has roles {', '.join(host.roles)}: runbook "
+                f"{loaded.runbook.name!r} would take it through {through}, but never through {step}, which it runs by "
+                f"role ({', '.join(repr(planned.stage.name) for planned in tiers)}: roles {', '.join(roles)}): is a role "
+                "misspelt? Give the host one of those roles"
+            )
+
+
+def _host_where(inventory: Inventory, name: str) -> str:
+    """The inventory file and line of a host's roles (the file alone for a host its `source:` found)."""
+    if inventory.path is None:
+        return f"the inventory of {inventory.environment!r}"
+    try:
+        document = load_document(inventory.path)
+        listed = document.data.get("hosts") or []
+        index = [entry.get("name") if isinstance(entry, dict) else None for entry in listed].index(name)
+        return document.where(("hosts", index, "roles"))
+    except (OverhaulError, ValueError, AttributeError, OSError):
+        return str(inventory.path)
 
 
 def limited_to(inventory: Inventory, limit: str) -> set[str]:

@@ -49,7 +49,8 @@ DPKG_CONFIGURE = sh("for i in $(seq 60); do out=$({env} dpkg --configure -a 2>&1
 
 def _installed(result: CommandResult) -> str | None:
     status, _, version = result.stdout.strip().partition("|")
-    return version if result.ok and status == "install ok installed" else None
+    # "install ok installed", or "hold ok installed" for a package on hold (apt-mark hold): installed either way
+    return version if result.ok and status in ("install ok installed", "hold ok installed") else None
 
 
 def installed_probe(package: str) -> Probe[str | None]:
@@ -59,6 +60,19 @@ def installed_probe(package: str) -> Probe[str | None]:
 def installed_version(host: StepHost, package: str) -> str | None:
     """The version of `package` installed and fully configured, or None."""
     return host.read(installed_probe(package))
+
+
+VERSIONLOCK_LISTS = ["/etc/yum/pluginconf.d/versionlock.list", "/etc/dnf/plugins/versionlock.list"]
+
+
+def held_probe(package: str) -> Probe[str]:
+    """How `package` is held where the package manager will not change it ("" when it is not): dpkg's "hold" (set by
+    `apt-mark hold`), or the line of a yum/dnf versionlock list that locks it."""
+    locked = "^!?([0-9]+:)?" + package.replace(".", "[.]").replace("+", "[+]") + "-[0-9]"  # [EPOCH:]NAME-VERSION
+    command = sh("if command -v dpkg-query >/dev/null; then dpkg-query -W -f '${{Status}}' -- {name} 2>/dev/null "
+                 "| grep -q '^hold ' && echo apt-mark; else grep -s -h -m 1 -E -- {locked} {lists}; fi; true",
+                 name=package, locked=locked, lists=VERSIONLOCK_LISTS)
+    return Probe(f"held {package}", command, lambda result: result.stdout.strip())
 
 
 def _madison(result: CommandResult) -> list[str]:
@@ -127,7 +141,8 @@ class PackageUpgrade(Step[UpgradeParams]):
     Params = UpgradeParams
 
     def probes(self) -> list[Probe]:
-        found: list[Probe] = [MANAGER, installed_probe(self.params.name), available_probe(self.params.name)]
+        found: list[Probe] = [MANAGER, installed_probe(self.params.name), held_probe(self.params.name),
+                              available_probe(self.params.name)]
         if self.params.version != "latest":
             found.append(older_probe(self.params.name, self.params.version))
         return found
@@ -142,12 +157,16 @@ class PackageUpgrade(Step[UpgradeParams]):
         return available[0]
 
     def preflight(self, host: StepHost) -> Check:
-        """The target version is in this host's repositories, and installing it is not a refused downgrade."""
+        """The package is not on hold, the target version is in this host's repositories, and installing it is not a
+        refused downgrade."""
         manager = package_manager(host)
         installed = installed_version(host, self.params.name)
         target = self.params.version
         if installed and same_version(installed, target):
             return Check(True, f"{self.params.name} {installed} already installed")
+        held = host.read(held_probe(self.params.name))
+        if held:
+            return Check(False, _held_message(self.params.name, installed, held))
         # The lists as they are first (read-only, and no wait on the lists lock); refreshed only when they lack it.
         available = available_versions(host, manager, self.params.name)
         if target == "latest" or not any(same_version(version, target) for version in available):
@@ -237,3 +256,12 @@ class PackageUpgrade(Step[UpgradeParams]):
         if result.exited not in (0, 1):  # cannot tell: never guess "not older" and downgrade by accident
             raise StepFailed(f"cannot compare versions {target} and {installed} on this host: {result.tail()}")
         return result.ok
+
+
+def _held_message(package: str, installed: str | None, held: str) -> str:
+    """Why a package on hold refuses the run, and how to release it."""
+    if held == "apt-mark":
+        return (f"{package} {installed or '(not installed)'} is on hold (apt-mark hold): apt will not upgrade it; "
+                f"release it first: apt-mark unhold {package}")
+    return (f"{package} {installed or '(not installed)'} is locked by yum versionlock ({held}): yum will not upgrade "
+            f"it; release it first: yum versionlock delete {package}")

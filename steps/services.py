@@ -99,10 +99,19 @@ class StopParams(ManageParams):
     """With `version`: nothing needs stopping when this package is already at that version."""
     version: str | None = Field(None, pattern=VERSION)
     """The target version of `package` (see there)."""
+    allow_not_running: bool = False
+    """true: the preflight accepts a program that is not RUNNING before the stop (FATAL, STOPPED, ...); otherwise
+    such a host refuses the run before its first change (a farm already broken is not taken down further)."""
 
 
 class ServicesStop(Step[StopParams]):
-    """`<manage> stop all`, unless nothing runs (or the package is already at the target version)."""
+    """`<manage> stop all`, unless nothing runs (or the package is already at the target version).
+
+    Its preflight proves the starting point: every program is RUNNING, so that what the run stops it can prove it
+    started again. A program FATAL, EXITED or STOPPED among running ones refuses the run (unless
+    `allow_not_running`), naming it and its state. A host with every program STOPPED (a resumed run that stopped
+    them itself) or whose package is already at `version` is accepted: this step stops nothing more there.
+    """
 
     name = "services.stop"
     Params = StopParams
@@ -112,13 +121,27 @@ class ServicesStop(Step[StopParams]):
         return [*package, states_probe(self.params.manage_command), missing_probe(self.params.manage_command)]
 
     def preflight(self, host: StepHost) -> Check:
-        return supervisor_ready(host, self.params.manage_command)
+        ready = supervisor_ready(host, self.params.manage_command)
+        if not ready.done or self.params.allow_not_running:
+            return ready
+        states = program_states(host, self.params.manage_command)
+        if set(states.values()) == {"STOPPED"}:
+            return Check(True, f"all {len(states)} programs already STOPPED: nothing to stop")
+        bad = describe(states, ("RUNNING",))
+        if not bad or self._at_version(host):
+            return ready
+        return Check(False, f"not RUNNING before the run: {bad}: repair it first, or say allow_not_running: true "
+                            "in this stage of the runbook")
+
+    def _at_version(self, host: StepHost) -> bool:
+        """The package is already at the target version: nothing needs stopping."""
+        return bool(self.params.package and self.params.version
+                    and same_version(installed_version(host, self.params.package), self.params.version))
 
     def check(self, host: StepHost) -> Check:
-        if self.params.package and self.params.version:
-            installed = installed_version(host, self.params.package)
-            if same_version(installed, self.params.version):
-                return Check(True, f"{self.params.package} is already {installed}: no need to stop")
+        if self._at_version(host):
+            installed = installed_version(host, self.params.package or "")
+            return Check(True, f"{self.params.package} is already {installed}: no need to stop")
         running = describe(program_states(host, self.params.manage_command), NOT_RUNNING)
         return Check(not running, f"running: {running}" if running else "nothing is running")
 
