@@ -146,7 +146,8 @@ def _untiered_hosts(loaded: LoadedRunbook, inventory: Inventory, stages: list[Pl
     """
     steps: dict[str, list[PlannedStage]] = {}
     for planned in stages:
-        steps.setdefault(planned.stage.step, []).append(planned)
+        if not planned.hook:  # a hook (maintenance mode on the app tier, say) is around the change, not a tier of it
+            steps.setdefault(planned.stage.step, []).append(planned)
     in_run = {host for planned in stages for host in planned.hosts}
     for step, tiers in steps.items():
         if len(tiers) < 2 or not all(planned.stage.roles for planned in tiers):

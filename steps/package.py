@@ -234,7 +234,9 @@ class PackageUpgrade(Step[UpgradeParams]):
 
     def undone(self, host: StepHost, remembered: dict[str, Any]) -> Check:
         """The version installed before the run is installed again (a package the run installed fresh is kept)."""
-        previous = remembered.get("previous")
+        if "previous" not in remembered:  # its apply never read the host: it changed nothing of the package
+            return Check(True, f"{self.params.name}: the run never got to install it here: nothing to take back")
+        previous = remembered["previous"]
         if previous is None:
             return Check(True, f"{self.params.name} was not installed before the run: kept")
         installed = installed_version(host, self.params.name)
@@ -265,3 +267,34 @@ def _held_message(package: str, installed: str | None, held: str) -> str:
                 f"release it first: apt-mark unhold {package}")
     return (f"{package} {installed or '(not installed)'} is locked by yum versionlock ({held}): yum will not upgrade "
             f"it; release it first: yum versionlock delete {package}")
+
+
+class VersionParams(Params):
+    name: str = Field("scalr-server", pattern=PACKAGE)
+    """The package whose installed version is checked."""
+    version: str = Field("", pattern=r"^$|" + VERSION)
+    """The version the environment should run; empty: not known (the check then only says what is installed)."""
+
+
+class PackageVersion(Step[VersionParams]):
+    """Read-only: `name` is installed at `version`, the environment's expected version (`overhaul verify` gives
+    the one its journal knows: the last whole upgrade, rollback or rebuild)."""
+
+    name = "package.version"
+    read_only = True
+
+    def probes(self) -> list[Probe]:
+        return [installed_probe(self.params.name)]
+
+    def check(self, host: StepHost) -> Check:
+        installed = installed_version(host, self.params.name)
+        if not self.params.version:
+            return Check(True, f"{self.params.name} {installed or '(not installed)'} (no expected version known)",
+                         {"version": installed})
+        if same_version(installed, self.params.version):
+            return Check(True, f"{self.params.name} {installed}, as expected", {"version": installed})
+        return Check(False, f"{self.params.name} {installed or '(not installed)'}, expected {self.params.version}",
+                     {"version": installed})
+
+    def apply(self, host: StepHost) -> str:
+        raise StepFailed(self.check(host).message)

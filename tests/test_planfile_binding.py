@@ -162,7 +162,7 @@ def test_a_rebound_plan_that_does_not_match_its_runbook_is_refused_before_anythi
 
 def test_a_small_clock_skew_is_allowed(lab, reviewed, tmp_path):
     # A plan made on a machine whose clock is a minute ahead is not "in the future"; it goes on to the
-    # gate, which this test makes refuse by drift (a program stopped by hand), so nothing on the lab changes.
+    # gate, which this test makes refuse (a program stopped by hand), so nothing on the lab changes.
     plan_file = tampered(reviewed, tmp_path, lambda d: d.update(created=time.time() + 60), rebind=True)
     lab.host("app1").exec("scalr-server-manage stop plotter")
     try:
@@ -170,7 +170,7 @@ def test_a_small_clock_skew_is_allowed(lab, reviewed, tmp_path):
     finally:
         lab.host("app1").exec("scalr-server-manage start plotter")
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "refused: drift: app1: stage 2 stop services" in proc.stdout
+    assert "refused: app1: stage 2 stop services: not RUNNING before the run: plotter STOPPED" in proc.stdout
     # The control of nothing_journaled: a refusal at the gate is journaled (a `refused` run), so it would show.
     history = overhaul_cli(tmp_path, "history", "--env", "lab", "--all")
     assert "refused" in history.stdout and "upgrade" in history.stdout

@@ -107,6 +107,7 @@ def test_reconfiguring_app_before_db_fails_with_the_clear_error(fresh_lab, tmp_p
           - {name: upgrade, step: package.upgrade, params: {version: 1.1.0}}
           - {name: reconfigure app first, step: app.reconfigure, roles: [app]}
           - {name: reconfigure db, step: app.reconfigure, roles: [db]}
+          - {name: reconfigure worker, step: app.reconfigure, roles: [worker]}
     """, tmp_path, lab_inventory(lab))
     assert outcomes(result, "reconfigure app first") == {"app1": "failed"}
     message = next(r.message for r in result.results if r.host == "app1" and r.stage == "reconfigure app first")
