@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 
 Event = Literal["start", "success", "failure", "refusal", "rollback", "interrupted"]
 EVENTS: tuple[Event, ...] = get_args(Event)
-Status = Literal["succeeded", "failed", "refused", "interrupted", "rolled back"]
-EVENT_OF: dict[str, Event] = {"succeeded": "success", "failed": "failure", "refused": "refusal",
-                              "interrupted": "interrupted", "rolled back": "rollback"}
+Status = Literal["succeeded", "partial", "failed", "refused", "interrupted", "rolled back"]
+EVENT_OF: dict[str, Event] = {"succeeded": "success", "partial": "failure", "failed": "failure", "refused": "refusal",
+                              "interrupted": "interrupted", "rolled back": "rollback"}  # partial: not a success
 
 
 # -- the inventory's `notify:` section ------------------------------------------------------------------------------
@@ -450,6 +450,7 @@ class RunNotifier:
 def _outcome(status: str, duration: float) -> str:
     took = _duration(duration)
     return {"succeeded": f"succeeded in {took}", "failed": f"FAILED after {took}",
+            "partial": f"was left PARTIAL after {took} (a host it had changed was left out; resumable)",
             "refused": "was REFUSED before any change", "interrupted": f"was INTERRUPTED after {took} (resumable)",
             "rolled back": f"was ROLLED BACK after {took}"}[status]
 

@@ -96,7 +96,9 @@ class JournalRecorder:
         with suppress(OSError):  # (if it cannot be made, the first log written says so, and stops the run)
             private_dir(outputs.parent, tighten_existing=True)  # the runs' logs: the operator's only
             private_dir(outputs)
-        self.fence = fence  # a mutating run's lease: each pair starts only while it still holds
+        self.fence = fence  # a mutating run's lease: each pair starts, and ends, only while it still holds
+        # The fence each write carries (none unfenced: a State of an older signature still journals a verify).
+        self.fenced = {"fence": (fence.environment, fence.token)} if fence is not None else {}
         self.machine = machine_identity()
         self._commands: dict[tuple[int, str], list[CommandRecord]] = {}  # per pair, journaled with its end
         self._pair: dict[str, int] = {}  # host -> the stage it runs now (a host-by-host run may tell a pair's
@@ -148,7 +150,7 @@ class JournalRecorder:
                              str(path) if path.exists() else "", result.facts)
         if result.stage_index not in self._ends_only:
             self.flush()
-            self._safely("the journal", lambda: self.state.record(ended, commands))
+            self._safely("the journal", lambda: self.state.record(ended, commands, **self.fenced))
             return
         if not self._waiting:
             self._waiting_since = time.monotonic()
@@ -165,7 +167,7 @@ class JournalRecorder:
         """Write the ends still waiting (see the class); the run calls it when it ends. Ends that could not be
         written stay waiting (the next flush tries them again) and stop the run, as any failed journal write."""
         waiting = self._waiting
-        if waiting and self._safely("the journal", lambda: self.state.record_ends(waiting)):
+        if waiting and self._safely("the journal", lambda: self.state.record_ends(waiting, **self.fenced)):
             self._waiting = []
 
     def report(self, problem: str) -> None:
@@ -216,6 +218,11 @@ class LockKeeper:
                              f"(pid {previous.pid}, run {previous.run_id}): {why}", self.run_id)
         self._thread.start()
         return self
+
+    @property
+    def fence(self) -> tuple[str, str] | None:
+        """(environment, token): what the run's journal writes carry, so that none is made once the lease is lost."""
+        return (self.lease.environment, self.lease.token) if self.lease is not None else None
 
     def _beat(self) -> None:
         assert self.lease is not None
@@ -324,7 +331,7 @@ def run_plan(
     with ExitStack() as held:
         try:
             keeper = held.enter_context(LockKeeper(state, environment, run_id))
-            record = _journal_start(state, plan, run_id, resume, undo_only)
+            record = _journal_start(state, plan, run_id, resume, undo_only, keeper.fence)
         except Refused as refusal:  # the lock is held, or an unfinished run is in the way: nothing started
             notifier.ended(notify[1], "refused", 0.0, reasons=[str(refusal)])
             raise
@@ -333,11 +340,12 @@ def run_plan(
                         undo_only=undo_only)
 
 
-def _journal_start(state: State, plan: Plan, run_id: str, resume: RunRecord | None, undo_only: bool) -> RunRecord:
+def _journal_start(state: State, plan: Plan, run_id: str, resume: RunRecord | None, undo_only: bool,
+                   fence: tuple[str, str] | None = None) -> RunRecord:
     """Under the lock: journal the run's start, or its resumption (refused while another run is unfinished)."""
     environment = plan.inventory.environment
     if resume is not None:
-        state.set_status(run_id, "running")
+        state.set_status(run_id, "running", fence=fence)
         doing = UNDO if undo_only else "resume"
         state.event(environment, doing, f"{operator()} {'undid' if undo_only else 'resumed'} the run", run_id)
         return resume
@@ -421,6 +429,7 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
         recorder.on_error = runner.request_stop  # the controller cannot record: start nothing more
     result: RunResult | None = None
     stages = list(plan.stages)  # for the summary: the run's own, then those of its undo if any
+    undoing = [undo_only]  # an undo began taking the run back: its own lines say the way on
     try:
         with graceful_stop(runner, transport, grace):
             if undo_only:
@@ -434,6 +443,7 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
                 result = runner.run()
             else:
                 def undo_started() -> None:  # from then on, the way on is the undo, not a resume
+                    undoing[0] = True
                     if state is not None and record is not None:
                         state.event(record.environment, UNDO, "the run failed: on_failure undo", record.id)
 
@@ -448,18 +458,25 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
         if owned:
             transport.close()
         lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)
-        if lease_lost:
-            print("error: this run lost its lease on the environment: it started nothing more, and leaves the run's "
-                  "status to the lease's new holder", file=sys.stderr, flush=True)
-        elif state is not None and record is not None:
+        if not lease_lost and state is not None and record is not None:
+            if result is not None:
+                result.partial = _left_out_half_done(state, record, result)
             try:
-                _journal_end(state, record, result, resumed)
+                _journal_end(state, record, result, resumed, keeper.fence if keeper is not None else None)
+            except LockLost:  # taken over since the last pair: the run's end is its new holder's to write
+                lease_lost = True
             except StateError as exc:
                 print(f"error: cannot write the run's end to the journal: {exc}", file=sys.stderr)
+        if lease_lost:
+            if result is not None:
+                result.lease_lost = result.interrupted = True
+            print("error: this run lost its lease on the environment (another controller took it over): it started "
+                  "nothing more and wrote nothing more of the run; the run's status is the lease's new holder's",
+                  file=sys.stderr, flush=True)
         if notify is not None and not lease_lost:
             failed = [r for r in (result.results if result else []) if r.outcome is Outcome.FAILED]
             notify[0].ended(notify[1], run_status(result), time.monotonic() - started, failed_hosts=[r.host for r in failed],
-                            failed_pairs=len(failed), reasons=result.refused if result else None)
+                            failed_pairs=len(failed), reasons=_reasons(result))
     if recorder is not None and recorder.error and not lease_lost:
         print(f"error: {recorder.error}: the run stopped after the running steps (no step ran unrecorded); "
               f"fix the controller's disk, then: overhaul resume --env {plan.inventory.environment}",
@@ -471,6 +488,11 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
     result.run_id = record.id if record is not None else ""
     if show_summary:
         print(summary(result, stages), file=stream)
+    environment = plan.inventory.environment
+    if record is not None and lease_lost:
+        print(f"run {record.id}: this controller lost its lease after {time.monotonic() - started:.1f} s and wrote "
+              f"nothing more; see the run as its new holder leaves it: overhaul show {record.id}", file=stream)
+        return result
     if record is not None:
         counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
         status = run_status(result)
@@ -478,13 +500,102 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
               + ", ".join(f"{count} {outcome.value}" for outcome, count in counts.items())
               + f"; details: overhaul show {record.id}", file=stream)
     if result.interrupted:
-        print(f"resume with: overhaul resume --env {plan.inventory.environment}", file=stream)
+        print(f"resume with: overhaul resume --env {environment}", file=stream)
     elif result.rolled_back:
         print("rolled back: every change this run made was taken back; the farm is as the run found it", file=stream)
     elif result.failed and record is not None and record.mutating:
-        print(f"after repairing the cause, continue with: overhaul resume --env {plan.inventory.environment} "
-              f"(or give the run up: overhaul abandon --run {record.id})", file=stream)
+        left = {} if undoing[0] else left_part_way(plan, previous, result.results)
+        if left:
+            print(ways_on(plan, record.id, left, [*previous.values(), *result.results]), file=stream)
+        else:
+            print(f"after repairing the cause, continue with: overhaul resume --env {environment} "
+                  f"(or give the run up: overhaul abandon --run {record.id})", file=stream)
+    if result.partial and not result.interrupted:
+        print(f"left half-done: {', '.join(result.partial)}: excluded from this run as unreachable, after an earlier "
+              f"attempt of it had changed {'it' if len(result.partial) == 1 else 'them'}", file=stream)
+        print(f"once {'it answers' if len(result.partial) == 1 else 'they answer'}, finish the run with: "
+              f"overhaul resume --env {environment}", file=stream)
     return result
+
+
+def _reasons(result: RunResult | None) -> list[str] | None:
+    """What the end's notification says besides the failed hosts: why it was refused, or the hosts left half-done."""
+    if result is None:
+        return None
+    return result.refused or [f"not finished on {host}: left out as unreachable after the run had changed it"
+                              for host in result.partial]
+
+
+def _left_out_half_done(state: State, record: RunRecord, result: RunResult) -> list[str]:
+    """The hosts the preflight left out (unreachable, --skip-unreachable) on which this run had journaled a pair that
+    changed, failed or was running (in an earlier attempt): the run has unfinished work there, it is not a success."""
+    excluded = result.preflight.excluded if result.preflight is not None else {}
+    if not excluded or result.refused:
+        return []
+    try:
+        touched = {r.host for r in state.results(record.id) if r.outcome in ("changed", "failed", "running")}
+    except StateError:
+        return list(excluded)  # not known: not called a success (partial is resumable)
+    return [host for host in excluded if host in touched]
+
+
+def left_part_way(plan: Plan, previous: dict[tuple[int, str], HostResult],
+                  results: list[HostResult]) -> dict[str, tuple[list[str], list[str]]]:
+    """The hosts a failed run changed and did not finish: host -> (the stages that changed it, the later stages
+    it did not finish there), in inventory order.
+
+    The rule: a pair of the host ended `changed`, and a later stage of the runbook that targets the host did not
+    finish there: it changes hosts and did not end ok or changed (it failed, or never ran), or it failed (an
+    assertion that found the host not back). Whatever the run stopped on such a host (services, say) may still be
+    stopped. Pairs of earlier attempts count (a resumed run); read-only stages that never ran do not (they change
+    nothing).
+    """
+    last = dict(previous)
+    for result in results:  # this attempt's outcome, where it ran the pair
+        if result.outcome is not Outcome.SKIPPED or (result.stage_index, result.host) not in last:
+            last[(result.stage_index, result.host)] = result
+
+    def outcome(planned: PlannedStage, host: str) -> Outcome | None:
+        pair = last.get((planned.index, host))
+        return pair.outcome if pair is not None else None
+
+    changed = {(r.stage_index, r.host) for r in [*previous.values(), *results] if r.outcome is Outcome.CHANGED}
+    left: dict[str, tuple[list[str], list[str]]] = {}
+    for host in plan.hosts:
+        by = [planned for planned in plan.stages if (planned.index, host) in changed]
+        if not by:
+            continue
+        undone = [planned for planned in plan.stages if planned.index > by[0].index and host in planned.hosts
+                  and (outcome(planned, host) is Outcome.FAILED or (
+                      not planned.step.read_only and outcome(planned, host) not in (Outcome.OK, Outcome.CHANGED)))]
+        if undone:
+            left[host] = ([planned.stage.name for planned in by],
+                          [planned.stage.name + (" (failed)" if outcome(planned, host) is Outcome.FAILED else "")
+                           for planned in undone])
+    return left
+
+
+def ways_on(plan: Plan, run_id: str, left: dict[str, tuple[list[str], list[str]]], results: list[HostResult]) -> str:
+    """The last lines of a failed run that left hosts part-way: which, why, and each way on that applies to it."""
+    from overhaul.undo import undo_plan
+
+    environment = plan.inventory.environment
+    lines = [f"left part-way by this run (what it stopped there may still be down): {', '.join(left)}"]
+    for host, (by, undone) in left.items():
+        more = f" and {len(undone) - 3} more" if len(undone) > 3 else ""
+        lines.append(f"  {host}: changed by {', '.join(by)}; not done: {', '.join(undone[:3])}{more}")
+    lines.append(f"the ways on (run {run_id}):")
+    lines.append(f"  repair the cause, then finish the run: overhaul resume --env {environment}")
+    position = {host: n for n, host in enumerate(plan.hosts)}  # (hosts named in inventory order)
+    blocked = undo_plan(plan, sorted(results, key=lambda r: (r.stage_index, position.get(r.host, 0)))).blocked
+    if blocked:
+        lines.append(f"  (not `overhaul undo`: {'; '.join(blocked)})")
+    else:
+        lines.append(f"  or take back every change it made: overhaul undo --run {run_id}")
+    if any(result.facts.get("sha256") and result.facts.get("path") for result in results):
+        lines.append(f"  or go back to the version and data from before the upgrade (its backup): "
+                     f"overhaul rollback --env {environment}")
+    return "\n".join(lines)
 
 
 def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> RunResult:
@@ -569,41 +680,50 @@ def _then(runner: Runner, result: RunResult, more: list[PlannedStage], stages: l
     return replace(result, results=after.results, interrupted=after.interrupted)
 
 
-def _journal_end(state: State, record: RunRecord, result: RunResult | None, resumed: bool) -> None:
-    """The run's final status; a refused run also keeps its reasons (a refused resume stays resumable)."""
+def _journal_end(state: State, record: RunRecord, result: RunResult | None, resumed: bool,
+                 fence: tuple[str, str] | None = None) -> None:
+    """The run's final status; a refused run also keeps its reasons (a refused resume stays resumable).
+
+    With a `fence` (the run's lease) the status is written only while the lease is still this run's (else LockLost,
+    nothing written); its events follow it, so that a run that lost its lease writes none of them either."""
     environment = record.environment
-    if result is not None and result.preflight is not None:
-        for host, why in result.preflight.excluded.items():
-            state.event(environment, "excluded", f"{host}: {why}", record.id)
+    events = [("excluded", f"{host}: {why}") for host, why in (result.preflight.excluded.items()
+                                                              if result is not None and result.preflight else ())]
     if result is not None and result.refused and not result.interrupted:  # Ctrl-C at the gate: interrupted (130)
-        for line in result.refused:
-            state.event(environment, "refused", line, record.id)
-        if resumed:
-            state.set_status(record.id, record.status, record.ended)  # as before this attempt: still resumable
+        if resumed:  # as before this attempt: still resumable
+            state.set_status(record.id, record.status, record.ended, fence=fence)
         else:
-            state.set_status(record.id, "refused", time.time())
-        return
-    status = run_status(result)
-    state.set_status(record.id, status, None if status == "interrupted" else time.time())
+            state.set_status(record.id, "refused", time.time(), fence=fence)
+        events += [("refused", line) for line in result.refused]
+    else:
+        status = run_status(result)
+        state.set_status(record.id, status, None if status == "interrupted" else time.time(), fence=fence)
+    for kind, detail in events:
+        state.event(environment, kind, detail, record.id)
 
 
 def run_status(result: RunResult | None) -> str:
-    """How a run ended: refused, interrupted, rolled back, failed or succeeded (the journal's status, the
-    notification's event)."""
+    """How a run ended: refused, interrupted, rolled back, failed, partial (a host it had changed was left out as
+    unreachable) or succeeded (the journal's status, the notification's event)."""
     if result is not None and result.refused and not result.interrupted:
         return "refused"
     if result is not None and result.rolled_back:
         return "rolled back"
-    return "interrupted" if result is None or result.interrupted else ("failed" if result.failed else "succeeded")
+    if result is None or result.interrupted:
+        return "interrupted"
+    if result.failed:
+        return "failed"
+    return "partial" if result.partial else "succeeded"
 
 
 def exit_code(result: RunResult) -> int:
-    """0 success, 1 some host failed (or the run stopped), 3 refused before any change, 130 interrupted."""
+    """0 success, 1 some host failed (or the run stopped, or left a host it had changed half-done), 3 refused before
+    any change, 130 interrupted."""
     if result.interrupted:
         return INTERRUPTED_EXIT
     if result.refused:
         return REFUSED_EXIT
-    return FAILED_EXIT if result.failed else 0
+    return FAILED_EXIT if result.failed or result.partial else 0
 
 
 def journaled_results(state: State, run_id: str) -> dict[tuple[int, str], HostResult]:

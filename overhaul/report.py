@@ -184,10 +184,15 @@ def summary(run: RunResult, stages: list[PlannedStage]) -> str:
         lines.append(f"FAILED {result.stage} on {result.host}: {result.message}")
     if run.stopped_at:
         lines.append(f"run stopped at stage {run.stopped_at!r}: {run.stop_reason}")
-    if run.interrupted:
+    if run.lease_lost:
+        lines.append("run stopped: this controller lost its lease (another took the run over); it wrote nothing more")
+    elif run.interrupted:
         lines.append("run interrupted: the finished work is journaled")
     elif run.check_only:
         lines.append("plan only: nothing was changed")
+    elif run.partial:
+        lines.append(f"run partial: not finished on {', '.join(run.partial)} (left out as unreachable after the run "
+                     "had changed it)")
     elif not run.failed:
         lines.append("run succeeded")
     return "\n".join(lines)

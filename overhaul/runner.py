@@ -64,6 +64,8 @@ class RunResult:
     preflight: PreflightReport | None = None
     run_id: str = ""  # the journaled run (none for a plan)
     rolled_back: bool = False  # it failed, and its undo took back every change it made
+    partial: list[str] = field(default_factory=list)  # hosts left out (unreachable) that the run had already changed
+    lease_lost: bool = False  # another controller took the environment's lease over: this one wrote nothing more
 
     @property
     def failed(self) -> bool:

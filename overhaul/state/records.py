@@ -10,8 +10,9 @@ from typing import Any, Protocol
 from overhaul.errors import OverhaulError, Refused
 
 UNFINISHED = ("running", "interrupted")
-RESUMABLE = (*UNFINISHED, "failed")  # a failed run is continued once the operator repaired the cause
-STATUSES = ("running", "interrupted", "succeeded", "failed", "rolled back", "refused", "abandoned")  # a run's
+# A failed run is continued once the operator repaired the cause; a partial one once the hosts it left out answer.
+RESUMABLE = (*UNFINISHED, "failed", "partial")
+STATUSES = ("running", "interrupted", "succeeded", "partial", "failed", "rolled back", "refused", "abandoned")  # a run's
 OUTCOMES = ("running", "ok", "changed", "failed", "skipped")  # a (stage, host) pair's (overhaul.step.Outcome, running)
 
 
@@ -26,7 +27,7 @@ class RunRecord:
     operator: str
     started: float
     ended: float | None = None
-    status: str = "running"  # running | interrupted | succeeded | failed | rolled back | refused | abandoned
+    status: str = "running"  # running | interrupted | succeeded | partial | failed | rolled back | refused | abandoned
     mutating: bool = True  # False: a read-only run (verify), never "unfinished", never resumed
 
     @property
@@ -92,7 +93,7 @@ class LockInfo:
 
     environment: str
     run_id: str
-    token: str  # the fencing token: new at every acquisition, checked when each (stage, host) pair starts
+    token: str  # the fencing token: new at every acquisition, checked by each of the run's journal writes
     holder: str  # user@host
     machine: str  # machine id : boot id
     pid: int
@@ -108,7 +109,8 @@ class StateError(OverhaulError):
 
 
 class LockLost(StateError):
-    """This run no longer holds the environment's lease: it must not start one more (stage, host) pair."""
+    """This run no longer holds the environment's lease: it must not start one more (stage, host) pair, nor write
+    anything more of the run (a pair's end, the run's status)."""
 
 
 class LockHeld(Refused):
@@ -129,12 +131,17 @@ class State(Protocol):
 
     # runs and (stage, host) pairs
     def start_run(self, run: RunRecord) -> None: ...
-    def set_status(self, run_id: str, status: str, ended: float | None = None) -> None: ...
+    # A `fence` (environment, token): the write is made only while that token holds the environment's live lease,
+    # in the same transaction (else LockLost, and nothing is written); None: unfenced (a run without a lease).
+    def set_status(self, run_id: str, status: str, ended: float | None = None,
+                   fence: tuple[str, str] | None = None) -> None: ...
     def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
         """Journal a pair as running, only while `token` holds the environment's live lease (else LockLost)."""
-    def record(self, result: ResultRecord, commands: Iterable[CommandRecord] = ()) -> None:
+    def record(self, result: ResultRecord, commands: Iterable[CommandRecord] = (),
+               fence: tuple[str, str] | None = None) -> None:
         """Journal a pair's start or end (with its end, the index of the commands it ran), in one transaction."""
-    def record_ends(self, ends: Iterable[tuple[ResultRecord, Iterable[CommandRecord]]]) -> None:
+    def record_ends(self, ends: Iterable[tuple[ResultRecord, Iterable[CommandRecord]]],
+                    fence: tuple[str, str] | None = None) -> None:
         """Journal several pairs' ends (each with the index of its commands) in one transaction."""
     def run(self, run_id: str) -> RunRecord: ...
     def runs(self, environment: str | None = None, limit: int = 20) -> list[RunRecord]: ...

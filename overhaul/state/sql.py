@@ -181,18 +181,30 @@ class SQLState:
         row["params"] = json.dumps(run.params)
         self._write(_insert("runs", row), tuple(row.values()))
 
-    def set_status(self, run_id: str, status: str, ended: float | None = None) -> None:
-        self._write("UPDATE runs SET status = ?, ended = ? WHERE id = ?", (status, ended, run_id))
+    def set_status(self, run_id: str, status: str, ended: float | None = None,
+                   fence: tuple[str, str] | None = None) -> None:
+        """The run's status (and end); with a `fence`, only while it holds the lease (see `_hold`)."""
+        def write(execute: Execute) -> None:
+            self._hold(execute, fence, f"writing the status {status!r} of run {run_id}")
+            execute("UPDATE runs SET status = ?, ended = ? WHERE id = ?", (status, ended, run_id))
+        self._transaction(write)
+        self._journaled()
 
-    def record(self, result: ResultRecord, commands: Iterable[CommandRecord] = ()) -> None:
+    def record(self, result: ResultRecord, commands: Iterable[CommandRecord] = (),
+               fence: tuple[str, str] | None = None) -> None:
         """A pair's row (its start or its end) and, with its end, the index of its commands: one transaction."""
-        self.record_ends([(result, commands)])
+        ends = [(result, commands)]
+        self.record_ends(ends, fence) if fence is not None else self.record_ends(ends)  # (a subclass may not fence)
 
-    def record_ends(self, ends: Iterable[tuple[ResultRecord, Iterable[CommandRecord]]]) -> None:
-        """Pairs' rows and their commands' index, in one transaction (one disk sync for them all)."""
+    def record_ends(self, ends: Iterable[tuple[ResultRecord, Iterable[CommandRecord]]],
+                    fence: tuple[str, str] | None = None) -> None:
+        """Pairs' rows and their commands' index, in one transaction (one disk sync for them all); with a `fence`,
+        only while it holds the lease (see `_hold`)."""
         rows = [(result, list(commands)) for result, commands in ends]  # (a retried transaction reads them again)
 
         def write(execute: Execute) -> None:
+            self._hold(execute, fence, "writing the end of " + ", ".join(
+                f"{result.stage!r} on {result.host}" for result, _ in rows[:3]) + (" ..." if len(rows) > 3 else ""))
             for result, commands in rows:
                 execute(_upsert_result(), _result_row(result))
                 for command in commands:
@@ -202,16 +214,24 @@ class SQLState:
         self._journaled()
 
     def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
-        # One statement: the row is written only if the lease is still this token's and live; the row
-        # lock (FOR SHARE) makes a concurrent takeover wait for it, or this insert see the new holder.
-        started = self._write(_upsert_result(f"SELECT {', '.join('?' * len(COLUMNS['results']))} WHERE EXISTS ("
-                                             f"SELECT 1 FROM locks WHERE environment = ? AND token = ? AND "
-                                             f"expires > {self.now} {self.for_share})"),
-                              (*_result_row(result), environment, token), journal=False)
-        if started != 1:
-            raise LockLost(f"this run no longer holds the lease of {environment!r} (taken over or expired): "
-                           f"not starting {result.stage!r} on {result.host}")
+        def write(execute: Execute) -> None:
+            self._hold(execute, (environment, token), f"starting {result.stage!r} on {result.host}")
+            execute(_upsert_result(), _result_row(result))
+        self._transaction(write)
         self._journaled()
+
+    def _hold(self, execute: Execute, fence: tuple[str, str] | None, doing: str) -> None:
+        """In a write's transaction, before it writes: LockLost (the transaction then writes nothing) unless the
+        lease of `fence` (environment, token) is still that token's and live. The row lock (FOR SHARE; SQLite's
+        write transaction locks the whole file) makes a concurrent takeover wait until this transaction ends."""
+        if fence is None:
+            return
+        environment, token = fence
+        _, held = execute(f"SELECT 1 FROM locks WHERE environment = ? AND token = ? AND expires > {self.now} "
+                          f"{self.for_share}", (environment, token))
+        if not held:
+            raise LockLost(f"this run no longer holds the lease of {environment!r} (taken over or expired): "
+                           f"not {doing}")
 
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
         self._write("INSERT INTO events (at, environment, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
