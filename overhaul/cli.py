@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from overhaul.step import Registry
 
 CHECK = "check"  # journal event: one testinfra check's result on one host, in a verify run
-ROLLBACK = "rollback"  # the built-in runbook back to an upgrade's previous version and backup
-REBUILT = "rebuilt"  # journal event: the environment's hosts were built anew, at the version its detail says
 EXIT_CODES = """\
 Exit codes:
   0    success
@@ -187,18 +185,23 @@ def describe_policy(inventory: Inventory) -> str:
     return "; ".join(said)
 
 
-def approval(planned: Plan, yes: bool) -> Callable[[str], bool] | None:
-    """A protected environment: show what the run would change, then ask (no terminal: refuse)."""
+def approval(planned: Plan, yes: bool, always: bool = False) -> Callable[[str], bool] | None:
+    """A protected environment (or `always`): show what the run would change, then ask (no terminal: refuse)."""
     inventory = planned.inventory
-    if not inventory.policy.protected or yes:
+    protected = inventory.policy.protected
+    if not (protected or always) or yes:
         return None
 
     def approve(changes: str) -> bool:
         env = inventory.environment
         print(f"{env}: {describe_policy(inventory)}; known_hosts {inventory.ssh.known_hosts}")
         print(changes)
-        return answered_yes(f"Run {planned.runbook.runbook.name!r} on protected environment {env!r}?",
-                            f"environment {env!r} is protected: review the above, then run with --yes")
+        name = planned.runbook.runbook.name
+        if protected:
+            return answered_yes(f"Run {name!r} on protected environment {env!r}?",
+                                f"environment {env!r} is protected: review the above, then run with --yes")
+        return answered_yes(f"Run {name!r} on {env!r}?", f"{name} asks first, on every environment: review the "
+                            "above, then run with --yes")
 
     return approve
 
@@ -231,13 +234,23 @@ def verbosity(verbose: bool, quiet: bool) -> int:
     return 1 if verbose else -1 if quiet else 0
 
 
-def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None, view: int = 0) -> None:
-    """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run."""
+def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = None, view: int = 0,
+            always_ask: bool = False) -> None:
+    """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run.
+
+    `always_ask`: show what the run would change and ask, protected environment or not (the way back)."""
     from overhaul.execution import Gate, exit_code, run_plan
+    from overhaul.history import ROLLBACK
 
     if "version" in planned.run_params and planned.runbook.runbook.name != ROLLBACK:  # back to what it ran: no promotion
         check_promotion(planned.inventory, str(planned.run_params["version"]))
-    gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes))
+    env = planned.inventory.environment
+    left = open_state().resumable(env)
+    if left is not None and left.status in ("failed", "partial"):  # (an unfinished one refuses the run, naming it)
+        print(f"note: the last run of {env!r}, {left.id} ({left.runbook}), is {left.status}: what it changed is still "
+              f"in place (a preflight may refuse on it). Its ways on: `overhaul resume --run {left.id}` after a repair, "
+              f"`overhaul undo --run {left.id}`, or `overhaul rollback --env {env}`", file=sys.stderr)
+    gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes, always_ask))
     finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view,
                               version_from=expected_version(planned.inventory.environment))))
 
@@ -353,49 +366,24 @@ def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir
 
     Destroys data on purpose: whatever was written to the database after the backup is lost (said before asking).
     """
+    from overhaul.history import ROLLBACK, History
+
     state = open_state()
-    record = journaled_run(state, run) if run else last_upgrade(state, need(env, "--env"))
-    if env and record.environment != env:
-        raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
-    params = rollback_params(state, record)
-    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(params.pop("backup_taken"))))
-    planned = load_plan(ROLLBACK, record.environment, hosts_dir, runbooks_dir, steps_dir, params)
-    print(f"rollback of run {record.id} ({record.runbook} to {record.params.get('version')}): back to "
-          f"{params['version']}, the database restored from {params['backup']} taken {taken}.\n"
-          f"LOST: everything written to the database after {taken}.")
+    record = journaled_run(state, run) if run else None
+    environment = record.environment if record is not None else need(env, "--env")
+    if env and environment != env:
+        raise OverhaulError(f"run {record.id} is of environment {environment!r}, not {env!r}")
+    source = History(state, environment).rollback_source(record)
+    backup = source.backup
+    params = {"version": source.version, "backup": backup.path, "backup_sha256": backup.sha256,
+              "backup_size": str(backup.size)}
+    planned = load_plan(ROLLBACK, environment, hosts_dir, runbooks_dir, steps_dir, params)
+    upgrade = source.upgrade
+    print(f"rollback of run {upgrade.id} ({upgrade.runbook} to {upgrade.params.get('version')}): back to "
+          f"{source.version}, the database restored from {backup.describe()}.\n{source.lost()}")
     if dry_run(c):
         return show_plan(planned, False, view=verbosity(verbose, quiet))
-    execute(planned, yes, False, view=verbosity(verbose, quiet))
-
-
-def last_upgrade(state: State, env: str) -> RunRecord:
-    """The environment's newest upgrade run that took its backup (succeeded or failed after it)."""
-    for record in state.runs(env, 1000):
-        if record.runbook == "upgrade" and record.mutating and any(
-                result.facts.get("sha256") for result in state.results(record.id)):
-            return record
-    raise OverhaulError(f"no upgrade of {env!r} with a verified backup in {state.url}: nothing to roll back to")
-
-
-def rollback_params(state: State, record: RunRecord) -> dict[str, Any]:
-    """The rollback runbook's parameters from the upgrade's journal: its backup, and the version before it."""
-    from overhaul.secrets import redacted_in
-
-    results = state.results(record.id)
-    backups = [result for result in results if result.facts.get("sha256") and result.facts.get("path")]
-    if not backups:
-        raise OverhaulError(f"run {record.id} journaled no verified backup: it cannot be rolled back (restore by hand)")
-    previous = {str(result.facts["previous"]) for result in results if result.facts.get("previous")}
-    if len(previous) != 1:
-        found = ", ".join(sorted(previous)) or "none"
-        raise OverhaulError(f"run {record.id}: the version before it is not known from its journal (found: {found})")
-    backup = backups[-1]
-    cut = redacted_in([backup.facts["path"], backup.facts["sha256"], *previous])
-    if cut:
-        raise OverhaulError(f"run {record.id}: its journaled backup or version holds a secret's value, redacted "
-                            f"({', '.join(cut)}): it cannot be rolled back from the journal (restore by hand)")
-    return {"version": previous.pop(), "backup": backup.facts["path"], "backup_sha256": backup.facts["sha256"],
-            "backup_size": str(backup.facts["size"]), "backup_taken": backup.ended or backup.started}
+    execute(planned, yes, False, view=verbosity(verbose, quiet), always_ask=True)
 
 
 def newest_available(inventory: Inventory) -> str:
@@ -430,7 +418,9 @@ def check_promotion(inventory: Inventory, version: str) -> None:
         return
     if version == "latest":
         raise Refused(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
-    passes = [ended for ended, passed in full_upgrades(*journal_of(open_state(), source)) if passed == version]
+    from overhaul.history import History
+
+    passes = History(open_state(), source).passed(version)
     if not passes:
         raise Refused(
             f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
@@ -441,26 +431,6 @@ def check_promotion(inventory: Inventory, version: str) -> None:
         ready = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(min(passes) + policy.soak))
         raise Refused(f"version {version} has been on {source!r} for {waited / 3600:.1f} h; "
                       f"{inventory.environment!r} has policy.soak: {human_duration(policy.soak)}: promote it after {ready}")
-
-
-def upgraded_versions(env: str) -> list[str]:
-    """The versions successful upgrades of the whole of `env` went to, newest first (a --limit run is no pass)."""
-    return [version for _, version in full_upgrades(*journal_of(open_state(), env))]
-
-
-def journal_of(state: State, env: str) -> tuple[list[RunRecord], list[tuple[float, str, str, str]]]:
-    """The environment's runs (newest first) and events, each read once."""
-    return state.runs(env, limit=1000), state.events(env)
-
-
-def full_upgrades(runs: list[RunRecord], events: list[tuple[float, str, str, str]]) -> list[tuple[float, str]]:
-    """(when it ended, version) of each successful upgrade of the whole environment, newest first."""
-    from overhaul.execution import LIMIT
-
-    limited = {run_id for _, run_id, kind, _ in events if kind == LIMIT}
-    return [(record.ended or record.started, str(record.params["version"])) for record in runs
-            if record.runbook == "upgrade" and record.status == "succeeded" and record.params.get("version")
-            and record.id not in limited]
 
 
 @command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
@@ -477,14 +447,19 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
 
     if no_checks and checks_only:
         raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
-    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}, limit=limit)
+    from overhaul.runbook import load_runbook
+
+    expected = expected_version(need(env, "--env"))
+    declared = "expected_version" in load_runbook("verify", Path(runbooks_dir)).runbook.params  # (yours may not)
+    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir,
+                        {"expected_version": expected} if expected and declared else {}, limit=limit)
     folder = Path(checks or planned.inventory.checks or "checks")
     if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
     transport = Transport(planned.inventory, planned.redactor)
     # The checks (pytest, in this process, on these connections) run while the runbook's stages do.
     checking = verification.BackgroundChecks(transport, hosts_dir, folder, planned.hosts,
-                                             {"expected_version": expected_version(env)}) \
+                                             {"expected_version": expected}) \
         if folder.is_dir() and not no_checks else None
     try:
         result = None if checks_only else run_plan(planned, mutating=False, show_summary=False,  # one summary below
@@ -516,13 +491,10 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
 
 
 def expected_version(env: str) -> str | None:
-    """The version `env` should run: that of its newest full, successful upgrade, or of a rebuild since (None: unknown)."""
-    runs, events = journal_of(open_state(), env)
-    rebuilds = [(at, detail) for at, _, kind, detail in events if kind == REBUILT]
-    rollbacks = [(record.ended or record.started, str(record.params["version"])) for record in runs
-                 if record.runbook == ROLLBACK and record.status == "succeeded"]
-    newest = max(full_upgrades(runs, events) + rebuilds + rollbacks, default=None)
-    return newest[1] if newest and newest[1] != "latest" else None
+    """The version `env` should run, as far as its journal knows (None: unknown)."""
+    from overhaul.history import History
+
+    return History(open_state(), env).expected_version()
 
 
 @command(iterable=("param",), help={
@@ -531,8 +503,8 @@ def expected_version(env: str) -> str | None:
     **{k: v for k, v in COMMON_HELP.items() if k not in ("runbooks_dir", "limit")}})
 def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, verbose=False, quiet=False,
            hosts_dir="hosts", steps_dir="steps"):
-    """Continue an interrupted or failed run: finished work is skipped once its check confirms it still holds."""
-    from overhaul.execution import UNDO, Gate, exit_code, recorded, run_plan
+    """Continue an interrupted, failed or partial run: finished work is skipped once its check confirms it still holds."""
+    from overhaul.execution import UNDO, Gate, exit_code, run_plan
 
     state = open_state()
     if run:
@@ -551,8 +523,9 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     if record.status == "refused":
         raise OverhaulError(f"run {record.id} was refused before any change: there is nothing to resume; once its "
                             "reasons are repaired (`overhaul show " + record.id + "`), start it again")
-    if recorded(state, record, UNDO) is not None:
-        raise OverhaulError(f"run {record.id} was being undone: finish that with `overhaul undo --run {record.id}`")
+    if state.run_event(record.id, UNDO) is not None:  # its way on is the undo it started: continued, not resumed
+        print(f"run {record.id} was being undone: continuing its undo")
+        return undo_run(state, record, yes, dry_run(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
     from overhaul.secrets import redacted_in
 
     given = parse_params(param or []) | ({"version": version} if version else {})
@@ -632,55 +605,62 @@ def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", st
 
     Refused (nothing undone) when a stage that changed something cannot be undone: `overhaul rollback` then.
     """
-    from overhaul.execution import exit_code, journaled_results, run_plan
-    from overhaul.undo import undo_plan
-
     state = open_state()
     record = journaled_run(state, need(run, "--run"))
-    if record.status not in ("failed", "interrupted", "abandoned", "rolled back") or not record.mutating:
-        raise OverhaulError(f"run {record.id} is {record.status}: only a failed, interrupted or abandoned run is undone")
+    if record.status not in ("running", "failed", "interrupted", "partial", "abandoned", "rolled back") \
+            or not record.mutating:
+        raise OverhaulError(f"run {record.id} is {record.status}: only a failed, partial, interrupted or abandoned run "
+                            "is undone")
+    undo_run(state, record, yes, dry_run(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
+
+
+def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, hosts_dir: str, steps_dir: str) -> None:
+    """Take back what `record` changed, after saying what and asking; refused (exit 3) with nothing changed when a
+    later run changed its hosts since, or a change cannot be undone. A killed undo is continued by this again:
+    each change is taken back once (an undo pair is skipped once its check confirms it holds)."""
+    from overhaul.execution import exit_code, journaled_results, run_plan
+    from overhaul.history import History
+    from overhaul.undo import undo_plan
+
     planned = journaled_plan(state, record, hosts_dir, steps_dir, "undo it")
-    cut = [f"{r.stage} on {r.host}" for r in state.results(record.id) if r.outcome == "running"
-           and r.stage_index < len(planned.stages) and not planned.stages[r.stage_index].step.read_only]
+    own = [r for r in state.results(record.id) if r.stage_index < len(planned.stages)]
+    cut = [f"{r.stage} on {r.host}" for r in own
+           if r.outcome == "running" and not planned.stages[r.stage_index].step.read_only]
     if cut:
         raise Refused(f"run {record.id} was cut off in the middle of {', '.join(cut)}: what that changed is not in the "
                       f"journal; finish the run first (`overhaul resume --run {record.id}`), then undo it")
+    environment = record.environment
+    later = History(state, environment).superseded(record, {r.host for r in own if r.outcome in ("changed", "failed")})
+    if later:
+        since = "; ".join(f"run {run_id} changed {', '.join(hosts)}" for run_id, hosts in later.items())
+        raise Refused(f"run {record.id} was superseded: {since} after it. Undoing {record.id} would put back what it "
+                      f"found under what the later run did; nothing was undone. The way back from here: "
+                      f"`overhaul rollback --env {environment}`")
     undo = undo_plan(planned, list(journaled_results(state, record.id).values()))
     if undo.blocked:
         raise Refused("; ".join(undo.blocked) + f"; nothing was undone: the way back is `overhaul rollback --run {record.id}`")
-    print(f"undo of run {record.id} ({record.runbook} on {record.environment}), latest stage first:")
+    print(f"undo of run {record.id} ({record.runbook} on {environment}), latest stage first:")
     for stage in undo.plan.stages:
-        print(f"  {stage.stage.name}: {', '.join(stage.hosts)}")
-    if dry_run(c):
+        print(f"  {stage.stage.name}: " + ", ".join(f"{host} ({said})" if (said := undo.said(stage, host)) else host
+                                                     for host in stage.hosts))
+    if dry:
         return
     if not undo.plan.stages:
         print("nothing to undo: the run changed nothing")
-    environment = planned.inventory.environment
-    if planned.inventory.policy.protected and not yes and not answered_yes(
-            f"Undo run {record.id} on protected environment {environment!r}?",
-            f"environment {environment!r} is protected: review the above, then run with --yes"):
-        raise Refused("not confirmed")
-    finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=verbosity(verbose, quiet),
-                              version_from=expected_version(record.environment))))
+    elif not yes:
+        protected = " protected" if planned.inventory.policy.protected else ""
+        if not answered_yes(f"Undo run {record.id} on{protected} environment {environment!r}?",
+                            "undo asks first, on every environment: review the above, then run with --yes"):
+            raise Refused("not confirmed: nothing was undone")
+    finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=view,
+                              version_from=expected_version(environment))))
 
 
 def journaled_run(state: State, run_id: str) -> RunRecord:
     """A run by its id, a unique prefix of it, or `last` (the newest run journaled)."""
-    if run_id == "last":
-        newest = state.runs(None, 1)
-        if not newest:
-            raise OverhaulError(f"no run journaled in {state.url}")
-        return newest[0]
-    try:
-        return state.run(run_id)
-    except KeyError:
-        matches = [record for record in state.runs(None, 100000) if record.id.startswith(run_id)] if run_id else []
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
-            raise OverhaulError(f"{run_id!r} matches {len(matches)} runs ({', '.join(r.id for r in matches[:5])}): "
-                                "give more of the id") from None
-        raise OverhaulError(f"no run {run_id!r} in {state.url}") from None
+    from overhaul.history import find_run
+
+    return find_run(state, run_id)
 
 
 @command(help={"run": "the run to abandon"})
@@ -691,7 +671,7 @@ def abandon(c, run=""):
 
     state = open_state()
     record = journaled_run(state, need(run, "--run"))
-    if record.status not in ("running", "interrupted", "failed"):
+    if record.status not in ("running", "interrupted", "failed", "partial"):
         raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
     lock = state.lock(record.environment)
     if lock is not None and lock.run_id == record.id and not holder_gone(lock):
@@ -897,6 +877,8 @@ def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127
     lab = Lab(home=home, inventory=inventory, subnet=subnet)
     lab.up(int(hosts))
     if lab.started_fresh:  # what verify expects is what the farm now is, not the last upgrade of the one before
+        from overhaul.history import REBUILT
+
         open_state().event(lab.environment, REBUILT, FIRST_VERSION)
     _print_status(lab)
 

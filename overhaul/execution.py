@@ -37,6 +37,7 @@ from overhaul.report import console_report, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
+from overhaul.state.records import LIMIT_EVENT
 from overhaul.state.sql import machine_identity
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult, Transport
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from overhaul.planfile import SavedPlan
 
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
-LIMIT = "limit"  # journal event: the run was kept to some hosts (--limit)
+LIMIT = LIMIT_EVENT  # journal event: the run was kept to some hosts (--limit)
 UNDO = "undo"  # journal event: an operator started taking the run back (`overhaul undo`): resume is refused
 FAILED_EXIT = 1
 
@@ -388,10 +389,7 @@ def recorded_hosts(state: State, record: RunRecord) -> list[dict] | None:
 
 def recorded(state: State, record: RunRecord, kind: str) -> str | None:
     """The detail of the run's first journal event of `kind` (None when there is none)."""
-    for _, run_id, event_kind, detail in state.events(record.environment):
-        if run_id == record.id and event_kind == kind:
-            return detail
-    return None
+    return state.run_event(record.id, kind)
 
 
 def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check_only: bool = False,

@@ -9,7 +9,7 @@ undo refuse (a half-undone farm is worse than a stopped one): `overhaul rollback
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from overhaul.context import StepHost
@@ -24,6 +24,13 @@ from overhaul.step import Check, Outcome, Step
 class UndoPlan:
     plan: Plan  # the undo stages only, indices after all of the runbook's (hooks.on_failure included)
     blocked: list[str]  # irreversible changes: when any, nothing is undone
+    remembered: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # undo stage -> host -> facts
+
+    def said(self, stage: PlannedStage, host: str) -> str:
+        """What the run's apply remembered on `host` for `stage`'s undo (what the host had before), in words."""
+        facts = self.remembered.get(stage.index, {}).get(host) or {}
+        return "; ".join(f"{name} " + (", ".join(map(str, value)) if isinstance(value, list) else str(value))
+                         for name, value in facts.items())
 
     @property
     def empty(self) -> bool:
@@ -46,7 +53,7 @@ def changed_pairs(plan: Plan, results: list[HostResult]) -> dict[int, dict[str, 
 def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
     """The stages that take back what `results` (pairs of `plan`'s stages) changed, latest stage first."""
     changed = changed_pairs(plan, results)
-    stages, blocked = [], []
+    stages, blocked, remembered = [], [], {}
     for planned in reversed(plan.stages):
         hosts = changed.get(planned.index)
         if not hosts or planned.step.read_only or planned.hook:  # a hook (maintenance mode, say) is not the change
@@ -65,9 +72,10 @@ def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
             "name": f"undo {planned.stage.name}", "confirm": False, "on_failure": "stop", "max_failures": "100%",
         })  # every host is undone as far as it can be; a host that fails is left out of the earlier undo stages
         params = {host: planned.params[host] for host in planned.hosts if host in hosts}
+        remembered[plan.next_index + len(stages)] = hosts
         stages.append(PlannedStage(plan.next_index + len(stages), stage, undo_step(planned.step, hosts), params))
     undo = Plan(plan.runbook, plan.inventory, plan.run_params, [] if blocked else stages, plan.redactor, plan.limit)
-    return UndoPlan(undo, blocked)
+    return UndoPlan(undo, blocked, remembered)
 
 
 def undo_step(step: type[Step], remembered: dict[str, dict[str, Any]]) -> type[Step]:

@@ -16,8 +16,9 @@ from types import SimpleNamespace
 import pytest
 from helpers import PROCESS_OCTET, overhaul_cli, write
 
-from overhaul.cli import EXIT_CODES, SHORT_FLAGS, check_promotion, describe_policy, namespace, upgraded_versions
+from overhaul.cli import EXIT_CODES, SHORT_FLAGS, check_promotion, describe_policy, namespace
 from overhaul.errors import ConfigError, Refused
+from overhaul.history import History
 from overhaul.inventory import Policy, load_inventory_file
 from overhaul.plan import limited_to
 from overhaul.state import RunRecord, SQLiteState
@@ -221,7 +222,7 @@ def test_only_a_full_environment_upgrade_counts_as_a_pass_for_promotion(tmp_path
         if limit:
             state.event("staging", "limit", limit, run_id)
         state.set_status(run_id, "succeeded", time.time())
-    assert upgraded_versions("staging") == ["1.1.0"]
+    assert [version for _, version, _ in History(state, "staging").passed_upgrades()] == ["1.1.0"]
 
 
 def test_a_soak_policy_waits_that_long_after_the_first_pass(tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ import time
 import pytest
 from helpers import overhaul_cli, write
 
-from overhaul.cli import rollback_params
 from overhaul.errors import OverhaulError
+from overhaul.history import History
 from overhaul.secrets import REDACTED, Redactor, redacted_in
 from overhaul.state import ResultRecord, RunRecord, SQLiteState
 
@@ -45,7 +45,7 @@ def test_rollback_refuses_a_backup_path_the_journal_holds_redacted(tmp_path):
                               {"version": "1.1.0", "previous": "1.0.0"}))
     with pytest.raises(OverhaulError, match=f"run {record.id}: its journaled backup or version holds a secret's "
                                             r"value, redacted .*cannot be rolled back from the journal"):
-        rollback_params(state, record)
+        History(state, "lab").rollback_source(record)
 
 
 RUNBOOK = """

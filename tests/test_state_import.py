@@ -203,7 +203,7 @@ MALFORMED: list[tuple[str, Callable[[list[str]], tuple[bytes, int | None]], str]
     ("an unknown kind of row", lambda lines: edit(lines, "claims", lambda item: item.update(table="leases")),
      "table 'leases' is no journal table (expected one of: runs, results, events, claims, commands)"),
     ("an unknown status", lambda lines: edit(lines, "runs", put("status", "exploded")),
-     "runs.status: Input should be 'running', 'interrupted', 'succeeded', 'failed', 'rolled back', 'refused' or "
+     "runs.status: Input should be 'running', 'interrupted', 'succeeded', 'partial', 'failed', 'rolled back', 'refused' or "
      "'abandoned' (got 'exploded')"),
     ("an unknown outcome", lambda lines: edit(lines, "results", put("outcome", "meh")),
      "results.outcome: Input should be 'running', 'ok', 'changed', 'failed' or 'skipped' (got 'meh')"),

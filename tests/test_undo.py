@@ -57,7 +57,7 @@ def test_a_package_broken_on_one_tier_is_undone_and_the_run_ends_rolled_back(fre
     verified = overhaul_cli(tmp_path, "verify", "--env", "lab", "--no-checks", *hosts_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     # Undone again by hand: nothing left to take back, nothing changes; and a rolled-back run is not resumed.
-    again = overhaul_cli(tmp_path, "undo", "--run", run.id, *hosts_dir)
+    again = overhaul_cli(tmp_path, "undo", "--run", run.id, "--yes", *hosts_dir)
     assert again.returncode == 0, again.stdout + again.stderr
     undo_pairs = [r for r in journal.results(run.id) if r.stage.startswith("undo ")]
     # Each undo pair's check found it still holds, so nothing was applied again (it keeps what it did the first time).
@@ -78,9 +78,9 @@ def test_undo_by_hand_takes_back_a_failed_run_that_stopped(fresh_lab, tmp_path):
     assert run.status == "failed"
     for host in HOSTS:  # half-installed, everything stopped: the night the issue is about
         assert states(lab, host) == {"STOPPED"}, host
-    undone = overhaul_cli(tmp_path, "undo", "--run", run.id[:8], *hosts_dir)
+    undone = overhaul_cli(tmp_path, "undo", "--run", run.id[:8], "--yes", *hosts_dir)
     assert undone.returncode == 0, undone.stdout + undone.stderr
-    assert "undo upgrade package: db1, worker1, app1" in undone.stdout
+    assert "undo upgrade package: db1 (previous 1.0.0), worker1 (previous 1.0.0), app1 (previous 1.0.0)" in undone.stdout
     assert journal.run(run.id).status == "rolled back"
     for host in HOSTS:
         assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host

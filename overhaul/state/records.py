@@ -13,6 +13,7 @@ UNFINISHED = ("running", "interrupted")
 # A failed run is continued once the operator repaired the cause; a partial one once the hosts it left out answer.
 RESUMABLE = (*UNFINISHED, "failed", "partial")
 STATUSES = ("running", "interrupted", "succeeded", "partial", "failed", "rolled back", "refused", "abandoned")  # a run's
+LIMIT_EVENT = "limit"  # journal event: a run kept to some hosts (--limit), its detail the limit
 OUTCOMES = ("running", "ok", "changed", "failed", "skipped")  # a (stage, host) pair's (overhaul.step.Outcome, running)
 
 
@@ -152,6 +153,21 @@ class State(Protocol):
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None: ...
     def events(self, environment: str) -> list[tuple[float, str, str, str]]: ...
     def commands(self, run_id: str) -> list[CommandRecord]: ...
+    # the environment's history: indexed queries over every run (overhaul.history reasons with them)
+    def whole_runs(self, environment: str, runbook: str, status: str) -> list[RunRecord]:
+        """The mutating runs of `runbook` on the whole of `environment` (no --limit) that ended `status`, newest
+        first."""
+    def last_changing_run(self, environment: str, runbook: str, fact: str) -> RunRecord | None:
+        """The newest mutating run of `runbook` with a pair that changed its host (or failed) and remembered `fact`."""
+    def later_changes(self, environment: str, after: float, hosts: Iterable[str], but: str) -> list[tuple[str, str]]:
+        """(run id, host) of each pair that changed (or failed on) one of `hosts` in a mutating run of `environment`
+        started after `after`, other than run `but`; newest run first."""
+    def run_event(self, run_id: str, kind: str) -> str | None:
+        """The detail of the run's first event of `kind` (None: it has none)."""
+    def last_event(self, environment: str, kind: str) -> tuple[float, str] | None:
+        """(when, detail) of the environment's newest event of `kind`."""
+    def runs_starting(self, prefix: str, limit: int) -> list[RunRecord]:
+        """Runs whose id starts with `prefix`, newest first."""
     # claims and the environment lease
     def claim(self, key: str, holder: str, run_id: str, expires: float) -> dict | None: ...
     def acquire(self, environment: str, run_id: str, holder: str) -> tuple[LockInfo, LockInfo | None]:

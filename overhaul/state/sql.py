@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 from overhaul.proc import alive, start_time
 from overhaul.state.records import (
+    LIMIT_EVENT,
     RESUMABLE,
     UNFINISHED,
     ClaimRecord,
@@ -35,6 +37,7 @@ from overhaul.state.records import (
 
 # Test hook: kill this process with SIGKILL right after the N-th journal write (crash-resume tests).
 KILL_AFTER_WRITES = "OVERHAUL_TEST_KILL_AFTER_WRITES"
+RUN_ID = re.compile(r"[0-9A-Za-z-]+")  # what a run id is made of (overhaul.execution.new_run_id)
 MACHINE_ID = "OVERHAUL_MACHINE_ID"  # overrides /etc/machine-id (containers cloned from one image share it)
 
 # Versioned migrations: the SQL both databases accept. Version N is MIGRATIONS[N - 1]; a database
@@ -67,6 +70,12 @@ MIGRATIONS: list[list[str]] = [
             run_id TEXT, stage_index INTEGER, host TEXT, at DOUBLE PRECISION, command TEXT, exit_code INTEGER,
             duration DOUBLE PRECISION, log_path TEXT, machine TEXT)""",
         "CREATE INDEX IF NOT EXISTS commands_by_run ON commands (run_id, stage_index, host)",
+    ],
+    [  # 4: the environment's history without a window of recent runs (overhaul.history)
+        "CREATE INDEX IF NOT EXISTS runs_by_runbook ON runs (environment, runbook, started)",
+        "CREATE INDEX IF NOT EXISTS runs_mutating ON runs (environment, mutating, started)",
+        "CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, kind, at)",
+        "CREATE INDEX IF NOT EXISTS events_by_kind ON events (environment, kind, at)",
     ],
 ]
 LATEST = len(MIGRATIONS)
@@ -286,6 +295,43 @@ class SQLState:
     def events(self, environment: str) -> list[tuple[float, str, str, str]]:
         rows = self._rows("SELECT at, run_id, kind, detail FROM events WHERE environment = ? ORDER BY at", (environment,))
         return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    # -- the environment's history (overhaul.history) -----------------------------------------------
+    def whole_runs(self, environment: str, runbook: str, status: str) -> list[RunRecord]:
+        return self._runs("WHERE environment = ? AND runbook = ? AND status = ? AND mutating AND NOT EXISTS ("
+                          "SELECT 1 FROM events WHERE events.run_id = runs.id AND events.kind = ?) "
+                          "ORDER BY started DESC", (environment, runbook, status, LIMIT_EVENT))
+
+    def last_changing_run(self, environment: str, runbook: str, fact: str) -> RunRecord | None:
+        runs = self._runs("WHERE environment = ? AND runbook = ? AND mutating AND EXISTS (SELECT 1 FROM results WHERE "
+                          "results.run_id = runs.id AND results.outcome IN ('changed', 'failed') AND results.facts "
+                          "LIKE ?) ORDER BY started DESC LIMIT 1", (environment, runbook, f'%"{fact}"%'))
+        return runs[0] if runs else None
+
+    def later_changes(self, environment: str, after: float, hosts: Iterable[str], but: str) -> list[tuple[str, str]]:
+        hosts = list(hosts)
+        if not hosts:
+            return []
+        rows = self._rows(
+            f"SELECT runs.id, results.host FROM runs JOIN results ON results.run_id = runs.id WHERE "
+            f"runs.environment = ? AND runs.mutating AND runs.started > ? AND runs.id != ? AND "
+            f"results.outcome IN ('changed', 'failed') AND results.host IN ({', '.join('?' * len(hosts))}) "
+            f"ORDER BY runs.started DESC, results.stage_index", (environment, after, but, *hosts))
+        return [(run_id, host) for run_id, host in rows]
+
+    def run_event(self, run_id: str, kind: str) -> str | None:
+        rows = self._rows("SELECT detail FROM events WHERE run_id = ? AND kind = ? ORDER BY at LIMIT 1", (run_id, kind))
+        return rows[0][0] if rows else None
+
+    def last_event(self, environment: str, kind: str) -> tuple[float, str] | None:
+        rows = self._rows("SELECT at, detail FROM events WHERE environment = ? AND kind = ? ORDER BY at DESC LIMIT 1",
+                          (environment, kind))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def runs_starting(self, prefix: str, limit: int) -> list[RunRecord]:
+        if not RUN_ID.fullmatch(prefix):
+            return []  # (no run id has another character, nor a LIKE wildcard)
+        return self._runs("WHERE id LIKE ? ORDER BY started DESC LIMIT ?", (prefix + "%", limit))
 
     # -- claims: one run per key (e.g. per environment and night), even after the run ended ------
     def claim(self, key: str, holder: str, run_id: str, expires: float) -> dict | None:
