@@ -397,13 +397,19 @@ class RemoteHost:
             status = channel.recv_exit_status()
         except TRANSIENT as exc:
             self._drop(connection)
-            raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown): {exc}") from None
+            raise HostUnreachable(self._lost(f": {exc}")) from None
         finally:
             channel.close()
         if status == -1 and not transport.is_active():
             self._drop(connection)
-            raise HostUnreachable(f"{self.name}: connection lost during a command (its effect is unknown)")
+            raise HostUnreachable(self._lost())
         return status, bytes(out), bytes(err), time.monotonic() - started
+
+    def _lost(self, detail: str = "") -> str:
+        """Why a command's connection ended under it: the operator's cut, or a lost connection."""
+        if self._cut:
+            return f"{self.name}: the operator cut the connection during a command (Ctrl-C twice; its effect is unknown)"
+        return f"{self.name}: connection lost during a command (its effect is unknown){detail}"
 
     def download(self, remote_path: str, local_path: Path) -> None:
         """Copy a file from the host over this host's connection (SFTP)."""

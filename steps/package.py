@@ -281,6 +281,7 @@ class PackageVersion(Step[VersionParams]):
     the one its journal knows: the last whole upgrade, rollback or rebuild)."""
 
     name = "package.version"
+    Params = VersionParams
     read_only = True
 
     def probes(self) -> list[Probe]:

@@ -129,7 +129,7 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     passing = verify(lab, tmp_path, *args)
     assert passing.returncode == 0, passing.stdout + passing.stderr
     # 12 built-in + 4 + 1 (db only); the db-only check is reported skipped on the 3 other hosts
-    assert "verify: 17 passed, 0 failed, 3 skipped" in passing.stdout
+    assert "verify: 21 passed, 0 failed, 3 skipped" in passing.stdout
 
     lab.host("app1").exec("touch /root/under-maintenance")
     try:
@@ -182,7 +182,7 @@ def test_verify_with_checks_opens_one_ssh_connection_per_host(lab, tmp_path):
         """)
         done = verify(lab, tmp_path, "--checks", str(tmp_path / "checks"))
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "verify: 20 passed, 0 failed, 0 skipped" in done.stdout  # 12 built-in + 2 checks x 4 hosts
+        assert "verify: 24 passed, 0 failed, 0 skipped" in done.stdout  # 16 built-in + 2 checks x 4 hosts
         accepted = {host.name: host.exec(f"grep -c 'Accepted publickey' {log}", check=False).stdout.strip()
                     for host in hosts}
         assert accepted == {host.name: "1" for host in hosts}

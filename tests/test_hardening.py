@@ -62,7 +62,7 @@ def test_on_failure_continue_runs_every_host_of_a_big_farm(fresh_lab, tmp_path):
         for host in broken:
             faults.repair_service(lab.host(host), "plotter")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "verify: 63 passed, 3 failed, 0 skipped" in proc.stdout  # 3 checks x 22 hosts, every one of them run
+    assert "verify: 85 passed, 3 failed, 0 skipped" in proc.stdout  # 4 checks x 22 hosts, every one of them run
     for host in broken:
         assert f"FAILED services running on {host}: not RUNNING: plotter FATAL" in proc.stdout
 

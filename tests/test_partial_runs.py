@@ -119,3 +119,36 @@ def test_a_failed_run_names_only_the_hosts_a_later_stage_left_unfinished_and_no_
         "  (not `overhaul undo`: stage 2 break (shell) changed app1 and cannot be undone: a shell command's effect is "
         "unknown to Overhaul; stage 1 mark (shell) changed db1, worker1, app1 and cannot be undone: a shell "
         "command's effect is unknown to Overhaul)"]  # and no backup was taken: no rollback offered
+
+
+SLEEPER = """
+    name: sleeper
+    stages:
+      - name: wait
+        step: shell
+        hosts: [app1]
+        params: {command: "sleep 30"}
+"""
+
+
+def test_a_second_ctrl_c_is_journaled_as_the_operators_cut_not_a_lost_connection(lab, tmp_path):
+    write(tmp_path / "runbooks/sleeper.yaml", SLEEPER)
+    environ = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))
+    proc = subprocess.Popen([sys.executable, "-m", "overhaul", "run", "sleeper", "--env", "lab", "--yes",
+                             "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks")],
+                            cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = SQLiteState(tmp_path / "journal.sqlite")
+    deadline = time.monotonic() + 60
+    while lab.host("app1").exec("pgrep -f '[s]leep 30'", check=False).returncode != 0:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # cut now
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    [run] = journal.runs("lab")
+    [pair] = [r for r in journal.results(run.id) if r.stage == "wait"]
+    assert "the operator cut the connection during a command" in pair.message, pair.message
+    assert "connection lost" not in pair.message
+    lab.host("app1").exec("pkill -f '[s]leep 30'", check=False)

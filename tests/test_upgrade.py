@@ -140,7 +140,7 @@ def verify_builtin(lab, cwd):
 def test_verify_passes_on_a_healthy_farm(lab, tmp_path):
     proc = verify_builtin(lab, tmp_path)
     assert proc.returncode == 0, proc.stdout
-    assert "verify: 12 passed, 0 failed, 0 skipped" in proc.stdout  # 3 checks x 4 hosts
+    assert "verify: 16 passed, 0 failed, 0 skipped" in proc.stdout  # 4 checks x 4 hosts
 
 
 def test_a_full_backup_disk_stops_the_upgrade_before_anything_is_stopped(fresh_lab):
