@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, Exit, ParseError, Program, Task, task
 
 from overhaul import __version__
-from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, USAGE_EXIT, HostUnreachable, OverhaulError, Refused, StepFailed
+from overhaul.errors import INTERNAL_EXIT, INTERRUPTED_EXIT, USAGE_EXIT, HostUnreachable, OverhaulError, Refused, StepFailed
 
 # Each command imports what it needs when it runs: `overhaul --help` (and the shell completion, which runs
 # `overhaul --complete` at each Tab) loads no SSH, model or database library.
@@ -44,6 +44,8 @@ Exit codes:
   1    a host failed during the run
   2    bad input or usage (unknown flag, bad file, bad value): nothing was touched
   3    refused before any change (preflight, drift, policy, lock held, not confirmed)
+  4    the journal (state backend) cannot be used: unreachable, or a schema to migrate
+  70   internal error: a bug in Overhaul (one line here, the traceback in .overhaul/crashes/)
   130  interrupted (resumable with `overhaul resume`)"""
 
 COMMON_HELP = {
@@ -93,17 +95,38 @@ def friendly(task_function: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return task_function(*args, **kwargs)
-        except Refused as exc:
-            raise Exit(f"refused: {exc}", code=REFUSED_EXIT) from None
-        except OverhaulError as exc:
-            raise Exit(f"error: {exc}", code=USAGE_EXIT) from None
+        except OverhaulError as exc:  # each error class carries its exit code (overhaul.errors)
+            raise Exit(f"{exc.label}: {exc}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=INTERRUPTED_EXIT) from None
         except BrokenPipeError:  # `overhaul history | head`: the reader is gone, and so is what is left to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise Exit(code=1) from None
+        except (Exit, ParseError):
+            raise
+        except Exception as exc:  # a bug: one line, the traceback in a log, its own exit code (never 1: a host)
+            raise Exit(f"error: internal error (a bug in Overhaul, please report it): {type(exc).__name__}: {exc}; "
+                       f"the traceback is in {crash_log(exc)}", code=INTERNAL_EXIT) from None
 
     return wrapper
+
+
+def crash_log(exc: BaseException) -> Path:
+    """Write `exc`'s traceback to a log of the operator's only (beside the runs' logs); return its path."""
+    import traceback
+
+    from overhaul.files import private_dir, write_private
+    from overhaul.settings import outputs_dir
+
+    folder = outputs_dir().parent / "crashes"
+    with contextlib.suppress(OSError):
+        private_dir(folder)
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    try:
+        write_private(path, f"overhaul {__version__}: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(exc)))
+    except OSError as error:
+        return Path(f"(nowhere: {error})")
+    return path
 
 
 def open_state(*, migrate: bool = False) -> State:
@@ -120,11 +143,12 @@ def need(value: str, flag: str) -> str:
 
 
 def registry(steps_dir: str) -> Registry:
-    from overhaul.step import Registry
+    from overhaul.step import BUILTIN_PACKAGE, Registry
 
-    builtin = Path(str(resources.files("overhaul.steps"))).resolve()
-    local = Path(steps_dir)
-    return Registry([local] if local.resolve() != builtin else [])
+    # In the checkout, steps/ is also the built-in package (installed editable): its modules that entry points name
+    # are left to them (imported once, when a runbook uses them); an operator's own module there loads as a local step.
+    builtin = Path(str(resources.files(BUILTIN_PACKAGE))).resolve()
+    return Registry([Path(steps_dir)], packages={builtin: BUILTIN_PACKAGE})
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:

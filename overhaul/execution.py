@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from overhaul.alerts import RunInfo, RunNotifier
 from overhaul.config import MAX_BYTES
-from overhaul.errors import INTERRUPTED_EXIT, REFUSED_EXIT, Refused
+from overhaul.errors import FAILED_EXIT, INTERRUPTED_EXIT, REFUSED_EXIT, Refused
 from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
 from overhaul.planfile import SecretParam, by_reference
@@ -47,8 +47,7 @@ if TYPE_CHECKING:
 
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
 LIMIT = LIMIT_EVENT  # journal event: the run was kept to some hosts (--limit)
-UNDO = "undo"  # journal event: an operator started taking the run back (`overhaul undo`): resume is refused
-FAILED_EXIT = 1
+UNDO = "undo"  # journal event: the run is being taken back (`overhaul undo`): a resume continues the undo
 
 
 @dataclass

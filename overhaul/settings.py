@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from overhaul.config import load_document
 from overhaul.secrets import SecretRef
-from overhaul.state.records import State, StateError
+from overhaul.state.records import State, StateSettingError
 
 SETTINGS_FILE = "overhaul.yaml"
 DEFAULT_JOURNAL = Path(".overhaul") / "journal.sqlite"
@@ -101,12 +101,12 @@ def open_state(settings: Settings | None = None, *, migrate: bool = False) -> St
         try:
             from overhaul.state.postgresql import PostgresState
         except ImportError as exc:
-            raise StateError(f"state {url}: the PostgreSQL backend needs psycopg: pip install 'overhaul[postgresql]' "
+            raise StateSettingError(f"state {url}: the PostgreSQL backend needs psycopg: pip install 'overhaul[postgresql]' "
                              f"({exc})") from None
         return PostgresState(url, password, lease=chosen.lease, retry_for=chosen.retry_for, migrate=migrate)
     plugins = {point.name: point for point in entry_points(group="overhaul.state")}
     if scheme not in plugins:
-        raise StateError(f"state {url!r}: unknown backend {scheme!r} (known: sqlite, postgresql"
+        raise StateSettingError(f"state {url!r}: unknown backend {scheme!r} (known: sqlite, postgresql"
                          f"{''.join(', ' + name for name in sorted(plugins))})")
     return plugins[scheme].load()(url, password=password, lease=chosen.lease, retry_for=chosen.retry_for,
                                   migrate=migrate)

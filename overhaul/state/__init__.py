@@ -14,8 +14,9 @@ from overhaul.state.records import (
     RunRecord,
     State,
     StateError,
+    StateSettingError,
 )
 from overhaul.state.sqlite import SQLiteState
 
 __all__ = ["CommandRecord", "LockHeld", "LockInfo", "LockLost", "ResultRecord", "RunRecord", "SQLiteState", "State",
-           "StateError"]
+           "StateError", "StateSettingError"]

@@ -40,6 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from overhaul.errors import USAGE_EXIT
 from overhaul.state.records import OUTCOMES, STATUSES, StateError
 from overhaul.state.sql import COLUMNS, RECORDS
 
@@ -50,6 +51,8 @@ INT_BITS = 31  # PostgreSQL's INTEGER
 
 class BadExport(StateError):
     """The file is not an exported journal, or one of its rows is not a journal row: nothing was imported."""
+
+    exit_code = USAGE_EXIT  # bad input, not a journal that cannot be used
 
 
 class Row(NamedTuple):

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from overhaul.state.records import StateError
+from overhaul.state.records import StateError, StateSettingError
 from overhaul.state.sql import Execute, SQLState
 
 T = TypeVar("T")
@@ -45,7 +45,7 @@ class PostgresState(SQLState):
                  max_connections: int = 16, migrate: bool = False):
         super().__init__(lease)
         if "password" in conninfo_to_dict(conninfo):
-            raise StateError("the state database's password must not be in its URL (it gets printed and logged): "
+            raise StateSettingError("the state database's password must not be in its URL (it gets printed and logged): "
                              "give it by reference (state: {url: ..., password: {file: PATH}}), or in ~/.pgpass")
         self.url = printable(conninfo)
         self.retry_for = retry_for

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from overhaul.errors import OverhaulError, Refused
+from overhaul.errors import STATE_EXIT, USAGE_EXIT, OverhaulError, Refused
 
 UNFINISHED = ("running", "interrupted")
 # A failed run is continued once the operator repaired the cause; a partial one once the hosts it left out answer.
@@ -107,6 +107,14 @@ class LockInfo:
 
 class StateError(OverhaulError):
     """The state backend cannot be used (unreachable past the retry budget, a newer schema, bad setting)."""
+
+    exit_code = STATE_EXIT
+
+
+class StateSettingError(StateError):
+    """The state setting itself is wrong (an unknown backend, a password in the URL): bad input."""
+
+    exit_code = USAGE_EXIT
 
 
 class LockLost(StateError):
