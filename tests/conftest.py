@@ -32,6 +32,20 @@ def _start(root: Path, subnet: str, hosts: int) -> Lab:
     return lab
 
 
+@pytest.fixture(scope="session", autouse=True)
+def journal_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test writes into the checkout's own .overhaul/ (the operator's journal and runs' logs): unless a test
+    names its own, the journal, and the logs beside it, are the session's."""
+    path = tmp_path_factory.mktemp("journal") / "journal.sqlite"
+    before = os.environ.get("OVERHAUL_JOURNAL")
+    os.environ["OVERHAUL_JOURNAL"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("OVERHAUL_JOURNAL", None)
+    else:
+        os.environ["OVERHAUL_JOURNAL"] = before
+
+
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The shared lab (db1, worker1, app1, app2 at 127.30.P.1-4): tests must leave it as they found it."""

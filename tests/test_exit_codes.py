@@ -90,3 +90,4 @@ def test_a_bug_is_one_line_exit_70_and_its_traceback_in_a_private_log(lab, tmp_p
     assert "Traceback (most recent call last)" in text and "return 1 / 0" in text
     assert stat.S_IMODE(log.stat().st_mode) == 0o600 and stat.S_IMODE(log.parent.stat().st_mode) == 0o700
     assert "Traceback" not in proc.stdout + proc.stderr
+
