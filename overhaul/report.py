@@ -49,8 +49,8 @@ class ConsoleReport:
         if self.verbosity >= 0:
             self._say(f"\n== {verb} {planned.index + 1}: {planned.stage.name} ({planned.stage.step} on {len(hosts)} "
                       f"host{'s' if len(hosts) != 1 else ''}, {planned.stage.strategy})")
-            if self.check_only and not planned.step.reversible and not planned.step.read_only:
-                self._say(f"   cannot be undone: {irreversible(planned)}")
+            if self.check_only and planned.step.reversible is not True and not planned.step.read_only:
+                self._say(f"   {undo_warning(planned)}")
         self._start_heartbeat()
 
     def batch_started(self, planned: PlannedStage, number: int, total: int, hosts: list[str]) -> None:
@@ -212,11 +212,19 @@ def describe_changes(preview: RunResult, stages: list[PlannedStage]) -> str:
             lines.append(f"{label}: nothing to do ({len(planned.hosts)} hosts)")
         for message, hosts in changing.items():
             lines.append(f"{label}: {', '.join(hosts)}: {message}")
-        if changing and not planned.step.reversible:
-            lines.append(f"      cannot be undone: {irreversible(planned)}")
+        if changing and planned.step.reversible is not True:
+            lines.append(f"      {undo_warning(planned)}")
     return "\n".join(lines)
 
 
 def irreversible(planned: PlannedStage) -> str:
     """What a stage's change loses for good (its step's own words)."""
     return planned.step.irreversible or f"{planned.step.name} declares no undo"
+
+
+def undo_warning(planned: PlannedStage) -> str:
+    """What a plan says of a changing stage an undo cannot take back, or of one whose step does not say."""
+    if planned.step.reversible is None:
+        return (f"undo unknown: {planned.step.name} does not say whether its change can be undone "
+                f"(an undo of this run would refuse)")
+    return f"cannot be undone: {irreversible(planned)}"

@@ -14,6 +14,7 @@ its traceback in the host's log.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import traceback
@@ -364,7 +365,17 @@ class Runner:
 
         def result(outcome: Outcome, message: str, facts: dict[str, Any] | None = None, trace: str = "") -> HostResult:
             redact = host.redactor
-            facts = {**(facts or {}), **({UNDO_FACTS: step.remembered} if began else {})}
+            # What is journaled must be JSON: a value that is not (a datetime in `remembered`, say) fails this pair,
+            # named, and is journaled marked (an undo refuses a pair whose remembered values are marked).
+            facts, problems = as_json(facts or {}, "facts")
+            if began:
+                facts[UNDO_FACTS], more = as_json(step.remembered, "remembered")
+                problems += more
+            if problems:
+                said = (f"step {stage.step!r} returned values that are not JSON: {'; '.join(problems)} (remembered "
+                        "and facts hold strings, numbers, booleans, None, lists and string-keyed dicts only)")
+                message = f"{message}; {said}" if outcome is Outcome.FAILED else said
+                outcome = Outcome.FAILED
             return HostResult(stage.name, name, outcome, redact(message), attempts, time.monotonic() - started,
                               redact.walk(json.loads(json.dumps(facts))),  # in values, never in JSON text
                               planned.index, host.history, redact(trace))
@@ -431,6 +442,46 @@ class Runner:
         """Told as each command completes, from the host's worker, without waiting for the other listeners'
         events (a journal write): listeners take each host's commands from one thread at a time."""
         self._each("command_done", host, result)
+
+
+NOT_JSON = "<not JSON: "  # the start of what a value that was not JSON is journaled as (see as_json)
+
+
+def as_json(value: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """`value` as JSON can hold it, and where it could not: each such place (`remembered['started'] is a datetime`)
+    is named, and its value replaced by a mark (`<not JSON: datetime>`, see `not_json_in`). Tuples become lists."""
+    problems: list[str] = []
+
+    def walk(item: Any, path: str) -> Any:
+        if item is None or isinstance(item, str | bool | int):
+            return item
+        if isinstance(item, float) and math.isfinite(item):
+            return item
+        if isinstance(item, dict):
+            kept = {}
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    problems.append(f"{path} has a key {key!r} ({type(key).__name__}, not a string)")
+                    continue
+                kept[key] = walk(inner, f"{path}[{key!r}]")
+            return kept
+        if isinstance(item, list | tuple):
+            return [walk(inner, f"{path}[{index}]") for index, inner in enumerate(item)]
+        problems.append(f"{path} is {item!r}" if isinstance(item, float) else f"{path} is a {type(item).__name__}")
+        return f"{NOT_JSON}{type(item).__name__}>"
+
+    return walk(value, where), problems
+
+
+def not_json_in(value: Any) -> list[str]:
+    """The marks of values that were not JSON (see `as_json`) in a journaled value: what an undo cannot read back."""
+    if isinstance(value, str):
+        return [value] if value.startswith(NOT_JSON) else []
+    if isinstance(value, dict):
+        return [found for item in value.values() for found in not_json_in(item)]
+    if isinstance(value, list):
+        return [found for item in value for found in not_json_in(item)]
+    return []
 
 
 def reads_ahead(planned: PlannedStage, later: list[PlannedStage], host: str) -> list[Probe]:

@@ -1,6 +1,7 @@
 """The built-in steps' reference page, generated from their classes: `python -m overhaul.stepdocs > docs/steps.md`.
 
-A test compares docs/steps.md with what this prints, so the page cannot drift from the code.
+A test compares docs/steps.md with what this prints, so the page cannot drift from the code. It lists the
+built-in steps only (the entry points of Overhaul's own distribution): installing a plug-in changes nothing here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ def reference(registry: Registry) -> str:
     lines = ["# Built-in steps", "",
              "Generated from the steps' code by `python -m overhaul.stepdocs > docs/steps.md`; "
              "the parameters are those a runbook stage's `params` takes.", ""]
-    for name in registry.names():
+    for name in registry.builtin_names():  # built-in steps only: an installed plug-in does not change this page
         lines += _step(name, registry.get(name))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -24,6 +25,8 @@ def _step(name: str, step: type[Step]) -> list[str]:
     lines = [f"## `{name}`", "", inspect.getdoc(step) if step.__doc__ else module_doc.split("\n\n")[0], ""]
     if step.read_only:
         lines += ["Read-only: it only checks, and fails when the check does not hold.", ""]
+    elif step.reversible is False:
+        lines += [f"Cannot be undone: {step.irreversible or 'it declares no undo'}.", ""]
     fields = step.Params.model_fields
     if fields:
         lines += ["| parameter | type | default | description |", "|---|---|---|---|"]

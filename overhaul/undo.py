@@ -3,8 +3,9 @@
 The undo is a plan like any other (same runner, journal, retries, logs and resume): each stage that
 changed a host becomes an `undo <stage>` stage on exactly the hosts it changed, whose step's check is
 `undone` and whose apply is `undo`. Its stages are journaled after the run's own, at indices N.. so a
-killed undo resumes like any run. A stage that changed something and cannot be undone makes the whole
-undo refuse (a half-undone farm is worse than a stopped one): `overhaul rollback` is the way back then.
+killed undo resumes like any run. A stage that changed something and cannot be undone (or whose step
+does not say whether it can: `reversible` undecided) makes the whole undo refuse (a half-undone farm is
+worse than a stopped one): `overhaul rollback` is the way back then.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 from overhaul.context import StepHost
 from overhaul.plan import Plan, PlannedStage
 from overhaul.report import irreversible
-from overhaul.runner import UNDO_FACTS, HostResult
+from overhaul.runner import UNDO_FACTS, HostResult, not_json_in
 from overhaul.secrets import redacted_in
-from overhaul.step import Check, Outcome, Step
+from overhaul.step import UNDECIDED, Check, Outcome, Step
 
 
 @dataclass
@@ -63,6 +64,17 @@ def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
             blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
                            f"{', '.join(cut)}, and what it remembered to take that back holds a secret's value "
                            "(redacted in the journal): it cannot be undone from the journal")
+            continue
+        unreadable = sorted(host for host, remembered in hosts.items() if not_json_in(remembered))
+        if unreadable:
+            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
+                           f"{', '.join(unreadable)}, and what it remembered to take that back was not JSON (not "
+                           "journaled): it cannot be undone from the journal")
+            continue
+        if planned.step.reversible is None:
+            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
+                           f"{', '.join(hosts)}, and its step does not say whether its change can be undone "
+                           f"({UNDECIDED})")
             continue
         if not planned.step.reversible:
             blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "

@@ -30,7 +30,6 @@ class ReconfigureParams(Params):
 
 class AppReconfigure(Step[ReconfigureParams]):
     name = "app.reconfigure"
-    Params = ReconfigureParams
     reversible = False
     irreversible = ("on the database host it migrates the schema forward, and an older package refuses a newer schema: "
                     "the way back is `overhaul rollback` (the backup restored)")

@@ -131,7 +131,7 @@ class BackupParams(Params):
 
 class MysqlBackup(Step[BackupParams]):
     name = "mysql.backup"
-    Params = BackupParams
+    reversible = True  # a backup is kept: nothing to take back (harmless to keep)
 
     def secrets(self) -> list[str]:
         return [self.params.password_secret]

@@ -138,7 +138,7 @@ class PackageUpgrade(Step[UpgradeParams]):
     """
 
     name = "package.upgrade"
-    Params = UpgradeParams
+    reversible = True  # undo installs the version it found (a package it installed fresh is kept)
 
     def probes(self) -> list[Probe]:
         found: list[Probe] = [MANAGER, installed_probe(self.params.name), held_probe(self.params.name),
@@ -281,7 +281,6 @@ class PackageVersion(Step[VersionParams]):
     the one its journal knows: the last whole upgrade, rollback or rebuild)."""
 
     name = "package.version"
-    Params = VersionParams
     read_only = True
 
     def probes(self) -> list[Probe]:

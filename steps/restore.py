@@ -115,7 +115,6 @@ class MysqlRestore(Step[RestoreParams]):
     name = "mysql.restore"
     reversible = False
     irreversible = "the database as it was before the restore (everything written after the backup) is gone"
-    Params = RestoreParams
 
     @property
     def marker(self) -> str:

@@ -114,7 +114,7 @@ class ServicesStop(Step[StopParams]):
     """
 
     name = "services.stop"
-    Params = StopParams
+    reversible = True  # undo starts what it stopped
 
     def probes(self) -> list[Probe]:
         package = [installed_probe(self.params.package)] if self.params.package else []

@@ -28,7 +28,6 @@ class Shell(Step[ShellParams]):
     name = "shell"
     reversible = False
     irreversible = "a shell command's effect is unknown to Overhaul"
-    Params = ShellParams
 
     def check(self, host: StepHost) -> Check:
         if self.params.creates and host.run(sh("test -e {path}", path=self.params.creates), sudo=self.params.sudo).ok:
