@@ -128,7 +128,7 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
             "--json", str(tmp_path / "out/verify.json")]
     passing = verify(lab, tmp_path, *args)
     assert passing.returncode == 0, passing.stdout + passing.stderr
-    # 12 built-in + 4 + 1 (db only); the db-only check is reported skipped on the 3 other hosts
+    # 16 built-in + 4 + 1 (db only); the db-only check is reported skipped on the 3 other hosts
     assert "verify: 21 passed, 0 failed, 3 skipped" in passing.stdout
 
     lab.host("app1").exec("touch /root/under-maintenance")
@@ -152,15 +152,15 @@ def test_verify_reports_each_check_on_each_host_and_names_the_failing_host(lab, 
     assert by_case[("test_ops::test_schema_is_readable", "db1")] == "passed"
     assert by_case[("test_ops::test_schema_is_readable", "app1")] == "skipped"  # the roles marker kept it to db
     assert by_case[("services running", "app1")] == "passed"
-    assert len(by_case) == 20
-    assert report["totals"] == {"passed": 16, "failed": 1, "skipped": 3} and report["run_id"] and report["timestamp"]
+    assert len(by_case) == 24
+    assert report["totals"] == {"passed": 20, "failed": 1, "skipped": 3} and report["run_id"] and report["timestamp"]
     # The journal says what the exit code said: the passing verify succeeded, the failing one failed.
     assert [run.status for run in SQLiteState(tmp_path / "journal.sqlite").runs("lab")] == ["failed", "succeeded"]
     shown = overhaul_cli(tmp_path, "show", "last").stdout  # with each check's result on each host
     assert "  check app1         failed   test_ops::test_no_maintenance_marker: " in shown
     assert "  check db1          passed   test_ops::test_schema_is_readable" in shown
     to_stdout = verify(lab, tmp_path, "--checks", str(tmp_path / "checks"), "--no-checks", "--json", "-")
-    assert json.loads(to_stdout.stdout[to_stdout.stdout.index('{\n  "environment"'):])["totals"]["passed"] == 12
+    assert json.loads(to_stdout.stdout[to_stdout.stdout.index('{\n  "environment"'):])["totals"]["passed"] == 16  # 4 x 4 hosts
 
 
 def test_verify_with_checks_opens_one_ssh_connection_per_host(lab, tmp_path):
