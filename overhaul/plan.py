@@ -89,6 +89,9 @@ def build_plan(
         except KeyError as exc:
             problems.append(f"{loaded.where(index, 'step')}: {label}.step: {exc.args[0]}")
             continue
+        except ConfigError as exc:  # a plug-in that cannot be loaded: named where the runbook uses it
+            problems.append(f"{loaded.where(index, 'step')}: {label}.step: {exc}")
+            continue
         planned = PlannedStage(index, stage, step, hook=place[0] == "hooks")
         selected = select_hosts(stage, inventory, loaded, index, problems)
         if not selected and not stage.optional:

@@ -316,9 +316,9 @@ def test_a_plug_in_is_imported_only_when_a_runbook_uses_it_and_a_broken_one_fail
     assert "acme_ping" not in sys.modules
     with pytest.raises(ConfigError) as broken:
         plan("acme.broken")
-    assert str(broken.value) == ("the plug-in of step 'acme.broken', entry point acme.broken = acme_missing.steps:X "
-                                 "(package acme-steps): cannot be loaded: ModuleNotFoundError: No module named "
-                                 "'acme_missing'")
+    assert str(broken.value) == (f"{tmp_path / 'acme.broken.yaml'}:3: stages[0].step: the plug-in of step "
+                                 "'acme.broken', entry point acme.broken = acme_missing.steps:X (package acme-steps): "
+                                 "cannot be loaded: ModuleNotFoundError: No module named 'acme_missing'")
     with pytest.raises(ConfigError, match=r"entry point acme.raises = acme_raises:X \(package acme-steps\): cannot be "
                                           r"loaded: RuntimeError: no config file"):
         plan("acme.raises")
