@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,19 @@ def test_the_inventory_and_runbook_references_in_the_concepts_page_are_valid(tmp
     inventory, runbook = fenced("concepts.md", "yaml")[:2]
     assert not load_document(write(tmp_path / "production.yaml", inventory)).validate(Inventory).conflicts()
     assert not load_document(write(tmp_path / "upgrade.yaml", runbook)).validate(Runbook).conflicts()
+
+
+def test_the_step_test_in_the_docs_passes_on_the_fake_host(tmp_path, monkeypatch):
+    """The `overhaul.testing` example of docs/writing-steps.md, as printed there, runs and passes against the page's
+    own `local.touch` step."""
+    [code] = [block for block in fenced("writing-steps.md", "python") if block.startswith("# steps/touch.py")]
+    [test] = [block for block in fenced("writing-steps.md", "python") if block.startswith("# tests/test_touch.py")]
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps/__init__.py").write_text("")  # (a package: the checkout's own steps/ must not shadow it)
+    (tmp_path / "steps/touch.py").write_text(code)
+    (tmp_path / "test_touch.py").write_text(test)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [name for name in sys.modules if name == "steps" or name.startswith("steps.")]:
+        monkeypatch.delitem(sys.modules, name)
+    code = pytest.main([str(tmp_path / "test_touch.py"), "-q", "-p", "no:cacheprovider", "-o", "addopts="])
+    assert code == 0
