@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from overhaul.history import History, find_run
-from overhaul.state import ResultRecord, RunRecord, SQLiteState, State
+from backends import on_each_backend
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from overhaul.history import History, find_run
+from overhaul.state import ResultRecord, RunRecord, State
 
 ENV = "production"
 CHECK = '{"check": "test_farm.py::test_services", "host": "app1", "status": "passed", "message": ""}'
@@ -109,24 +106,8 @@ def main() -> None:
     parser.add_argument("--dir", default=".overhaul")
     parser.add_argument("--no-postgresql", action="store_true", help="measure the embedded file only")
     args = parser.parse_args()
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
-    results = {}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        state = SQLiteState(Path(tmp) / "journal.sqlite")
-        results["sqlite"] = measure(state, args.verifies, args.checks)
-        state.close()
-    if not args.no_postgresql:
-        from pgserver import PgServer
-
-        from overhaul.state.postgresql import PostgresState
-
-        server = PgServer()
-        try:
-            state = PostgresState(server.database(), server.password)
-            results["postgresql on 127.0.0.1"] = measure(state, args.verifies, args.checks)
-            state.close()
-        finally:
-            server.close()
+    results = on_each_backend(lambda state: measure(state, args.verifies, args.checks), args.dir,
+                              postgresql=not args.no_postgresql)
     print(f"an upgrade, its no-op re-run, then {args.verifies} verify runs ({args.checks} check events each); "
           "ms per question (median):")
     print(f"  {'backend':<24} {'question':<20} {'query':>9} {'scan all':>10} {'scan / query':>13}")

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from overhaul.state import ResultRecord, RunRecord, SQLiteState, State
+from backends import on_each_backend
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from overhaul.state import ResultRecord, RunRecord, State
 
 
 def one_pair(state: State, token: str, run_id: str, stage: int, host: str) -> None:
@@ -63,23 +60,8 @@ def main() -> None:
     parser.add_argument("--dir", default=".overhaul")
     parser.add_argument("--no-postgresql", action="store_true", help="measure the embedded file only")
     args = parser.parse_args()
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
-    results = {}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results["sqlite (WAL, synchronous=FULL)"] = measure(SQLiteState(Path(tmp) / "journal.sqlite"), args.pairs,
-                                                            args.hosts)
-    if not args.no_postgresql:
-        from pgserver import PgServer
-
-        from overhaul.state.postgresql import PostgresState
-
-        server = PgServer()
-        try:
-            state = PostgresState(server.database(), server.password)
-            results["postgresql on 127.0.0.1"] = measure(state, args.pairs, args.hosts)
-            state.close()
-        finally:
-            server.close()
+    results = on_each_backend(lambda state: measure(state, args.pairs, args.hosts), args.dir,
+                              "sqlite (WAL, synchronous=FULL)", postgresql=not args.no_postgresql)
     print(f"{args.pairs} (stage, host) pairs, a fenced start and an end each; ms per pair:")
     print(f"  {'backend':<32} {'one at a time':>14} {f'{args.hosts} hosts at once':>18} {'lease round trip':>17}")
     for name, numbers in results.items():

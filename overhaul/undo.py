@@ -59,26 +59,9 @@ def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
         hosts = changed.get(planned.index)
         if not hosts or planned.step.read_only or planned.hook:  # a hook (maintenance mode, say) is not the change
             continue
-        cut = sorted(host for host, remembered in hosts.items() if redacted_in(remembered))
-        if cut:
-            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
-                           f"{', '.join(cut)}, and what it remembered to take that back holds a secret's value "
-                           "(redacted in the journal): it cannot be undone from the journal")
-            continue
-        unreadable = sorted(host for host, remembered in hosts.items() if not_json_in(remembered))
-        if unreadable:
-            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
-                           f"{', '.join(unreadable)}, and what it remembered to take that back was not JSON (not "
-                           "journaled): it cannot be undone from the journal")
-            continue
-        if planned.step.reversible is None:
-            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
-                           f"{', '.join(hosts)}, and its step does not say whether its change can be undone "
-                           f"({UNDECIDED})")
-            continue
-        if not planned.step.reversible:
-            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed "
-                           f"{', '.join(hosts)} and cannot be undone: {irreversible(planned)}")
+        why = cannot_undo(planned, hosts)
+        if why:
+            blocked.append(f"stage {planned.index + 1} {planned.stage.name} ({planned.step.name}) changed {why}")
             continue
         stage = planned.stage.model_copy(update={
             "name": f"undo {planned.stage.name}", "confirm": False, "on_failure": "stop", "max_failures": "100%",
@@ -88,6 +71,24 @@ def undo_plan(plan: Plan, results: list[HostResult]) -> UndoPlan:
         stages.append(PlannedStage(plan.next_index + len(stages), stage, undo_step(planned.step, hosts), params))
     undo = Plan(plan.runbook, plan.inventory, plan.run_params, [] if blocked else stages, plan.redactor, plan.limit)
     return UndoPlan(undo, blocked, remembered)
+
+
+def cannot_undo(planned: PlannedStage, hosts: dict[str, dict[str, Any]]) -> str | None:
+    """Why the changes `planned` made on `hosts` (each with what it remembered) cannot be undone from the journal,
+    as the end of "stage N NAME (STEP) changed ..."; None when they can."""
+    cut = sorted(host for host, remembered in hosts.items() if redacted_in(remembered))
+    if cut:
+        return (f"{', '.join(cut)}, and what it remembered to take that back holds a secret's value (redacted in the "
+                "journal): it cannot be undone from the journal")
+    unreadable = sorted(host for host, remembered in hosts.items() if not_json_in(remembered))
+    if unreadable:
+        return (f"{', '.join(unreadable)}, and what it remembered to take that back was not JSON (not journaled): it "
+                "cannot be undone from the journal")
+    if planned.step.reversible is None:
+        return f"{', '.join(hosts)}, and its step does not say whether its change can be undone ({UNDECIDED})"
+    if not planned.step.reversible:
+        return f"{', '.join(hosts)} and cannot be undone: {irreversible(planned)}"
+    return None
 
 
 def undo_step(step: type[Step], remembered: dict[str, dict[str, Any]]) -> type[Step]:
