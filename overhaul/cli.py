@@ -132,10 +132,25 @@ def crash_log(exc: BaseException) -> Path:
         private_dir(folder)
     path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     try:
-        write_private(path, f"overhaul {__version__}: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(exc)))
+        write_private(path, f"overhaul {__version__}: {' '.join(argv_shape(sys.argv[1:]))}\n"
+                      + "".join(traceback.format_exception(exc)))
     except OSError as error:
         return Path(f"(nowhere: {error})")
     return path
+
+
+def argv_shape(argv: list[str]) -> list[str]:
+    """The command line with every value left out (a --param may hold a secret): the task and the flags' names."""
+    shape, task_seen = [], False
+    for word in argv:
+        if word.startswith("-"):
+            shape.append(word.split("=", 1)[0] + ("=<value>" if "=" in word else ""))
+        elif not task_seen:
+            shape.append(word)
+            task_seen = True
+        else:
+            shape.append("<value>")
+    return shape
 
 
 def open_state(*, migrate: bool = False) -> State:
@@ -278,11 +293,15 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
     if "version" in planned.run_params and planned.runbook.runbook.name != ROLLBACK:  # back to what it ran: no promotion
         check_promotion(planned.inventory, str(planned.run_params["version"]))
     env = planned.inventory.environment
-    left = open_state().resumable(env)
+    state = open_state()
+    left = state.resumable(env)
     if left is not None and left.status in ("failed", "partial"):  # (an unfinished one refuses the run, naming it)
+        from overhaul.history import rollback_way
+
+        back = rollback_way(state, env, left)
         print(f"note: the last run of {env!r}, {left.id} ({left.runbook}), is {left.status}: what it changed is still "
               f"in place (a preflight may refuse on it). Its ways on: `overhaul resume --run {left.id}` after a repair, "
-              f"`overhaul undo --run {left.id}`, or `overhaul rollback --env {env}`", file=sys.stderr)
+              f"`overhaul undo --run {left.id}`" + (f", or `{back}`" if back else ""), file=sys.stderr)
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes, always_ask))
     finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view,
                               version_from=expected_version(planned.inventory.environment))))
@@ -412,8 +431,9 @@ def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir
               "backup_size": str(backup.size)}
     planned = load_plan(ROLLBACK, environment, hosts_dir, runbooks_dir, steps_dir, params)
     upgrade = source.upgrade
+    restored = "the database as restored then from" if source.already else "the database restored from"
     print(f"rollback of run {upgrade.id} ({upgrade.runbook} to {upgrade.params.get('version')}): back to "
-          f"{source.version}, the database restored from {backup.describe()}.\n{source.lost()}")
+          f"{source.version}, {restored} {backup.describe()}.\n{source.lost()}")
     if dry_run(c):
         return show_plan(planned, False, view=verbosity(verbose, quiet))
     execute(planned, yes, False, view=verbosity(verbose, quiet), always_ask=True)
@@ -557,6 +577,11 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         raise OverhaulError(f"run {record.id} was refused before any change: there is nothing to resume; once its "
                             "reasons are repaired (`overhaul show " + record.id + "`), start it again")
     if state.run_event(record.id, UNDO) is not None:  # its way on is the undo it started: continued, not resumed
+        forward = [flag for flag, given in (("--version", version), ("--param", param), ("--skip-unreachable",
+                                                                                       skip_unreachable)) if given]
+        if forward:
+            raise OverhaulError(f"run {record.id} was being undone: resume continues its undo, which takes no "
+                                f"{', '.join(forward)} (`overhaul undo --run {record.id}` says what it will take back)")
         print(f"run {record.id} was being undone: continuing its undo")
         return undo_run(state, record, yes, dry_run(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
     from overhaul.secrets import redacted_in
@@ -665,10 +690,14 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
     environment = record.environment
     later = History(state, environment).superseded(record, {r.host for r in own if r.outcome in ("changed", "failed")})
     if later:
+        from overhaul.history import rollback_way
+
         since = "; ".join(f"run {run_id} changed {', '.join(hosts)}" for run_id, hosts in later.items())
+        back = rollback_way(state, environment)
         raise Refused(f"run {record.id} was superseded: {since} after it. Undoing {record.id} would put back what it "
-                      f"found under what the later run did; nothing was undone. The way back from here: "
-                      f"`overhaul rollback --env {environment}`")
+                      "found under what the later run did; nothing was undone. The way back from here: "
+                      + (f"`{back}` (the last upgrade that changed a package)" if back else
+                         "none in the journal (no upgrade that changed a package): repair by hand"))
     undo = undo_plan(planned, list(journaled_results(state, record.id).values()))
     if undo.blocked:
         raise Refused("; ".join(undo.blocked) + f"; nothing was undone: the way back is `overhaul rollback --run {record.id}`")

@@ -37,7 +37,7 @@ from overhaul.report import console_report, describe_changes, summary
 from overhaul.runner import HostResult, Runner, RunResult
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
-from overhaul.state.records import LIMIT_EVENT
+from overhaul.state.records import EXCLUDED_EVENT, LIMIT_EVENT
 from overhaul.state.sql import machine_identity
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult, Transport
@@ -503,7 +503,10 @@ def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check
     elif result.failed and record is not None and record.mutating:
         left = {} if undoing[0] else left_part_way(plan, previous, result.results)
         if left:
-            print(ways_on(plan, record.id, left, [*previous.values(), *result.results]), file=stream)
+            from overhaul.history import rollback_way
+
+            way = rollback_way(state, record.environment, record) if state is not None else None
+            print(ways_on(plan, record.id, left, [*previous.values(), *result.results], way), file=stream)
         else:
             print(f"after repairing the cause, continue with: overhaul resume --env {environment} "
                   f"(or give the run up: overhaul abandon --run {record.id})", file=stream)
@@ -572,7 +575,8 @@ def left_part_way(plan: Plan, previous: dict[tuple[int, str], HostResult],
     return left
 
 
-def ways_on(plan: Plan, run_id: str, left: dict[str, tuple[list[str], list[str]]], results: list[HostResult]) -> str:
+def ways_on(plan: Plan, run_id: str, left: dict[str, tuple[list[str], list[str]]], results: list[HostResult],
+            rollback: str | None) -> str:
     """The last lines of a failed run that left hosts part-way: which, why, and each way on that applies to it."""
     from overhaul.undo import undo_plan
 
@@ -589,9 +593,8 @@ def ways_on(plan: Plan, run_id: str, left: dict[str, tuple[list[str], list[str]]
         lines.append(f"  (not `overhaul undo`: {'; '.join(blocked)})")
     else:
         lines.append(f"  or take back every change it made: overhaul undo --run {run_id}")
-    if any(result.facts.get("sha256") and result.facts.get("path") for result in results):
-        lines.append(f"  or go back to the version and data from before the upgrade (its backup): "
-                     f"overhaul rollback --env {environment}")
+    if rollback:  # (only a command that takes back this very run: never an older upgrade's backup)
+        lines.append(f"  or go back to the version and data from before the upgrade (its backup): {rollback}")
     return "\n".join(lines)
 
 
@@ -657,8 +660,7 @@ def _undo(runner: Runner, forward: RunResult, previous: dict[tuple[int, str], Ho
         print("not undone (nothing was taken back; a half-undone farm is worse than a stopped one):", file=stream)
         for line in undo.blocked:
             print(f"  {line}", file=stream)
-        print(f"the way back: overhaul rollback --env {runner.plan.inventory.environment}", file=stream)
-        return forward
+        return forward  # (the run's last lines say the ways on, a rollback among them when there is one)
     print(f"undoing: {len(undo.plan.stages)} stage(s) to take back, latest first", file=stream, flush=True)
     on_start()
     undone = _then(runner, forward, undo.plan.stages, stages, previous)
@@ -684,7 +686,7 @@ def _journal_end(state: State, record: RunRecord, result: RunResult | None, resu
     With a `fence` (the run's lease) the status is written only while the lease is still this run's (else LockLost,
     nothing written); its events follow it, so that a run that lost its lease writes none of them either."""
     environment = record.environment
-    events = [("excluded", f"{host}: {why}") for host, why in (result.preflight.excluded.items()
+    events = [(EXCLUDED_EVENT, f"{host}: {why}") for host, why in (result.preflight.excluded.items()
                                                               if result is not None and result.preflight else ())]
     if result is not None and result.refused and not result.interrupted:  # Ctrl-C at the gate: interrupted (130)
         if resumed:  # as before this attempt: still resumable

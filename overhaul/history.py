@@ -11,7 +11,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from overhaul.errors import OverhaulError
 from overhaul.state import RunRecord, State
@@ -44,9 +44,13 @@ class RollbackSource:
     upgrade: RunRecord
     version: str
     backup: Backup
+    already: RunRecord | None = None  # a successful rollback of it since (its backup restored then: not again)
 
     def lost(self) -> str:
         """The exact loss, said before asking."""
+        if self.already is not None:
+            return (f"Already rolled back by run {self.already.id}: the backup was restored then and is not restored "
+                    "again (nothing written since is lost); the rest is checked and repaired where it drifted.")
         if self.backup.taken is None:
             return (f"LOST: everything written to the database after {self.backup.path} was dumped (its dump time is "
                     "not in its name; check the file's time on the host before answering)")
@@ -89,7 +93,8 @@ class History:
     def rollback_source(self, record: RunRecord | None = None) -> RollbackSource:
         """What a rollback takes back: `record` if given, else the newest upgrade that changed a package (a no-op
         re-run changed nothing: it is never the one). A rollback repeated changes nothing (its restore is done once)."""
-        newest = self.state.last_changing_run(self.environment, UPGRADE, PREVIOUS)
+        candidates = self.state.changing_runs(self.environment, UPGRADE, PREVIOUS, 5)
+        newest = next((run for run in candidates if versions_found(self.state, run)), None)
         if record is None:
             if newest is None:
                 raise OverhaulError(f"no upgrade of {self.environment!r} changed a package in {self.state.url}: "
@@ -97,7 +102,12 @@ class History:
             record = newest
         elif record.runbook != UPGRADE:
             raise OverhaulError(f"run {record.id} is a {record.runbook!r} run: only an upgrade is rolled back")
-        return rollback_source(self.state, record, newest)
+        elif record.status in ("rolled back", "refused"):
+            raise OverhaulError(f"run {record.id} is {record.status}: it left nothing to roll back")
+        source = rollback_source(self.state, record, newest)
+        done = [run for run in self.state.whole_runs(self.environment, ROLLBACK, "succeeded")
+                if run.started > record.started and run.params.get("backup") == source.backup.path]
+        return replace(source, already=done[0]) if done else source
 
     def superseded(self, record: RunRecord, hosts: set[str]) -> dict[str, list[str]]:
         """Later runs that changed any of `hosts` (those `record` changed): later run id -> the hosts, newest first.
@@ -114,8 +124,7 @@ def rollback_source(state: State, record: RunRecord, newest: RunRecord | None) -
     from overhaul.secrets import redacted_in
 
     results = state.results(record.id)
-    found = {str(version) for r in results for version in (r.facts.get(PREVIOUS), remembered(r.facts).get(PREVIOUS))
-             if version}
+    found = versions_found(state, record, results)
     if not found:
         better = f"; the last upgrade that changed one is run {newest.id} (`overhaul rollback --run {newest.id}`)" \
             if newest is not None and newest.id != record.id else ""
@@ -136,6 +145,22 @@ def rollback_source(state: State, record: RunRecord, newest: RunRecord | None) -
     taken = float(calendar.timegm(time.strptime(named.group(1), "%Y%m%dT%H%M%SZ"))) if named else None
     backup = Backup(str(facts["path"]), str(facts["sha256"]), int(facts["size"]), taken, named.group(2) if named else "")
     return RollbackSource(record, found.pop(), backup)
+
+
+def versions_found(state: State, record: RunRecord, results: list | None = None) -> set[str]:
+    """The versions `record`'s package changes found on its hosts (what a rollback goes back to)."""
+    return {str(version) for r in (state.results(record.id) if results is None else results)
+            for version in (r.facts.get(PREVIOUS), remembered(r.facts).get(PREVIOUS)) if version}
+
+
+def rollback_way(state: State, environment: str, record: RunRecord | None = None) -> str | None:
+    """The command that rolls back `record` (or the environment's last upgrade that changed a package), or None
+    when the journal holds no such way back: never a hint that would restore some older upgrade's backup."""
+    try:
+        source = History(state, environment).rollback_source(record)
+    except OverhaulError:
+        return None
+    return f"overhaul rollback --run {source.upgrade.id}"
 
 
 def remembered(facts: dict) -> dict:

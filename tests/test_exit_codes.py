@@ -91,3 +91,10 @@ def test_a_bug_is_one_line_exit_70_and_its_traceback_in_a_private_log(lab, tmp_p
     assert stat.S_IMODE(log.stat().st_mode) == 0o600 and stat.S_IMODE(log.parent.stat().st_mode) == 0o700
     assert "Traceback" not in proc.stdout + proc.stderr
 
+
+
+def test_the_crash_log_keeps_the_command_line_without_its_values():
+    from overhaul.cli import argv_shape
+
+    assert argv_shape(["upgrade", "--env", "lab", "-p", "db_password=s3cret", "--param=token=abc", "--yes"]) == [
+        "upgrade", "--env", "<value>", "-p", "<value>", "--param=<value>", "--yes"]

@@ -42,12 +42,22 @@ def test_a_stale_token_writes_no_pair_end_and_no_status(tmp_path):
     assert state.results("r1") == rows and state.commands("r1") == commands  # nothing of the laptop's was written
     assert state.run("r1").status == "succeeded" and state.run("r1").ended == 30.0
 
-    state.release(new)  # and a lease that merely expired is no longer a fence either
+    # A lease that merely expired (the state database was away longer than the lease) is still the run's until
+    # someone takes it: the ends of what it did are written, but no new pair starts on it.
+    state.release(new)
     expired, _ = state.acquire("lab", "r2", "laptop")
+    state.start_run(RunRecord("r2", "upgrade", "", "", "lab", {}, "laptop", time.time()))
     time.sleep(0.4)
+    state.record(ResultRecord("r2", 0, "stop services", "app1", "changed", 1, 1.0, 2.0, "stopped"),
+                 fence=("lab", expired.token))
+    state.set_status("r2", "failed", 40.0, fence=("lab", expired.token))
+    assert state.run("r2").status == "failed" and [r.outcome for r in state.results("r2")] == ["changed"]
     with pytest.raises(LockLost):
-        state.set_status("r1", "failed", 40.0, fence=("lab", expired.token))
-    assert state.run("r1").status == "succeeded"
+        state.start_pair(ResultRecord("r2", 1, "upgrade package", "app1", "running"), "lab", expired.token)
+    state.acquire("lab", "r3", "ci-runner")  # taken over: from now on, nothing of the laptop's is written
+    with pytest.raises(LockLost):
+        state.set_status("r2", "interrupted", None, fence=("lab", expired.token))
+    assert state.run("r2").status == "failed" and state.run("r1").status == "succeeded"
     state.record(late)  # unfenced (a verify holds no lease): written as before
     assert [r.message for r in state.results("r1")] == ["reconfigured by the laptop"]
 

@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import overhaul_cli, write
 
+from overhaul.errors import OverhaulError
 from overhaul.history import History, find_run
 from overhaul.lab import faults
 from overhaul.state import ResultRecord, RunRecord, SQLiteState
@@ -136,7 +138,8 @@ def test_undo_asks_first_and_refuses_a_run_a_later_run_superseded(fresh_lab, tmp
     assert refused.returncode == 3, refused.stdout + refused.stderr
     message = " ".join(refused.stderr.split())
     assert f"run {old.id} was superseded: run {later.id} changed app1 after it" in message
-    assert "nothing was undone" in message and "overhaul rollback --env lab" in message
+    assert "nothing was undone" in message  # and no rollback offered: no upgrade of this farm changed a package
+    assert "none in the journal (no upgrade that changed a package): repair by hand" in message
     assert states(lab, "app1") == {"STOPPED"} and journal.run(old.id).status == "failed"
     assert [r.id for r in journal.runs("lab")] == [later.id, old.id]  # no run was started for the refused undo
     lab.host("app1").exec("scalr-server-manage start all")
@@ -203,3 +206,18 @@ def test_thousands_of_verify_runs_after_an_upgrade_do_not_hide_it(backend):
     state.start_run(later)
     state.record(ResultRecord(later.id, 1, "stop services", "db1", "changed", 1, now, now + 2, "", "", {}))
     assert history.superseded(upgrade, {"db1", "app1"}) == {later.id: ["db1"]}
+    # An upgrade that was undone (rolled back) left nothing to roll back: it is never the one picked.
+    state.record(ResultRecord(later.id, 2, "upgrade package", "db1", "changed", 1, now, now + 2, "", "",
+                              {"version": "1.2.0", "previous": "1.1.0"}))
+    state.set_status(later.id, "rolled back", now + 90_100)
+    assert history.rollback_source().upgrade.id == upgrade.id and history.rollback_source().already is None
+    # Once rolled back (its backup restored), a repeat says so instead of a loss that will not happen.
+    rollback = RunRecord("20261204T000000-dddddd", "rollback", "/r/rollback.yaml", "0" * 64, "staging",
+                         {"version": "1.0.0", "backup": backup["path"]}, "me", now + 95_000, now + 95_060, "succeeded")
+    state.start_run(rollback)
+    source = history.rollback_source()
+    assert source.already is not None and source.already.id == rollback.id
+    assert source.lost().startswith(f"Already rolled back by run {rollback.id}: the backup was restored then")
+    assert history.expected_version() == "1.0.0"
+    with pytest.raises(OverhaulError, match="no run"):  # a prefix is matched as written, on both backends
+        find_run(state, rerun.id[:9].lower())

@@ -88,7 +88,7 @@ def test_an_upgrade_that_fails_after_stopping_services_names_the_hosts_down_and_
         f"the ways on (run {run.id}):",
         "  repair the cause, then finish the run: overhaul resume --env lab",
         f"  or take back every change it made: overhaul undo --run {run.id}",
-        "  or go back to the version and data from before the upgrade (its backup): overhaul rollback --env lab"]
+        f"  or go back to the version and data from before the upgrade (its backup): overhaul rollback --run {run.id}"]
     for host in ("db1", "worker1", "app1"):  # what it says is so: every one of them is down
         assert states(lab, host) == {"STOPPED"}, host
 

@@ -14,6 +14,7 @@ UNFINISHED = ("running", "interrupted")
 RESUMABLE = (*UNFINISHED, "failed", "partial")
 STATUSES = ("running", "interrupted", "succeeded", "partial", "failed", "rolled back", "refused", "abandoned")  # a run's
 LIMIT_EVENT = "limit"  # journal event: a run kept to some hosts (--limit), its detail the limit
+EXCLUDED_EVENT = "excluded"  # journal event: a host left out of a run as unreachable (--skip-unreachable)
 OUTCOMES = ("running", "ok", "changed", "failed", "skipped")  # a (stage, host) pair's (overhaul.step.Outcome, running)
 
 
@@ -163,10 +164,11 @@ class State(Protocol):
     def commands(self, run_id: str) -> list[CommandRecord]: ...
     # the environment's history: indexed queries over every run (overhaul.history reasons with them)
     def whole_runs(self, environment: str, runbook: str, status: str) -> list[RunRecord]:
-        """The mutating runs of `runbook` on the whole of `environment` (no --limit) that ended `status`, newest
-        first."""
-    def last_changing_run(self, environment: str, runbook: str, fact: str) -> RunRecord | None:
-        """The newest mutating run of `runbook` with a pair that changed its host (or failed) and remembered `fact`."""
+        """The mutating runs of `runbook` on the whole of `environment` (no --limit, no host left out as
+        unreachable) that ended `status`, newest first."""
+    def changing_runs(self, environment: str, runbook: str, fact: str, limit: int) -> list[RunRecord]:
+        """The newest `limit` mutating runs of `runbook` (not rolled back, not refused) with a pair that changed its
+        host (or failed) and whose facts name `fact`, newest first."""
     def later_changes(self, environment: str, after: float, hosts: Iterable[str], but: str) -> list[tuple[str, str]]:
         """(run id, host) of each pair that changed (or failed on) one of `hosts` in a mutating run of `environment`
         started after `after`, other than run `but`; newest run first."""

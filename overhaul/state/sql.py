@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from overhaul.proc import alive, start_time
 from overhaul.state.records import (
+    EXCLUDED_EVENT,
     LIMIT_EVENT,
     RESUMABLE,
     UNFINISHED,
@@ -224,23 +225,27 @@ class SQLState:
 
     def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
         def write(execute: Execute) -> None:
-            self._hold(execute, (environment, token), f"starting {result.stage!r} on {result.host}")
+            self._hold(execute, (environment, token), f"starting {result.stage!r} on {result.host}", live=True)
             execute(_upsert_result(), _result_row(result))
         self._transaction(write)
         self._journaled()
 
-    def _hold(self, execute: Execute, fence: tuple[str, str] | None, doing: str) -> None:
+    def _hold(self, execute: Execute, fence: tuple[str, str] | None, doing: str, live: bool = False) -> None:
         """In a write's transaction, before it writes: LockLost (the transaction then writes nothing) unless the
-        lease of `fence` (environment, token) is still that token's and live. The row lock (FOR SHARE; SQLite's
-        write transaction locks the whole file) makes a concurrent takeover wait until this transaction ends."""
+        lease of `fence` (environment, token) is still that token's (and, with `live`, unexpired: a new pair starts
+        only on a live lease). A takeover or `unlock --force` always replaces the token; a lease that merely expired
+        (the state database was away longer than the lease) is still the run's until someone takes it, so the ends
+        of what it did are written. The row lock (FOR SHARE; SQLite's write transaction locks the whole file) makes
+        a concurrent takeover wait until this transaction ends."""
         if fence is None:
             return
         environment, token = fence
-        _, held = execute(f"SELECT 1 FROM locks WHERE environment = ? AND token = ? AND expires > {self.now} "
-                          f"{self.for_share}", (environment, token))
+        unexpired = f"AND expires > {self.now} " if live else ""
+        _, held = execute(f"SELECT 1 FROM locks WHERE environment = ? AND token = ? {unexpired}{self.for_share}",
+                          (environment, token))
         if not held:
-            raise LockLost(f"this run no longer holds the lease of {environment!r} (taken over or expired): "
-                           f"not {doing}")
+            why = "taken over or expired" if live else "taken over, or unlocked by force"
+            raise LockLost(f"this run no longer holds the lease of {environment!r} ({why}): not {doing}")
 
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
         self._write("INSERT INTO events (at, environment, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
@@ -299,14 +304,14 @@ class SQLState:
     # -- the environment's history (overhaul.history) -----------------------------------------------
     def whole_runs(self, environment: str, runbook: str, status: str) -> list[RunRecord]:
         return self._runs("WHERE environment = ? AND runbook = ? AND status = ? AND mutating AND NOT EXISTS ("
-                          "SELECT 1 FROM events WHERE events.run_id = runs.id AND events.kind = ?) "
-                          "ORDER BY started DESC", (environment, runbook, status, LIMIT_EVENT))
+                          "SELECT 1 FROM events WHERE events.run_id = runs.id AND events.kind IN (?, ?)) "
+                          "ORDER BY started DESC", (environment, runbook, status, LIMIT_EVENT, EXCLUDED_EVENT))
 
-    def last_changing_run(self, environment: str, runbook: str, fact: str) -> RunRecord | None:
-        runs = self._runs("WHERE environment = ? AND runbook = ? AND mutating AND EXISTS (SELECT 1 FROM results WHERE "
-                          "results.run_id = runs.id AND results.outcome IN ('changed', 'failed') AND results.facts "
-                          "LIKE ?) ORDER BY started DESC LIMIT 1", (environment, runbook, f'%"{fact}"%'))
-        return runs[0] if runs else None
+    def changing_runs(self, environment: str, runbook: str, fact: str, limit: int) -> list[RunRecord]:
+        return self._runs("WHERE environment = ? AND runbook = ? AND mutating AND status NOT IN ('rolled back', "
+                          "'refused') AND EXISTS (SELECT 1 FROM results WHERE results.run_id = runs.id AND "
+                          "results.outcome IN ('changed', 'failed') AND results.facts LIKE ?) ORDER BY started DESC "
+                          "LIMIT ?", (environment, runbook, f'%"{fact}"%', limit))
 
     def later_changes(self, environment: str, after: float, hosts: Iterable[str], but: str) -> list[tuple[str, str]]:
         hosts = list(hosts)
@@ -331,7 +336,7 @@ class SQLState:
     def runs_starting(self, prefix: str, limit: int) -> list[RunRecord]:
         if not RUN_ID.fullmatch(prefix):
             return []  # (no run id has another character, nor a LIKE wildcard)
-        return self._runs("WHERE id LIKE ? ORDER BY started DESC LIMIT ?", (prefix + "%", limit))
+        return self._runs("WHERE substr(id, 1, ?) = ? ORDER BY started DESC LIMIT ?", (len(prefix), prefix, limit))
 
     # -- claims: one run per key (e.g. per environment and night), even after the run ended ------
     def claim(self, key: str, holder: str, run_id: str, expires: float) -> dict | None:
