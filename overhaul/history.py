@@ -93,13 +93,19 @@ class History:
     def rollback_source(self, record: RunRecord | None = None) -> RollbackSource:
         """What a rollback takes back: `record` if given, else the newest upgrade that changed a package (a no-op
         re-run changed nothing: it is never the one). A rollback repeated changes nothing (its restore is done once)."""
+        rebuilt = self.state.last_event(self.environment, REBUILT)
+        since = rebuilt[0] if rebuilt else 0.0  # a rebuilt farm's hosts (and backups) are new: older runs are moot
         candidates = self.state.changing_runs(self.environment, UPGRADE, PREVIOUS, 5)
-        newest = next((run for run in candidates if versions_found(self.state, run)), None)
+        newest = next((run for run in candidates if run.started > since and versions_found(self.state, run)), None)
         if record is None:
             if newest is None:
-                raise OverhaulError(f"no upgrade of {self.environment!r} changed a package in {self.state.url}: "
-                                    "nothing to roll back")
+                after = f" since it was rebuilt {when(since)}" if rebuilt else ""
+                raise OverhaulError(f"no upgrade of {self.environment!r} changed a package{after} in "
+                                    f"{self.state.url}: nothing to roll back")
             record = newest
+        elif record.started < since:
+            raise OverhaulError(f"run {record.id} is older than the rebuild of {self.environment!r} ({when(since)}): "
+                                "its hosts and backups are gone; nothing to roll back")
         elif record.runbook != UPGRADE:
             raise OverhaulError(f"run {record.id} is a {record.runbook!r} run: only an upgrade is rolled back")
         elif record.status in ("rolled back", "refused"):

@@ -221,3 +221,9 @@ def test_thousands_of_verify_runs_after_an_upgrade_do_not_hide_it(backend):
     assert history.expected_version() == "1.0.0"
     with pytest.raises(OverhaulError, match="no run"):  # a prefix is matched as written, on both backends
         find_run(state, rerun.id[:9].lower())
+    # A farm rebuilt since (new hosts, new disks): the upgrades before it have nothing left to roll back.
+    state.event("staging", "rebuilt", "1.0.0")
+    with pytest.raises(OverhaulError, match="no upgrade of 'staging' changed a package since it was rebuilt "):
+        history.rollback_source()
+    with pytest.raises(OverhaulError, match=f"run {upgrade.id} is older than the rebuild of 'staging'"):
+        history.rollback_source(upgrade)
