@@ -186,14 +186,19 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 
 
 def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_dir: str,
-              params: dict[str, Any], flags: dict[str, str] | None = None, limit: str = "") -> Plan:
-    """Everything that can be checked without touching a host, checked; then `latest` resolved, once."""
+              params: dict[str, Any], flags: dict[str, str] | None = None, limit: str = "",
+              if_declared: dict[str, Any] | None = None) -> Plan:
+    """Everything that can be checked without touching a host, checked; then `latest` resolved, once.
+
+    `if_declared`: more parameters, each given only when the runbook declares it and the value is known."""
     from overhaul.inventory import load_inventory
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
 
     inventory = load_inventory(need(env, "--env"), Path(hosts_dir))
     loaded = load_runbook(runbook, Path(runbooks_dir))
+    params = {**params, **{name: value for name, value in (if_declared or {}).items()
+                           if value is not None and name in loaded.runbook.params}}
     plan = build_plan(loaded, inventory, registry(steps_dir), params, flags, limit)
     if plan.run_params.get("version") == "latest":
         version = newest_available(inventory)
@@ -303,8 +308,8 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
               f"in place (a preflight may refuse on it). Its ways on: `overhaul resume --run {left.id}` after a repair, "
               f"`overhaul undo --run {left.id}`" + (f", or `{back}`" if back else ""), file=sys.stderr)
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes, always_ask))
-    finish(exit_code(run_plan(planned, confirm=ask(yes), gate=gate, verbosity=view,
-                              version_from=expected_version(planned.inventory.environment))))
+    finish(exit_code(run_plan(planned, confirm=ask(yes), state=state, gate=gate, verbosity=view,
+                              version_from=expected_version(state, env))))
 
 
 @command(positional=("runbook",), iterable=("param",), help={
@@ -500,12 +505,10 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
 
     if no_checks and checks_only:
         raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
-    from overhaul.runbook import load_runbook
-
-    expected = expected_version(need(env, "--env"))
-    declared = "expected_version" in load_runbook("verify", Path(runbooks_dir)).runbook.params  # (yours may not)
-    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir,
-                        {"expected_version": expected} if expected and declared else {}, limit=limit)
+    state = open_state()
+    expected = expected_version(state, need(env, "--env"))
+    planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}, limit=limit,
+                        if_declared={"expected_version": expected})  # (your own verify runbook may not declare it)
     folder = Path(checks or planned.inventory.checks or "checks")
     if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
@@ -515,7 +518,7 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
                                              {"expected_version": expected}) \
         if folder.is_dir() and not no_checks else None
     try:
-        result = None if checks_only else run_plan(planned, mutating=False, show_summary=False,  # one summary below
+        result = None if checks_only else run_plan(planned, mutating=False, state=state, show_summary=False,  # one summary below
                                                    verbosity=verbosity(verbose, quiet), transport=transport)
         cases = verification.runbook_cases(result) if result is not None else []
         if checking is not None:
@@ -533,7 +536,6 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     failed = any(case.status == "failed" for case in cases)
     code = (exit_code(result) if result is not None else 0) or (1 if failed else 0)
     if result is not None and result.run_id:
-        state = open_state()
         for case in cases:  # the testinfra checks' results belong to the run too (`overhaul show`)
             if case.source != "runbook":
                 state.event(env, CHECK, dumps({"check": case.check, "host": case.host, "status": case.status,
@@ -543,11 +545,11 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     finish(code)
 
 
-def expected_version(env: str) -> str | None:
+def expected_version(state: State, env: str) -> str | None:
     """The version `env` should run, as far as its journal knows (None: unknown)."""
     from overhaul.history import History
 
-    return History(open_state(), env).expected_version()
+    return History(state, env).expected_version()
 
 
 @command(iterable=("param",), help={
@@ -599,7 +601,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
     finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate,
-                              verbosity=verbosity(verbose, quiet), version_from=expected_version(record.environment))))
+                              verbosity=verbosity(verbose, quiet), version_from=expected_version(state, record.environment))))
 
 
 def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str,
@@ -608,7 +610,7 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: s
 
     A parameter the journal holds redacted (a secret's value was in it) must be `given` again: the run is never
     rebuilt with the mark in place of the value."""
-    from overhaul.execution import LIMIT, file_sha256, recorded, recorded_hosts
+    from overhaul.execution import LIMIT, file_sha256, recorded_hosts
     from overhaul.inventory import load_inventory
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
@@ -629,7 +631,7 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: s
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
     planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
-                         limit=recorded(state, record, LIMIT) or "")
+                         limit=state.run_event(record.id, LIMIT) or "")
     for name, value in record.params.items():
         if secret_name(value):
             planned.redactor.add(params[name])
@@ -663,10 +665,11 @@ def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", st
 
     Refused (nothing undone) when a stage that changed something cannot be undone: `overhaul rollback` then.
     """
+    from overhaul.state.records import RESUMABLE
+
     state = open_state()
     record = journaled_run(state, need(run, "--run"))
-    if record.status not in ("running", "failed", "interrupted", "partial", "abandoned", "rolled back") \
-            or not record.mutating:
+    if record.status not in (*RESUMABLE, "abandoned", "rolled back") or not record.mutating:
         raise OverhaulError(f"run {record.id} is {record.status}: only a failed, partial, interrupted or abandoned run "
                             "is undone")
     undo_run(state, record, yes, dry_run(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
@@ -676,12 +679,13 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
     """Take back what `record` changed, after saying what and asking; refused (exit 3) with nothing changed when a
     later run changed its hosts since, or a change cannot be undone. A killed undo is continued by this again:
     each change is taken back once (an undo pair is skipped once its check confirms it holds)."""
-    from overhaul.execution import exit_code, journaled_results, run_plan
+    from overhaul.execution import exit_code, host_results, run_plan
     from overhaul.history import History
     from overhaul.undo import undo_plan
 
     planned = journaled_plan(state, record, hosts_dir, steps_dir, "undo it")
-    own = [r for r in state.results(record.id) if r.stage_index < len(planned.stages)]
+    results = state.results(record.id)
+    own = [r for r in results if r.stage_index < len(planned.stages)]
     cut = [f"{r.stage} on {r.host}" for r in own
            if r.outcome == "running" and not planned.stages[r.stage_index].step.read_only]
     if cut:
@@ -698,7 +702,7 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
                       "found under what the later run did; nothing was undone. The way back from here: "
                       + (f"`{back}` (the last upgrade that changed a package)" if back else
                          "none in the journal (no upgrade that changed a package): repair by hand"))
-    undo = undo_plan(planned, list(journaled_results(state, record.id).values()))
+    undo = undo_plan(planned, list(host_results(results).values()))
     if undo.blocked:
         raise Refused("; ".join(undo.blocked) + f"; nothing was undone: the way back is `overhaul rollback --run {record.id}`")
     print(f"undo of run {record.id} ({record.runbook} on {environment}), latest stage first:")
@@ -715,7 +719,7 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
                             "undo asks first, on every environment: review the above, then run with --yes"):
             raise Refused("not confirmed: nothing was undone")
     finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=view,
-                              version_from=expected_version(environment))))
+                              version_from=expected_version(state, environment))))
 
 
 def journaled_run(state: State, run_id: str) -> RunRecord:
@@ -729,11 +733,12 @@ def journaled_run(state: State, run_id: str) -> RunRecord:
 def abandon(c, run=""):
     """Mark an unfinished run abandoned, so a new upgrade may start (the journal keeps it)."""
     from overhaul.execution import operator
+    from overhaul.state.records import RESUMABLE
     from overhaul.state.sql import holder_gone
 
     state = open_state()
     record = journaled_run(state, need(run, "--run"))
-    if record.status not in ("running", "interrupted", "failed", "partial"):
+    if record.status not in RESUMABLE:
         raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
     lock = state.lock(record.environment)
     if lock is not None and lock.run_id == record.id and not holder_gone(lock):

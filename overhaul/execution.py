@@ -382,13 +382,8 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
 
 def recorded_hosts(state: State, record: RunRecord) -> list[dict] | None:
     """The hosts an inventory source found when the run started (None: the inventory has no source)."""
-    found = recorded(state, record, SOURCE_HOSTS)
+    found = state.run_event(record.id, SOURCE_HOSTS)
     return json.loads(found) if found is not None else None
-
-
-def recorded(state: State, record: RunRecord, kind: str) -> str | None:
-    """The detail of the run's first journal event of `kind` (None when there is none)."""
-    return state.run_event(record.id, kind)
 
 
 def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check_only: bool = False,
@@ -726,8 +721,13 @@ def exit_code(result: RunResult) -> int:
 
 
 def journaled_results(state: State, run_id: str) -> dict[tuple[int, str], HostResult]:
+    return host_results(state.results(run_id))
+
+
+def host_results(results: list[ResultRecord]) -> dict[tuple[int, str], HostResult]:
+    """The journaled pairs that ended, as the runner's results, by (stage index, host)."""
     return {
         (r.stage_index, r.host): HostResult(r.stage, r.host, Outcome(r.outcome), r.message, r.attempts, 0.0, r.facts,
                                             r.stage_index)
-        for r in state.results(run_id) if r.outcome != "running"
+        for r in results if r.outcome != "running"
     }

@@ -13,6 +13,7 @@ from overhaul.lab import Lab
 from overhaul.plan import Plan, build_plan
 from overhaul.runbook import load_runbook
 from overhaul.runner import Runner, RunResult
+from overhaul.state import RunRecord
 from overhaul.step import Registry
 from overhaul.transport import Transport
 
@@ -56,3 +57,27 @@ def run(runbook_yaml: str, tmp_path: Path, inventory: Inventory, *, check_only: 
 
 def outcomes(result: RunResult, stage: str) -> dict[str, str]:
     return {r.host: r.outcome.value for r in result.results if r.stage == stage}
+
+
+def installed_version(lab: Lab, host: str) -> str:
+    """The scalr-server version installed on a lab host, as dpkg says."""
+    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
+
+
+def program_states(lab: Lab, host: str) -> set[str]:
+    """The states of a lab host's supervised programs (RUNNING, STOPPED, FATAL...), as a set."""
+    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
+
+
+def failed_upgrade(lab: Lab, cwd: Path) -> RunRecord:
+    """An upgrade to a 1.1.1 whose install fails on every host, after the backup and the stop: exit 1, the run."""
+    from overhaul.lab import faults
+    from overhaul.state import SQLiteState
+
+    faults.publish_broken_package(lab.repo, "1.1.1")
+    failed = overhaul_cli(cwd, "upgrade", "--env", "lab", "--version", "1.1.1", "--yes",
+                          "--hosts-dir", str(lab.inventory.parent))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    [run] = SQLiteState(cwd / "journal.sqlite").runs("lab")
+    return run
+

@@ -14,22 +14,15 @@ import sys
 import time
 
 import pytest
-from helpers import overhaul_cli, write
+from helpers import failed_upgrade, installed_version, overhaul_cli, program_states, write
 
 from overhaul.errors import OverhaulError
 from overhaul.history import History, find_run
-from overhaul.lab import faults
 from overhaul.state import ResultRecord, RunRecord, SQLiteState
 
 HOSTS = ("db1", "worker1", "app1")
 
 
-def version(lab, host: str) -> str:
-    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
-
-
-def states(lab, host: str) -> set[str]:
-    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
 
 
 BACKUP_ONLY = """
@@ -73,12 +66,12 @@ def test_rollback_after_a_no_op_re_run_takes_back_the_real_upgrade_from_the_back
     assert f"LOST: everything written to the database after {dumped} (the dump's start)." in said
     assert "rollback asks first, on every environment: review the above, then run with --yes" in asked.stderr
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.1.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.1.0", {"RUNNING"}), host
 
     rolled = overhaul_cli(tmp_path, "rollback", "--env", "lab", "--yes", *hosts_dir)
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.0.0", {"RUNNING"}), host
     assert History(journal, "lab").expected_version() == "1.0.0"
     # The built-in verify checks every host's version against the one the journal expects.
     verified = overhaul_cli(tmp_path, "verify", "--env", "lab", "--no-checks", *hosts_dir)
@@ -121,14 +114,14 @@ def test_undo_asks_first_and_refuses_a_run_a_later_run_superseded(fresh_lab, tmp
     failed = overhaul_cli(tmp_path, "run", "maintenance", *common)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     [old] = journal.runs("lab")
-    assert states(lab, "app1") == {"STOPPED"}
+    assert program_states(lab, "app1") == {"STOPPED"}
 
     # Not protected, no terminal, no --yes: it says what it would do (and what each host had), then refuses.
     asked = overhaul_cli(tmp_path, "undo", "--run", old.id, "--hosts-dir", str(lab.inventory.parent))
     assert asked.returncode == 3, asked.stdout + asked.stderr
     assert re.search(r"undo stop services: app1 \(stopped [a-z-]+", asked.stdout), asked.stdout
     assert "undo asks first, on every environment" in asked.stderr
-    assert states(lab, "app1") == {"STOPPED"} and journal.run(old.id).status == "failed"
+    assert program_states(lab, "app1") == {"STOPPED"} and journal.run(old.id).status == "failed"
 
     marked = overhaul_cli(tmp_path, "run", "mark", *common)  # a later run changes app1
     assert marked.returncode == 0, marked.stdout + marked.stderr
@@ -140,19 +133,16 @@ def test_undo_asks_first_and_refuses_a_run_a_later_run_superseded(fresh_lab, tmp
     assert f"run {old.id} was superseded: run {later.id} changed app1 after it" in message
     assert "nothing was undone" in message  # and no rollback offered: no upgrade of this farm changed a package
     assert "none in the journal (no upgrade that changed a package): repair by hand" in message
-    assert states(lab, "app1") == {"STOPPED"} and journal.run(old.id).status == "failed"
+    assert program_states(lab, "app1") == {"STOPPED"} and journal.run(old.id).status == "failed"
     assert [r.id for r in journal.runs("lab")] == [later.id, old.id]  # no run was started for the refused undo
     lab.host("app1").exec("scalr-server-manage start all")
 
 
 def test_an_undo_killed_half_way_is_continued_by_undo_then_resume_each_change_taken_back_once(fresh_lab, tmp_path):
     lab = fresh_lab(3)
-    faults.publish_broken_package(lab.repo, "1.1.1")
+    run = failed_upgrade(lab, tmp_path)
     hosts_dir = ("--hosts-dir", str(lab.inventory.parent))
-    failed = overhaul_cli(tmp_path, "upgrade", "--env", "lab", "--version", "1.1.1", "--yes", *hosts_dir)
-    assert failed.returncode == 1, failed.stdout + failed.stderr
     journal = SQLiteState(tmp_path / "journal.sqlite")
-    [run] = journal.runs("lab")
     environ = dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite"))
     undo = [sys.executable, "-m", "overhaul", "undo", "--run", run.id, "--yes", *hosts_dir]
     for kill_after in (5, 9):  # in the middle of its first undo stage, then of its second
@@ -165,7 +155,7 @@ def test_an_undo_killed_half_way_is_continued_by_undo_then_resume_each_change_ta
     assert f"run {run.id} was being undone: continuing its undo" in resumed.stdout
     assert journal.run(run.id).status == "rolled back"
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.0.0", {"RUNNING"}), host
         # Installed back once: dpkg's own log on the host has one install of 1.0.0 after the run's start.
         log = lab.host(host).exec("cat /var/log/dpkg.log", check=False).stdout.splitlines()
         installs = [line for line in log if re.search(r" (upgrade|install) scalr-server:\S+ \S+ 1\.0\.0$", line)]

@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers import overhaul_cli, write
+from helpers import installed_version, overhaul_cli, program_states, write
 
 from overhaul.lab import faults
 from overhaul.state import SQLiteState
@@ -21,12 +21,6 @@ def cli(lab, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return overhaul_cli(cwd, *args, "--hosts-dir", str(lab.inventory.parent))
 
 
-def version(lab, host: str) -> str:
-    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
-
-
-def states(lab, host: str) -> set[str]:
-    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
 
 
 def test_resume_skipping_a_host_the_run_stopped_ends_partial_and_a_later_resume_finishes_it(fresh_lab, tmp_path):
@@ -44,7 +38,7 @@ def test_resume_skipping_a_host_the_run_stopped_ends_partial_and_a_later_resume_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     [run] = state.runs("lab")
-    assert states(lab, "app2") == {"STOPPED"}
+    assert program_states(lab, "app2") == {"STOPPED"}
 
     faults.stop_sshd(lab.host("app2"))  # app2 stops answering while the run is paused
     try:
@@ -59,16 +53,16 @@ def test_resume_skipping_a_host_the_run_stopped_ends_partial_and_a_later_resume_
         "once it answers, finish the run with: overhaul resume --env lab"]
     assert state.run(run.id).status == "partial"
     assert state.resumable("lab").id == run.id
-    assert states(lab, "app2") == {"STOPPED"}  # indeed left half-done: stopped, not reconfigured
+    assert program_states(lab, "app2") == {"STOPPED"}  # indeed left half-done: stopped, not reconfigured
     for host in ("db1", "worker1", "app1"):
-        assert version(lab, host) == "1.1.0" and states(lab, host) == {"RUNNING"}, host
+        assert installed_version(lab, host) == "1.1.0" and program_states(lab, host) == {"RUNNING"}, host
 
     finished = cli(lab, tmp_path, "resume", "--env", "lab")  # app2 answers again
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert f"run {run.id} succeeded in " in finished.stdout
     assert [(r.id, r.status) for r in state.runs("lab")] == [(run.id, "succeeded")]
     for host in ("db1", "worker1", "app1", "app2"):
-        assert version(lab, host) == "1.1.0" and states(lab, host) == {"RUNNING"}, host
+        assert installed_version(lab, host) == "1.1.0" and program_states(lab, host) == {"RUNNING"}, host
     upgrades = lab.host("app2").exec("grep -c 'upgrade scalr-server:all 1.0.0 1.1.0' /var/log/dpkg.log").stdout
     assert upgrades.strip() == "1"
 
@@ -90,7 +84,7 @@ def test_an_upgrade_that_fails_after_stopping_services_names_the_hosts_down_and_
         f"  or take back every change it made: overhaul undo --run {run.id}",
         f"  or go back to the version and data from before the upgrade (its backup): overhaul rollback --run {run.id}"]
     for host in ("db1", "worker1", "app1"):  # what it says is so: every one of them is down
-        assert states(lab, host) == {"STOPPED"}, host
+        assert program_states(lab, host) == {"STOPPED"}, host
 
 
 def test_a_failed_run_names_only_the_hosts_a_later_stage_left_unfinished_and_no_undo_it_cannot_do(lab, tmp_path):

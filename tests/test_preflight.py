@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import overhaul_cli, write
+from helpers import installed_version, overhaul_cli, program_states, write
 
 from overhaul.lab import faults
 from overhaul.state import SQLiteState
@@ -22,19 +22,13 @@ def cli(lab, cwd: Path, *args: str):
     return overhaul_cli(cwd, *args, "--hosts-dir", str(lab.inventory.parent))
 
 
-def states(lab, host: str) -> set[str]:
-    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
-
-
-def version(lab, host: str) -> str:
-    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
 
 
 def assert_untouched(lab, hosts=HOSTS, installed: str = "1.0.0") -> None:
     """Every program RUNNING, the package as it was, and no backup taken."""
     for host in hosts:
-        assert states(lab, host) == {"RUNNING"}, host
-        assert version(lab, host) == installed, host
+        assert program_states(lab, host) == {"RUNNING"}, host
+        assert installed_version(lab, host) == installed, host
     backups = lab.host("db1").exec("ls /var/backups/overhaul 2>/dev/null | wc -l", check=False).stdout.strip()
     assert backups == "0", "a backup was taken"
 
@@ -115,8 +109,8 @@ def test_skip_unreachable_leaves_the_host_out_of_the_whole_run_and_says_so(fresh
     top = proc.stdout.split("== stage 1")[0]
     assert "excluded from this run: app2: unreachable: connection refused after 3 attempts" in top
     for host in ("db1", "worker1", "app1"):
-        assert version(lab, host) == "1.1.0"
-    assert version(lab, "app2") == "1.0.0" and states(lab, "app2") == {"RUNNING"}
+        assert installed_version(lab, host) == "1.1.0"
+    assert installed_version(lab, "app2") == "1.0.0" and program_states(lab, "app2") == {"RUNNING"}
     state = SQLiteState(tmp_path / "journal.sqlite")
     [run] = state.runs("lab")
     assert run.status == "succeeded"
@@ -184,7 +178,7 @@ def test_a_reviewed_plan_applied_to_an_untouched_farm_runs_it(fresh_lab, tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "run succeeded" in proc.stdout
     for host in ("db1", "worker1", "app1"):
-        assert version(lab, host) == "1.1.0" and states(lab, host) == {"RUNNING"}
+        assert installed_version(lab, host) == "1.1.0" and program_states(lab, host) == {"RUNNING"}
     # The same plan again: the farm moved on (it was applied), so it is drift, not a second run.
     again = cli(lab, tmp_path, "apply", str(plan_file), "--yes")
     assert again.returncode == 3 and "refused: drift: db1: stage 3 upgrade package" in again.stdout

@@ -8,19 +8,13 @@ import subprocess
 import sys
 import time
 
-from helpers import overhaul_cli
+from helpers import installed_version, overhaul_cli, program_states
 
 from overhaul.state import SQLiteState
 
 HOSTS = ("db1", "worker1", "app1")
 
 
-def version(lab, host: str) -> str:
-    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
-
-
-def states(lab, host: str) -> set[str]:
-    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status").stdout.splitlines()}
 
 
 def query(lab, sql: str) -> str:
@@ -60,7 +54,7 @@ def test_rollback_refuses_an_altered_backup_then_restores_the_real_one_once(fres
     assert f"backup {backup['path']} does not match the journal" in " ".join(refused.stdout.split())
     assert journal.runs("lab")[0].status == "refused"
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.1.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.1.0", {"RUNNING"}), host
     db.exec(f"truncate -s {backup['size']} {backup['path']}")  # the file as the upgrade left it
 
     # `overhaul rollback` finds all of the above in the journal, and says what is lost before it starts. SIGKILLed
@@ -87,7 +81,7 @@ def test_rollback_refuses_an_altered_backup_then_restores_the_real_one_once(fres
     assert "after-restore" in query(lab, "SELECT name FROM scalr.farms")
     query(lab, "DELETE FROM scalr.farms WHERE name = 'after-restore'")
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.0.0", {"RUNNING"}), host
     assert query(lab, "SELECT version FROM scalr.schema_version") == "1.0.0"
     assert query(lab, "SELECT id, name FROM scalr.farms ORDER BY id") == farms_in_backup  # 'after-backup' is gone
     assert query(lab, "SELECT COUNT(*) FROM information_schema.columns WHERE column_name = 'launched_at'") == "0"

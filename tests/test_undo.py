@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from helpers import lab_inventory, overhaul_cli, plan_for
+from helpers import failed_upgrade, installed_version, lab_inventory, overhaul_cli, plan_for, program_states
 
 from overhaul.execution import file_sha256
 from overhaul.lab import faults
@@ -18,12 +18,6 @@ from overhaul.undo import undo_plan
 HOSTS = ("db1", "worker1", "app1")
 
 
-def version(lab, host: str) -> str:
-    return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
-
-
-def states(lab, host: str) -> set[str]:
-    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
 
 
 def upgrade_runbook(folder: Path, on_failure: str) -> Path:
@@ -53,7 +47,7 @@ def test_a_package_broken_on_one_tier_is_undone_and_the_run_ends_rolled_back(fre
     assert {host: pairs[("undo stop services", host)] for host in HOSTS} == dict.fromkeys(HOSTS, "changed")
     assert ("undo backup database", "db1") in pairs  # kept: a backup is harmless to keep, nothing to take back
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.0.0", {"RUNNING"}), host
     verified = overhaul_cli(tmp_path, "verify", "--env", "lab", "--no-checks", *hosts_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     # Undone again by hand: nothing left to take back, nothing changes; and a rolled-back run is not resumed.
@@ -69,21 +63,18 @@ def test_a_package_broken_on_one_tier_is_undone_and_the_run_ends_rolled_back(fre
 
 def test_undo_by_hand_takes_back_a_failed_run_that_stopped(fresh_lab, tmp_path):
     lab = fresh_lab(3)
-    faults.publish_broken_package(lab.repo, "1.1.1")
+    run = failed_upgrade(lab, tmp_path)
     hosts_dir = ("--hosts-dir", str(lab.inventory.parent))
-    failed = overhaul_cli(tmp_path, "upgrade", "--env", "lab", "--version", "1.1.1", "--yes", *hosts_dir)
-    assert failed.returncode == 1, failed.stdout + failed.stderr
     journal = SQLiteState(tmp_path / "journal.sqlite")
-    [run] = journal.runs("lab")
     assert run.status == "failed"
     for host in HOSTS:  # half-installed, everything stopped: the night the issue is about
-        assert states(lab, host) == {"STOPPED"}, host
+        assert program_states(lab, host) == {"STOPPED"}, host
     undone = overhaul_cli(tmp_path, "undo", "--run", run.id[:8], "--yes", *hosts_dir)
     assert undone.returncode == 0, undone.stdout + undone.stderr
     assert "undo upgrade package: db1 (previous 1.0.0), worker1 (previous 1.0.0), app1 (previous 1.0.0)" in undone.stdout
     assert journal.run(run.id).status == "rolled back"
     for host in HOSTS:
-        assert (version(lab, host), states(lab, host)) == ("1.0.0", {"RUNNING"}), host
+        assert (installed_version(lab, host), program_states(lab, host)) == ("1.0.0", {"RUNNING"}), host
 
 
 def test_an_irreversible_change_refuses_the_whole_undo(lab, tmp_path):
@@ -147,7 +138,7 @@ def test_hooks_run_around_the_stages_and_on_failure_after_the_undo(fresh_lab, tm
     assert run.status == "rolled back"  # the hook is not the change: left as is; the stopped services started again
     assert app1.exec("cat /root/maint-a").stdout.strip() == "on"  # after-hooks run only when every stage passed
     assert db1.exec("cat /root/status-a").stdout.strip() == "failed"
-    assert states(lab, "app1") == {"RUNNING"}
+    assert program_states(lab, "app1") == {"RUNNING"}
 
     passed = overhaul_cli(tmp_path, *args, "-p", "tag=b", "-p", "threshold=100")
     assert passed.returncode == 0, passed.stdout + passed.stderr
