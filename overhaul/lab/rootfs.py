@@ -7,6 +7,7 @@ The cache key is a hash of the recipe below: change a package and a new tree is 
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -49,6 +50,14 @@ def ensure_rootfs(log=print) -> Path:
     if (target / ".overhaul-complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers and labs started at once build it once
+        if not (target / ".overhaul-complete").exists():
+            _build(target, log)
+    return target
+
+
+def _build(target: Path, log) -> None:
     building = target.with_name(target.name + f".building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
     log(f"lab: building the {SUITE} root filesystem in {target} (once; a few minutes)")
@@ -62,7 +71,6 @@ def ensure_rootfs(log=print) -> Path:
     (building / ".overhaul-complete").write_text(cache_key() + "\n")
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)
-    return target
 
 
 def _run(argv: list[str]) -> None:
