@@ -4,17 +4,32 @@
 
 `@pytest.mark.roles("db")` keeps a test to hosts having one of those roles; the `overhaul_vars`
 fixture gives the host's inventory variables. Inert unless --overhaul-env is given.
+
+And the step author's contract kit (see overhaul.contract and docs/writing-steps.md), fixtures that do nothing
+unless a test asks for them: `overhaul_lab` (a lab of real hosts of the test's own; needs root),
+`step_contract` (a StepContract bound to it), `overhaul_lab_subnet` and `overhaul_lab_size` (override them in
+a conftest.py to place or size the lab).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from overhaul.contract import StepContract
+    from overhaul.lab import Lab
+
+# The contract kit's labs: 127.N.P.x, N in this range (Overhaul's own tests use 127.29-62, its benchmarks 127.77),
+# P from the process id, so parallel test processes (pytest-xdist) and labs of one process never share an address.
+LAB_SUBNETS = itertools.cycle(range(64, 77))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,3 +101,44 @@ def overhaul_vars(request: pytest.FixtureRequest) -> dict[str, Any]:
     values = inventory.host_vars(inventory.host(host_name(request.node)))
     extra = request.config.getoption("overhaul_vars")
     return {**json.loads(extra), **values} if extra else values
+
+
+@pytest.fixture
+def overhaul_lab_subnet() -> str:
+    """The three octets the `overhaul_lab` of a test listens on (127.64-76.P, P from the process id)."""
+    return f"127.{next(LAB_SUBNETS)}.{os.getpid() % 250}"
+
+
+@pytest.fixture
+def overhaul_lab_size() -> int:
+    """How many hosts `overhaul_lab` starts: db1, worker1, then app1, app2..."""
+    return 3
+
+
+@pytest.fixture
+def overhaul_lab(tmp_path_factory: pytest.TempPathFactory, overhaul_lab_subnet: str, overhaul_lab_size: int) -> Iterator[Lab]:
+    """A lab of real hosts for this test alone (environment `lab`, inventory `overhaul_lab.inventory`), torn down
+    after it. Each host is a Debian in its own namespaces with sshd, supervisord, the scalr-server fixture package
+    (1.0.0 installed, 1.1.0 in its apt repository) and MariaDB on db1. Needs root (skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("overhaul_lab starts real hosts (namespaces, mounts): it needs root")
+    from overhaul.lab import Lab
+
+    root = tmp_path_factory.mktemp("overhaul-lab")
+    lab = Lab(home=root / "lab", inventory=root / "hosts" / "lab.yaml", subnet=overhaul_lab_subnet, log=lambda _: None)
+    try:
+        lab.up(overhaul_lab_size)
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def step_contract(overhaul_lab: Lab, tmp_path: Path) -> StepContract:
+    """A StepContract on `overhaul_lab`: `step_contract.check("acme.program", {...}, hosts=["app1"])` proves a
+    step's whole contract there (preflight honest, idempotent, killed at every journal write then resumed, undo)."""
+    from overhaul.contract import StepContract
+
+    workdir = tmp_path / "contract"
+    workdir.mkdir(mode=0o700)
+    return StepContract(overhaul_lab, workdir)
