@@ -23,15 +23,18 @@ command each.
 journal) run on `FakeTransport`, which stands in for `overhaul.transport.Transport`: the `Runner` and
 `run_preflight` take it as they take the real one::
 
-    from overhaul.testing import Answer, FakeTransport, fake_inventory, fake_plan
+    from overhaul.testing import Answer, FakeTransport, fake_inventory, fake_plan, in_turn
 
-    inventory = fake_inventory({"db1": ["db"], "app1": ["app"], "app2": ["app"]})
-    plan = fake_plan({"name": "demo", "stages": [{"name": "touch", "step": "touch", "params": {"path": "/x"}}]},
-                     inventory, [Touch])
-    transport = FakeTransport(inventory, {"test -e": Answer(exited=1), "touch": Answer()},
-                              hosts={"app2": {"touch": Answer(exited=1, stderr="read-only")}}, unreachable=["db1"])
+    # Touch: a step whose check runs `test -e PATH` and whose apply runs `touch PATH`
+    inventory = fake_inventory({"db1": ["db"], "app1": ["app"]})
+    plan = fake_plan({"name": "demo", "stages": [{"name": "mark", "step": "touch", "params": {"path": "/x"},
+                                                  "max_failures": 1}]}, inventory, [Touch])
+    transport = FakeTransport(inventory, {"touch": Answer()},
+                              hosts={"db1": {"test -e": in_turn(Answer(exited=1), Answer())},
+                                     "app1": {"test -e": Answer(exited=1)}})
     result = Runner(plan, transport, sleep=lambda _: None).run()
-    assert transport.host("app1").commands == ["test -e /x", "touch /x", "test -e /x"]
+    assert [r.outcome.value for r in result.results] == ["changed", "failed"]  # app1: its verify never holds
+    assert transport.host("db1").commands == ["test -e /x", "touch /x", "test -e /x"]
 
 Each host answers from its own table (`hosts`) first, then from the common one; what it ran is recorded per host
 (`transport.host(name).commands`) and across hosts in order (`transport.commands`, (host, command) pairs). A host
@@ -40,7 +43,12 @@ as `{name: N}`, for its first N attempts; a reply may raise `HostUnreachable` to
 command). Several probes sent as one command (the preflight's and the runner's `prefetch`, an apply's
 `run_then_read`) and durable commands are unframed: each probe's command is answered and recorded on its own, and
 answered in the framing the engine reads back. A command no table answers fails its pair, the message naming the
-command (`transport.unanswered` lists them).
+command (`transport.unanswered` lists them). A reply in the common table is one object shared by every host (an
+`in_turn` there counts the calls of all hosts): give each host its own where it keeps state.
+
+The fake answers at once, where real hosts take milliseconds: in a parallel stage, a host's failure may come before
+the other hosts' pairs started, and a spent failure budget then skips them ("stage failure budget exceeded"). A test
+that needs every pair of a stage started first makes them wait for each other (a `threading.Barrier` in a reply).
 
 `fake_inventory` and `fake_plan` make the inventory and the plan from Python values, without files.
 """
