@@ -12,11 +12,12 @@ PYTHON ?= python3
 
 deps: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml examples/acme-steps/pyproject.toml
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e examples/acme-steps  # the example step package (docs/writing-steps.md), tested by make test
 	touch $@
 
 test: deps

@@ -189,7 +189,7 @@ class _Session:
         points = iter(wanted) if wanted is not None else iter(range(1, MAX_WRITES))
         for k in points:
             if report.kill_points or report.writes:  # the hosts are done: put them back as before the step
-                self.put_back(reset, k)
+                self.put_back(reset, f"before kill point {k}")
             killed = self.overhaul("run", RUNBOOK, "--yes", *self.common, kill_after=k)
             if killed.returncode != -signal.SIGKILL:
                 if wanted is None and killed.returncode == 0:  # fewer writes than k (never when counted below)
@@ -220,15 +220,16 @@ class _Session:
             report.kill_points.append(k)
         if wanted is None and not report.writes:
             raise ContractBroken(f"step {self.name}: a run made more than {MAX_WRITES} journal writes")
+        self.put_back(reset, "at the end")  # the hosts as the check found them: the next check starts from there
 
-    def put_back(self, reset: Callable[[], None] | None, k: int) -> None:
+    def put_back(self, reset: Callable[[], None] | None, when: str) -> None:
         """The hosts as before the step: its own undo of the newest run that changed them, else the caller's reset."""
         if self.step.read_only:
             return
         if self.has_undo:
             changed = [run for run in self.runs() if any(p.outcome == "changed" for p in self.pairs(run.id))]
             undo = self.undo(changed[0])
-            self.expect(undo, 0, f"before kill point {k}: `overhaul undo` (putting the hosts back)")
+            self.expect(undo, 0, f"{when}: `overhaul undo` (putting the hosts back)")
         else:
             assert reset is not None  # checked in prove()
             reset()

@@ -103,10 +103,28 @@ def overhaul_vars(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {**json.loads(extra), **values} if extra else values
 
 
+def next_lab_subnet() -> str:
+    """The next subnet of the contract kit's range: 127.N.P, N cycling over 64-76, P from the process id."""
+    return f"127.{next(LAB_SUBNETS)}.{os.getpid() % 250}"
+
+
+def start_lab(root: Path, subnet: str, hosts: int) -> Lab:
+    """A lab of `hosts` real hosts on `subnet`, its state in `root` (its inventory: root/hosts/lab.yaml)."""
+    from overhaul.lab import Lab
+
+    lab = Lab(home=root / "lab", inventory=root / "hosts" / "lab.yaml", subnet=subnet, log=lambda _: None)
+    try:
+        lab.up(hosts)
+    except BaseException:
+        lab.down()
+        raise
+    return lab
+
+
 @pytest.fixture
 def overhaul_lab_subnet() -> str:
     """The three octets the `overhaul_lab` of a test listens on (127.64-76.P, P from the process id)."""
-    return f"127.{next(LAB_SUBNETS)}.{os.getpid() % 250}"
+    return next_lab_subnet()
 
 
 @pytest.fixture
@@ -122,15 +140,9 @@ def overhaul_lab(tmp_path_factory: pytest.TempPathFactory, overhaul_lab_subnet: 
     (1.0.0 installed, 1.1.0 in its apt repository) and MariaDB on db1. Needs root (skipped otherwise)."""
     if os.geteuid() != 0:
         pytest.skip("overhaul_lab starts real hosts (namespaces, mounts): it needs root")
-    from overhaul.lab import Lab
-
-    root = tmp_path_factory.mktemp("overhaul-lab")
-    lab = Lab(home=root / "lab", inventory=root / "hosts" / "lab.yaml", subnet=overhaul_lab_subnet, log=lambda _: None)
-    try:
-        lab.up(overhaul_lab_size)
-        yield lab
-    finally:
-        lab.down()
+    lab = start_lab(tmp_path_factory.mktemp("overhaul-lab"), overhaul_lab_subnet, overhaul_lab_size)
+    yield lab
+    lab.down()
 
 
 @pytest.fixture
