@@ -7,6 +7,8 @@ APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg 
 # The tests start their own throw-away PostgreSQL cluster (the team state backend) from Debian's server.
 TEST_APT_PACKAGES := postgresql
 PYTHON ?= python3
+# The lab tests mostly wait on real hosts: spread over processes (each lab has its own subnet), 2 cores run 4.
+TEST_WORKERS ?= 4
 
 .PHONY: demo test deps lint lab-down docs
 
@@ -23,8 +25,9 @@ $(VENV)/.installed: pyproject.toml examples/acme-steps/pyproject.toml
 test: deps
 	@dpkg -s $(TEST_APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEST_APT_PACKAGES); }
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 docs: deps
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

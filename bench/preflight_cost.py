@@ -11,13 +11,12 @@ the per-round ratios to verify.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from overhaul.execution import Gate, run_plan
+from overhaul.execution import Execution, Gate
 from overhaul.inventory import load_inventory_file
 from overhaul.lab import Lab
 from overhaul.plan import Plan, build_plan
@@ -54,7 +53,7 @@ def timed_preflight(plan: Plan) -> float:
 
 def timed_upgrade(plan: Plan, state: SQLiteState) -> float:
     started = time.perf_counter()
-    result = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
+    result = Execution(plan, state=state, gate=Gate()).run()
     assert not result.failed and not result.refused, result.refused
     return time.perf_counter() - started
 

@@ -12,7 +12,7 @@ round), the same three read-only commands on every host as root:
 
 - overhaul: the verify runbook's three steps (`supervisor.up` and `services.verify` on stand-ins for `service` and
   `manage status` first on the sessions' PATH, `disk.usage` of /), each stage `on_failure: continue`, run the way
-  `overhaul verify --no-checks` runs it (`run_plan`, journal and per-host logs included), width: Overhaul's default
+  `overhaul verify --no-checks` runs it (`Execution.read`, journal and per-host logs included), width: Overhaul's default
   (the inventory's `ssh.forks`, 100) or `--forks`;
 - raw: a paramiko script over a thread pool of the same width: per host, connect (known_hosts parsed once and
   shared, RejectPolicy, TCP_NODELAY as Overhaul sets it, the key file read once), run the three commands, close.
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import json
 import os
 import resource
@@ -308,11 +307,11 @@ def raw_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     return failures
 
 
-def overhaul_run(farm: Farm, size: int, runbook: Path, expected: str, **how: Any) -> dict[str, str]:
-    """`runbook` on the farm's first `size` hosts through `run_plan` (`how`: its options), the way the command line
+def overhaul_run(farm: Farm, size: int, runbook: Path, expected: str, read_only: bool = False) -> dict[str, str]:
+    """`runbook` on the farm's first `size` hosts through `Execution` (`read_only`: a verify), the way the command line
     runs it (journal and per-host logs included; width: the inventory's `ssh.forks`, written as `forks`).
     Returns host -> its first pair whose outcome is not `expected`."""
-    from overhaul.execution import run_plan
+    from overhaul.execution import Execution
     from overhaul.inventory import load_inventory_file
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
@@ -320,7 +319,8 @@ def overhaul_run(farm: Farm, size: int, runbook: Path, expected: str, **how: Any
 
     os.environ["OVERHAUL_JOURNAL"] = str(farm.root / f"journal-{size}-{time.monotonic_ns()}" / "journal.sqlite")
     plan = build_plan(load_runbook(str(runbook)), load_inventory_file(farm.inventory(size)), Registry(), {})
-    result = run_plan(plan, stream=io.StringIO(), show_summary=False, **how)
+    execution = Execution(plan)
+    result = execution.read() if read_only else execution.run()
     failures: dict[str, str] = {}
     for r in result.results:
         if r.outcome.value != expected:
@@ -333,15 +333,14 @@ def overhaul_run(farm: Farm, size: int, runbook: Path, expected: str, **how: Any
 
 def overhaul_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     """The verify runbook as `overhaul verify --no-checks` runs it."""
-    return overhaul_run(farm, size, farm.runbook, "ok", mutating=False)
+    return overhaul_run(farm, size, farm.runbook, "ok", read_only=True)
 
 
 def overhaul_changes_side(farm: Farm, size: int, forks: int) -> dict[str, str]:
     """--changes: the three-stage runbook as `overhaul run` runs it (preflight gate, journal of every pair's start and
     end, stage by stage)."""
-    from overhaul.execution import Gate
 
-    return overhaul_run(farm, size, farm.changes_runbook, "changed", gate=Gate())
+    return overhaul_run(farm, size, farm.changes_runbook, "changed")
 
 
 SIDES = {"raw": raw_side, "overhaul": overhaul_side, "raw-changes": raw_changes_side,

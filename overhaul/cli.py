@@ -15,10 +15,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
-from importlib import resources
 from json import dumps, loads
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +31,8 @@ from overhaul.errors import (
     INTERRUPTED_EXIT,
     USAGE_EXIT,
     ConfigError,
-    HostUnreachable,
     OverhaulError,
     Refused,
-    StepFailed,
 )
 
 # Each command imports what it needs when it runs: `overhaul --help` (and the shell completion, which runs
@@ -43,6 +41,8 @@ if TYPE_CHECKING:
     from overhaul.inventory import Inventory
     from overhaul.lab import Lab
     from overhaul.plan import Plan, PlannedStage
+    from overhaul.report import ConsoleView
+    from overhaul.runner import RunResult
     from overhaul.state import RunRecord, State
     from overhaul.step import Registry
 
@@ -166,15 +166,6 @@ def need(value: str, flag: str) -> str:
     return value
 
 
-def registry(steps_dir: str) -> Registry:
-    from overhaul.step import BUILTIN_PACKAGE, Registry
-
-    # In the checkout, steps/ is also the built-in package (installed editable): its modules that entry points name
-    # are left to them (imported once, when a runbook uses them); an operator's own module there loads as a local step.
-    builtin = Path(str(resources.files(BUILTIN_PACKAGE))).resolve()
-    return Registry([Path(steps_dir)], packages={builtin: BUILTIN_PACKAGE})
-
-
 def parse_params(pairs: list[str]) -> dict[str, str]:
     params = {}
     for pair in pairs:
@@ -191,20 +182,18 @@ def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_d
     """Everything that can be checked without touching a host, checked; then `latest` resolved, once.
 
     `if_declared`: more parameters, each given only when the runbook declares it and the value is known."""
-    from overhaul.inventory import load_inventory
-    from overhaul.plan import build_plan
+    from overhaul import api
     from overhaul.runbook import load_runbook
 
-    inventory = load_inventory(need(env, "--env"), Path(hosts_dir))
+    need(env, "--env")
     loaded = load_runbook(runbook, Path(runbooks_dir))
     params = {**params, **{name: value for name, value in (if_declared or {}).items()
                            if value is not None and name in loaded.runbook.params}}
-    plan = build_plan(loaded, inventory, registry(steps_dir), params, flags, limit)
-    if plan.run_params.get("version") == "latest":
-        version = newest_available(inventory)
-        print(f"latest available version: {version}")
-        plan = build_plan(loaded, inventory, registry(steps_dir), {**params, "version": version}, flags, limit)
-    return plan
+    planned = api.plan(loaded, env, params=params, limit=limit, hosts_dir=hosts_dir, runbooks_dir=runbooks_dir,
+                       steps_dir=steps_dir, flags=flags)
+    if params.get("version") == "latest":
+        print(f"latest available version: {planned.run_params['version']}")
+    return planned
 
 
 def answered_yes(question: str, without_terminal: str) -> bool:
@@ -238,17 +227,19 @@ def describe_policy(inventory: Inventory) -> str:
     return "; ".join(said)
 
 
-def approval(planned: Plan, yes: bool, always: bool = False) -> Callable[[str], bool] | None:
+def approval(planned: Plan, yes: bool, always: bool = False) -> Callable[[RunResult, list[PlannedStage]], bool] | None:
     """A protected environment (or `always`): show what the run would change, then ask (no terminal: refuse)."""
     inventory = planned.inventory
     protected = inventory.policy.protected
     if not (protected or always) or yes:
         return None
 
-    def approve(changes: str) -> bool:
+    def approve(preview: RunResult, stages: list[PlannedStage]) -> bool:
+        from overhaul.report import describe_changes
+
         env = inventory.environment
         print(f"{env}: {describe_policy(inventory)}; known_hosts {inventory.ssh.known_hosts}")
-        print(changes)
+        print(describe_changes(preview, stages))
         name = planned.runbook.runbook.name
         if protected:
             return answered_yes(f"Run {name!r} on protected environment {env!r}?",
@@ -257,6 +248,18 @@ def approval(planned: Plan, yes: bool, always: bool = False) -> Callable[[str], 
                             "above, then run with --yes")
 
     return approve
+
+
+@contextmanager
+def console(view: int, check_only: bool = False, show_summary: bool = True) -> Iterator[ConsoleView]:
+    """The run's view on this terminal (progress, warnings, the way on), stopped however the run ends."""
+    from overhaul.report import ConsoleView
+
+    seen = ConsoleView(sys.stdout, errors=sys.stderr, check_only=check_only, verbosity=view, show_summary=show_summary)
+    try:
+        yield seen
+    finally:
+        seen.close()
 
 
 def help_asked(value: str, task_name: str) -> bool:
@@ -292,11 +295,8 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
     """The one way a mutating run starts: policy, then the gate (preflight, drift, yes), then the run.
 
     `always_ask`: show what the run would change and ask, protected environment or not (the way back)."""
-    from overhaul.execution import Gate, exit_code, run_plan
-    from overhaul.history import ROLLBACK
+    from overhaul import api
 
-    if "version" in planned.run_params and planned.runbook.runbook.name != ROLLBACK:  # back to what it ran: no promotion
-        check_promotion(planned.inventory, str(planned.run_params["version"]))
     env = planned.inventory.environment
     state = open_state()
     left = state.resumable(env)
@@ -307,9 +307,10 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
         print(f"note: the last run of {env!r}, {left.id} ({left.runbook}), is {left.status}: what it changed is still "
               f"in place (a preflight may refuse on it). Its ways on: `overhaul resume --run {left.id}` after a repair, "
               f"`overhaul undo --run {left.id}`" + (f", or `{back}`" if back else ""), file=sys.stderr)
-    gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=approval(planned, yes, always_ask))
-    finish(exit_code(run_plan(planned, confirm=ask(yes), state=state, gate=gate, verbosity=view,
-                              version_from=expected_version(state, env))))
+    with console(view) as seen:
+        result = api.run(planned, yes=yes, approve=approval(planned, yes, always_ask), confirm=ask(yes),
+                         skip_unreachable=skip_unreachable, reviewed=reviewed, subscribers=[seen], state=state)
+    finish(result.exit_code)
 
 
 @command(positional=("runbook",), iterable=("param",), help={
@@ -343,12 +344,13 @@ def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="
 
 
 def show_plan(planned: Plan, skip_unreachable: bool, out: str = "", view: int = 0) -> None:
-    from overhaul.execution import Gate, exit_code, file_sha256, operator, run_plan
+    from overhaul.execution import Execution, Gate, exit_code, file_sha256, operator
     from overhaul.planfile import by_reference, saved_plan, write_plan
 
     # A parameter equal to an inventory secret is saved by the secret's name, and redacted from the plan's output.
     params = by_reference(planned.run_params, planned.inventory, planned.redactor) if out else None
-    result = run_plan(planned, check_only=True, gate=Gate(skip_unreachable=skip_unreachable), verbosity=view)
+    with console(view, check_only=True) as seen:
+        result = Execution(planned, subscribers=[seen], gate=Gate(skip_unreachable=skip_unreachable)).preview()
     if out and not result.refused and not result.interrupted:
         assert planned.inventory.path is not None
         saved = saved_plan(planned, result, operator(), file_sha256(planned.runbook.path),
@@ -372,6 +374,7 @@ def apply(c, plan_file, yes=False, max_age=24.0, verbose=False, quiet=False, hos
 
 
 def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir: str, view: int = 0) -> None:
+    from overhaul import api
     from overhaul.execution import file_sha256
     from overhaul.inventory import inventory_path, load_inventory
     from overhaul.plan import build_plan
@@ -388,7 +391,7 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
     check_unchanged(saved, file_sha256(runbook_file), file_sha256(inventory_file), max_age)
     inventory = load_inventory(saved.environment, Path(hosts_dir))
     params, secret_values = resolve_params(saved, inventory)
-    planned = build_plan(load_runbook(str(runbook_file)), inventory, registry(steps_dir), params, limit=saved.limit)
+    planned = build_plan(load_runbook(str(runbook_file)), inventory, api.registry(steps_dir), params, limit=saved.limit)
     check_matches(saved, planned, path)
     for value in secret_values:  # a parameter given a secret's value is never shown
         planned.redactor.add(value)
@@ -444,53 +447,6 @@ def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir
     execute(planned, yes, False, view=verbosity(verbose, quiet), always_ask=True)
 
 
-def newest_available(inventory: Inventory) -> str:
-    """Resolve "latest" once, on the first host that answers, so every host gets the same, journaled version."""
-    from overhaul.context import StepHost
-    from overhaul.steps.package import newest_version, package_manager
-    from overhaul.transport import Transport
-
-    transport = Transport(inventory)
-    problems = []
-    try:
-        for entry in inventory.hosts:
-            try:
-                host = StepHost(transport.host(entry.name), timeout=120, run_id="latest")
-                package = str(inventory.host_vars(entry).get("package", "scalr-server"))
-                return newest_version(host, package_manager(host), package)
-            except (HostUnreachable, StepFailed) as exc:
-                problems.append(str(exc))
-    finally:
-        transport.close()
-    raise Refused("cannot resolve version 'latest': " + "; ".join(problems))
-
-
-def check_promotion(inventory: Inventory, version: str) -> None:
-    """policy.promotion_from: the version must have been upgraded to, successfully, on that environment first,
-    and (policy.soak) have been there long enough."""
-    from overhaul.inventory import human_duration
-
-    policy = inventory.policy
-    source = policy.promotion_from
-    if not source:
-        return
-    if version == "latest":
-        raise Refused(f"{inventory.environment!r} takes only versions promoted from {source!r}: give --version")
-    from overhaul.history import History
-
-    passes = History(open_state(), source).passed(version)
-    if not passes:
-        raise Refused(
-            f"version {version} has not passed on {source!r} yet ({inventory.environment!r} has policy.promotion_from: "
-            f"{source}): upgrade {source} to {version} first"
-        )
-    waited = time.time() - min(passes)
-    if waited < policy.soak:
-        ready = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(min(passes) + policy.soak))
-        raise Refused(f"version {version} has been on {source!r} for {waited / 3600:.1f} h; "
-                      f"{inventory.environment!r} has policy.soak: {human_duration(policy.soak)}: promote it after {ready}")
-
-
 @command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
                "junit": "write a JUnit XML report here (- for stdout)", "json": "write a JSON report here (- for stdout)",
                "no_checks": "only the built-in verify runbook, not the testinfra checks",
@@ -500,7 +456,8 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
            verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     from overhaul import verification
-    from overhaul.execution import exit_code, run_plan
+    from overhaul.api import expected_version
+    from overhaul.execution import Execution, exit_code
     from overhaul.transport import Transport
 
     if no_checks and checks_only:
@@ -518,8 +475,10 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
                                              {"expected_version": expected}) \
         if folder.is_dir() and not no_checks else None
     try:
-        result = None if checks_only else run_plan(planned, mutating=False, state=state, show_summary=False,  # one summary below
-                                                   verbosity=verbosity(verbose, quiet), transport=transport)
+        result = None
+        if not checks_only:
+            with console(verbosity(verbose, quiet), show_summary=False) as seen:  # (one summary below)
+                result = Execution(planned, state=state, subscribers=[seen], transport=transport).read(expected)
         cases = verification.runbook_cases(result) if result is not None else []
         if checking is not None:
             cases += checking.cases(interrupted=result is not None and result.interrupted)
@@ -545,13 +504,6 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     finish(code)
 
 
-def expected_version(state: State, env: str) -> str | None:
-    """The version `env` should run, as far as its journal knows (None: unknown)."""
-    from overhaul.history import History
-
-    return History(state, env).expected_version()
-
-
 @command(iterable=("param",), help={
     "run": "the run to resume (default: the last run of --env, if it is unfinished or failed)",
     "version": "must equal the run's version if given", "yes": "confirm gated stages",
@@ -559,7 +511,8 @@ def expected_version(state: State, env: str) -> str | None:
 def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, verbose=False, quiet=False,
            hosts_dir="hosts", steps_dir="steps"):
     """Continue an interrupted, failed or partial run: finished work is skipped once its check confirms it still holds."""
-    from overhaul.execution import UNDO, Gate, exit_code, run_plan
+    from overhaul.api import expected_version, journaled_plan, secret_name
+    from overhaul.execution import UNDO, Execution, Gate, exit_code
 
     state = open_state()
     if run:
@@ -600,61 +553,10 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     if dry_run(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
-    finish(exit_code(run_plan(planned, resume=record, confirm=ask(yes), state=state, gate=gate,
-                              verbosity=verbosity(verbose, quiet), version_from=expected_version(state, record.environment))))
-
-
-def journaled_plan(state: State, record: RunRecord, hosts_dir: str, steps_dir: str, doing: str,
-                   given: dict[str, str] | None = None) -> Plan:
-    """The plan a journaled run ran: its runbook (unchanged since, by SHA-256), parameters, hosts and limit.
-
-    A parameter the journal holds redacted (a secret's value was in it) must be `given` again: the run is never
-    rebuilt with the mark in place of the value."""
-    from overhaul.execution import LIMIT, file_sha256, recorded_hosts
-    from overhaul.inventory import load_inventory
-    from overhaul.plan import build_plan
-    from overhaul.runbook import load_runbook
-    from overhaul.secrets import redacted_in
-
-    given = given or {}
-    missing = [name for name, value in record.params.items() if redacted_in(value) and name not in given]
-    if missing:
-        flags = " ".join(f"--param {name}=VALUE" for name in missing)
-        how = f"give it again: `overhaul resume --run {record.id} {flags}`" if doing == "resume" else "do it by hand"
-        raise OverhaulError(f"run {record.id}: the journal holds {', '.join(missing)} redacted (a secret's value was "
-                            f"in it): cannot {doing} with the mark in its place; {how}")
-    params = {**record.params, **{name: given[name] for name in given if redacted_in(record.params.get(name))}}
-    inventory = load_inventory(record.environment, Path(hosts_dir), found=recorded_hosts(state, record))
-    params = {name: secret_param(inventory, value) for name, value in params.items()}
-
-    path = Path(record.runbook_path)
-    if not path.exists() or file_sha256(path) != record.runbook_sha256:
-        raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
-    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
-                         limit=state.run_event(record.id, LIMIT) or "")
-    for name, value in record.params.items():
-        if secret_name(value):
-            planned.redactor.add(params[name])
-    return planned
-
-
-def secret_name(value: Any) -> str | None:
-    """The secret a journaled parameter refers to (`{"secret": NAME}`), or None for a plain value."""
-    return value["secret"] if isinstance(value, dict) and set(value) == {"secret"} else None
-
-
-def secret_param(inventory: Inventory, value: Any) -> Any:
-    """A journaled parameter: `{"secret": NAME}` (a --param that was an inventory secret) read again now."""
-    from overhaul.planfile import secret_refs
-
-    name = secret_name(value)
-    if name is None:
-        return value
-    ref = secret_refs(inventory).get(name)
-    if ref is None:
-        raise OverhaulError(f"a parameter of the run was the value of secret {name!r}, which the inventory "
-                            f"of {inventory.environment!r} no longer has")
-    return ref.resolve()
+    with console(verbosity(verbose, quiet)) as seen:
+        result = Execution(planned, state=state, subscribers=[seen], confirm=ask(yes), gate=gate).run(
+            resume=record, version_from=expected_version(state, record.environment))
+    finish(exit_code(result))
 
 
 @command(help={"run": "the failed, interrupted or abandoned run to undo (an id, a prefix of one, or last)",
@@ -679,8 +581,9 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
     """Take back what `record` changed, after saying what and asking; refused (exit 3) with nothing changed when a
     later run changed its hosts since, or a change cannot be undone. A killed undo is continued by this again:
     each change is taken back once (an undo pair is skipped once its check confirms it holds)."""
-    from overhaul.execution import exit_code, host_results, run_plan
-    from overhaul.history import History
+    from overhaul.api import expected_version, journaled_plan
+    from overhaul.execution import Execution, exit_code, host_results
+    from overhaul.history import History, rollback_way
     from overhaul.undo import undo_plan
 
     planned = journaled_plan(state, record, hosts_dir, steps_dir, "undo it")
@@ -694,8 +597,6 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
     environment = record.environment
     later = History(state, environment).superseded(record, {r.host for r in own if r.outcome in ("changed", "failed")})
     if later:
-        from overhaul.history import rollback_way
-
         since = "; ".join(f"run {run_id} changed {', '.join(hosts)}" for run_id, hosts in later.items())
         back = rollback_way(state, environment)
         raise Refused(f"run {record.id} was superseded: {since} after it. Undoing {record.id} would put back what it "
@@ -704,7 +605,8 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
                          "none in the journal (no upgrade that changed a package): repair by hand"))
     undo = undo_plan(planned, list(host_results(results).values()))
     if undo.blocked:
-        raise Refused("; ".join(undo.blocked) + f"; nothing was undone: the way back is `overhaul rollback --run {record.id}`")
+        back = rollback_way(state, environment, record)
+        raise Refused("; ".join(undo.blocked) + "; nothing was undone" + (f": the way back is `{back}`" if back else ""))
     print(f"undo of run {record.id} ({record.runbook} on {environment}), latest stage first:")
     for stage in undo.plan.stages:
         print(f"  {stage.stage.name}: " + ", ".join(f"{host} ({said})" if (said := undo.said(stage, host)) else host
@@ -718,8 +620,10 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
         if not answered_yes(f"Undo run {record.id} on{protected} environment {environment!r}?",
                             "undo asks first, on every environment: review the above, then run with --yes"):
             raise Refused("not confirmed: nothing was undone")
-    finish(exit_code(run_plan(planned, resume=record, state=state, undo_only=True, verbosity=view,
-                              version_from=expected_version(state, environment))))
+    with console(view) as seen:
+        result = Execution(planned, state=state, subscribers=[seen]).run(
+            resume=record, undo=True, version_from=expected_version(state, environment))
+    finish(exit_code(result))
 
 
 def journaled_run(state: State, run_id: str) -> RunRecord:
@@ -888,6 +792,8 @@ def inventory(c, env="", hosts_dir="hosts"):
                "steps_dir": COMMON_HELP["steps_dir"]})
 def schema(c, out="", steps_dir="steps"):
     """Publish the JSON Schema of inventory and runbook files (for editor completion; see docs/concepts.md)."""
+    from overhaul.api import registry
+
     schemas = file_schemas(registry(steps_dir))
     if not out:
         print(json.dumps(schemas, indent=2))

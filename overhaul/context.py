@@ -33,12 +33,21 @@ MARK = "::overhaul-probe::"  # separates the answers of probes sent as one comma
 
 @dataclass(frozen=True)
 class Probe(Generic[T]):
-    """A fact read by one shell command: `parse` turns the command's result (stderr merged) into the answer."""
+    """A fact read by one shell command: `parse` turns the command's result (stderr merged) into the answer.
+
+    The run's cache knows it by what is asked (`key`: the command, and the parser that reads it), never by
+    `question`, which only names it: two plug-ins asking different things under the same words never share an
+    answer, and probes that run the same command through the same parser share one read."""
 
     question: str
     command: Command
     parse: Callable[[CommandResult], T]
     stable: bool = False
+
+    @property
+    def key(self) -> str:
+        parser = f"{getattr(self.parse, '__module__', '')}.{getattr(self.parse, '__qualname__', repr(self.parse))}"
+        return f"{self.command.text}\0{parser}"
 
 
 def file_probe(path: str) -> Probe[str]:
@@ -137,11 +146,11 @@ class StepHost:
 
     def read(self, probe: Probe[T]) -> T:
         """The answer of `probe` on this host (read now unless already known)."""
-        return self.facts.get(self.name, probe.question, lambda: probe.parse(self.run(probe.command)), probe.stable)
+        return self.facts.get(self.name, probe.key, lambda: probe.parse(self.run(probe.command)), probe.stable)
 
     def prefetch(self, probes: Iterable[Probe]) -> None:
         """Read every probe not yet known in one command, so the steps that ask later find their answers."""
-        missing = list({p.question: p for p in probes if not self.facts.known(self.name, p.question)}.values())
+        missing = list({p.key: p for p in probes if not self.facts.known(self.name, p.key)}.values())
         if len(missing) < 2:
             return  # a single probe is read when it is asked
         result = self.run(probe_script(p.command for p in missing))
@@ -178,7 +187,7 @@ class StepHost:
                 answer = probe.parse(CommandResult(probe.command, exited, output, "", 0.0))
             except Exception:  # not cached: the step's own read reports it
                 continue
-            store(self.name, probe.question, answer, probe.stable)
+            store(self.name, probe.key, answer, probe.stable)
 
     def run(self, command: Command | str, *, sudo: bool | None = None, stdin: str | None = None,
             timeout: float | None = None, durable: str | None = None) -> CommandResult:

@@ -5,8 +5,9 @@ earlier run of the environment is unfinished (resume or abandon it first); journ
 gate (every preflight on every host, then the reviewed plan and the operator's yes where asked), or
 end `refused` having changed nothing; run the plan, journaling every (stage, host) as it starts and
 as it ends; mark the run succeeded, failed or interrupted; release the lock. A Ctrl-C or SIGTERM
-lets running commands finish (up to a grace period), leaves the journal consistent and says how to
-resume.
+lets running commands finish (up to a grace period) and leaves the journal consistent.
+
+Nothing here prints: what happens is published as events (overhaul.events), which views subscribe to.
 """
 
 from __future__ import annotations
@@ -17,23 +18,35 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Literal
 
 from overhaul.alerts import RunInfo, RunNotifier
 from overhaul.config import MAX_BYTES
-from overhaul.errors import FAILED_EXIT, INTERRUPTED_EXIT, REFUSED_EXIT, Refused
+from overhaul.errors import Refused
+from overhaul.events import (
+    Asking,
+    BatchStarted,
+    CommandDone,
+    PairFinished,
+    PairStarted,
+    PreflightChecked,
+    Publisher,
+    RunEnded,
+    RunStarted,
+    StageStarted,
+    Subscriber,
+    WaysOn,
+)
 from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
 from overhaul.planfile import SecretParam, by_reference
-from overhaul.preflight import print_report, run_preflight
-from overhaul.report import console_report, describe_changes, summary
+from overhaul.preflight import run_preflight
 from overhaul.runner import HostResult, Runner, RunResult
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
@@ -56,7 +69,8 @@ class Gate:
 
     skip_unreachable: bool = False  # leave unreachable hosts out of the run instead of refusing it
     reviewed: SavedPlan | None = None  # `apply`: the plan that was reviewed; any drift from it refuses
-    approve: Callable[[str], bool] | None = None  # shown what would change, says yes (a protected environment)
+    # Shown what the run would change (the preview, its stages), says yes (a protected environment).
+    approve: Callable[[RunResult, list[PlannedStage]], bool] | None = None
 
 
 def operator() -> str:
@@ -199,8 +213,9 @@ class LockKeeper:
     (the journal's fence refuses them anyway) and leaves the run's status to its new holder.
     """
 
-    def __init__(self, state: State, environment: str, run_id: str):
-        self.state, self.environment, self.run_id = state, environment, run_id
+    def __init__(self, state: State, environment: str, run_id: str,
+                 notice: Callable[[str, Literal["info", "warning", "error"]], None] = lambda text, level: None):
+        self.state, self.environment, self.run_id, self.notice = state, environment, run_id, notice
         self.interval = max(getattr(state, "lease", 60.0) / 6, 0.2)
         self.lease: LockInfo | None = None
         self.lost = threading.Event()
@@ -212,8 +227,8 @@ class LockKeeper:
         self.lease, previous = self.state.acquire(self.environment, self.run_id, operator())
         if previous is not None:
             why = "its lease had expired" if not previous.live else "that process is gone"
-            print(f"warning: took over the lock of {previous.holder} (pid {previous.pid}, run "
-                  f"{previous.run_id}): {why}", file=sys.stderr)
+            self.notice(f"warning: took over the lock of {previous.holder} (pid {previous.pid}, run "
+                        f"{previous.run_id}): {why}", "warning")
             self.state.event(self.environment, "lock-takeover", f"{operator()} took over the lock of {previous.holder} "
                              f"(pid {previous.pid}, run {previous.run_id}): {why}", self.run_id)
         self._thread.start()
@@ -230,12 +245,12 @@ class LockKeeper:
             try:
                 ours = self.state.heartbeat(self.lease)
             except StateError as exc:  # keep beating: an unreachable journal is not a lost lease
-                print(f"warning: lock heartbeat failed: {exc}", file=sys.stderr)
+                self.notice(f"warning: lock heartbeat failed: {exc}", "warning")
                 continue
             if not ours:
                 self.lost.set()
-                print(f"error: the lock of {self.environment!r} was taken from this run (its lease expired, or "
-                      "unlock --force): stopping after the running steps", file=sys.stderr, flush=True)
+                self.notice(f"error: the lock of {self.environment!r} was taken from this run (its lease expired, or "
+                            "unlock --force): stopping after the running steps", "error")
                 if self.on_lost is not None:
                     self.on_lost()
                 return
@@ -248,12 +263,13 @@ class LockKeeper:
         try:
             self.state.release(self.lease)
         except StateError as error:  # the next run takes the lock over: this process will be gone
-            print(f"warning: the lock of {self.environment!r} could not be released ({error}); the next run "
-                  "takes it over once this process has ended", file=sys.stderr)
+            self.notice(f"warning: the lock of {self.environment!r} could not be released ({error}); the next run "
+                        "takes it over once this process has ended", "warning")
 
 
 @contextmanager
-def graceful_stop(runner: Runner, transport: Transport, grace: float) -> Iterator[None]:
+def graceful_stop(runner: Runner, transport: Transport, grace: float,
+                  notice: Callable[[str, Literal["info", "warning", "error"]], None]) -> Iterator[None]:
     """Ctrl-C / SIGTERM: start nothing new; after `grace` seconds (or a second signal) cut the connections."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -266,8 +282,8 @@ def graceful_stop(runner: Runner, transport: Transport, grace: float) -> Iterato
         if runner._stopping.is_set():
             transport.cut()
             return
-        print(f"\nstopping: no new step starts; running commands get {grace:g} s to finish "
-              "(signal again to cut them now)", file=sys.stderr, flush=True)
+        notice(f"\nstopping: no new step starts; running commands get {grace:g} s to finish "
+               "(signal again to cut them now)", "warning")
         runner.request_stop()
         timer.append(threading.Timer(grace, transport.cut))
         timer[0].daemon = True
@@ -284,60 +300,286 @@ def graceful_stop(runner: Runner, transport: Transport, grace: float) -> Iterato
             t.cancel()
 
 
-def run_plan(
-    plan: Plan,
-    *,
-    mutating: bool = True,
-    check_only: bool = False,
-    confirm: Callable[[PlannedStage], bool] | None = None,
-    resume: RunRecord | None = None,
-    state: State | None = None,
-    stream: TextIO = sys.stdout,
-    grace: float = 30.0,
-    show_summary: bool = True,
-    gate: Gate | None = None,
-    verbosity: int = 0,
-    undo_only: bool = False,
-    version_from: str | None = None,
-    transport: Transport | None = None,
-) -> RunResult:
-    """Run (or only check) a plan with a live report and a summary; see `exit_code` for what it means.
+class Execution:
+    """One run of a plan, from its lease to its end: journal, gate, stages, undo, hooks, notifications.
 
-    `transport`: the caller's connections, which the caller closes (verify shares them with its checks).
+    Made for one run and used once: `preview()` (a plan: every preflight, then each stage's check; nothing
+    journaled, nothing changed), `read()` (a read-only run, journaled, without the lease: verify), or `run()` (a
+    mutating run; with `resume`, a journaled run goes on, or with `undo` too, is taken back). What happens is
+    published as events (overhaul.events) to `subscribers`: nothing here prints. The result says how it ended
+    (see `exit_code` and `run_status`).
 
-    `undo_only` (with `resume`): take back what the journaled run changed instead of going on with it.
-    `version_from`: the version the environment runs now, as far as the journal knows (for notifications).
-
-    A mutating run, and a check-only one (a plan), pass the gate first; only a read-only run (verify)
-    goes without it.
+    `transport`: the caller's connections, which the caller closes (verify shares them with its checks); by
+    default the run opens its own and closes them.
     """
-    gate = gate or Gate()
-    if check_only:
-        return _execute(plan, None, None, check_only=True, confirm=confirm, stream=stream, grace=grace,
-                        show_summary=show_summary, gate=gate, verbosity=verbosity)
-    state = state or open_state()
-    environment = plan.inventory.environment
-    run_id = resume.id if resume else new_run_id()
-    notifier = RunNotifier.for_inventory(plan.inventory, redactor=plan.redactor,  # a bad webhook secret: exit 2, now
-                                         on_problem=lambda problem: state.event(environment, "notify", problem, run_id))
-    version = plan.run_params.get("version")
-    notify = (notifier, RunInfo(environment, plan.runbook.runbook.name, run_id, resume.operator if resume else operator(),
-                                version_from=version_from, version_to=str(version) if version else None,
-                                limit=plan.limit or None))
-    if not mutating:
-        return _execute(plan, state, _journal_new_run(state, plan, run_id, mutating=False), confirm=confirm,
-                        stream=stream, grace=grace, show_summary=show_summary, verbosity=verbosity, notify=notify,
-                        transport=transport)
-    with ExitStack() as held:
+
+    def __init__(self, plan: Plan, *, state: State | None = None, subscribers: Iterable[Subscriber] = (),
+                 confirm: Callable[[PlannedStage], bool] | None = None, gate: Gate | None = None,
+                 grace: float = 30.0, transport: Transport | None = None):
+        self.plan = plan
+        self.state = state
+        self.publish = Publisher(subscribers)
+        self.confirm = confirm
+        self.gate = gate or Gate()
+        self.grace = grace
+        self.transport = transport
+        self.record: RunRecord | None = None
+        self.keeper: LockKeeper | None = None
+        self.recorder: JournalRecorder | None = None
+        self.previous: dict[tuple[int, str], HostResult] = {}  # a resumed run's pairs that ended
+        self.stages: list[PlannedStage] = list(plan.stages)  # the run's own, then those of its undo and hooks
+        self.resumed = False
+        self.undoing = False  # it began taking itself back: from then on, the way on is the undo, not a resume
+        self.notify: tuple[RunNotifier, RunInfo] | None = None
+
+    def preview(self) -> RunResult:
+        """Every preflight on every host, then what each stage would do (`would change`); nothing journaled."""
+        return self._drive("preview")
+
+    def read(self, version_from: str | None = None) -> RunResult:
+        """A run that changes nothing (verify): journaled, without the environment's lease or the gate."""
+        state = self._opened()
+        run_id = new_run_id()
+        self.notify = self._notifier(state, run_id, None, version_from)
+        self.record = _journal_new_run(state, self.plan, run_id, mutating=False)
+        return self._drive("read")
+
+    def run(self, *, resume: RunRecord | None = None, undo: bool = False, version_from: str | None = None) -> RunResult:
+        """A mutating run under the environment's lease, journaled, through the gate; `resume` goes on with a
+        journaled run (or, with `undo`, takes back what it changed). Refused (raises) when the lease is another
+        run's or an earlier run is unfinished; `version_from`: what the environment runs now, for notifications."""
+        state = self._opened()
+        run_id = resume.id if resume else new_run_id()
+        notifier, info = self.notify = self._notifier(state, run_id, resume, version_from)
+        self.resumed, self.undoing = resume is not None, undo
+        with ExitStack() as held:
+            try:
+                self.keeper = held.enter_context(LockKeeper(state, self.plan.inventory.environment, run_id,
+                                                            self.publish.notice))
+                self.record = _journal_start(state, self.plan, run_id, resume, undo, self.keeper.fence)
+            except Refused as refusal:  # the lock is held, or an unfinished run is in the way: nothing started
+                notifier.ended(info, "refused", 0.0, reasons=[str(refusal)])
+                raise
+            return self._drive("undo" if undo else "gated")
+
+    def _opened(self) -> State:
+        if self.state is None:
+            self.state = open_state()
+        return self.state
+
+    def _notifier(self, state: State, run_id: str, resume: RunRecord | None,
+                  version_from: str | None) -> tuple[RunNotifier, RunInfo]:
+        plan, environment = self.plan, self.plan.inventory.environment
+        notifier = RunNotifier.for_inventory(plan.inventory, redactor=plan.redactor,  # a bad webhook secret: exit 2, now
+                                             on_problem=lambda problem: state.event(environment, "notify", problem, run_id))
+        version = plan.run_params.get("version")
+        return notifier, RunInfo(environment, plan.runbook.runbook.name, run_id,
+                                 resume.operator if resume else operator(), version_from=version_from,
+                                 version_to=str(version) if version else None, limit=plan.limit or None)
+
+    def _drive(self, mode: str) -> RunResult:
+        """Run the stages (`mode`: preview, read, gated or undo), then journal, notify and publish the end."""
+        plan, state, record = self.plan, self.state, self.record
+        transport = self.transport or Transport(plan.inventory, plan.redactor)
+        started = time.monotonic()
+        if state is not None and record is not None:
+            self.recorder = JournalRecorder(state, record.id, outputs_dir() / record.id,
+                                            self.keeper.lease if self.keeper else None)
+            if self.resumed:
+                self.previous = journaled_results(state, record.id)
+            done = sum(1 for r in self.previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))
+            version = plan.run_params.get("version")
+            self.publish(RunStarted(record.id, record.runbook, record.environment, len(plan.hosts),
+                                    self.recorder.outputs, str(version) if version else None, plan.limit,
+                                    done if self.resumed else None, self.undoing))
+            if self.notify is not None:
+                self.notify[0].started(self.notify[1])
+        recorder = self.recorder
+        runner = Runner(plan, transport, check_only=mode == "preview", confirm=self.confirm,
+                        listeners=[Told(self.publish), *([recorder] if recorder else [])],
+                        run_id=record.id if record else None, previous=self.previous,
+                        log_dir=recorder.outputs if recorder else None, on_log_error=recorder.report if recorder else None)
+        if self.keeper is not None:
+            self.keeper.on_lost = runner.request_stop  # someone took the lock: start nothing more
+        if recorder is not None:
+            recorder.on_error = runner.request_stop  # the controller cannot record: start nothing more
+        result: RunResult | None = None
         try:
-            keeper = held.enter_context(LockKeeper(state, environment, run_id))
-            record = _journal_start(state, plan, run_id, resume, undo_only, keeper.fence)
-        except Refused as refusal:  # the lock is held, or an unfinished run is in the way: nothing started
-            notifier.ended(notify[1], "refused", 0.0, reasons=[str(refusal)])
-            raise
-        return _execute(plan, state, record, confirm=confirm, stream=stream, grace=grace, resumed=resume is not None,
-                        show_summary=show_summary, keeper=keeper, gate=gate, verbosity=verbosity, notify=notify,
-                        undo_only=undo_only)
+            with graceful_stop(runner, transport, self.grace, self.publish.notice):
+                result = self._stages(runner, transport, mode)
+        finally:
+            lease_lost = self._close(result, transport, started)
+        return self._end(result, lease_lost, started)
+
+    def _stages(self, runner: Runner, transport: Transport, mode: str) -> RunResult:
+        if mode == "undo":
+            return self._undo(runner, RunResult([]))
+        if mode == "read":
+            if not runner.host_by_host and not transport.parks(self.plan.hosts):
+                # Every host's connection opened at once in parallel; one that fails now is retried (and
+                # reported) by its first stage. (Host by host, or on a farm larger than the pool, each
+                # worker connects to its host when it takes it.)
+                transport.connect(self.plan.hosts)
+            return runner.run()
+        return self._after_failure(runner, self._gated(runner, transport))
+
+    def _close(self, result: RunResult | None, transport: Transport, started: float) -> bool:
+        """After the stages, whatever happened: the last journal writes, the connections, the run's end in the
+        journal, the notification. True when the run lost its lease (it then writes nothing more)."""
+        state, record, recorder, keeper = self.state, self.record, self.recorder, self.keeper
+        if recorder is not None:
+            recorder.flush()
+            if recorder.error and result is not None:
+                result.interrupted = True  # its last ends could not be journaled: as any failed journal write
+        if self.transport is None:
+            transport.close()
+        lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)
+        if not lease_lost and state is not None and record is not None:
+            if result is not None:
+                result.partial = _left_out_half_done(state, record, result)
+            try:
+                _journal_end(state, record, result, self.resumed, keeper.fence if keeper is not None else None)
+            except LockLost:  # taken over since the last pair: the run's end is its new holder's to write
+                lease_lost = True
+            except StateError as exc:
+                self.publish.notice(f"error: cannot write the run's end to the journal: {exc}", "error")
+        if lease_lost:
+            if result is not None:
+                result.lease_lost = result.interrupted = True
+            self.publish.notice("error: this run lost its lease on the environment (another controller took it "
+                                "over): it started nothing more and wrote nothing more of the run; the run's status "
+                                "is the lease's new holder's", "error")
+        if self.notify is not None and not lease_lost:
+            failed = [r for r in (result.results if result else []) if r.outcome is Outcome.FAILED]
+            self.notify[0].ended(self.notify[1], run_status(result), time.monotonic() - started,
+                                 failed_hosts=[r.host for r in failed], failed_pairs=len(failed),
+                                 reasons=_reasons(result))
+        return lease_lost
+
+    def _end(self, result: RunResult | None, lease_lost: bool, started: float) -> RunResult:
+        assert result is not None  # (an exception from the stages went up through _close)
+        record = self.record
+        result.run_id = record.id if record is not None and not result.refused else ""
+        ways = None
+        if (record is not None and record.mutating and result.failed and not result.interrupted
+                and not result.rolled_back and not result.refused and not lease_lost):
+            ways = self._ways_on(record, result)
+        self.publish(RunEnded(result, run_status(result), time.monotonic() - started, self.plan.inventory.environment,
+                              self.stages, record, ways, self.recorder.error if self.recorder else "", self.undoing))
+        return result
+
+    def _ways_on(self, record: RunRecord, result: RunResult) -> WaysOn:
+        """What a failed run left part-way, and the ways on that apply (none: resume or abandon)."""
+        from overhaul.undo import undo_plan
+
+        left = {} if self.undoing else left_part_way(self.plan, self.previous, result.results)
+        if not left:
+            return WaysOn({})
+        from overhaul.history import rollback_way
+
+        position = {host: n for n, host in enumerate(self.plan.hosts)}  # (hosts named in inventory order)
+        done = sorted([*self.previous.values(), *result.results], key=lambda r: (r.stage_index, position.get(r.host, 0)))
+        rollback = rollback_way(self.state, record.environment, record) if self.state is not None else None
+        return WaysOn(left, undo_plan(self.plan, done).blocked, rollback)
+
+    def _gated(self, runner: Runner, transport: Transport) -> RunResult:
+        """Preflight every stage on every host, then the reviewed plan and the yes; run only if all hold."""
+        plan, gate = runner.plan, self.gate
+        report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable,
+                               facts=runner.facts)
+        self.publish(PreflightChecked(report))
+        refusals = report.refusals
+        if not refusals and report.excluded:
+            runner.plan = plan.without(set(report.excluded))
+            left_out = ", ".join(report.excluded)
+            refusals = [f"stage {p.index + 1} {p.stage.name}: no host left without {left_out}"
+                        for p, before in zip(runner.plan.stages, plan.stages, strict=True) if before.hosts and not p.hosts]
+        if not refusals and (gate.reviewed is not None or gate.approve is not None):
+            preview = Runner(runner.plan, transport, check_only=True, run_id=runner.run_id, facts=runner.facts).run()
+            if gate.reviewed is not None:
+                from overhaul.planfile import drift
+
+                refusals = [f"drift: {line}" for line in drift(gate.reviewed, runner.plan, preview)]
+                for line in refusals:
+                    self.publish.notice(f"refused: {line}")
+            if not refusals and gate.approve is not None and not gate.approve(preview, runner.plan.stages):
+                refusals = ["not confirmed"]
+            for host in runner.plan.hosts:  # time passed (a review, a question): the run reads every host afresh
+                runner.facts.forget(host)
+        if runner._stopping.is_set():
+            return RunResult([], interrupted=True, refused=["interrupted before any change"], preflight=report)
+        if refusals:
+            refusals = [transport.redactor(line) for line in refusals]  # a step's error text may hold a secret
+            return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
+        result = runner.run()
+        result.preflight = report
+        return result
+
+    def _after_failure(self, runner: Runner, result: RunResult) -> RunResult:
+        """A run that failed (not interrupted, not refused): its undo if the runbook says on_failure: undo, then its
+        hooks.on_failure."""
+        ran = runner.plan
+        if not result.failed or result.interrupted or result.refused:
+            return result
+        if ran.runbook.runbook.on_failure == "undo":
+            result = self._undo(runner, result)
+        if ran.on_failure and not result.interrupted:
+            self.publish.notice(f"the run failed: {len(ran.on_failure)} hooks.on_failure stage(s)")
+            result = self._then(runner, result, ran.on_failure)
+        return result
+
+    def _undo(self, runner: Runner, forward: RunResult) -> RunResult:
+        """Take back what a failed run changed, latest stage first (see overhaul.undo); say what it could not."""
+        from overhaul.undo import undo_plan
+
+        done = {(r.stage_index, r.host): r for r in [*self.previous.values(), *forward.results]}
+        undo = undo_plan(runner.plan, list(done.values()))
+        if undo.blocked:
+            self.publish.notice("not undone (nothing was taken back; a half-undone farm is worse than a stopped one):\n"
+                                + "\n".join(f"  {line}" for line in undo.blocked))
+            return forward  # (the run's last lines say the ways on, a rollback among them when there is one)
+        self.publish.notice(f"undoing: {len(undo.plan.stages)} stage(s) to take back, latest first")
+        if not self.undoing:  # from then on, the way on is the undo, not a resume
+            self.undoing = True
+            if self.state is not None and self.record is not None:
+                self.state.event(self.record.environment, UNDO, "the run failed: on_failure undo", self.record.id)
+        undone = self._then(runner, forward, undo.plan.stages)
+        indices = {planned.index for planned in undo.plan.stages}
+        clean = not undone.interrupted and not any(r.outcome is Outcome.FAILED and r.stage_index in indices
+                                                   for r in undone.results)
+        return replace(undone, rolled_back=clean, stopped_at=forward.stopped_at or (None if clean else "undo"))
+
+    def _then(self, runner: Runner, result: RunResult, more: list[PlannedStage]) -> RunResult:
+        """Run `more` stages after `result` on the same runner (journal, connections, Ctrl-C); every result kept."""
+        runner.plan, runner.previous = replace(runner.plan, stages=more, on_failure=[]), self.previous
+        self.stages += more
+        after = runner.run()
+        return replace(result, results=after.results, interrupted=after.interrupted)
+
+
+class Told:
+    """The runner's listener that publishes what it hears as events (see overhaul.events)."""
+
+    def __init__(self, publish: Publisher):
+        self.publish = publish
+
+    def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
+        self.publish(StageStarted(planned, hosts))
+
+    def batch_started(self, planned: PlannedStage, number: int, total: int, hosts: list[str]) -> None:
+        self.publish(BatchStarted(planned, number, total, hosts))
+
+    def host_started(self, planned: PlannedStage, host: str) -> None:
+        self.publish(PairStarted(planned, host))
+
+    def command_done(self, host: str, result: CommandResult) -> None:
+        self.publish(CommandDone(host, result))
+
+    def host_finished(self, result: HostResult) -> None:
+        self.publish(PairFinished(result))
+
+    def pause(self) -> None:
+        self.publish(Asking())
 
 
 def _journal_start(state: State, plan: Plan, run_id: str, resume: RunRecord | None, undo_only: bool,
@@ -384,133 +626,6 @@ def recorded_hosts(state: State, record: RunRecord) -> list[dict] | None:
     """The hosts an inventory source found when the run started (None: the inventory has no source)."""
     found = state.run_event(record.id, SOURCE_HOSTS)
     return json.loads(found) if found is not None else None
-
-
-def _execute(plan: Plan, state: State | None, record: RunRecord | None, *, check_only: bool = False,
-             confirm: Callable[[PlannedStage], bool] | None, stream: TextIO, grace: float,
-             resumed: bool = False, show_summary: bool = True, keeper: LockKeeper | None = None,
-             gate: Gate | None = None, verbosity: int = 0, notify: tuple[RunNotifier, RunInfo] | None = None,
-             undo_only: bool = False, transport: Transport | None = None) -> RunResult:
-    owned = transport is None
-    transport = Transport(plan.inventory, plan.redactor) if transport is None else transport
-    console = console_report(stream, check_only, verbosity)
-    listeners: list = [console]
-    previous: dict[tuple[int, str], HostResult] = {}
-    recorder = None
-    started = time.monotonic()
-    if state is not None and record is not None:
-        recorder = JournalRecorder(state, record.id, outputs_dir() / record.id, keeper.lease if keeper else None)
-        listeners.append(recorder)
-        version = f", version {plan.run_params['version']}" if plan.run_params.get("version") else ""
-        version += f", limited to {plan.limit}" if plan.limit else ""
-        print(f"run {record.id}: {record.runbook} on {record.environment}{version}, {len(plan.hosts)} hosts, "
-              f"logs in {recorder.outputs}", file=stream, flush=True)
-        if notify is not None:
-            notify[0].started(notify[1])
-        if resumed:
-            previous = journaled_results(state, record.id)
-        if resumed and not undo_only:
-            print(f"resuming run {record.id}: {sum(1 for r in previous.values() if r.outcome in (Outcome.OK, Outcome.CHANGED))} "
-                  "(stage, host) pairs were done; each is skipped once its check confirms it still holds", file=stream)
-    runner = Runner(plan, transport, check_only=check_only, confirm=confirm, listeners=listeners,
-                    run_id=record.id if record else None, previous=previous,
-                    log_dir=recorder.outputs if recorder else None, on_log_error=recorder.report if recorder else None)
-    if keeper is not None:
-        keeper.on_lost = runner.request_stop  # someone took the lock: start nothing more
-    if recorder is not None:
-        recorder.on_error = runner.request_stop  # the controller cannot record: start nothing more
-    result: RunResult | None = None
-    stages = list(plan.stages)  # for the summary: the run's own, then those of its undo if any
-    undoing = [undo_only]  # an undo began taking the run back: its own lines say the way on
-    try:
-        with graceful_stop(runner, transport, grace):
-            if undo_only:
-                result = _undo(runner, RunResult([]), previous, stages, stream)
-            elif gate is None:
-                if not runner.host_by_host and not transport.parks(plan.hosts):
-                    # Every host's connection opened at once in parallel; one that fails now is retried (and
-                    # reported) by its first stage. (Host by host, or on a farm larger than the pool, each
-                    # worker connects to its host when it takes it.)
-                    transport.connect(plan.hosts)
-                result = runner.run()
-            else:
-                def undo_started() -> None:  # from then on, the way on is the undo, not a resume
-                    undoing[0] = True
-                    if state is not None and record is not None:
-                        state.event(record.environment, UNDO, "the run failed: on_failure undo", record.id)
-
-                result = _after_failure(runner, _gated(runner, transport, gate, stream), previous, stages, stream,
-                                        undo_started)
-    finally:
-        console.close()
-        if recorder is not None:
-            recorder.flush()
-            if recorder.error and result is not None:
-                result.interrupted = True  # its last ends could not be journaled: as any failed journal write
-        if owned:
-            transport.close()
-        lease_lost = (keeper is not None and keeper.lost.is_set()) or (recorder is not None and recorder.lease_lost)
-        if not lease_lost and state is not None and record is not None:
-            if result is not None:
-                result.partial = _left_out_half_done(state, record, result)
-            try:
-                _journal_end(state, record, result, resumed, keeper.fence if keeper is not None else None)
-            except LockLost:  # taken over since the last pair: the run's end is its new holder's to write
-                lease_lost = True
-            except StateError as exc:
-                print(f"error: cannot write the run's end to the journal: {exc}", file=sys.stderr)
-        if lease_lost:
-            if result is not None:
-                result.lease_lost = result.interrupted = True
-            print("error: this run lost its lease on the environment (another controller took it over): it started "
-                  "nothing more and wrote nothing more of the run; the run's status is the lease's new holder's",
-                  file=sys.stderr, flush=True)
-        if notify is not None and not lease_lost:
-            failed = [r for r in (result.results if result else []) if r.outcome is Outcome.FAILED]
-            notify[0].ended(notify[1], run_status(result), time.monotonic() - started, failed_hosts=[r.host for r in failed],
-                            failed_pairs=len(failed), reasons=_reasons(result))
-    if recorder is not None and recorder.error and not lease_lost:
-        print(f"error: {recorder.error}: the run stopped after the running steps (no step ran unrecorded); "
-              f"fix the controller's disk, then: overhaul resume --env {plan.inventory.environment}",
-              file=sys.stderr, flush=True)
-    if result.refused:
-        print(f"refused before any change ({len(result.refused)} problem{'s' if len(result.refused) != 1 else ''}): "
-              "nothing was changed on any host", file=stream)
-        return result
-    result.run_id = record.id if record is not None else ""
-    if show_summary:
-        print(summary(result, stages), file=stream)
-    environment = plan.inventory.environment
-    if record is not None and lease_lost:
-        print(f"run {record.id}: this controller lost its lease after {time.monotonic() - started:.1f} s and wrote "
-              f"nothing more; see the run as its new holder leaves it: overhaul show {record.id}", file=stream)
-        return result
-    if record is not None:
-        counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
-        status = run_status(result)
-        print(f"run {record.id} {status} in {time.monotonic() - started:.1f} s: "
-              + ", ".join(f"{count} {outcome.value}" for outcome, count in counts.items())
-              + f"; details: overhaul show {record.id}", file=stream)
-    if result.interrupted:
-        print(f"resume with: overhaul resume --env {environment}", file=stream)
-    elif result.rolled_back:
-        print("rolled back: every change this run made was taken back; the farm is as the run found it", file=stream)
-    elif result.failed and record is not None and record.mutating:
-        left = {} if undoing[0] else left_part_way(plan, previous, result.results)
-        if left:
-            from overhaul.history import rollback_way
-
-            way = rollback_way(state, record.environment, record) if state is not None else None
-            print(ways_on(plan, record.id, left, [*previous.values(), *result.results], way), file=stream)
-        else:
-            print(f"after repairing the cause, continue with: overhaul resume --env {environment} "
-                  f"(or give the run up: overhaul abandon --run {record.id})", file=stream)
-    if result.partial and not result.interrupted:
-        print(f"left half-done: {', '.join(result.partial)}: excluded from this run as unreachable, after an earlier "
-              f"attempt of it had changed {'it' if len(result.partial) == 1 else 'them'}", file=stream)
-        print(f"once {'it answers' if len(result.partial) == 1 else 'they answer'}, finish the run with: "
-              f"overhaul resume --env {environment}", file=stream)
-    return result
 
 
 def _reasons(result: RunResult | None) -> list[str] | None:
@@ -570,110 +685,6 @@ def left_part_way(plan: Plan, previous: dict[tuple[int, str], HostResult],
     return left
 
 
-def ways_on(plan: Plan, run_id: str, left: dict[str, tuple[list[str], list[str]]], results: list[HostResult],
-            rollback: str | None) -> str:
-    """The last lines of a failed run that left hosts part-way: which, why, and each way on that applies to it."""
-    from overhaul.undo import undo_plan
-
-    environment = plan.inventory.environment
-    lines = [f"left part-way by this run (what it stopped there may still be down): {', '.join(left)}"]
-    for host, (by, undone) in left.items():
-        more = f" and {len(undone) - 3} more" if len(undone) > 3 else ""
-        lines.append(f"  {host}: changed by {', '.join(by)}; not done: {', '.join(undone[:3])}{more}")
-    lines.append(f"the ways on (run {run_id}):")
-    lines.append(f"  repair the cause, then finish the run: overhaul resume --env {environment}")
-    position = {host: n for n, host in enumerate(plan.hosts)}  # (hosts named in inventory order)
-    blocked = undo_plan(plan, sorted(results, key=lambda r: (r.stage_index, position.get(r.host, 0)))).blocked
-    if blocked:
-        lines.append(f"  (not `overhaul undo`: {'; '.join(blocked)})")
-    else:
-        lines.append(f"  or take back every change it made: overhaul undo --run {run_id}")
-    if rollback:  # (only a command that takes back this very run: never an older upgrade's backup)
-        lines.append(f"  or go back to the version and data from before the upgrade (its backup): {rollback}")
-    return "\n".join(lines)
-
-
-def _gated(runner: Runner, transport: Transport, gate: Gate, stream: TextIO) -> RunResult:
-    """Preflight every stage on every host, then the reviewed plan and the yes; run only if all hold."""
-    plan = runner.plan
-    report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable, facts=runner.facts)
-    print_report(report, stream)
-    refusals = report.refusals
-    if not refusals and report.excluded:
-        runner.plan = plan.without(set(report.excluded))
-        left_out = ", ".join(report.excluded)
-        refusals = [f"stage {p.index + 1} {p.stage.name}: no host left without {left_out}"
-                    for p, before in zip(runner.plan.stages, plan.stages, strict=True) if before.hosts and not p.hosts]
-    if not refusals and (gate.reviewed is not None or gate.approve is not None):
-        preview = Runner(runner.plan, transport, check_only=True, run_id=runner.run_id, facts=runner.facts).run()
-        if gate.reviewed is not None:
-            from overhaul.planfile import drift
-
-            refusals = [f"drift: {line}" for line in drift(gate.reviewed, runner.plan, preview)]
-            for line in refusals:
-                print(f"refused: {line}", file=stream)
-        if not refusals and gate.approve is not None and not gate.approve(describe_changes(preview, runner.plan.stages)):
-            refusals = ["not confirmed"]
-        for host in runner.plan.hosts:  # time passed (a review, a question): the run reads every host afresh
-            runner.facts.forget(host)
-    if runner._stopping.is_set():
-        return RunResult([], interrupted=True, refused=["interrupted before any change"], preflight=report)
-    if refusals:
-        refusals = [transport.redactor(line) for line in refusals]  # a step's error text may hold a secret
-        return RunResult([], check_only=runner.check_only, refused=refusals, preflight=report)
-    result = runner.run()
-    result.preflight = report
-    return result
-
-
-def _after_failure(runner: Runner, result: RunResult, previous: dict[tuple[int, str], HostResult],
-                   stages: list[PlannedStage], stream: TextIO, undo_started: Callable[[], object]) -> RunResult:
-    """A run that failed (not interrupted, not refused): its undo if the runbook says on_failure: undo, then its
-    hooks.on_failure."""
-    ran = runner.plan
-    if not result.failed or result.interrupted or result.refused:
-        return result
-    if ran.runbook.runbook.on_failure == "undo":
-        result = _undo(runner, result, previous, stages, stream, on_start=undo_started)
-    if ran.on_failure and not result.interrupted:
-        print(f"the run failed: {len(ran.on_failure)} hooks.on_failure stage(s)", file=stream, flush=True)
-        result = _then(runner, result, ran.on_failure, stages, previous)
-    return result
-
-
-def _undo(runner: Runner, forward: RunResult, previous: dict[tuple[int, str], HostResult],
-          stages: list[PlannedStage], stream: TextIO, on_start: Callable[[], object] = lambda: None) -> RunResult:
-    """Take back what a failed run changed, latest stage first (see overhaul.undo); say what it could not.
-
-    `on_start` is told once the undo starts changing hosts (from then on, the way on is the undo, not a resume).
-    """
-    from overhaul.undo import undo_plan
-
-    done = {(r.stage_index, r.host): r for r in [*previous.values(), *forward.results]}
-    undo = undo_plan(runner.plan, list(done.values()))
-    if undo.blocked:
-        print("not undone (nothing was taken back; a half-undone farm is worse than a stopped one):", file=stream)
-        for line in undo.blocked:
-            print(f"  {line}", file=stream)
-        return forward  # (the run's last lines say the ways on, a rollback among them when there is one)
-    print(f"undoing: {len(undo.plan.stages)} stage(s) to take back, latest first", file=stream, flush=True)
-    on_start()
-    undone = _then(runner, forward, undo.plan.stages, stages, previous)
-    indices = {planned.index for planned in undo.plan.stages}
-    clean = not undone.interrupted and not any(r.outcome is Outcome.FAILED and r.stage_index in indices
-                                               for r in undone.results)
-    return replace(undone, rolled_back=clean, stopped_at=forward.stopped_at or (None if clean else "undo"))
-
-
-def _then(runner: Runner, result: RunResult, more: list[PlannedStage], stages: list[PlannedStage],
-          previous: dict[tuple[int, str], HostResult]) -> RunResult:
-    """Run `more` stages after `result` on the same runner (journal, connections, Ctrl-C); every result kept."""
-    runner.plan, runner.previous = replace(runner.plan, stages=more, on_failure=[]), previous
-    stages += more
-    after = runner.run()
-    return replace(result, results=after.results, interrupted=after.interrupted)
-
-
 def _journal_end(state: State, record: RunRecord, result: RunResult | None, resumed: bool,
                  fence: tuple[str, str] | None = None) -> None:
     """The run's final status; a refused run also keeps its reasons (a refused resume stays resumable).
@@ -699,25 +710,13 @@ def _journal_end(state: State, record: RunRecord, result: RunResult | None, resu
 def run_status(result: RunResult | None) -> str:
     """How a run ended: refused, interrupted, rolled back, failed, partial (a host it had changed was left out as
     unreachable) or succeeded (the journal's status, the notification's event)."""
-    if result is not None and result.refused and not result.interrupted:
-        return "refused"
-    if result is not None and result.rolled_back:
-        return "rolled back"
-    if result is None or result.interrupted:
-        return "interrupted"
-    if result.failed:
-        return "failed"
-    return "partial" if result.partial else "succeeded"
+    return "interrupted" if result is None else result.status
 
 
 def exit_code(result: RunResult) -> int:
     """0 success, 1 some host failed (or the run stopped, or left a host it had changed half-done), 3 refused before
     any change, 130 interrupted."""
-    if result.interrupted:
-        return INTERRUPTED_EXIT
-    if result.refused:
-        return REFUSED_EXIT
-    return FAILED_EXIT if result.failed or result.partial else 0
+    return result.exit_code
 
 
 def journaled_results(state: State, run_id: str) -> dict[tuple[int, str], HostResult]:

@@ -8,9 +8,7 @@ the whole run before its first change. An unreachable host is decided here, once
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import TextIO
 
 from overhaul.context import Facts, StepHost
 from overhaul.errors import HostUnreachable, StepFailed
@@ -99,43 +97,3 @@ def _stage_ready(planned: PlannedStage, host: StepHost) -> Check:
         return Check(False, str(exc))
     except Exception as exc:  # a bug in a step's preflight refuses the run, it does not crash it
         return Check(False, f"preflight of {planned.stage.step!r} raised {type(exc).__name__}: {exc}")
-
-
-def print_report(report: PreflightReport, stream: TextIO = sys.stdout) -> None:
-    """One table, host x stage: ok or the reason; then each refusal on a line of its own."""
-    from rich.console import Console  # only a run that reaches the gate pays for rich
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
-    table = Table(title="preflight", title_justify="left", show_lines=False)
-    hosts = report.hosts()
-    host_width = max([len(host) for host in hosts] + [len(f"({len(hosts)} more)")])
-    table.add_column("host", min_width=host_width, no_wrap=True)
-    # A cell holds the start of a reason; the lines below the table hold all of it.
-    cell_width = max(8, (console.width - host_width - 4) // (len(report.stages) + 1) - 3)
-    for title in ["ssh", *(f"{p.index + 1} {p.stage.name}" for p in report.stages)]:
-        table.add_column(title, max_width=cell_width, overflow="ellipsis")
-    quiet = 0
-    for host in hosts:
-        cells = [_cell(report, index, host) for index in (HOST_COLUMN, *(p.index for p in report.stages))]
-        if len(report.checks) > 40 and all(cell in ("ok", "-") for cell in cells):
-            quiet += 1  # a big farm: only the hosts with something to say get a row
-            continue
-        table.add_row(Text(host), *(Text(cell, no_wrap=True, overflow="ellipsis") for cell in cells))
-    if quiet:
-        table.add_row(f"({quiet} more)", *["ok"] * (len(report.stages) + 1))
-    console.print(table)
-    for host, why in report.excluded.items():
-        console.print(f"excluded from this run: {host}: {why}")
-    for line in report.refusals:
-        console.print(f"refused: {line}", markup=False)
-
-
-def _cell(report: PreflightReport, index: int, host: str) -> str:
-    check = report.checks.get((index, host))
-    if check is None:
-        return "-"
-    if host in report.excluded:
-        return "excluded"
-    return "ok" if check.done else check.message

@@ -8,7 +8,22 @@ import threading
 import time
 from typing import Any, TextIO
 
+from overhaul.events import (
+    Asking,
+    BatchStarted,
+    CommandDone,
+    Event,
+    Notice,
+    PairFinished,
+    PairStarted,
+    PreflightChecked,
+    RunEnded,
+    RunStarted,
+    StageStarted,
+    WaysOn,
+)
 from overhaul.plan import PlannedStage
+from overhaul.preflight import HOST_COLUMN, PreflightReport
 from overhaul.runner import HostResult, RunResult
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult
@@ -80,6 +95,9 @@ class ConsoleReport:
         tries = f" [{result.attempts} attempts]" if result.attempts > 1 else ""
         message = result.message.replace("\n", "\n" + " " * 31)  # a multi-line message stays in its column
         self._say(f"   {result.host:<14} {mark:<12} {message}{tries}")
+
+    def pause(self) -> None:
+        """A question is about to be asked on the terminal: plain lines leave it free already."""
 
     def close(self) -> None:
         if self._beat is not None:
@@ -228,3 +246,152 @@ def undo_warning(planned: PlannedStage) -> str:
         return (f"undo unknown: {planned.step.name} does not say whether its change can be undone "
                 f"(an undo of this run would refuse)")
     return f"cannot be undone: {irreversible(planned)}"
+
+
+class ConsoleView:
+    """The command line's view of a run: a subscriber (overhaul.events) that prints what the run publishes.
+
+    Progress goes to `stream` (the live view on a terminal, plain lines elsewhere: see `console_report`);
+    warnings and errors to `errors`. `show_summary`: the table of outcomes at the end (verify prints its own).
+    """
+
+    def __init__(self, stream: TextIO = sys.stdout, *, errors: TextIO = sys.stderr, check_only: bool = False,
+                 verbosity: int = 0, show_summary: bool = True):
+        self.stream, self.errors, self.show_summary = stream, errors, show_summary
+        self.progress = console_report(stream, check_only, verbosity)
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case StageStarted(planned, hosts):
+                self.progress.stage_started(planned, hosts)
+            case BatchStarted(planned, number, total, hosts):
+                self.progress.batch_started(planned, number, total, hosts)
+            case PairStarted(planned, host):
+                self.progress.host_started(planned, host)
+            case CommandDone(host, result):
+                self.progress.command_done(host, result)
+            case PairFinished(result):
+                self.progress.host_finished(result)
+            case Asking():
+                self.progress.pause()
+            case Notice(text, level):
+                print(text, file=self.stream if level == "info" else self.errors, flush=True)
+            case RunStarted():
+                self._started(event)
+            case PreflightChecked(report):
+                print_preflight(report, self.stream)
+            case RunEnded():
+                self.close()
+                print(ending(event, self.show_summary), file=self.stream, flush=True)
+
+    def _started(self, event: RunStarted) -> None:
+        version = f", version {event.version}" if event.version else ""
+        version += f", limited to {event.limit}" if event.limit else ""
+        print(f"run {event.run_id}: {event.runbook} on {event.environment}{version}, {event.hosts} hosts, "
+              f"logs in {event.logs}", file=self.stream, flush=True)
+        if event.resuming is not None and not event.undoing:
+            print(f"resuming run {event.run_id}: {event.resuming} (stage, host) pairs were done; each is skipped "
+                  "once its check confirms it still holds", file=self.stream)
+
+    def close(self) -> None:
+        """Stop the live view and its heartbeat (the run ended, or the command stopped on an error)."""
+        self.progress.close()
+
+
+def ending(event: RunEnded, show_summary: bool = True) -> str:
+    """What a run's last lines say: a refusal; else the summary, the status, and the way on."""
+    result, record, environment = event.result, event.run, event.environment
+    lines: list[str] = []
+    if event.journal_error and not result.lease_lost:
+        lines.append(f"error: {event.journal_error}: the run stopped after the running steps (no step ran "
+                     f"unrecorded); fix the controller's disk, then: overhaul resume --env {environment}")
+    if result.refused:
+        problems = len(result.refused)
+        lines.append(f"refused before any change ({problems} problem{'s' if problems != 1 else ''}): nothing was "
+                     "changed on any host")
+        return "\n".join(lines)
+    if show_summary:
+        lines.append(summary(result, event.stages))
+    if record is not None and result.lease_lost:
+        lines.append(f"run {record.id}: this controller lost its lease after {event.elapsed:.1f} s and wrote nothing "
+                     f"more; see the run as its new holder leaves it: overhaul show {record.id}")
+        return "\n".join(lines)
+    if record is not None:
+        counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
+        lines.append(f"run {record.id} {event.status} in {event.elapsed:.1f} s: "
+                     + ", ".join(f"{count} {outcome.value}" for outcome, count in counts.items())
+                     + f"; details: overhaul show {record.id}")
+    if result.interrupted:
+        lines.append(f"resume with: overhaul resume --env {environment}")
+    elif result.rolled_back:
+        lines.append("rolled back: every change this run made was taken back; the farm is as the run found it")
+    elif event.ways_on is not None and record is not None:
+        if event.ways_on.left:
+            lines.append(ways_on(environment, record.id, event.ways_on))
+        else:
+            lines.append(f"after repairing the cause, continue with: overhaul resume --env {environment} "
+                         f"(or give the run up: overhaul abandon --run {record.id})")
+    if result.partial and not result.interrupted:
+        one = len(result.partial) == 1
+        lines.append(f"left half-done: {', '.join(result.partial)}: excluded from this run as unreachable, after an "
+                     f"earlier attempt of it had changed {'it' if one else 'them'}")
+        lines.append(f"once {'it answers' if one else 'they answer'}, finish the run with: "
+                     f"overhaul resume --env {environment}")
+    return "\n".join(lines)
+
+
+def ways_on(environment: str, run_id: str, ways: WaysOn) -> str:
+    """The last lines of a failed run that left hosts part-way: which, why, and each way on that applies to it."""
+    lines = [f"left part-way by this run (what it stopped there may still be down): {', '.join(ways.left)}"]
+    for host, (by, undone) in ways.left.items():
+        more = f" and {len(undone) - 3} more" if len(undone) > 3 else ""
+        lines.append(f"  {host}: changed by {', '.join(by)}; not done: {', '.join(undone[:3])}{more}")
+    lines.append(f"the ways on (run {run_id}):")
+    lines.append(f"  repair the cause, then finish the run: overhaul resume --env {environment}")
+    if ways.undo_blocked:
+        lines.append(f"  (not `overhaul undo`: {'; '.join(ways.undo_blocked)})")
+    else:
+        lines.append(f"  or take back every change it made: overhaul undo --run {run_id}")
+    if ways.rollback:  # (only a command that takes back this very run: never an older upgrade's backup)
+        lines.append(f"  or go back to the version and data from before the upgrade (its backup): {ways.rollback}")
+    return "\n".join(lines)
+
+
+def print_preflight(report: PreflightReport, stream: TextIO = sys.stdout) -> None:
+    """One table, host x stage: ok or the reason; then each refusal on a line of its own."""
+    from rich.console import Console  # only a run that reaches the gate pays for rich
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
+    table = Table(title="preflight", title_justify="left", show_lines=False)
+    hosts = report.hosts()
+    host_width = max([len(host) for host in hosts] + [len(f"({len(hosts)} more)")])
+    table.add_column("host", min_width=host_width, no_wrap=True)
+    # A cell holds the start of a reason; the lines below the table hold all of it.
+    cell_width = max(8, (console.width - host_width - 4) // (len(report.stages) + 1) - 3)
+    for title in ["ssh", *(f"{p.index + 1} {p.stage.name}" for p in report.stages)]:
+        table.add_column(title, max_width=cell_width, overflow="ellipsis")
+    quiet = 0
+    for host in hosts:
+        cells = [_cell(report, index, host) for index in (HOST_COLUMN, *(p.index for p in report.stages))]
+        if len(report.checks) > 40 and all(cell in ("ok", "-") for cell in cells):
+            quiet += 1  # a big farm: only the hosts with something to say get a row
+            continue
+        table.add_row(Text(host), *(Text(cell, no_wrap=True, overflow="ellipsis") for cell in cells))
+    if quiet:
+        table.add_row(f"({quiet} more)", *["ok"] * (len(report.stages) + 1))
+    console.print(table)
+    for host, why in report.excluded.items():
+        console.print(f"excluded from this run: {host}: {why}")
+    for line in report.refusals:
+        console.print(f"refused: {line}", markup=False)
+
+
+def _cell(report: PreflightReport, index: int, host: str) -> str:
+    check = report.checks.get((index, host))
+    if check is None:
+        return "-"
+    if host in report.excluded:
+        return "excluded"
+    return "ok" if check.done else check.message

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from overhaul.context import Facts, Probe, StepHost
-from overhaul.errors import HostUnreachable, StepFailed
+from overhaul.errors import FAILED_EXIT, INTERRUPTED_EXIT, REFUSED_EXIT, HostUnreachable, StepFailed
 from overhaul.plan import Plan, PlannedStage
 from overhaul.runbook import resolve_count
 from overhaul.step import Outcome, Step
@@ -74,6 +74,30 @@ class RunResult:
 
     def counts(self, stage: str) -> Counter[Outcome]:
         return Counter(r.outcome for r in self.results if r.stage == stage)
+
+    @property
+    def status(self) -> str:
+        """How the run ended, as journaled: refused, interrupted, rolled back, failed, partial (a host it had
+        changed was left out as unreachable) or succeeded."""
+        if self.refused and not self.interrupted:
+            return "refused"
+        if self.rolled_back:
+            return "rolled back"
+        if self.interrupted:
+            return "interrupted"
+        if self.failed:
+            return "failed"
+        return "partial" if self.partial else "succeeded"
+
+    @property
+    def exit_code(self) -> int:
+        """0 success, 1 some host failed (or the run stopped, or left a host it had changed half-done), 3 refused
+        before any change, 130 interrupted."""
+        if self.interrupted:
+            return INTERRUPTED_EXIT
+        if self.refused:
+            return REFUSED_EXIT
+        return FAILED_EXIT if self.failed or self.partial else 0
 
 
 UNDO_FACTS = "undo"  # the key of a pair's facts holding what its step remembered for an undo (see overhaul.undo)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get
 
 from pydantic import BaseModel, ConfigDict
 
-from overhaul.errors import ConfigError
+from overhaul.errors import ConfigError, StepFailed
 
 if TYPE_CHECKING:
     from overhaul.context import Probe, StepHost
@@ -106,7 +106,7 @@ class Step(Generic[P]):
         input error before anything connects) and redacted from everything the run prints or journals."""
         return []
 
-    def probes(self) -> list[Probe]:
+    def probes(self) -> list[Probe[Any]]:
         """What this step reads about a host, as probes: the runner reads those not yet known in one command
         before the step's check (and after an apply), with those of the host's later stages."""
         return []
@@ -151,7 +151,7 @@ def _generic_params(cls: type) -> type[Params] | None:
     return None
 
 
-def missing_methods(step: type[Step]) -> list[str]:
+def missing_methods(step: type[Step[Any]]) -> list[str]:
     """The contract's methods `step` does not define (inherited from Step itself): `check`, `apply`."""
     return [method for method in ("check", "apply") if getattr(step, method) is getattr(Step, method)]
 
@@ -166,6 +166,16 @@ def _package_folder(package: str) -> Path | None:
     return Path(locations[0]).resolve() if locations else None
 
 
+class AssertionStep(Step[P]):
+    """A read-only step (a check of the farm, as `services.verify`): `check` is the whole of it, and `apply` only
+    reports why it does not hold. Subclass it with a `name` and a `check`."""
+
+    read_only = True
+
+    def apply(self, host: StepHost) -> str:
+        raise StepFailed(self.check(host).message)
+
+
 class Registry:
     """Step classes by name: built-ins and other packages (entry points), and a local steps/ folder.
 
@@ -177,7 +187,7 @@ class Registry:
 
     def __init__(self, local_dirs: list[Path] | None = None, entries: Iterable[EntryPoint] | None = None,
                  packages: dict[Path, str] | None = None):
-        self._steps: dict[str, type[Step]] = {}
+        self._steps: dict[str, type[Step[Any]]] = {}
         self._entries: dict[str, EntryPoint] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP) if entries is None else entries:
             self._entries[entry.name] = entry
@@ -185,7 +195,7 @@ class Registry:
         for folder in local_dirs or []:
             self.load_folder(folder)
 
-    def add(self, step: type[Step]) -> None:
+    def add(self, step: type[Step[Any]]) -> None:
         """Register a step class by its name; refused (ConfigError) when it is not a whole step."""
         if not (isinstance(step, type) and issubclass(step, Step) and getattr(step, "name", None)):
             raise ConfigError([f"{step!r} is not a Step subclass with a name"])
@@ -261,7 +271,7 @@ class Registry:
         """Every known step name, loaded or not (an unknown name's "did you mean" draws on them)."""
         return sorted({*self._steps, *self._entries})
 
-    def get(self, name: str) -> type[Step]:
+    def get(self, name: str) -> type[Step[Any]]:
         """The step class named `name`: an entry point is imported now, the first time it is asked for.
 
         KeyError: no such step. ConfigError: its plug-in cannot be loaded, or is not a whole step (named).
@@ -274,7 +284,7 @@ class Registry:
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known steps: {', '.join(self.names())}"
         raise KeyError(f"unknown step {name!r}: {hint}")
 
-    def _load(self, entry: EntryPoint) -> type[Step]:
+    def _load(self, entry: EntryPoint) -> type[Step[Any]]:
         source = f" (package {entry.dist.name})" if entry.dist is not None else ""
         plugin = f"the plug-in of step {entry.name!r}, entry point {entry.name} = {entry.value}{source}"
         try:
@@ -288,4 +298,4 @@ class Registry:
             self.add(step)
         except ConfigError as exc:
             raise ConfigError([f"{plugin}: {problem}" for problem in exc.problems]) from None
-        return step
+        return self._steps[step.name]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from overhaul.steps.services import AssertionStep
 from pydantic import Field
 
 from overhaul.command import sh
 from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
-from overhaul.step import Check, Params
+from overhaul.step import AssertionStep, Check, Params
 
 
 class DiskParams(Params):

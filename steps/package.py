@@ -101,7 +101,7 @@ def available_versions(host: StepHost, manager: str, package: str, refresh: bool
             if not refreshed.ok:
                 raise StepFailed(f"apt-get update failed: {refreshed.tail()}")
             versions = _madison(host.run(available_probe(package).command))
-            host.facts.put(host.name, available_probe(package).question, versions)  # the lists as they are now
+            host.facts.put(host.name, available_probe(package).key, versions)  # the lists as they are now
             return versions
         return host.read(available_probe(package))
     listing = host.run(sh("yum -q list available --showduplicates -- {name}", name=package)).stdout.splitlines()

@@ -15,7 +15,7 @@ from pydantic import Field
 from overhaul.command import sh
 from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
-from overhaul.step import Check, Params, Step
+from overhaul.step import AssertionStep, Check, Params, Step
 from overhaul.transport import CommandResult
 
 NOT_RUNNING = ("STOPPED", "EXITED", "FATAL")
@@ -78,15 +78,6 @@ def not_all_running(host: StepHost, manage: str) -> tuple[str | None, dict[str, 
         return f"`{manage} status`: supervisor not available", states
     bad = describe(states, ("RUNNING",))
     return (f"not RUNNING: {bad}" if bad else None), states
-
-
-class AssertionStep(Step):
-    """A read-only step: `check` is the whole of it, `apply` only reports why it does not hold."""
-
-    read_only = True
-
-    def apply(self, host: StepHost) -> str:
-        raise StepFailed(self.check(host).message)
 
 
 class ManageParams(Params):

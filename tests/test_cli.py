@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 from helpers import PROCESS_OCTET, overhaul_cli, write
 
-from overhaul.cli import EXIT_CODES, SHORT_FLAGS, check_promotion, describe_policy, namespace
+from overhaul.api import check_promotion
+from overhaul.cli import EXIT_CODES, SHORT_FLAGS, describe_policy, namespace
 from overhaul.errors import ConfigError, Refused
 from overhaul.history import History
 from overhaul.inventory import Policy, load_inventory_file

@@ -703,13 +703,10 @@ def test_known_hosts_looked_up_by_name_answer_as_paramikos_linear_scan(tmp_path)
 def test_a_host_by_host_run_journals_each_command_with_its_own_stage(lab, tmp_path):
     """One worker: a host's later pairs run while its earlier results wait for the other hosts (to be told stage
     by stage); each pair's commands are still journaled with that pair, not with the one told before it."""
-    import io
 
-    from overhaul.steps.services import AssertionStep
-
-    from overhaul.execution import run_plan
+    from overhaul.execution import Execution
     from overhaul.state import SQLiteState
-    from overhaul.step import Check, Params, Registry
+    from overhaul.step import AssertionStep, Check, Params, Registry
 
     class Word(Params):
         word: str
@@ -729,7 +726,7 @@ def test_a_host_by_host_run_journals_each_command_with_its_own_stage(lab, tmp_pa
     state = SQLiteState(tmp_path / "journal.sqlite")
     transport = Transport(inventory, max_workers=1)
     try:
-        result = run_plan(plan, mutating=False, state=state, stream=io.StringIO(), transport=transport)
+        result = Execution(plan, state=state, transport=transport).read()
     finally:
         transport.close()
     assert not result.failed
@@ -742,9 +739,8 @@ def test_a_host_by_host_run_journals_each_command_with_its_own_stage(lab, tmp_pa
 def test_a_verify_whose_last_results_cannot_be_journaled_ends_interrupted(lab, tmp_path):
     """The ends of a verify's pairs are written together, the last ones when the run ends: if the disk refuses them,
     the run does not end as if recorded (as when any journal write fails: interrupted, exit 130)."""
-    import io
 
-    from overhaul.execution import exit_code, run_plan
+    from overhaul.execution import Execution, exit_code
     from overhaul.state import SQLiteState, StateError
 
     class FullDisk(SQLiteState):
@@ -754,8 +750,7 @@ def test_a_verify_whose_last_results_cannot_be_journaled_ends_interrupted(lab, t
     inventory = lab_inventory(lab)
     plan = plan_for(LOOK.replace("THRESHOLD", "100"), tmp_path, inventory)
     state = FullDisk(tmp_path / "journal.sqlite")
-    stream = io.StringIO()
-    result = run_plan(plan, mutating=False, state=state, stream=stream)
+    result = Execution(plan, state=state).read()
     assert result.interrupted and exit_code(result) == 130
     assert state.run(result.run_id).status == "interrupted"
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 from helpers import lab_inventory, outcomes, plan_for
 
 from overhaul.context import MARK, Facts, sections
-from overhaul.execution import Gate, run_plan
+from overhaul.execution import Execution, Gate
 from overhaul.plan import build_plan
 from overhaul.runbook import load_runbook
 from overhaul.runner import Runner
@@ -109,12 +107,12 @@ def test_an_upgrade_sends_at_most_ten_commands_per_app_host_preflight_included(f
     plan = build_plan(load_runbook("upgrade"), lab_inventory(lab), Registry(), {"version": "1.1.0"})
     state = SQLiteState(tmp_path / "journal.sqlite")
     counts = counted(monkeypatch)
-    result = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
+    result = Execution(plan, state=state, gate=Gate()).run()
     assert not result.failed and not result.refused
     assert counts["app1"] <= 10 and counts["worker1"] <= 10, counts  # Ansible's playbook: 6; before the facts: 23
     assert lab.host("app1").exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.1.0"
     counts.clear()
-    again = run_plan(plan, state=state, stream=io.StringIO(), gate=Gate())
+    again = Execution(plan, state=state, gate=Gate()).run()
     assert {r.outcome.value for r in again.results} == {"ok"}
     # A no-op re-run changes nothing: the gate's read serves the changing stages' checks; the three
     # verification stages read afresh (they are there to see the farm as it is at the end).

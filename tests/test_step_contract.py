@@ -113,7 +113,7 @@ def test_every_built_in_step_that_changes_hosts_says_whether_it_can_be_undone():
 
 
 def test_a_step_without_check_or_apply_is_refused_at_registration(tmp_path):
-    from overhaul.steps.services import AssertionStep
+    from overhaul.step import AssertionStep
 
     class NoCheck(Step[Params]):
         name = "acme.nocheck"
@@ -329,10 +329,10 @@ def test_a_plug_in_is_imported_only_when_a_runbook_uses_it_and_a_broken_one_fail
 
 
 def test_a_plug_in_that_is_not_a_whole_step_is_named_when_used():
-    entries = [EntryPoint("acme.half", "overhaul.steps.services:AssertionStep", ENTRY_POINT_GROUP),
+    entries = [EntryPoint("acme.half", "overhaul.step:AssertionStep", ENTRY_POINT_GROUP),
                EntryPoint("acme.misnamed", "overhaul.steps.shell:Shell", ENTRY_POINT_GROUP)]
     registry = Registry(entries=entries)
-    with pytest.raises(ConfigError, match=r"entry point acme.half = overhaul.steps.services:AssertionStep: .* is not a "
+    with pytest.raises(ConfigError, match=r"entry point acme.half = overhaul.step:AssertionStep: .* is not a "
                                           r"Step subclass with a name"):
         registry.get("acme.half")
     with pytest.raises(ConfigError, match=r"entry point acme.misnamed = overhaul.steps.shell:Shell: its class names "

@@ -6,8 +6,8 @@ The cache key is a hash of the recipe below: change a package and a new tree is 
 
 from __future__ import annotations
 
-import hashlib
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess

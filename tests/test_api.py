@@ -1,0 +1,140 @@
+"""The library's face: a runbook composed in Python runs on the lab with the command line's gate, journal, lock and
+resume, reports through typed events, prints nothing itself; the example tasks.py upgrades the lab."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import installed_version, overhaul_cli, program_states
+
+from overhaul import api
+from overhaul.errors import ConfigError, Refused
+from overhaul.events import (
+    CommandDone,
+    PairFinished,
+    PairStarted,
+    PreflightChecked,
+    RunEnded,
+    RunStarted,
+    StageStarted,
+)
+from overhaul.state import SQLiteState
+from overhaul.state.sql import KILL_AFTER_WRITES
+from overhaul.step import Outcome
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "python-upgrade"
+
+
+def touch_book(path: str) -> api.Runbook:
+    return api.Runbook(name="touch-it", stages=[
+        api.Stage(name="disk", step="disk.usage", params={"mounts": ["/"], "threshold": 100}),
+        api.Stage(name="touch", step="local.touch", roles=["app"], strategy="serial", params={"path": path}),
+    ])
+
+
+def test_a_runbook_composed_in_python_runs_gated_journaled_and_told_as_events(lab, tmp_path, tag, monkeypatch, capfd):
+    monkeypatch.setenv("OVERHAUL_JOURNAL", str(tmp_path / "journal.sqlite"))
+    path = f"/root/api-{tag}"
+    planned = api.plan(touch_book(path), "lab", hosts_dir=lab.inventory.parent, steps_dir=EXAMPLE / "steps")
+    events: list[object] = []
+    try:
+        result = api.run(planned, yes=True, subscribers=[events.append])
+        assert (result.status, result.exit_code) == ("succeeded", 0), result.refused
+        assert {(r.stage, r.host, r.outcome) for r in result.results if r.stage == "touch"} == {
+            ("touch", "app1", Outcome.CHANGED), ("touch", "app2", Outcome.CHANGED)}
+        kinds = [type(event) for event in events]
+        assert kinds[:2] == [RunStarted, PreflightChecked] and kinds[-1] is RunEnded
+        assert {StageStarted, PairStarted, CommandDone, PairFinished} <= set(kinds)
+        ended = events[-1]
+        assert isinstance(ended, RunEnded) and ended.status == "succeeded" and ended.run is not None
+        assert ended.run.id == result.run_id == events[0].run_id
+        assert [e.planned.stage.name for e in events if isinstance(e, StageStarted)] == ["disk", "touch"]
+        out, err = capfd.readouterr()
+        assert (out, err) == ("", ""), "nothing below the command line prints"
+
+        state = SQLiteState(tmp_path / "journal.sqlite")
+        record = state.run(result.run_id)
+        assert record.status == "succeeded" and record.runbook == "touch-it"
+        kept = Path(record.runbook_path)  # the composed runbook, kept for resume and undo, the operator's only
+        assert kept.is_file() and oct(kept.stat().st_mode & 0o777) == "0o600" and path in kept.read_text()
+
+        again = api.run(planned, yes=True)  # a second run changes nothing
+        assert {r.outcome for r in again.results} == {Outcome.OK}
+    finally:
+        for host in ("app1", "app2"):
+            lab.host(host).exec(f"rm -f {path}")
+
+
+def protected_copy(inventory: Path, folder: Path) -> Path:
+    """The lab's inventory, protected, in a folder of its own (its files' paths made absolute)."""
+    data = yaml.safe_load(inventory.read_text())
+    base = inventory.parent
+    data["ssh"] = {**data["ssh"], **{key: str(base / data["ssh"][key]) for key in ("key_file", "known_hosts")}}
+    data["secrets"] = {name: {"file": str(base / ref["file"])} for name, ref in data["secrets"].items()}
+    data["policy"] = {"protected": True}
+    folder.mkdir()
+    (folder / "lab.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+def test_the_api_keeps_the_command_lines_policy(lab, tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERHAUL_JOURNAL", str(tmp_path / "journal.sqlite"))
+    hosts = protected_copy(lab.inventory, tmp_path / "hosts")
+    planned = api.plan(touch_book("/root/never"), "lab", hosts_dir=hosts, steps_dir=EXAMPLE / "steps")
+    assert planned.inventory.policy.protected
+    with pytest.raises(Refused, match="protected") as refused:
+        api.run(planned)
+    assert refused.value.exit_code == 3
+    shown: list[list[str]] = []
+
+    def say_no(preview: api.RunResult, stages: list) -> bool:  # shown what would change, before any change
+        shown.append([r.host for r in preview.results if r.outcome is Outcome.CHANGED])
+        return False
+
+    no = api.run(planned, approve=say_no)
+    assert (no.status, no.exit_code, no.refused) == ("refused", 3, ["not confirmed"])
+    assert shown == [["app1", "app2"]]
+    with pytest.raises(ConfigError, match=r"no\.such"):
+        api.plan(api.Runbook(name="bad", stages=[api.Stage(name="x", step="no.such")]), "lab",
+                 hosts_dir=lab.inventory.parent)
+    assert lab.host("app1").exec("test -e /root/never", check=False).returncode == 1
+
+
+def test_the_example_tasks_py_upgrades_the_lab_composed_in_python_and_the_command_line_resumes_it(fresh_lab, tmp_path):
+    """examples/python-upgrade/tasks.py, killed in the middle of its upgrade (after its 12th journal write, in
+    `reconfigure db`), is finished by `overhaul resume`: the same journal, lock and resume as the command line's."""
+    lab = fresh_lab(3)
+    env = {**os.environ, "OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite")}
+    killed = subprocess.run([sys.executable, "-m", "invoke", "upgrade", "--env", "lab", "--version", "1.1.0", "--yes",
+                             "--hosts-dir", str(lab.inventory.parent)], cwd=EXAMPLE, env={**env, KILL_AFTER_WRITES: "12"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "preflight" in killed.stdout and "== stage 2: stop services" in killed.stdout  # the console view subscribed
+    resumed = overhaul_cli(tmp_path, "resume", "--env", "lab", "--steps-dir", str(EXAMPLE / "steps"),
+                           "--hosts-dir", str(lab.inventory.parent))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming run" in resumed.stdout and "run succeeded" in resumed.stdout
+    for host in ("db1", "worker1", "app1"):
+        assert installed_version(lab, host) == "1.1.0"
+        assert program_states(lab, host) == {"RUNNING"}
+    assert lab.host("app1").exec("test -e /root/upgraded-to-1.1.0", check=False).returncode == 0
+    history = overhaul_cli(tmp_path, "history", "--env", "lab")
+    assert "upgrade-marked" in history.stdout and "succeeded" in history.stdout
+
+
+def test_the_docs_runbook_composed_in_python_is_valid_and_plans_on_the_lab(lab):
+    """The first example of docs/python-api.md, up to its plan, on the lab instead of staging."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "python-api.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.split("result = api.run")[0].replace('"staging"', f'"lab", hosts_dir={str(lab.inventory.parent)!r}')
+    scope: dict[str, object] = {}
+    exec(code, scope)
+    planned = scope["planned"]
+    assert [(p.stage.name, p.hosts) for p in planned.stages] == [
+        ("stop", ["app1", "app2"]), ("start", ["app1", "app2"]), ("check", ["app1", "app2"])]
