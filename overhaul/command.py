@@ -106,8 +106,8 @@ def _fields(template: str) -> tuple[tuple[str, str | None], ...]:
         if field is not None:
             if spec or conversion or not field.isidentifier():
                 raise ValueError(f"{{{field}}}: a command's field is a plain name (no format, index or attribute)")
-            if open_quote(before):
-                raise ValueError(f"{{{field}}} stands inside {CONTEXTS[open_quote(before)]}: a value is quoted by "
+            if (opened := open_quote(before)) is not None:
+                raise ValueError(f"{{{field}}} stands inside {CONTEXTS[opened]}: a value is quoted by "
                                  f"itself, as a word of its own; write it outside, in {template!r}")
             before += "x"
         found.append((literal, field))

@@ -61,7 +61,6 @@ import shlex
 import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ from overhaul.plan import Plan, build_plan
 from overhaul.runbook import LoadedRunbook, Runbook
 from overhaul.secrets import Redactor
 from overhaul.step import Registry, Step
-from overhaul.transport import CommandResult, durable_command
+from overhaul.transport import CommandResult, connect_each, durable_command
 
 __all__ = ["Answer", "FakeRemote", "FakeTransport", "fake_host", "fake_inventory", "fake_plan", "in_turn"]
 
@@ -327,26 +326,7 @@ class FakeTransport:
     def connect(self, names: list[str], then: Callable[[str], None] | None = None) -> dict[str, HostUnreachable]:
         """Connect to every named host in parallel (bounded by `max_workers`); the hosts that could not be reached.
         With `then`, a host's worker goes on to `then(name)` once connected (as the real transport's)."""
-        failures: dict[str, HostUnreachable] = {}
-        parking = then is not None and self.parks(names)
-
-        def attempt(name: str) -> None:
-            try:
-                self.host(name).connect()
-            except HostUnreachable as exc:
-                failures[name] = exc
-                return
-            if then is None:
-                return
-            try:
-                then(name)
-            finally:
-                if parking:
-                    self.park(name, held=False)
-
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, max(len(names), 1))) as pool:
-            list(pool.map(attempt, names))
-        return failures
+        return connect_each(self, names, then)
 
     def hold(self, names: Iterable[str]) -> None:
         with self._lock:

@@ -693,23 +693,6 @@ class Transport:
 
         With `then`, a host's worker goes on to `then(name)` once it is connected, and parks the host after it
         when there are more hosts than workers (a 1,000-host preflight keeps `max_workers` connections open)."""
-        failures: dict[str, HostUnreachable] = {}
-        parking = then is not None and self.parks(names)
-
-        def attempt(name: str) -> None:
-            try:
-                self.host(name).connect()
-            except HostUnreachable as exc:
-                failures[name] = exc
-                return
-            if then is None:
-                return
-            try:
-                then(name)
-            finally:
-                if parking:
-                    self.park(name, held=False)
-
         if self._gateway is not None:
             try:
                 self._gateway.open()
@@ -719,9 +702,7 @@ class Transport:
                 assert bastion is not None
                 error = HostUnreachable(f"bastion {bastion.address}:{bastion.port}: {exc}")
                 return dict.fromkeys(names, error)
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, max(len(names), 1))) as pool:
-            list(pool.map(attempt, names))
-        return failures
+        return connect_each(self, names, then)
 
     def close(self, cut: bool = False) -> None:
         """Close every connection now; with `cut`, let none be opened again (see `cut`)."""
@@ -741,3 +722,28 @@ class Transport:
         or waiting out a refusal would otherwise reconnect after the operator asked to stop)."""
         self.close(cut=True)
 
+
+def connect_each(transport: Any, names: list[str], then: Callable[[str], None] | None) -> dict[str, HostUnreachable]:
+    """Connect to every named host of `transport` in parallel (at most its `max_workers` at once); the hosts that
+    could not be reached. With `then`, a host's worker goes on to `then(name)` once connected, and parks the host
+    after it when the transport parks these hosts (more of them than workers)."""
+    failures: dict[str, HostUnreachable] = {}
+    parking = then is not None and transport.parks(names)
+
+    def attempt(name: str) -> None:
+        try:
+            transport.host(name).connect()
+        except HostUnreachable as exc:
+            failures[name] = exc
+            return
+        if then is None:
+            return
+        try:
+            then(name)
+        finally:
+            if parking:
+                transport.park(name, held=False)
+
+    with ThreadPoolExecutor(max_workers=min(transport.max_workers, max(len(names), 1))) as pool:
+        list(pool.map(attempt, names))
+    return failures
