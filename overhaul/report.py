@@ -27,6 +27,7 @@ from overhaul.preflight import HOST_COLUMN, PreflightReport
 from overhaul.runner import HostResult, RunResult
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult
+from overhaul.undo import irreversible
 
 MARKS = {Outcome.OK: "ok", Outcome.CHANGED: "changed", Outcome.FAILED: "FAILED", Outcome.SKIPPED: "skipped"}
 
@@ -233,11 +234,6 @@ def describe_changes(preview: RunResult, stages: list[PlannedStage]) -> str:
         if changing and planned.step.reversible is not True:
             lines.append(f"      {undo_warning(planned)}")
     return "\n".join(lines)
-
-
-def irreversible(planned: PlannedStage) -> str:
-    """What a stage's change loses for good (its step's own words)."""
-    return planned.step.irreversible or f"{planned.step.name} declares no undo"
 
 
 def undo_warning(planned: PlannedStage) -> str:

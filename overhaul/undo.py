@@ -15,10 +15,14 @@ from typing import Any
 
 from overhaul.context import StepHost
 from overhaul.plan import Plan, PlannedStage
-from overhaul.report import irreversible
 from overhaul.runner import UNDO_FACTS, HostResult, not_json_in
 from overhaul.secrets import redacted_in
 from overhaul.step import UNDECIDED, Check, Outcome, Step
+
+
+def irreversible(planned: PlannedStage) -> str:
+    """What a stage's change loses for good (its step's own words)."""
+    return planned.step.irreversible or f"{planned.step.name} declares no undo"
 
 
 @dataclass
