@@ -138,3 +138,10 @@ def test_the_docs_runbook_composed_in_python_is_valid_and_plans_on_the_lab(lab):
     planned = scope["planned"]
     assert [(p.stage.name, p.hosts) for p in planned.stages] == [
         ("stop", ["app1", "app2"]), ("start", ["app1", "app2"]), ("check", ["app1", "app2"])]
+
+
+def test_the_example_tasks_own_step_is_the_one_writing_a_step_teaches():
+    """examples/python-upgrade/steps/touch.py is the docs' step as printed (the tests run both: they must not drift)."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "writing-steps.md").read_text()
+    [block] = [b.split("```", 1)[0] for b in page.split("```python\n")[1:] if b.startswith("# steps/touch.py")]
+    assert (EXAMPLE / "steps" / "touch.py").read_text() == block

@@ -1,3 +1,4 @@
+# steps/touch.py in your repository (or a module of a package with an `overhaul.steps` entry point)
 """`local.touch`: an empty file exists at a path (the example of the docs' "Writing a step")."""
 
 import posixpath

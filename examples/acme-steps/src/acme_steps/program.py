@@ -9,12 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
-from overhaul.command import Command, sh
-from overhaul.context import StepHost
-from overhaul.errors import StepFailed
-from overhaul.step import Check, Params, Step
+from overhaul.sdk import Check, Command, Field, Params, Step, StepFailed, StepHost, sh
 
 NAME = r"^[A-Za-z0-9_-]+$"  # a supervisord program name (and the file name of its configuration)
 
