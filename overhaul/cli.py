@@ -768,7 +768,9 @@ def synthetic(c, env="", hosts_dir="hosts", rerun=False):
     from overhaul.synthetic.run import SyntheticRun, workdir_default
 
     loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
-    finish(SyntheticRun(loaded, open_state(), workdir_default(), rerun=rerun).run())
+    with console(0) as seen:
+        code = SyntheticRun(loaded, open_state(), workdir_default(), [seen], rerun=rerun).run()
+    finish(code)
 
 
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import paramiko
 from tenacity import Retrying, stop_before_delay, wait_exponential_jitter
@@ -27,10 +26,10 @@ from tenacity import Retrying, stop_before_delay, wait_exponential_jitter
 from overhaul import alerts
 from overhaul.command import sh
 from overhaul.errors import HostUnreachable, OverhaulError, Refused
-from overhaul.execution import new_run_id, operator
+from overhaul.events import Publisher, Subscriber
+from overhaul.execution import Told, new_run_id, operator
 from overhaul.inventory import Host, Inventory, SSHSettings
 from overhaul.plan import build_plan
-from overhaul.report import ConsoleReport
 from overhaul.runbook import load_runbook
 from overhaul.runner import Runner
 from overhaul.state import ResultRecord, RunRecord, State
@@ -65,9 +64,12 @@ class PhaseResult:
 
 
 class SyntheticRun:
-    def __init__(self, inventory: Inventory, state: State, workdir: Path, stream: TextIO = sys.stdout,
+    def __init__(self, inventory: Inventory, state: State, workdir: Path, subscribers: Iterable[Subscriber] = (),
                  registry: Registry | None = None, rerun: bool = False):
         """Everything that can be checked before the window is claimed is checked here (input errors, exit 2).
+
+        What happens is published as events (overhaul.events) to `subscribers`: the phases as notices, the
+        checks' stages and pairs as a run's.
 
         `rerun`: take this window over from its failed run (journaled), so a repaired night can run again.
         """
@@ -77,7 +79,7 @@ class SyntheticRun:
         self.config: SyntheticConfig = inventory.synthetic
         self.environment = inventory.environment
         self.state = state
-        self.stream = stream
+        self.publish = Publisher(subscribers)
         self.registry = registry or Registry()
         self.run_id = new_run_id()
         self.provider: Provider = provider_class(self.config.provider)(self.config, self.environment, workdir)
@@ -184,7 +186,7 @@ class SyntheticRun:
                                        1, now - result.seconds, now, result.message))
 
     def _say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        self.publish.notice(text)
 
     # -- phases ------------------------------------------------------------------------------
     def _claim(self, window: int) -> str:
@@ -289,7 +291,7 @@ class SyntheticRun:
             params = self.config.verify_params if name == "verify" else {}
             plan = build_plan(load_runbook(name), self.farm_inventory, self.registry, params)
             transport = Transport(self.farm_inventory)
-            runner = Runner(plan, transport, listeners=[ConsoleReport(self.stream)])
+            runner = Runner(plan, transport, listeners=[Told(self.publish)])
             self._verifying = (runner, transport)
             try:
                 if self._verify_cancelled.is_set():
