@@ -458,6 +458,7 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     from overhaul import verification
     from overhaul.api import expected_version
     from overhaul.execution import Execution, exit_code
+    from overhaul.report import print_checks
     from overhaul.transport import Transport
 
     if no_checks and checks_only:
@@ -486,7 +487,7 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
         if checking is not None:
             checking.stop()
         transport.close()
-    verification.print_summary(cases)
+    print_checks(cases)
     run_id = result.run_id if result is not None else ""
     if junit:
         verification.write_junit(cases, junit, env, run_id)

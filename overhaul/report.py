@@ -28,6 +28,7 @@ from overhaul.runner import HostResult, RunResult
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult
 from overhaul.undo import irreversible
+from overhaul.verification import Case
 
 MARKS = {Outcome.OK: "ok", Outcome.CHANGED: "changed", Outcome.FAILED: "FAILED", Outcome.SKIPPED: "skipped"}
 
@@ -391,3 +392,20 @@ def _cell(report: PreflightReport, index: int, host: str) -> str:
     if host in report.excluded:
         return "excluded"
     return "ok" if check.done else check.message
+
+
+def print_checks(cases: list[Case], stream: TextIO = sys.stdout) -> None:
+    """What verify found: each testinfra check on each host, then the counts and every failure."""
+    checks = [c for c in cases if c.source != "runbook"]
+    if checks:
+        print(f"\n== checks ({len({c.check for c in checks})} checks x {len({c.host for c in checks})} hosts)",
+              file=stream)
+        for case in checks:
+            print(f"   {case.host:<14} {case.status:<8} {case.check}{': ' + case.message if case.message else ''}",
+                  file=stream)
+    counts = {status: sum(1 for c in cases if c.status == status) for status in ("passed", "failed", "skipped")}
+    print(f"\nverify: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+          f"({len(cases)} checks x hosts)", file=stream)
+    for case in cases:
+        if case.status == "failed":
+            print(f"FAILED {case.check} on {case.host}: {case.message}", file=stream)

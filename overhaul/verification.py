@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from overhaul.runner import RunResult
 from overhaul.step import Outcome
@@ -243,22 +243,6 @@ class BackgroundChecks:
         """No new check starts (Ctrl-C, an error): closing the transport after this cuts the running one short."""
         self._stop.set()
         self._pool.shutdown(wait=False)
-
-
-def print_summary(cases: list[Case], stream: TextIO = sys.stdout) -> None:
-    checks = [c for c in cases if c.source != "runbook"]
-    if checks:
-        print(f"\n== checks ({len({c.check for c in checks})} checks x {len({c.host for c in checks})} hosts)",
-              file=stream)
-        for case in checks:
-            print(f"   {case.host:<14} {case.status:<8} {case.check}{': ' + case.message if case.message else ''}",
-                  file=stream)
-    counts = {status: sum(1 for c in cases if c.status == status) for status in ("passed", "failed", "skipped")}
-    print(f"\nverify: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
-          f"({len(cases)} checks x hosts)", file=stream)
-    for case in cases:
-        if case.status == "failed":
-            print(f"FAILED {case.check} on {case.host}: {case.message}", file=stream)
 
 
 def write_junit(cases: list[Case], path: str, env: str, run_id: str = "") -> None:
