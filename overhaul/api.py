@@ -21,6 +21,7 @@ its `exit_code`; a run that started returns its `RunResult` (status, exit code, 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
@@ -29,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from overhaul.errors import HostUnreachable, OverhaulError, Refused, StepFailed
+from overhaul.errors import ConfigError, HostUnreachable, OverhaulError, Refused, StepFailed
 from overhaul.events import Subscriber
-from overhaul.execution import Execution, Gate
+from overhaul.execution import COMPOSED, COMPOSED_EVENT, Execution, Gate
 from overhaul.inventory import Inventory
 from overhaul.plan import Plan, PlannedStage
 from overhaul.report import ConsoleView
@@ -48,6 +49,7 @@ __all__ = ["ConsoleView", "Hooks", "HostResult", "Outcome", "Plan", "PreflightPo
            "Runbook", "Stage", "load_runbook", "plan", "preview", "resume", "run"]
 
 Approve = Callable[[RunResult, list[PlannedStage]], bool]
+RESERVED = ("upgrade", "rollback", "verify")  # the built-in runbooks whose runs the environment's history reads
 
 
 def load_runbook(name: str | Path, runbooks_dir: str | Path = "runbooks") -> Runbook:
@@ -124,6 +126,8 @@ def resume(env: str = "", *, run_id: str = "", yes: bool = False, approve: Appro
             raise OverhaulError(f"no unfinished or failed run of {env!r} to resume in {state.url}" if env
                                 else "give env (resume its newest unfinished run) or run_id")
         record = found
+    if env and record.environment != env:
+        raise OverhaulError(f"run {record.id} is of environment {record.environment!r}, not {env!r}")
     if record.status in ("succeeded", "abandoned", "rolled back", "refused"):
         raise OverhaulError(f"run {record.id} is {record.status}: there is nothing to resume")
     if state.run_event(record.id, UNDO) is not None:
@@ -140,19 +144,29 @@ def _loaded(runbook: Runbook | LoadedRunbook | str | Path, runbooks_dir: Path) -
     """A runbook as the engine takes it: from its file, or a composed one written to a file of its own (0600, named
     by its content) that the journal names, so that a resume or an undo finds exactly it."""
     from overhaul import runbook as runbooks
-    from overhaul.files import write_private
 
     if isinstance(runbook, LoadedRunbook):
         return runbook
     if not isinstance(runbook, Runbook):
         return runbooks.load_runbook(str(runbook), runbooks_dir)
-    text = ("# Composed in Python (overhaul.api); kept so that `overhaul resume` and `undo` find the run's runbook.\n"
-            + yaml.safe_dump(runbook.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = outputs_dir().parent / "runbooks" / f"{runbook.name}-{digest}.yaml"
+    if runbook.name in RESERVED:
+        raise ConfigError([f"runbook {runbook.name!r} composed in Python: {runbook.name!r} is a built-in runbook's name, "
+                           "which the environment's history reads as that runbook (promotion, rollback, the expected "
+                           "version): name yours otherwise"])
+    text = COMPOSED + yaml.safe_dump(runbook.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    return runbooks.load_runbook(str(keep_composed(text)), runbooks_dir)
+
+
+def keep_composed(text: str) -> Path:
+    """The file of a composed runbook's `text` (written, 0600, unless it is there already), named by its content."""
+    from overhaul.files import write_private
+
+    name = yaml.safe_load(text).get("name", "runbook")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip(".-")[:60] or "runbook"
+    path = outputs_dir().parent / "runbooks" / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not path.is_file() or path.read_text() != text:
         write_private(path, text)
-    return runbooks.load_runbook(str(path), runbooks_dir)
+    return path
 
 
 def registry(steps_dir: str | Path = "steps") -> Registry:
@@ -237,6 +251,9 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str | Path, steps
     params = {name: secret_param(inventory, value) for name, value in params.items()}
 
     path = Path(record.runbook_path)
+    composed = state.run_event(record.id, COMPOSED_EVENT)
+    if composed is not None and (not path.exists() or file_sha256(path) != record.runbook_sha256):
+        path = keep_composed(composed)  # composed in Python on another controller: its text is in the journal
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
     planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,

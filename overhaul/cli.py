@@ -255,11 +255,8 @@ def console(view: int, check_only: bool = False, show_summary: bool = True) -> I
     """The run's view on this terminal (progress, warnings, the way on), stopped however the run ends."""
     from overhaul.report import ConsoleView
 
-    seen = ConsoleView(sys.stdout, errors=sys.stderr, check_only=check_only, verbosity=view, show_summary=show_summary)
-    try:
+    with ConsoleView(check_only=check_only, verbosity=view, show_summary=show_summary) as seen:
         yield seen
-    finally:
-        seen.close()
 
 
 def help_asked(value: str, task_name: str) -> bool:

@@ -14,6 +14,7 @@ step before its check, after an apply, by the preflight) go to the host as one c
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,8 +47,28 @@ class Probe(Generic[T]):
 
     @property
     def key(self) -> str:
-        parser = f"{getattr(self.parse, '__module__', '')}.{getattr(self.parse, '__qualname__', repr(self.parse))}"
-        return f"{self.command.text}\0{parser}"
+        return f"{self.command.text}\0{parser_key(self.parse)}"
+
+
+def parser_key(parse: Any) -> str:
+    """What a parser is, as far as the answer it gives goes: its code (where it is defined), the values it closes
+    over, the object a method is bound to, a partial's arguments. Two lambdas of one module differ by their line;
+    one factory's parsers by what each closes over; a probe made afresh by each step from the same code and values
+    is the same parser."""
+    if isinstance(parse, functools.partial):
+        return f"partial({parser_key(parse.func)}, {parse.args!r}, {parse.keywords!r})"
+    bound = getattr(parse, "__self__", None)
+    function = getattr(parse, "__func__", parse)
+    code = getattr(function, "__code__", None)
+    where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else repr(function)
+    cells = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            cells.append(repr(cell.cell_contents))
+        except ValueError:  # a cell not yet filled
+            cells.append("<empty>")
+    owner = f" of {type(bound).__qualname__}@{id(bound)}" if bound is not None else ""
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')} {where}{owner} {cells}"
 
 
 def file_probe(path: str) -> Probe[str]:

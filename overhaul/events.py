@@ -7,11 +7,14 @@ carries what happens beside the stages (a lock taken over, a stop requested, an 
 
 A subscriber is any callable taking an event. It is called from the run's worker threads, one event at a
 time except `CommandDone` (told from each host's worker as its commands complete), and must not block long.
+A subscriber that raises is told nothing more (the run goes on, journaled as always): `Publisher.dropped`
+keeps it with its exception.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -130,14 +133,20 @@ Subscriber = Callable[[Event], object]
 
 
 class Publisher:
-    """Tells each event to every subscriber, in the order they were given."""
+    """Tells each event to every subscriber, in the order they were given; a view's bug never stops a run."""
 
     def __init__(self, subscribers: Iterable[Subscriber] = ()):
         self.subscribers = list(subscribers)
+        self.dropped: list[tuple[Subscriber, Exception]] = []
 
     def __call__(self, event: Event) -> None:
-        for subscriber in self.subscribers:
-            subscriber(event)
+        for subscriber in list(self.subscribers):
+            try:
+                subscriber(event)
+            except Exception as exc:
+                with suppress(ValueError):  # (another thread dropped it already)
+                    self.subscribers.remove(subscriber)
+                    self.dropped.append((subscriber, exc))
 
     def notice(self, text: str, level: Literal["info", "warning", "error"] = "info") -> None:
         self(Notice(text, level))

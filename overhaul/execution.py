@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
 LIMIT = LIMIT_EVENT  # journal event: the run was kept to some hosts (--limit)
 UNDO = "undo"  # journal event: the run is being taken back (`overhaul undo`): a resume continues the undo
+COMPOSED_EVENT = "composed-runbook"  # journal event: the text of a runbook composed in Python (overhaul.api)
+COMPOSED = "# Composed in Python (overhaul.api); kept so that `overhaul resume` and `undo` find the run's runbook.\n"
 
 
 @dataclass
@@ -282,8 +284,9 @@ def graceful_stop(runner: Runner, transport: Transport, grace: float,
         if runner._stopping.is_set():
             transport.cut()
             return
-        notice(f"\nstopping: no new step starts; running commands get {grace:g} s to finish "
-               "(signal again to cut them now)", "warning")
+        # (told from a thread of its own: a subscriber may hold a lock the interrupted main thread holds too)
+        threading.Thread(target=notice, args=(f"\nstopping: no new step starts; running commands get {grace:g} s to "
+                                              "finish (signal again to cut them now)", "warning"), daemon=True).start()
         runner.request_stop()
         timer.append(threading.Timer(grace, transport.cut))
         timer[0].daemon = True
@@ -396,7 +399,7 @@ class Execution:
                 self.notify[0].started(self.notify[1])
         recorder = self.recorder
         runner = Runner(plan, transport, check_only=mode == "preview", confirm=self.confirm,
-                        listeners=[Told(self.publish), *([recorder] if recorder else [])],
+                        listeners=[*([recorder] if recorder else []), Told(self.publish)],  # journaled, then told
                         run_id=record.id if record else None, previous=self.previous,
                         log_dir=recorder.outputs if recorder else None, on_log_error=recorder.report if recorder else None)
         if self.keeper is not None:
@@ -459,7 +462,7 @@ class Execution:
     def _end(self, result: RunResult | None, lease_lost: bool, started: float) -> RunResult:
         assert result is not None  # (an exception from the stages went up through _close)
         record = self.record
-        result.run_id = record.id if record is not None and not result.refused else ""
+        result.run_id = record.id if record is not None else ""
         ways = None
         if (record is not None and record.mutating and result.failed and not result.interrupted
                 and not result.rolled_back and not result.refused and not lease_lost):
@@ -614,6 +617,9 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
         mutating=mutating,
     )
     state.start_run(record)
+    text = read_regular(plan.runbook.path, MAX_BYTES, "a runbook").decode()
+    if text.startswith(COMPOSED):  # another controller resuming or undoing the run finds it in the journal
+        state.event(record.environment, COMPOSED_EVENT, text, run_id)
     if plan.limit:
         state.event(record.environment, LIMIT, plan.limit, run_id)
     if plan.inventory.source is not None:  # what the source found now is what a resume works on

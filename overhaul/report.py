@@ -249,13 +249,28 @@ class ConsoleView:
     """The command line's view of a run: a subscriber (overhaul.events) that prints what the run publishes.
 
     Progress goes to `stream` (the live view on a terminal, plain lines elsewhere: see `console_report`);
-    warnings and errors to `errors`. `show_summary`: the table of outcomes at the end (verify prints its own).
+    warnings and errors to `errors` (by default standard error as it is when they are told: the live view's,
+    while it draws). `show_summary`: the table of outcomes at the end (verify prints its own). Used as a context
+    manager, the live view stops however the run ends (an exception included)::
+
+        with api.ConsoleView() as view:
+            api.run(planned, yes=True, subscribers=[view])
     """
 
-    def __init__(self, stream: TextIO = sys.stdout, *, errors: TextIO = sys.stderr, check_only: bool = False,
+    def __init__(self, stream: TextIO | None = None, *, errors: TextIO | None = None, check_only: bool = False,
                  verbosity: int = 0, show_summary: bool = True):
-        self.stream, self.errors, self.show_summary = stream, errors, show_summary
-        self.progress = console_report(stream, check_only, verbosity)
+        self.stream, self._errors, self.show_summary = stream or sys.stdout, errors, show_summary
+        self.progress = console_report(self.stream, check_only, verbosity)
+
+    def __enter__(self) -> ConsoleView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def errors(self) -> TextIO:
+        return self._errors or sys.stderr
 
     def __call__(self, event: Event) -> None:
         match event:
@@ -279,6 +294,10 @@ class ConsoleView:
                 print_preflight(report, self.stream)
             case RunEnded():
                 self.close()
+                if event.journal_error and not event.result.lease_lost:
+                    print(f"error: {event.journal_error}: the run stopped after the running steps (no step ran "
+                          f"unrecorded); fix the controller's disk, then: overhaul resume --env {event.environment}",
+                          file=self.errors, flush=True)
                 print(ending(event, self.show_summary), file=self.stream, flush=True)
 
     def _started(self, event: RunStarted) -> None:
@@ -299,9 +318,6 @@ def ending(event: RunEnded, show_summary: bool = True) -> str:
     """What a run's last lines say: a refusal; else the summary, the status, and the way on."""
     result, record, environment = event.result, event.run, event.environment
     lines: list[str] = []
-    if event.journal_error and not result.lease_lost:
-        lines.append(f"error: {event.journal_error}: the run stopped after the running steps (no step ran "
-                     f"unrecorded); fix the controller's disk, then: overhaul resume --env {environment}")
     if result.refused:
         problems = len(result.refused)
         lines.append(f"refused before any change ({problems} problem{'s' if problems != 1 else ''}): nothing was "

@@ -116,8 +116,8 @@ def test_the_example_tasks_py_upgrades_the_lab_composed_in_python_and_the_comman
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert "preflight" in killed.stdout and "== stage 2: stop services" in killed.stdout  # the console view subscribed
-    resumed = overhaul_cli(tmp_path, "resume", "--env", "lab", "--steps-dir", str(EXAMPLE / "steps"),
-                           "--hosts-dir", str(lab.inventory.parent))
+    resumed = overhaul_cli(EXAMPLE, "resume", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+                           env=env)  # (in the example's folder, as its user: its own steps/ found there)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming run" in resumed.stdout and "run succeeded" in resumed.stdout
     for host in ("db1", "worker1", "app1"):
@@ -132,7 +132,7 @@ def test_the_docs_runbook_composed_in_python_is_valid_and_plans_on_the_lab(lab):
     """The first example of docs/python-api.md, up to its plan, on the lab instead of staging."""
     page = (Path(__file__).resolve().parent.parent / "docs" / "python-api.md").read_text()
     code = page.split("```python\n", 1)[1].split("```", 1)[0]
-    code = code.split("result = api.run")[0].replace('"staging"', f'"lab", hosts_dir={str(lab.inventory.parent)!r}')
+    code = code.split("with api.ConsoleView()")[0].replace('"staging"', f'"lab", hosts_dir={str(lab.inventory.parent)!r}')
     scope: dict[str, object] = {}
     exec(code, scope)
     planned = scope["planned"]

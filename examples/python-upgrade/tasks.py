@@ -45,6 +45,7 @@ def upgrade(c, env="lab", version="latest", yes=False, hosts_dir="hosts"):
     """Upgrade `env` to `version` by the runbook above, with Overhaul's console view."""
     planned = api.plan(upgrade_runbook(), env, params={"version": version}, hosts_dir=hosts_dir,
                        steps_dir=HERE / "steps")
-    result = api.run(planned, yes=yes, subscribers=[api.ConsoleView()])
+    with api.ConsoleView() as view:  # (the live view stops however the run ends)
+        result = api.run(planned, yes=yes, subscribers=[view])
     if result.exit_code:
         raise Exit(f"{result.status}: run {result.run_id}", code=result.exit_code)
