@@ -103,9 +103,16 @@ def overhaul_vars(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {**json.loads(extra), **values} if extra else values
 
 
+def process_octet() -> int:
+    """The P of a test process's lab subnets (127.N.P): from its process id, so that two test runs at once never
+    collide; pytest-xdist's workers of one run (gw0, gw1, ...) take consecutive ones from their controller's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return (os.getppid() + int(worker[2:]) + 1) % 250 if worker.startswith("gw") else os.getpid() % 250
+
+
 def next_lab_subnet() -> str:
-    """The next subnet of the contract kit's range: 127.N.P, N cycling over 64-76, P from the process id."""
-    return f"127.{next(LAB_SUBNETS)}.{os.getpid() % 250}"
+    """The next subnet of the contract kit's range: 127.N.P, N cycling over 64-76, P from `process_octet`."""
+    return f"127.{next(LAB_SUBNETS)}.{process_octet()}"
 
 
 def start_lab(root: Path, subnet: str, hosts: int) -> Lab:

@@ -11,16 +11,16 @@ from pathlib import Path
 from overhaul.inventory import Inventory, load_inventory_file
 from overhaul.lab import Lab
 from overhaul.plan import Plan, build_plan
+from overhaul.pytest_plugin import process_octet
 from overhaul.runbook import load_runbook
 from overhaul.runner import Runner, RunResult
 from overhaul.state import RunRecord
 from overhaul.step import Registry
 from overhaul.transport import Transport
 
-# Labs of the tests use 127.N.P.x, P from our PID, so two test runs at once (CI and a full sweep) never collide;
-# the workers of one run (pytest-xdist's gw0, gw1, ...) take consecutive octets from their controller's.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-PROCESS_OCTET = (os.getppid() + int(_WORKER[2:]) + 1) % 250 if _WORKER.startswith("gw") else os.getpid() % 250
+# Labs of the tests use 127.N.P.x, P from our process (see process_octet): two test runs at once (CI and a full
+# sweep), or two workers of one run, never collide.
+PROCESS_OCTET = process_octet()
 
 
 def overhaul_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
