@@ -50,7 +50,7 @@ from overhaul.preflight import run_preflight
 from overhaul.runner import HostResult, Runner, RunResult
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
-from overhaul.state.records import EXCLUDED_EVENT, LIMIT_EVENT
+from overhaul.state.records import EXCLUDED_EVENT, KIND_EVENT, LIMIT_EVENT
 from overhaul.state.sql import machine_identity
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult, Transport
@@ -620,12 +620,23 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
     text = read_regular(plan.runbook.path, MAX_BYTES, "a runbook").decode()
     if text.startswith(COMPOSED):  # another controller resuming or undoing the run finds it in the journal
         state.event(record.environment, COMPOSED_EVENT, text, run_id)
+    if mutating and upgrades(plan):  # the environment's history reads it as an upgrade, whatever its name
+        state.event(record.environment, KIND_EVENT, "upgrade", run_id)
     if plan.limit:
         state.event(record.environment, LIMIT, plan.limit, run_id)
     if plan.inventory.source is not None:  # what the source found now is what a resume works on
         found = [host.model_dump(mode="json") for host in plan.inventory.found]
         state.event(record.environment, SOURCE_HOSTS, json.dumps(found), run_id)
     return record
+
+
+def upgrades(plan: Plan) -> bool:
+    """Whether `plan` upgrades a package to its `version` (a runbook of another name than upgrade that does what it
+    does: composed in Python, say): a stage of package.upgrade to the run's version, and not the way back."""
+    version = plan.run_params.get("version")
+    return version is not None and plan.runbook.runbook.name not in ("upgrade", "rollback") and any(
+        planned.step.name == "package.upgrade" and str(params.get("version")) == str(version)
+        for planned in plan.stages for params in (p.model_dump() for p in planned.params.values()))
 
 
 def recorded_hosts(state: State, record: RunRecord) -> list[dict] | None:

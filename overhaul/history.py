@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from overhaul.errors import OverhaulError
 from overhaul.state import RunRecord, State
+from overhaul.state.records import KIND_EVENT
 
 UPGRADE = "upgrade"  # the built-in runbooks the history knows by name
 ROLLBACK = "rollback"
@@ -55,6 +56,11 @@ class RollbackSource:
             return (f"LOST: everything written to the database after {self.backup.path} was dumped (its dump time is "
                     "not in its name; check the file's time on the host before answering)")
         return f"LOST: everything written to the database after {when(self.backup.taken)} (the dump's start)."
+
+
+def is_upgrade(state: State, record: RunRecord) -> bool:
+    """Whether `record` is an upgrade: the built-in runbook, or one composed in Python that upgrades a package."""
+    return record.runbook == UPGRADE or state.run_event(record.id, KIND_EVENT) == UPGRADE
 
 
 def when(at: float | None) -> str:
@@ -106,7 +112,7 @@ class History:
         elif record.started < since:
             raise OverhaulError(f"run {record.id} is older than the rebuild of {self.environment!r} ({when(since)}): "
                                 "its hosts and backups are gone; nothing to roll back")
-        elif record.runbook != UPGRADE:
+        elif not is_upgrade(self.state, record):
             raise OverhaulError(f"run {record.id} is a {record.runbook!r} run: only an upgrade is rolled back")
         elif record.status in ("rolled back", "refused"):
             raise OverhaulError(f"run {record.id} is {record.status}: it left nothing to roll back")

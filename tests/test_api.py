@@ -126,6 +126,13 @@ def test_the_example_tasks_py_upgrades_the_lab_composed_in_python_and_the_comman
     assert lab.host("app1").exec("test -e /root/upgraded-to-1.1.0", check=False).returncode == 0
     history = overhaul_cli(tmp_path, "history", "--env", "lab")
     assert "upgrade-marked" in history.stdout and "succeeded" in history.stdout
+    # The environment's history reads it as the upgrade it is: verify expects 1.1.0, a rollback takes it back.
+    verified = overhaul_cli(tmp_path, "verify", "--env", "lab", "--no-checks", "--hosts-dir", str(lab.inventory.parent))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    back = overhaul_cli(tmp_path, "rollback", "--env", "lab", "--yes", "--hosts-dir", str(lab.inventory.parent))
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert "upgrade-marked to 1.1.0): back to 1.0.0" in back.stdout
+    assert installed_version(lab, "app1") == "1.0.0"
 
 
 def test_the_docs_runbook_composed_in_python_is_valid_and_plans_on_the_lab(lab):

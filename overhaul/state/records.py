@@ -14,6 +14,7 @@ UNFINISHED = ("running", "interrupted")
 RESUMABLE = (*UNFINISHED, "failed", "partial")
 STATUSES = ("running", "interrupted", "succeeded", "partial", "failed", "rolled back", "refused", "abandoned")  # a run's
 LIMIT_EVENT = "limit"  # journal event: a run kept to some hosts (--limit), its detail the limit
+KIND_EVENT = "kind"  # journal event: what a run is, whatever its runbook's name ("upgrade": it upgrades a package)
 EXCLUDED_EVENT = "excluded"  # journal event: a host left out of a run as unreachable (--skip-unreachable)
 OUTCOMES = ("running", "ok", "changed", "failed", "skipped")  # a (stage, host) pair's (overhaul.step.Outcome, running)
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from overhaul.proc import alive, start_time
 from overhaul.state.records import (
     EXCLUDED_EVENT,
+    KIND_EVENT,
     LIMIT_EVENT,
     RESUMABLE,
     UNFINISHED,
@@ -302,16 +303,21 @@ class SQLState:
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
     # -- the environment's history (overhaul.history) -----------------------------------------------
+    # A run is of `runbook` by its runbook's name, or by its kind (a runbook composed in Python that upgrades).
+    _OF_RUNBOOK = ("(runbook = ? OR EXISTS (SELECT 1 FROM events WHERE events.run_id = runs.id AND events.kind = ? "
+                   "AND events.detail = ?))")
+
     def whole_runs(self, environment: str, runbook: str, status: str) -> list[RunRecord]:
-        return self._runs("WHERE environment = ? AND runbook = ? AND status = ? AND mutating AND NOT EXISTS ("
+        return self._runs(f"WHERE environment = ? AND {self._OF_RUNBOOK} AND status = ? AND mutating AND NOT EXISTS ("
                           "SELECT 1 FROM events WHERE events.run_id = runs.id AND events.kind IN (?, ?)) "
-                          "ORDER BY started DESC", (environment, runbook, status, LIMIT_EVENT, EXCLUDED_EVENT))
+                          "ORDER BY started DESC", (environment, runbook, KIND_EVENT, runbook, status, LIMIT_EVENT,
+                                                    EXCLUDED_EVENT))
 
     def changing_runs(self, environment: str, runbook: str, fact: str, limit: int) -> list[RunRecord]:
-        return self._runs("WHERE environment = ? AND runbook = ? AND mutating AND status NOT IN ('rolled back', "
+        return self._runs(f"WHERE environment = ? AND {self._OF_RUNBOOK} AND mutating AND status NOT IN ('rolled back', "
                           "'refused') AND EXISTS (SELECT 1 FROM results WHERE results.run_id = runs.id AND "
                           "results.outcome IN ('changed', 'failed') AND results.facts LIKE ?) ORDER BY started DESC "
-                          "LIMIT ?", (environment, runbook, f'%"{fact}"%', limit))
+                          "LIMIT ?", (environment, runbook, KIND_EVENT, runbook, f'%"{fact}"%', limit))
 
     def later_changes(self, environment: str, after: float, hosts: Iterable[str], but: str) -> list[tuple[str, str]]:
         hosts = list(hosts)
