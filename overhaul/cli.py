@@ -695,11 +695,12 @@ def history(c, env="", count=20, runbook="", status="", since="", all=False, jso
     if not runs:
         print("no runs journaled" + (" (read-only runs are shown with --all)" if not all else ""))
         return
-    print(f"{'RUN':<24} {'RUNBOOK':<10} {'ENV':<12} {'VERSION':<10} {'STATUS':<12} {'STARTED':<20} {'TIME':>7}  WHO")
+    width = max([10, *(len(record.runbook) for record in runs)])  # (a composed runbook's name may be long)
+    print(f"{'RUN':<24} {'RUNBOOK':<{width}} {'ENV':<12} {'VERSION':<10} {'STATUS':<12} {'STARTED':<20} {'TIME':>7}  WHO")
     for record in runs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
         version = str(record.params.get("version", "-"))
-        print(f"{record.id:<24} {record.runbook:<10} {record.environment:<12} {version:<10} {record.status:<12} "
+        print(f"{record.id:<24} {record.runbook:<{width}} {record.environment:<12} {version:<10} {record.status:<12} "
               f"{started:<20} {record.duration:>6.0f}s  {record.operator}")
 
 
