@@ -40,7 +40,7 @@ from overhaul.runbook import Hooks, LoadedRunbook, PreflightPolicy, RetryPolicy,
 from overhaul.runner import HostResult, RunResult
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import RunRecord, State
-from overhaul.step import BUILTIN_PACKAGE, Outcome, Registry
+from overhaul.step import Outcome, Registry
 
 if TYPE_CHECKING:
     from overhaul.planfile import SavedPlan
@@ -173,8 +173,10 @@ def registry(steps_dir: str | Path = "steps") -> Registry:
     """The steps a runbook may use: the built-in ones, installed plug-ins (entry points) and `steps_dir`'s own."""
     # In the checkout, steps/ is also the built-in package (installed editable): its modules that entry points name
     # are left to them (imported once, when a runbook uses them); an operator's own module there loads as a local step.
-    builtin = Path(str(resources.files(BUILTIN_PACKAGE))).resolve()
-    return Registry([Path(steps_dir)], packages={builtin: BUILTIN_PACKAGE})
+    from overhaul import step
+
+    builtin = Path(str(resources.files(step.BUILTIN_PACKAGE))).resolve()
+    return Registry([Path(steps_dir)], packages={builtin: step.BUILTIN_PACKAGE})
 
 
 

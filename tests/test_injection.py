@@ -187,7 +187,8 @@ def test_no_command_sent_to_a_host_is_pasted_text():
 
 def test_only_the_builder_quotes_for_a_shell():
     """shlex is the builder's alone (the lab runs local processes of its own; the redactor knows quoted forms)."""
-    allowed = {"overhaul/command.py", "overhaul/secrets.py"}
+    # (the test kit's fake host reads the engine's framed commands back into words: it splits, it never quotes)
+    allowed = {"overhaul/command.py", "overhaul/secrets.py", "overhaul/testing.py"}
     users = [str(path.relative_to(ROOT)) for path in _engine_files()
              if "shlex" in path.read_text() and str(path.relative_to(ROOT)) not in allowed]
     assert not users

@@ -379,7 +379,7 @@ def test_an_operators_step_in_a_folder_that_is_also_the_built_in_package_loads(t
     """The checkout's case, on a package of its own: `registry(steps_dir)` of the command line, given the folder of
     the built-in package, loads an operator's module there (steps/nginx.py) and leaves the built-in modules to their
     entry points: not imported until used, then imported once, under their own name."""
-    import overhaul.cli
+    import overhaul.api
     import overhaul.step
 
     package = f"contract_builtin_{tmp_path.name.replace('-', '_')}"
@@ -392,7 +392,7 @@ def test_an_operators_step_in_a_folder_that_is_also_the_built_in_package_loads(t
     fake = [EntryPoint("acme.ping", f"{package}.shell:Ping", ENTRY_POINT_GROUP)]
     monkeypatch.setattr(overhaul.step, "entry_points", lambda group: fake if group == ENTRY_POINT_GROUP else [])
     try:
-        registry = overhaul.cli.registry(str(folder))
+        registry = overhaul.api.registry(str(folder))
         assert registry.names() == ["acme.nginx-reload", "acme.ping"]
         nginx = registry.get("acme.nginx-reload")
         assert nginx.__module__ == f"{package}.nginx" and nginx.Params.__name__ == "ReloadParams"
