@@ -7,8 +7,8 @@ APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg 
 # The tests start their own throw-away PostgreSQL cluster (the team state backend) from Debian's server.
 TEST_APT_PACKAGES := postgresql
 PYTHON ?= python3
-# The lab tests mostly wait on real hosts: spread over processes (each lab has its own subnet), 2 cores run 4.
-TEST_WORKERS ?= 4
+# The lab tests mostly wait on real hosts: spread over processes (each lab has its own subnet), 2 cores run 6.
+TEST_WORKERS ?= 6
 
 .PHONY: demo test deps lint lab-down docs
 
