@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -270,9 +270,10 @@ class LockKeeper:
 
 
 @contextmanager
-def graceful_stop(runner: Runner, transport: Transport, grace: float,
+def graceful_stop(stop: Callable[[], None], stopping: threading.Event, cut: Callable[[], None], grace: float,
                   notice: Callable[[str, Literal["info", "warning", "error"]], None]) -> Iterator[None]:
-    """Ctrl-C / SIGTERM: start nothing new; after `grace` seconds (or a second signal) cut the connections."""
+    """Ctrl-C / SIGTERM: `stop` (start nothing new); after `grace` seconds (or a second signal) `cut` the
+    connections. `stopping` tells whether a stop was asked already."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -281,14 +282,14 @@ def graceful_stop(runner: Runner, transport: Transport, grace: float,
     timer: list[threading.Timer] = []
 
     def handler(signum: int, frame: object) -> None:
-        if runner._stopping.is_set():
-            transport.cut()
+        if stopping.is_set():
+            cut()
             return
         # (told from a thread of its own: a subscriber may hold a lock the interrupted main thread holds too)
         threading.Thread(target=notice, args=(f"\nstopping: no new step starts; running commands get {grace:g} s to "
                                               "finish (signal again to cut them now)", "warning"), daemon=True).start()
-        runner.request_stop()
-        timer.append(threading.Timer(grace, transport.cut))
+        stop()
+        timer.append(threading.Timer(grace, cut))
         timer[0].daemon = True
         timer[0].start()
 
@@ -334,18 +335,37 @@ class Execution:
         self.resumed = False
         self.undoing = False  # it began taking itself back: from then on, the way on is the undo, not a resume
         self.notify: tuple[RunNotifier, RunInfo] | None = None
+        self.runner: Runner | None = None  # the running stages' (none yet: a stop asked before is kept for it)
+        self._connections: Transport | None = None
+        self.stop_asked = threading.Event()
+
+    def stop(self) -> None:
+        """Start nothing new (Ctrl-C, SIGTERM, a lost lease, a journal that cannot record): running steps finish."""
+        self.stop_asked.set()
+        if self.runner is not None:
+            self.runner.request_stop()
+
+    def _cut(self) -> None:
+        if self._connections is not None:
+            self._connections.cut()
+
+    def _signals(self) -> AbstractContextManager[None]:
+        """Ctrl-C and SIGTERM handled from before anything is journaled to the end (see `graceful_stop`)."""
+        return graceful_stop(self.stop, self.stop_asked, self._cut, self.grace, self.publish.notice)
 
     def preview(self) -> RunResult:
         """Every preflight on every host, then what each stage would do (`would change`); nothing journaled."""
-        return self._drive("preview")
+        with self._signals():
+            return self._drive("preview")
 
     def read(self, version_from: str | None = None) -> RunResult:
         """A run that changes nothing (verify): journaled, without the environment's lease or the gate."""
         state = self._opened()
         run_id = new_run_id()
         self.notify = self._notifier(state, run_id, None, version_from)
-        self.record = _journal_new_run(state, self.plan, run_id, mutating=False)
-        return self._drive("read")
+        with self._signals():
+            self.record = _journal_new_run(state, self.plan, run_id, mutating=False)
+            return self._drive("read")
 
     def run(self, *, resume: RunRecord | None = None, undo: bool = False, version_from: str | None = None) -> RunResult:
         """A mutating run under the environment's lease, journaled, through the gate; `resume` goes on with a
@@ -355,7 +375,7 @@ class Execution:
         run_id = resume.id if resume else new_run_id()
         notifier, info = self.notify = self._notifier(state, run_id, resume, version_from)
         self.resumed, self.undoing = resume is not None, undo
-        with ExitStack() as held:
+        with self._signals(), ExitStack() as held:
             try:
                 self.keeper = held.enter_context(LockKeeper(state, self.plan.inventory.environment, run_id,
                                                             self.publish.notice))
@@ -402,14 +422,16 @@ class Execution:
                         listeners=[*([recorder] if recorder else []), Told(self.publish)],  # journaled, then told
                         run_id=record.id if record else None, previous=self.previous,
                         log_dir=recorder.outputs if recorder else None, on_log_error=recorder.report if recorder else None)
+        self.runner, self._connections = runner, transport
+        if self.stop_asked.is_set():  # (asked while the run was being journaled)
+            runner.request_stop()
         if self.keeper is not None:
-            self.keeper.on_lost = runner.request_stop  # someone took the lock: start nothing more
+            self.keeper.on_lost = self.stop  # someone took the lock: start nothing more
         if recorder is not None:
-            recorder.on_error = runner.request_stop  # the controller cannot record: start nothing more
+            recorder.on_error = self.stop  # the controller cannot record: start nothing more
         result: RunResult | None = None
         try:
-            with graceful_stop(runner, transport, self.grace, self.publish.notice):
-                result = self._stages(runner, transport, mode)
+            result = self._stages(runner, transport, mode)
         finally:
             lease_lost = self._close(result, transport, started)
         return self._end(result, lease_lost, started)
@@ -488,6 +510,8 @@ class Execution:
     def _gated(self, runner: Runner, transport: Transport) -> RunResult:
         """Preflight every stage on every host, then the reviewed plan and the yes; run only if all hold."""
         plan, gate = runner.plan, self.gate
+        if runner._stopping.is_set():  # stopped before the gate: nothing read, nothing changed
+            return RunResult([], interrupted=True, refused=["interrupted before any change"])
         report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable,
                                facts=runner.facts)
         self.publish(PreflightChecked(report))

@@ -106,10 +106,13 @@ def test_a_step_that_drifted_while_paused_is_applied_again(fresh_lab, tmp_path, 
     assert count(lab, "db1", "ls /var/backups/overhaul/*.sql.gz | wc -l") == 1
 
 
-def test_a_second_upgrade_fails_at_once_naming_the_holder(lab, tmp_path, backend):
+def test_a_second_upgrade_fails_at_once_naming_the_holder(lab, tmp_path, backend, tag):
     slow = tmp_path / "runbooks" / "slow.yaml"
     slow.parent.mkdir()
-    slow.write_text("name: slow\nstages:\n  - {name: wait, step: shell, hosts: [db1], params: {command: sleep 4}}\n")
+    # The first run holds the lock until the test lets it go (at most 2 minutes), however slow the machine is.
+    go = f"/tmp/go-{tag}"
+    wait = f"for i in $(seq 1200); do [ -e {go} ] && break; sleep 0.1; done; rm -f {go}"
+    slow.write_text(f"name: slow\nstages:\n  - {{name: wait, step: shell, hosts: [db1], params: {{command: '{wait}'}}}}\n")
     env = dict(os.environ, **backend.env)
     first = subprocess.Popen(
         [sys.executable, "-m", "overhaul", "run", "slow", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
@@ -123,6 +126,7 @@ def test_a_second_upgrade_fails_at_once_naming_the_holder(lab, tmp_path, backend
     second = cli(lab, tmp_path, backend, *upgrade_args())
     assert second.returncode == 3  # refused before any change
     assert f"environment 'lab' is locked by {state.lock('lab').holder} (pid {first.pid}" in second.stderr
+    lab.host("db1").exec(f"touch {go}")
     assert first.wait(timeout=60) == 0
     assert state.lock("lab") is None  # released at the end of the run
 
