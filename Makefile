@@ -7,7 +7,8 @@ APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg 
 # The tests start their own throw-away PostgreSQL cluster (the team state backend) from Debian's server.
 TEST_APT_PACKAGES := postgresql
 PYTHON ?= python3
-# The lab tests mostly wait on real hosts: spread over processes (each lab has its own subnet), 2 cores run 6.
+# The lab tests mostly wait on real hosts: spread over processes (each lab has its own subnet), 2 cores run 6;
+# an idle process takes tests from a busy one's queue (worksteal), so a long test never ends the run alone.
 TEST_WORKERS ?= 6
 
 .PHONY: demo test deps lint lab-down docs
@@ -27,7 +28,7 @@ test: deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
-	$(BIN)/pytest -n $(TEST_WORKERS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 docs: deps
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
