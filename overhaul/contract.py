@@ -99,7 +99,7 @@ class _Session:
         home.mkdir(mode=0o700, parents=True)
         self.journal = home / "journal.sqlite"
         registry = Registry([contract.steps_dir] if contract.steps_dir else [])
-        self.step: type[Step] = registry.get(step)
+        self.step: type[Step[Any]] = registry.get(step)
         stage: dict[str, Any] = {"name": STAGE, "step": step, "params": params}
         if hosts:
             stage["hosts"] = list(hosts)

@@ -247,13 +247,13 @@ class FakeRemote:
 class FakeStepHost(StepHost):
     """A `StepHost` whose probes are read one command each (see the module)."""
 
-    remote: FakeRemote
+    remote: FakeRemote  # type: ignore[assignment]  # (duck-typed: the remote's members a StepHost uses)
 
-    def prefetch(self, probes: Iterable[Probe]) -> None:
+    def prefetch(self, probes: Iterable[Probe[Any]]) -> None:
         for probe in probes:
             self.read(probe)
 
-    def run_then_read(self, command: Command | str, probes: list[Probe], *, stdin: str | None = None,
+    def run_then_read(self, command: Command | str, probes: list[Probe[Any]], *, stdin: str | None = None,
                       durable: str | None = None) -> CommandResult:
         result = self.run(command, stdin=stdin, durable=durable)
         self.forget()
@@ -389,7 +389,7 @@ def fake_inventory(hosts: Mapping[str, Iterable[str] | Mapping[str, Any]], envir
     return inventory
 
 
-def fake_plan(runbook: Mapping[str, Any] | str, inventory: Inventory, steps: Iterable[type[Step]] = (),
+def fake_plan(runbook: Mapping[str, Any] | str, inventory: Inventory, steps: Iterable[type[Step[Any]]] = (),
               params: Mapping[str, Any] | None = None, limit: str = "") -> Plan:
     """The plan of `runbook` (a runbook's fields, or its YAML text) on `inventory`, as `build_plan` makes it from
     files: `steps` are registered besides the installed ones; `params` are the run's parameters."""
