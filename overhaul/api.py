@@ -110,10 +110,11 @@ def run(planned: Plan, *, yes: bool = False, approve: Approve | None = None,
 def resume(env: str = "", *, run_id: str = "", yes: bool = False, approve: Approve | None = None,
            confirm: Callable[[PlannedStage], bool] | None = None, skip_unreachable: bool = False,
            subscribers: Iterable[Subscriber] = (), hosts_dir: str | Path = "hosts", steps_dir: str | Path = "steps",
-           state: State | None = None) -> RunResult:
+           params: Mapping[str, str] | None = None, state: State | None = None) -> RunResult:
     """Go on with an interrupted, failed or partial run (`run_id`, or the newest such run of `env`): what it did is
     skipped once its check confirms it still holds. A run that was being undone is not resumed here (its way on
-    is `overhaul undo`)."""
+    is `overhaul undo`). `params`: the values of parameters the journal holds redacted (a secret's value was in
+    them), given again; every other parameter is the run's own."""
     from overhaul.execution import UNDO
     from overhaul.history import find_run
 
@@ -132,7 +133,7 @@ def resume(env: str = "", *, run_id: str = "", yes: bool = False, approve: Appro
         raise OverhaulError(f"run {record.id} is {record.status}: there is nothing to resume")
     if state.run_event(record.id, UNDO) is not None:
         raise Refused(f"run {record.id} was being undone: continue its undo with `overhaul undo --run {record.id}`")
-    planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume")
+    planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume", dict(params or {}))
     if planned.inventory.policy.protected and not yes and approve is None:
         raise Refused(f"environment {record.environment!r} is protected: give approve= or yes=True")
     gate = Gate(skip_unreachable=skip_unreachable, approve=None if yes else approve)
