@@ -14,7 +14,7 @@ import yaml
 from helpers import installed_version, overhaul_cli, program_states
 
 from overhaul import api
-from overhaul.errors import ConfigError, Refused
+from overhaul.errors import ConfigError, OverhaulError, Refused
 from overhaul.events import (
     CommandDone,
     PairFinished,
@@ -152,3 +152,27 @@ def test_the_example_tasks_own_step_is_the_one_writing_a_step_teaches():
     page = (Path(__file__).resolve().parent.parent / "docs" / "writing-steps.md").read_text()
     [block] = [b.split("```", 1)[0] for b in page.split("```python\n")[1:] if b.startswith("# steps/touch.py")]
     assert (EXAMPLE / "steps" / "touch.py").read_text() == block
+
+
+def test_api_resume_finishes_a_failed_run_after_the_repair(lab, tmp_path, tag, monkeypatch):
+    monkeypatch.setenv("OVERHAUL_JOURNAL", str(tmp_path / "journal.sqlite"))
+    made, ready = f"/root/made-{tag}", f"/root/ready-{tag}"
+    book = api.Runbook(name="two-steps", stages=[
+        api.Stage(name="make", step="local.touch", hosts=["app1"], params={"path": made}),
+        api.Stage(name="needs", step="shell", hosts=["app1"], params={"command": f"test -e {ready}"}),
+    ])
+    planned = api.plan(book, "lab", hosts_dir=lab.inventory.parent, steps_dir=EXAMPLE / "steps")
+    try:
+        failed = api.run(planned, yes=True)
+        assert (failed.status, failed.exit_code) == ("failed", 1)
+        with pytest.raises(OverhaulError, match="not 'staging'"):
+            api.resume("staging", run_id=failed.run_id, hosts_dir=lab.inventory.parent, steps_dir=EXAMPLE / "steps")
+        lab.host("app1").exec(f"touch {ready}")  # the repair
+        resumed = api.resume("lab", hosts_dir=lab.inventory.parent, steps_dir=EXAMPLE / "steps", yes=True)
+        assert (resumed.status, resumed.run_id) == ("succeeded", failed.run_id)
+        [make] = [r for r in resumed.results if r.stage == "make"]
+        assert make.message.startswith("(done before resume)")  # not made again
+        with pytest.raises(OverhaulError, match="nothing to resume"):
+            api.resume("lab", run_id=failed.run_id, hosts_dir=lab.inventory.parent, steps_dir=EXAMPLE / "steps")
+    finally:
+        lab.host("app1").exec(f"rm -f {made} {ready}")
