@@ -641,7 +641,7 @@ def abandon(c, run=""):
     state = open_state()
     record = journaled_run(state, need(run, "--run"))
     if record.status not in RESUMABLE:
-        raise OverhaulError(f"run {run} is {record.status}: only an unfinished or failed run can be abandoned")
+        raise OverhaulError(f"run {record.id} is {record.status}: only an unfinished or failed run can be abandoned")
     lock = state.lock(record.environment)
     if lock is not None and lock.run_id == record.id and not holder_gone(lock):
         raise Refused(f"run {record.id} still holds the lock of {record.environment!r} ({lock.holder}, pid {lock.pid}): "
@@ -684,6 +684,8 @@ def history(c, env="", count=20, runbook="", status="", since="", all=False, jso
 
     if status and status not in STATUSES:
         raise OverhaulError(f"--status {status!r}: not a run status (one of: {', '.join(STATUSES)})")
+    if int(count) < 1:
+        raise OverhaulError(f"--count {count}: how many runs to show, 1 or more")
     after = since_time(since) if since else None
     runs = [record for record in open_state().runs(env or None, 1_000_000)
             if (all or record.mutating) and (not runbook or record.runbook == runbook)

@@ -303,7 +303,7 @@ class ConsoleView:
     def _started(self, event: RunStarted) -> None:
         version = f", version {event.version}" if event.version else ""
         version += f", limited to {event.limit}" if event.limit else ""
-        print(f"run {event.run_id}: {event.runbook} on {event.environment}{version}, {event.hosts} hosts, "
+        print(f"run {event.run_id}: {event.runbook} on {event.environment}{version}, {plural(event.hosts, 'host')}, "
               f"logs in {event.logs}", file=self.stream, flush=True)
         if event.resuming is not None and not event.undoing:
             print(f"resuming run {event.run_id}: {event.resuming} (stage, host) pairs were done; each is skipped "
@@ -312,6 +312,11 @@ class ConsoleView:
     def close(self) -> None:
         """Stop the live view and its heartbeat (the run ended, or the command stopped on an error)."""
         self.progress.close()
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 host`, `2 hosts`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def ending(event: RunEnded, show_summary: bool = True) -> str:
