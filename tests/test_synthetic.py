@@ -358,7 +358,8 @@ def test_terminate_is_retried_with_backoff_and_a_leak_is_reported_only_after_its
 
     proxy.faults["TerminateInstances"] = [(False, 400, "DependencyViolation")] * 100
     folder = tmp_path / "always-failing"
-    inventory_file(folder, aws_config(proxy.url, image).replace("terminate: 30", "terminate: 3"))
+    # 6 s of retries: a first TerminateInstances slowed by a loaded machine still leaves time to try again
+    inventory_file(folder, aws_config(proxy.url, image).replace("terminate: 30", "terminate: 6"))
     started = time.monotonic()
     proc = synthetic(folder)
     assert proc.returncode == 29, proc.stdout + proc.stderr
