@@ -341,13 +341,14 @@ def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="
 
 
 def show_plan(planned: Plan, skip_unreachable: bool, out: str = "", view: int = 0) -> None:
-    from overhaul.execution import Execution, Gate, exit_code, file_sha256, operator
+    from overhaul import api
+    from overhaul.execution import exit_code, file_sha256, operator
     from overhaul.planfile import by_reference, saved_plan, write_plan
 
     # A parameter equal to an inventory secret is saved by the secret's name, and redacted from the plan's output.
     params = by_reference(planned.run_params, planned.inventory, planned.redactor) if out else None
     with console(view, check_only=True) as seen:
-        result = Execution(planned, subscribers=[seen], gate=Gate(skip_unreachable=skip_unreachable)).preview()
+        result = api.preview(planned, skip_unreachable=skip_unreachable, subscribers=[seen])
     if out and not result.refused and not result.interrupted:
         assert planned.inventory.path is not None
         saved = saved_plan(planned, result, operator(), file_sha256(planned.runbook.path),

@@ -633,17 +633,17 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
     # resume and undo), and redacted from everything the run prints; any other is redacted in its values.
     params = {name: value.model_dump() if isinstance(value, SecretParam) else value
               for name, value in by_reference(plan.run_params, plan.inventory, plan.redactor).items()}
+    runbook = read_regular(plan.runbook.path, MAX_BYTES, "a runbook")  # read once: its hash, and a composed one's text
     record = RunRecord(
         id=run_id, runbook=plan.runbook.runbook.name, runbook_path=str(plan.runbook.path.resolve()),
-        runbook_sha256=file_sha256(plan.runbook.path), environment=plan.inventory.environment,
+        runbook_sha256=hashlib.sha256(runbook).hexdigest(), environment=plan.inventory.environment,
         params=plan.redactor.walk(json.loads(json.dumps(params))),  # in values, never in JSON text
         operator=operator(), started=time.time(),
         mutating=mutating,
     )
     state.start_run(record)
-    text = read_regular(plan.runbook.path, MAX_BYTES, "a runbook").decode()
-    if text.startswith(COMPOSED):  # another controller resuming or undoing the run finds it in the journal
-        state.event(record.environment, COMPOSED_EVENT, text, run_id)
+    if runbook.startswith(COMPOSED.encode()):  # another controller resuming or undoing the run finds it in the journal
+        state.event(record.environment, COMPOSED_EVENT, runbook.decode(), run_id)
     if mutating and upgrades(plan):  # the environment's history reads it as an upgrade, whatever its name
         state.event(record.environment, KIND_EVENT, "upgrade", run_id)
     if plan.limit:
@@ -659,8 +659,8 @@ def upgrades(plan: Plan) -> bool:
     does: composed in Python, say): a stage of package.upgrade to the run's version, and not the way back."""
     version = plan.run_params.get("version")
     return version is not None and plan.runbook.runbook.name not in ("upgrade", "rollback") and any(
-        planned.step.name == "package.upgrade" and str(params.get("version")) == str(version)
-        for planned in plan.stages for params in (p.model_dump() for p in planned.params.values()))
+        planned.step.name == "package.upgrade" and str(getattr(params, "version", None)) == str(version)
+        for planned in plan.stages for params in planned.params.values())
 
 
 def recorded_hosts(state: State, record: RunRecord) -> list[dict] | None:

@@ -59,8 +59,7 @@ import ipaddress
 import re
 import shlex
 import threading
-from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,7 @@ from overhaul.plan import Plan, build_plan
 from overhaul.runbook import LoadedRunbook, Runbook
 from overhaul.secrets import Redactor
 from overhaul.step import Registry, Step
-from overhaul.transport import CommandResult, connect_each, durable_command
+from overhaul.transport import CommandResult, HostPool, durable_command
 
 __all__ = ["Answer", "FakeRemote", "FakeTransport", "fake_host", "fake_inventory", "fake_plan", "in_turn"]
 
@@ -270,7 +269,7 @@ def fake_host(answers: Table, *, name: str = "host1", roles: Iterable[str] = (),
     return FakeStepHost(remote, timeout=timeout, run_id=run_id, facts=Facts())  # type: ignore[arg-type]
 
 
-class FakeTransport:
+class FakeTransport(HostPool):
     """The connections of one run, faked: each host of `inventory` answers from its table (see the module).
 
     `answers`: the table every host answers from; `hosts`: a host's own table, asked first. `unreachable`: hosts
@@ -282,6 +281,7 @@ class FakeTransport:
     def __init__(self, inventory: Inventory, answers: Table = (), *, hosts: Mapping[str, Table] | None = None,
                  unreachable: Iterable[str] | Mapping[str, int] = (), redactor: Redactor | None = None,
                  max_workers: int | None = None):
+        super().__init__()
         self.inventory = inventory
         self.redactor = redactor or Redactor()
         self.max_workers = max_workers or max(1, min(inventory.ssh.forks, len(inventory.hosts)))
@@ -294,9 +294,7 @@ class FakeTransport:
         for name in [*self._own, *self._unreachable]:
             inventory.host(name)  # a name the inventory does not have is the test's mistake: KeyError now
         self._hosts: dict[str, FakeRemote] = {}
-        self._users: Counter[str] = Counter()
         self._cut = False
-        self._lock = threading.Lock()
 
     def host(self, name: str) -> FakeRemote:
         with self._lock:
@@ -322,37 +320,6 @@ class FakeTransport:
             raise AssertionError(f"the fake host {host} has no answer for: {text}")
 
         return fail
-
-    def connect(self, names: list[str], then: Callable[[str], None] | None = None) -> dict[str, HostUnreachable]:
-        """Connect to every named host in parallel (bounded by `max_workers`); the hosts that could not be reached.
-        With `then`, a host's worker goes on to `then(name)` once connected (as the real transport's)."""
-        return connect_each(self, names, then)
-
-    def hold(self, names: Iterable[str]) -> None:
-        with self._lock:
-            for name in names:
-                self._users[name] += 1
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._users[name] -= 1
-            if self._users[name] > 0:
-                return
-            del self._users[name]
-            host = self._hosts.get(name)
-        if host is not None:
-            host.close()
-
-    def park(self, name: str, held: bool = True) -> None:
-        with self._lock:
-            if self._users[name] > (1 if held else 0):
-                return
-            host = self._hosts.get(name)
-        if host is not None:
-            host.close()
-
-    def parks(self, names: Collection[str]) -> bool:
-        return len(names) > self.max_workers
 
     def connected(self) -> list[str]:
         """The hosts whose (fake) connection is open now."""

@@ -620,35 +620,21 @@ def _set_nodelay(connection: fabric.Connection) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class Transport:
-    """The connections of one run: one per host, opened in parallel, closed together."""
 
-    def __init__(self, inventory: Inventory, redactor: Redactor | None = None, max_workers: int | None = None):
-        self.inventory = inventory
-        self.redactor = redactor or Redactor()
-        self.max_workers = max_workers or max(1, min(inventory.ssh.forks, len(inventory.hosts)))
-        self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
-        self._hosts: dict[str, RemoteHost] = {}
+class HostPool:
+    """One connection per host, shared by a run's users (its runner, verify's checks): who holds which host, and
+    connecting many at once. Subclasses (the SSH `Transport`, the test kit's fake) make the hosts (`host`), set
+    `max_workers` and `_hosts`, and keep both under `_lock`."""
+
+    max_workers: int
+    _hosts: dict[str, Any]
+
+    def __init__(self) -> None:
         self._users: Counter[str] = Counter()  # hosts held open (see hold/release), by how many users
-        self._cut = False  # see cut
         self._lock = threading.Lock()
-        self._gateway = self._make_gateway()
-        self._gateway_lock = threading.Lock()
 
-    def _make_gateway(self) -> fabric.Connection | None:
-        bastion = self.inventory.ssh.bastion
-        if bastion is None:
-            return None
-        return make_connection(bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory,
-                               None, host_keys=self.host_keys, key_file=bastion.key_file)
-
-    def host(self, name: str) -> RemoteHost:
-        with self._lock:  # the runner's workers and the checks' sessions ask at once: one RemoteHost per name
-            if name not in self._hosts:
-                self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
-                                               self._gateway_lock, self.host_keys)
-                self._hosts[name]._cut = self._cut
-            return self._hosts[name]
+    def host(self, name: str) -> Any:
+        raise NotImplementedError
 
     def hold(self, names: Iterable[str]) -> None:
         """One more user (a runner, the checks) works on these hosts: `release` closes none of them before it."""
@@ -689,6 +675,61 @@ class Transport:
         return len(names) > self.max_workers
 
     def connect(self, names: list[str], then: Callable[[str], None] | None = None) -> dict[str, HostUnreachable]:
+        """Connect to every named host in parallel (at most `max_workers` at once); the hosts that could not be
+        reached. With `then`, a host's worker goes on to `then(name)` once connected, and parks the host after it
+        when this pool parks these hosts (more of them than workers)."""
+        failures: dict[str, HostUnreachable] = {}
+        parking = then is not None and self.parks(names)
+
+        def attempt(name: str) -> None:
+            try:
+                self.host(name).connect()
+            except HostUnreachable as exc:
+                failures[name] = exc
+                return
+            if then is None:
+                return
+            try:
+                then(name)
+            finally:
+                if parking:
+                    self.park(name, held=False)
+
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, max(len(names), 1))) as pool:
+            list(pool.map(attempt, names))
+        return failures
+
+
+class Transport(HostPool):
+    """The connections of one run: one per host, opened in parallel, closed together."""
+
+    def __init__(self, inventory: Inventory, redactor: Redactor | None = None, max_workers: int | None = None):
+        self.inventory = inventory
+        self.redactor = redactor or Redactor()
+        super().__init__()
+        self.max_workers = max_workers or max(1, min(inventory.ssh.forks, len(inventory.hosts)))
+        self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
+        self._hosts: dict[str, RemoteHost] = {}
+        self._cut = False  # see cut
+        self._gateway = self._make_gateway()
+        self._gateway_lock = threading.Lock()
+
+    def _make_gateway(self) -> fabric.Connection | None:
+        bastion = self.inventory.ssh.bastion
+        if bastion is None:
+            return None
+        return make_connection(bastion.address, bastion.port, bastion.user or self.inventory.ssh.user, self.inventory,
+                               None, host_keys=self.host_keys, key_file=bastion.key_file)
+
+    def host(self, name: str) -> RemoteHost:
+        with self._lock:  # the runner's workers and the checks' sessions ask at once: one RemoteHost per name
+            if name not in self._hosts:
+                self._hosts[name] = RemoteHost(self.inventory.host(name), self.inventory, self.redactor, self._gateway,
+                                               self._gateway_lock, self.host_keys)
+                self._hosts[name]._cut = self._cut
+            return self._hosts[name]
+
+    def connect(self, names: list[str], then: Callable[[str], None] | None = None) -> dict[str, HostUnreachable]:
         """Connect to every named host in parallel; return the hosts that could not be reached.
 
         With `then`, a host's worker goes on to `then(name)` once it is connected, and parks the host after it
@@ -702,7 +743,7 @@ class Transport:
                 assert bastion is not None
                 error = HostUnreachable(f"bastion {bastion.address}:{bastion.port}: {exc}")
                 return dict.fromkeys(names, error)
-        return connect_each(self, names, then)
+        return super().connect(names, then)
 
     def close(self, cut: bool = False) -> None:
         """Close every connection now; with `cut`, let none be opened again (see `cut`)."""
@@ -721,29 +762,3 @@ class Transport:
         """Ctrl-C's cut: close every connection now, and let none be opened again (a command queued for a channel
         or waiting out a refusal would otherwise reconnect after the operator asked to stop)."""
         self.close(cut=True)
-
-
-def connect_each(transport: Any, names: list[str], then: Callable[[str], None] | None) -> dict[str, HostUnreachable]:
-    """Connect to every named host of `transport` in parallel (at most its `max_workers` at once); the hosts that
-    could not be reached. With `then`, a host's worker goes on to `then(name)` once connected, and parks the host
-    after it when the transport parks these hosts (more of them than workers)."""
-    failures: dict[str, HostUnreachable] = {}
-    parking = then is not None and transport.parks(names)
-
-    def attempt(name: str) -> None:
-        try:
-            transport.host(name).connect()
-        except HostUnreachable as exc:
-            failures[name] = exc
-            return
-        if then is None:
-            return
-        try:
-            then(name)
-        finally:
-            if parking:
-                transport.park(name, held=False)
-
-    with ThreadPoolExecutor(max_workers=min(transport.max_workers, max(len(names), 1))) as pool:
-        list(pool.map(attempt, names))
-    return failures

@@ -101,3 +101,21 @@ def test_the_console_view_shows_a_stage_as_it_starts():
     plan = farm.plan({"name": "one", "step": "touch", "params": {"path": "/a"}})
     ConsoleView(out)(StageStarted(plan.stages[0], plan.stages[0].hosts))
     assert "== stage 1: one (touch on 4 hosts, parallel)" in out.getvalue()
+
+
+def test_a_composed_runbook_cannot_take_a_built_in_runbooks_name_and_its_file_stays_in_its_folder(tmp_path,
+                                                                                                   monkeypatch):
+    from overhaul import api
+    from overhaul.errors import ConfigError
+
+    monkeypatch.setenv("OVERHAUL_JOURNAL", str(tmp_path / "journal.sqlite"))
+    stage = api.Stage(name="t", step="touch", params={"path": "/a"})
+    for reserved in ("upgrade", "rollback", "verify"):
+        try:
+            api._loaded(api.Runbook(name=reserved, stages=[stage]), tmp_path)
+        except ConfigError as exc:
+            assert "built-in runbook's name" in str(exc)
+        else:
+            raise AssertionError(f"{reserved!r} was taken")
+    loaded = api._loaded(api.Runbook(name="../../escape/me", stages=[stage]), tmp_path)
+    assert loaded.path.parent == tmp_path / "runbooks" and loaded.path.name.startswith("escape-me-")
