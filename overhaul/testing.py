@@ -294,7 +294,6 @@ class FakeTransport(HostPool):
         for name in [*self._own, *self._unreachable]:
             inventory.host(name)  # a name the inventory does not have is the test's mistake: KeyError now
         self._hosts: dict[str, FakeRemote] = {}
-        self._cut = False
 
     def host(self, name: str) -> FakeRemote:
         with self._lock:
@@ -325,19 +324,6 @@ class FakeTransport(HostPool):
         """The hosts whose (fake) connection is open now."""
         with self._lock:
             return [name for name, host in self._hosts.items() if host.connected]
-
-    def close(self, cut: bool = False) -> None:
-        with self._lock:
-            self._cut = self._cut or cut
-            hosts = list(self._hosts.values())
-        for host in hosts:
-            if cut:
-                host.cut()
-            else:
-                host.close(now=True)
-
-    def cut(self) -> None:
-        self.close(cut=True)
 
 
 def fake_inventory(hosts: Mapping[str, Iterable[str] | Mapping[str, Any]], environment: str = "fake",

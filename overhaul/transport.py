@@ -631,6 +631,7 @@ class HostPool:
 
     def __init__(self) -> None:
         self._users: Counter[str] = Counter()  # hosts held open (see hold/release), by how many users
+        self._cut = False  # see cut
         self._lock = threading.Lock()
 
     def host(self, name: str) -> Any:
@@ -699,6 +700,22 @@ class HostPool:
             list(pool.map(attempt, names))
         return failures
 
+    def close(self, cut: bool = False) -> None:
+        """Close every connection now; with `cut`, let none be opened again (see `cut`)."""
+        with self._lock:  # (workers may still be adding hosts: Ctrl-C's grace timer closes under them)
+            self._cut = self._cut or cut
+            hosts = list(self._hosts.values())
+        for host in hosts:
+            if cut:
+                host.cut()
+            else:
+                host.close(now=True)
+
+    def cut(self) -> None:
+        """Ctrl-C's cut: close every connection now, and let none be opened again (a command queued for a channel
+        or waiting out a refusal would otherwise reconnect after the operator asked to stop)."""
+        self.close(cut=True)
+
 
 class Transport(HostPool):
     """The connections of one run: one per host, opened in parallel, closed together."""
@@ -710,7 +727,6 @@ class Transport(HostPool):
         self.max_workers = max_workers or max(1, min(inventory.ssh.forks, len(inventory.hosts)))
         self.host_keys = load_known_hosts(inventory.ssh.known_hosts)  # once per run, shared by every connection
         self._hosts: dict[str, RemoteHost] = {}
-        self._cut = False  # see cut
         self._gateway = self._make_gateway()
         self._gateway_lock = threading.Lock()
 
@@ -746,19 +762,7 @@ class Transport(HostPool):
         return super().connect(names, then)
 
     def close(self, cut: bool = False) -> None:
-        """Close every connection now; with `cut`, let none be opened again (see `cut`)."""
-        with self._lock:  # (workers may still be adding hosts: Ctrl-C's grace timer closes under them)
-            self._cut = self._cut or cut
-            hosts = list(self._hosts.values())
-        for host in hosts:
-            if cut:
-                host.cut()
-            else:
-                host.close(now=True)
+        super().close(cut)
         if self._gateway is not None:
             self._gateway.close()
 
-    def cut(self) -> None:
-        """Ctrl-C's cut: close every connection now, and let none be opened again (a command queued for a channel
-        or waiting out a refusal would otherwise reconnect after the operator asked to stop)."""
-        self.close(cut=True)
