@@ -775,16 +775,19 @@ def synthetic(c, env="", hosts_dir="hosts", rerun=False):
     finish(code)
 
 
-@command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"]})
-def inventory(c, env="", hosts_dir="hosts"):
-    """Show an environment's resolved hosts (roles, address, user, variables)."""
-    from overhaul.inventory import load_inventory
+@command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"],
+               "offline": "validate the file alone: no inventory source asked (no AWS call), the key, known_hosts "
+                          "and secret files it names not looked at (e.g. --env production.example)"})
+def inventory(c, env="", hosts_dir="hosts", offline=False):
+    """Show what an inventory says, every section of it, and each host (roles, address, user, variables)."""
+    from overhaul.inventory import load_inventory, sections
 
-    loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
-    print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts)")
-    print(f"  policy: {describe_policy(loaded)}")
-    print(f"  secrets: {', '.join(f'{name} ({ref.describe()})' for name, ref in sorted(loaded.secrets.items())) or 'none'}")
-    print(f"  known_hosts: {loaded.ssh.known_hosts}")
+    loaded = load_inventory(need(env, "--env"), Path(hosts_dir), offline=offline)
+    print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts{', offline' if offline else ''})")
+    shown = sections(loaded, offline=offline) | {"policy": describe_policy(loaded)}
+    for name, text in shown.items():
+        print(f"  {name}: {text}")
+    print("  hosts:" if loaded.hosts else "  hosts: none listed")
     for host in loaded.hosts:
         user = host.user or loaded.ssh.user
         port = host.port or loaded.ssh.port

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from overhaul.alerts import NotifyConfig
 from overhaul.config import Document, Location, dotted, load_document, plain_name
 from overhaul.errors import ConfigError, OverhaulError
 from overhaul.secrets import SecretRef, private_file_problem
-from overhaul.sources import source_class
+from overhaul.sources import Source, source_class
 from overhaul.synthetic.config import SyntheticConfig
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -243,8 +244,78 @@ class Inventory(Strict):
         return merged
 
 
+def _compact(value: Any) -> str:
+    """A value as one line of JSON (keys sorted), as `overhaul inventory` shows a section it has no words for."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _settings(model: BaseModel, skip: tuple[str, ...] = ()) -> str:
+    """Every field of a settings model as `name=value`, in its schema's order (secrets by reference)."""
+    said = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name in skip or value is None:
+            continue
+        if isinstance(value, SecretRef):
+            text = value.describe()
+        elif isinstance(value, BaseModel):
+            text = _compact(value.model_dump(mode="json", exclude_none=True))
+        elif isinstance(value, bool):
+            text = str(value).lower()  # as YAML writes it
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+        said.append(f"{name}={text}")
+    return " ".join(said)
+
+
+def sections(inventory: Inventory, offline: bool = False) -> dict[str, str]:
+    """Every section of the inventory but `environment` and `hosts`, as one line each, in the schema's order:
+    what `overhaul inventory` shows, so that nothing the file says (a bastion, a webhook) is hidden from review.
+    A section the file leaves out says `none` or its default; a new field shows as JSON until it has words."""
+    ssh, notify, source = inventory.ssh, inventory.notify, inventory.source
+    bastion = ssh.bastion
+    words: dict[str, str] = {
+        "ssh": _settings(ssh, skip=("known_hosts", "bastion")),
+        "known_hosts": str(ssh.known_hosts),
+        "bastion": "none: connections go straight to each host" if bastion is None else
+        f"{bastion.user or ssh.user}@{bastion.address}:{bastion.port} key_file={bastion.key_file or ssh.key_file}",
+        "source": "none" if source is None else
+        f"{source.provider} {_compact(source.model_extra or {})} "
+        + ("(not asked: --offline)" if offline else f"({len(inventory.found)} hosts found)"),
+        "vars": _compact(inventory.vars) if inventory.vars else "none",
+        "role_vars": _compact(inventory.role_vars) if inventory.role_vars else "none",
+        "secrets": ", ".join(f"{name} ({ref.describe()})" for name, ref in sorted(inventory.secrets.items())) or "none",
+        "policy": _settings(inventory.policy),
+        "checks": inventory.checks or "checks/ if there is one (default)",
+        "synthetic": "none" if inventory.synthetic is None else
+        _compact(inventory.synthetic.model_dump(mode="json", exclude_unset=True)),  # as the file says it
+        "notify": "none" if notify is None else "; ".join(filter(None, [
+            notify.webhook and f"webhook {notify.webhook.url_secret.describe()} on {', '.join(notify.events)}",
+            notify.metrics and f"metrics {notify.metrics.textfile}"])) or "nothing set",
+    }
+    shown: dict[str, str] = {}
+    for name in type(inventory).model_fields:
+        if name == "ssh":
+            shown.update((key, words[key]) for key in ("ssh", "known_hosts", "bastion"))
+        elif name not in ("environment", "hosts"):
+            value = getattr(inventory, name)
+            fallback = _compact(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
+            shown[name] = words.get(name, fallback)
+    return shown
+
+
+# hosts/NAME.example.yaml: an example of hosts/NAME.yaml to copy, not an environment (it says `environment: NAME`).
+EXAMPLE = ".example"
+
+
 def environments(hosts_dir: Path) -> list[str]:
-    return sorted(path.stem for path in hosts_dir.glob("*.yaml"))
+    """The environments of hosts_dir: its .yaml files but the examples."""
+    return sorted(path.stem for path in hosts_dir.glob("*.yaml") if not path.stem.endswith(EXAMPLE))
+
+
+def examples(hosts_dir: Path) -> list[str]:
+    """The example inventories of hosts_dir (NAME.example.yaml), by the name `--env` takes."""
+    return sorted(path.stem for path in hosts_dir.glob(f"*{EXAMPLE}.yaml"))
 
 
 def inventory_path(env: str, hosts_dir: Path = Path("hosts")) -> Path:
@@ -252,55 +323,73 @@ def inventory_path(env: str, hosts_dir: Path = Path("hosts")) -> Path:
     path = hosts_dir / f"{plain_name(env, 'environment')}.yaml"
     if not path.exists():
         known = environments(hosts_dir)
-        listing = ", ".join(known) if known else f"none: {hosts_dir}/ has no .yaml files"
+        listing = ", ".join(known) if known else f"none: {hosts_dir}/ has no inventory"
+        copies = examples(hosts_dir)
+        if copies:
+            listing += f"; examples to copy to {hosts_dir}/NAME.yaml: {', '.join(copies)}"
         raise ConfigError([f"unknown environment {env!r}: there is no {path} (environments: {listing})"])
     return path
 
 
-def load_inventory(env: str, hosts_dir: Path = Path("hosts"), found: list[dict[str, Any]] | None = None) -> Inventory:
+def load_inventory(env: str, hosts_dir: Path = Path("hosts"), found: list[dict[str, Any]] | None = None,
+                   offline: bool = False) -> Inventory:
     """Load hosts/<env>.yaml, validate it, resolve its paths and check its key files are readable.
 
     `found`: the hosts a `source:` found for a run (from its journal), used instead of asking the source
     again, so a resumed run works on the hosts it started with.
+    `offline`: validate the file alone: its `source:` settings are checked but no source is asked for hosts
+    (no AWS call), and the files it names (keys, known_hosts, secret files) are not looked at. For reviewing a
+    file on another machine than the one that runs it (an example, a pull request); never for a run.
     """
-    return load_inventory_file(inventory_path(env, hosts_dir), expected_env=env, found=found)
+    return load_inventory_file(inventory_path(env, hosts_dir), expected_env=env, found=found, offline=offline)
 
 
-def load_inventory_file(path: Path, expected_env: str | None = None, found: list[dict[str, Any]] | None = None
-                        ) -> Inventory:
+def load_inventory_file(path: Path, expected_env: str | None = None, found: list[dict[str, Any]] | None = None,
+                        offline: bool = False) -> Inventory:
+    """Load and validate one inventory file (see `load_inventory`)."""
     document = load_document(path)
     inventory = document.validate(Inventory)
     inventory._path = path
     if inventory.source is not None:
-        hosts = [Host.model_validate(h) for h in found] if found is not None else source_hosts(inventory, document)
+        if found is not None:
+            hosts = [Host.model_validate(h) for h in found]
+        else:
+            source = source_settings(inventory.source, document)
+            hosts = [] if offline else source_hosts(source, document)
         inventory._found = hosts
         inventory.hosts += hosts
-    problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in inventory.conflicts()]
-    if expected_env and inventory.environment != expected_env:
+    conflicts = inventory.conflicts()
+    if offline and inventory.source is not None and found is None:  # its hosts were not looked up: none is no problem
+        conflicts = [(location, message) for location, message in conflicts if location != ("hosts",)]
+    problems = [f"{document.where(loc)}: {dotted(loc)}: {message}" for loc, message in conflicts]
+    expected = expected_env.removesuffix(EXAMPLE) if expected_env and path.stem.endswith(EXAMPLE) else expected_env
+    if expected and inventory.environment != expected:
         problems.append(
             f"{document.where(('environment',))}: environment: the file is {path.name} but says "
-            f"{inventory.environment!r} (expected {expected_env!r})"
+            f"{inventory.environment!r} (expected {expected!r})"
         )
     _resolve_paths(inventory, path.parent)
-    problems += _file_problems(inventory, document)
+    if not offline:
+        problems += _file_problems(inventory, document)
     if problems:
         raise ConfigError(problems)
     return inventory
 
 
-def source_hosts(inventory: Inventory, document: Document) -> list[Host]:
-    """The hosts `inventory.source` finds now (its plug-in asked once), validated like listed hosts; [] without one."""
-    ref = inventory.source
-    if ref is None:
-        return []
+def source_settings(ref: SourceRef, document: Document) -> Source:
+    """The inventory source `ref` names, made from its settings (validated; nothing asked yet)."""
     try:
         plugin = source_class(ref.provider)
     except OverhaulError as exc:
         raise ConfigError([f"{document.where(('source', 'provider'))}: source.provider: {exc}"]) from None
     try:
-        source = plugin.model_validate(ref.model_extra or {})
+        return plugin.model_validate(ref.model_extra or {})
     except ValidationError as exc:
         raise ConfigError(document.explain(exc, prefix=("source",))) from None
+
+
+def source_hosts(source: Source, document: Document) -> list[Host]:
+    """The hosts `source` finds now (its plug-in asked once), validated like listed hosts."""
     hosts = []
     for entry in source.hosts():
         try:

@@ -176,3 +176,67 @@ def test_the_step_test_in_the_docs_passes_on_the_fake_host(tmp_path, monkeypatch
         monkeypatch.delitem(sys.modules, name)
     code = pytest.main([str(tmp_path / "test_touch.py"), "-q", "-p", "no:cacheprovider", "-o", "addopts="])
     assert code == 0
+
+
+# -- the examples validate offline: no AWS call, no file looked at ------------------------------------------------
+
+# An AWS that cannot be reached (nothing listens on port 9), with credentials so that a call is really tried.
+NO_AWS = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+          "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1"}
+
+
+@pytest.mark.parametrize("example, refusal", [
+    ("production.example", "production.example.yaml:9: ssh.key_file: "),  # ~/.ssh/overhaul_production is not there
+    ("staging.example", "EC2 inventory source: "),  # the hosts are asked of AWS, which does not answer
+])
+def test_an_example_inventory_validates_offline_with_no_aws_call_and_no_file(tmp_path, example, refusal):
+    """`inventory --offline` accepts each example on a machine with none of its files and no AWS; without
+    --offline the same command on the same machine is refused, so what --offline leaves out is really left out."""
+    from helpers import overhaul_cli
+
+    environ = {"HOME": str(tmp_path / "home"), **NO_AWS}  # an empty home: no key, no known_hosts, no secret file
+    offline = overhaul_cli(tmp_path, "inventory", "--env", example, "--offline", "--hosts-dir", str(HOSTS), env=environ)
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert offline.stdout.startswith(f"environment {example.removesuffix('.example')} (")
+    online = overhaul_cli(tmp_path, "inventory", "--env", example, "--hosts-dir", str(HOSTS), env=environ)
+    assert online.returncode == 2 and refusal in online.stderr, online.stdout + online.stderr
+
+
+def test_inventory_shows_every_section_of_the_file(tmp_path):
+    """Each top-level section (and each ssh setting) has its line, so a bastion or a webhook is never hidden."""
+    from helpers import overhaul_cli
+
+    from overhaul.inventory import SSHSettings
+
+    proc = overhaul_cli(tmp_path, "inventory", "--env", "production.example", "--offline", "--hosts-dir", str(HOSTS))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    labels = [line.split(":")[0].strip() for line in lines if line.startswith("  ") and not line.startswith("   ")]
+    for section in set(Inventory.model_fields) - {"environment"}:
+        assert section in labels, section
+    [ssh] = [line for line in lines if line.startswith("  ssh: ")]
+    for setting in set(SSHSettings.model_fields) - {"known_hosts", "bastion"}:  # those two have their own lines
+        assert f" {setting}=" in ssh, setting
+    assert "  bastion: deploy@bastion.example.com:22 key_file=" in proc.stdout
+    assert "  secrets: mysql_backup_password (env:OVERHAUL_MYSQL_BACKUP_PASSWORD)" in lines
+    assert ("  notify: webhook env:OVERHAUL_PRODUCTION_WEBHOOK on start, success, failure, refusal, rollback, "
+            "interrupted; metrics /var/lib/prometheus/node-exporter/overhaul.prom") in lines
+    assert "  policy: protected (shows the plan and asks, or --yes); takes only versions that passed on staging" in \
+        proc.stdout
+    assert "  db1            db           deploy@10.0.1.10:22  vars=" in proc.stdout
+    staging = overhaul_cli(tmp_path, "inventory", "--env", "staging.example", "--offline", "--hosts-dir", str(HOSTS))
+    assert '  source: aws-ec2 {"filters": {"env": "staging"}, "region": "eu-west-1", "role_tag": "overhaul:role"} ' \
+           "(not asked: --offline)" in staging.stdout
+    [synthetic] = [line for line in staging.stdout.splitlines() if line.startswith("  synthetic: ")]
+    assert '"image": "ami-0123456789abcdef0"' in synthetic and '"roles": {"app": {"count": 1}' in synthetic
+
+
+def test_an_unknown_environment_lists_the_examples_apart(tmp_path):
+    """An example is not an environment: `--env production` with only examples there says what to copy."""
+    from helpers import overhaul_cli
+
+    proc = overhaul_cli(tmp_path, "inventory", "--env", "production", "--hosts-dir", str(HOSTS))
+    assert proc.returncode == 2
+    assert (f"unknown environment 'production': there is no {HOSTS}/production.yaml (environments: none: {HOSTS}/ has "
+            f"no inventory; examples to copy to {HOSTS}/NAME.yaml: production.example, staging.example)") in proc.stderr
