@@ -13,9 +13,10 @@ import paramiko
 import pytest
 from helpers import PROCESS_OCTET, overhaul_cli
 
+from overhaul.inventory import load_inventory_file
 from overhaul.lab import Lab, faults
 from overhaul.lab.host import CAPABILITIES
-from overhaul.lab.lab import farm_layout
+from overhaul.lab.lab import LabInputError, farm_layout, synthetic_subnet
 from overhaul.proc import process_state
 
 PROGRAMS = {
@@ -38,6 +39,22 @@ def test_farm_layout_has_one_db_one_worker_and_app_hosts():
     ]
 
 
+def test_each_lab_subnet_gets_a_synthetic_farm_subnet_of_its_own():
+    labs = [f"127.{a}.{b}" for a in range(256) for b in range(255)]  # every subnet a lab may take
+    farms = {lab: synthetic_subnet(lab) for lab in labs}
+    assert len(set(farms.values())) == len(labs)  # two labs never share a farm
+    assert farms["127.82.0"] == "127.82.255" and farms["127.81.0"] == "127.81.255" and farms["127.10.0"] == "127.10.255"
+    for lab, farm in farms.items():
+        assert not farm.endswith(".0"), lab  # never a 127.A.0, where people start labs (127.10.0, 127.82.0, ...)
+        assert farm != lab and Lab(subnet=farm, synthetic=False).subnet == farm  # a loopback subnet a farm can use
+
+
+def test_a_farms_subnet_is_refused_as_a_labs_but_taken_by_a_synthetic_run():
+    with pytest.raises(LabInputError, match=r"subnet 127\.5\.255 is kept for the synthetic farm of the lab on 127\.5\.0"):
+        Lab(subnet="127.5.255")
+    assert Lab(subnet="127.5.255", synthetic=False).synthetic_subnet is None
+
+
 @pytest.mark.parametrize("subnet", ["10.0.0", "192.168.1", "127.0", "127.1.2.3", "127.300.0", "127.1.x"])
 def test_lab_refuses_addresses_outside_loopback(subnet):
     with pytest.raises(ValueError, match=r"127\.0\.0\.0/8"):
@@ -49,12 +66,17 @@ def test_lab_up_takes_a_subnet_and_refuses_one_outside_loopback(tmp_path):
     refused = overhaul_cli(tmp_path, "lab.up", "--subnet", "10.1.2", *where)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "subnet must be three octets inside 127.0.0.0/8" in refused.stderr and "Traceback" not in refused.stderr
+    farms = overhaul_cli(tmp_path, "lab.up", "--subnet", "127.28.255", *where)
+    assert farms.returncode == 2 and "is kept for the synthetic farm of the lab on 127.28.0" in farms.stderr, farms.stderr
+    assert not (tmp_path / "lab").exists()
     subnet = f"127.28.{PROCESS_OCTET}"
     try:
         started = overhaul_cli(tmp_path, "lab.up", "--hosts", "1", "--subnet", subnet, *where)
         assert started.returncode == 0, started.stdout + started.stderr
         assert ["db1", "db", f"{subnet}.1", "yes", "answers"] in [line.split() for line in started.stdout.splitlines()]
         assert f"address: {subnet}.1" in (tmp_path / "hosts/lab.yaml").read_text()
+        written = load_inventory_file(tmp_path / "hosts/lab.yaml").synthetic
+        assert written is not None and written.lab_subnet == f"127.28.{255 - PROCESS_OCTET}"
         elsewhere = overhaul_cli(tmp_path, "lab.up", "--hosts", "1", "--subnet", "127.27.0", *where)
         assert elsewhere.returncode == 2 and f"a lab of 1 hosts ({subnet}.1, ...) is already here" in elsewhere.stderr
     finally:

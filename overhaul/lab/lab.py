@@ -47,6 +47,20 @@ class HostStatus:
     sshd: bool
 
 
+def synthetic_subnet(subnet: str) -> str:
+    """Where the synthetic farm of the lab on `subnet` listens: 127.A.B gives 127.A.(255-B).
+
+    Two labs on different subnets get different farms (the mapping is one to one), and a lab on the usual
+    127.A.0 gets 127.A.255, never a 127.X.0 that another lab would be started on. 127.A.255 itself is
+    refused as a lab's subnet: it is the farm of the lab on 127.A.0.
+    """
+    prefix, _, last = subnet.rpartition(".")
+    if last == "255":
+        raise LabInputError(f"lab: subnet {subnet} is kept for the synthetic farm of the lab on {prefix}.0; "
+                            f"choose another (e.g. {prefix}.0)")
+    return f"{prefix}.{255 - int(last)}"
+
+
 def farm_layout(count: int, subnet: str) -> list[HostSpec]:
     """One db host, one worker, the rest app hosts, on subnet.1, subnet.2, ..."""
     if not 1 <= count <= 200:
@@ -70,9 +84,13 @@ class Lab:
         data_mb: int = 64,
         environment: str = "lab",
         log: Callable[[str], None] = print,
+        synthetic: bool = True,
     ):
+        """`synthetic`: the inventory gets a `synthetic:` section, its farm on `synthetic_subnet(subnet)`; a
+        synthetic run's own farm (a lab too) has none, and may sit on a 127.A.255 subnet."""
         if not _loopback_subnet(subnet):
             raise LabInputError(f"lab: subnet must be three octets inside 127.0.0.0/8 (e.g. 127.10.0), got {subnet!r}")
+        self.synthetic_subnet = synthetic_subnet(subnet) if synthetic else None  # (refuses 127.A.255 before anything)
         self.home = Path(home).absolute()
         self.inventory = Path(inventory).absolute()
         self.subnet = subnet
@@ -253,13 +271,15 @@ class Lab:
         ]
         for host in hosts:
             lines += [f"  - name: {host.name}", f"    address: {host.spec.address}", f"    roles: [{host.spec.role}]"]
-        lines += [
-            "synthetic:  # `overhaul synthetic --env lab`: a farm of its own, launched, proven and torn down",
-            "  provider: lab",
-            "  roles: {db: {count: 1}, worker: {count: 1}, app: {count: 1}}",
-            f"  lab_subnet: 127.60.{self.subnet.rsplit('.', 1)[1]}",
-            '  endpoints: ["{db1}:3306"]',
-        ]
+        if self.synthetic_subnet:
+            lines += [
+                f"synthetic:  # `overhaul synthetic --env {self.environment}`: a farm of its own, launched, proven and "
+                "torn down",
+                "  provider: lab",
+                "  roles: {db: {count: 1}, worker: {count: 1}, app: {count: 1}}",
+                f"  lab_subnet: {self.synthetic_subnet}  # this lab's own (127.A.B -> 127.A.(255-B), docs/lab.md)",
+                '  endpoints: ["{db1}:3306"]',
+            ]
         self.inventory.write_text("\n".join(lines) + "\n")
 
 

@@ -112,8 +112,9 @@ class SyntheticConfig(Strict):
     """A Prometheus textfile-collector file the run's metrics are written to."""
     webhook: SecretRef | None = None
     """A Slack-compatible webhook URL, by reference: posted on failure and on recovery."""
-    lab_subnet: str = "127.60.0"
-    """lab provider: the farm's hosts listen on SUBNET.1, SUBNET.2, ... inside 127.0.0.0/8."""
+    lab_subnet: str = "127.10.255"
+    """lab provider: the farm's hosts listen on SUBNET.1, SUBNET.2, ... inside 127.0.0.0/8 (default: the farm of the
+    lab on 127.10.0; `lab.up` writes its lab's own, 127.A.B -> 127.A.(255-B))."""
 
     @model_validator(mode="after")
     def _provider_can_do_it(self) -> Self:

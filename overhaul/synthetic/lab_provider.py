@@ -41,7 +41,7 @@ class LabProvider(Provider):
 
         home = self.workdir / run_id
         return Lab(home=home / "lab", inventory=home / "hosts" / "synthetic.yaml", subnet=self.config.lab_subnet,
-                   environment="synthetic", log=lambda _: None)
+                   environment="synthetic", log=lambda _: None, synthetic=False)
 
     def check_credentials(self) -> str:
         if not shutil.which("unshare") or not shutil.which("debootstrap"):
