@@ -26,6 +26,7 @@ from overhaul import alerts
 from overhaul.errors import ConfigError, OverhaulError
 from overhaul.inventory import load_inventory_file
 from overhaul.state import SQLiteState
+from overhaul.synthetic.window import Window, duration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +78,33 @@ def aws_config(url: str, image: str, extra: str = "") -> str:
     """
 
 
+@pytest.fixture
+def zone(monkeypatch):
+    """Set the local time zone of this process (TZ), put back afterwards."""
+    def set_zone(name: str) -> None:
+        monkeypatch.setenv("TZ", name)
+        time.tzset()
+
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_window_is_told_by_its_times_and_when_the_next_one_opens(zone):
+    now = 1795466880  # 2026-11-23 20:48:00 UTC
+    night = Window.at(now, 86400)
+    assert night.span() == "2026-11-23 00:00 to 2026-11-24 00:00 UTC"
+    assert night.rule() == "at most one run per window of 24h, whichever controller starts first"
+    zone("Europe/Paris")
+    assert night.next_opens(now) == "2026-11-24 01:00 CET (00:00 UTC), in 3h 12m"
+    zone("UTC")
+    assert night.next_opens(now) == "2026-11-24 00:00 UTC, in 3h 12m"
+    assert Window.at(now + 0.5, 2).span() == "2026-11-23 20:48:00 to 2026-11-23 20:48:02 UTC"
+    assert Window.at(now, 6 * 3600).next_opens(now) == "2026-11-24 00:00 UTC, in 3h 12m"
+    assert [duration(s) for s in (0.2, 45, 725, 3600, 90000, 3 * 86400 + 7200)] == ["1s", "45s", "12m 5s", "1h", "25h",
+                                                                                 "3d 2h"]
+
+
 def test_aws_launches_tagged_servers_by_role_and_terminates_them(aws, tmp_path):
     url, ec2, image = aws
     inventory_file(tmp_path, aws_config(url, image))
@@ -88,6 +116,13 @@ def test_aws_launches_tagged_servers_by_role_and_terminates_them(aws, tmp_path):
     assert all(tags_of(i)["team"] == "ops" and tags_of(i)["overhaul:environment"] == "nightly" for i in launched)
     assert {i["State"]["Name"] for i in launched} == {"terminated"}
     assert "ssh          skipped" in proc.stdout and "synthetic nightly: passed" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert f"run {run.id}: synthetic on nightly, provider aws-ec2, 3 servers" in lines
+    assert re.fullmatch(rf"run {run.id} succeeded in [\d.]+ s: phases 7 ok, 0 failed, 3 skipped; "
+                        rf"details: overhaul show {run.id}", lines[-1]), lines[-1]
+    shown = subprocess.run([sys.executable, "-m", "overhaul", "show", run.id], capture_output=True, text=True,
+                           cwd=tmp_path, env=dict(os.environ, OVERHAUL_JOURNAL=str(tmp_path / "journal.sqlite")))
+    assert shown.returncode == 0 and f"run {run.id}: synthetic on nightly, succeeded" in shown.stdout, shown.stderr
 
 
 def test_a_failed_launch_exits_with_the_launch_phase_and_leaks_nothing(aws, tmp_path):
@@ -151,10 +186,16 @@ def test_two_schedulers_at_once_make_one_run_the_other_names_the_holder(aws, tmp
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     ran = [out for out in outputs if "synthetic nightly: passed" in out]
-    held = [out for out in outputs if "this window is already claimed by" in out]
+    held = [out for out in outputs if "is already claimed by" in out]
     assert len(ran) == 1 and len(held) == 1, outputs
     run_ids = {tags_of(i)["overhaul:synthetic"] for i in instances(ec2, team="ops")}
-    assert len(run_ids) == 1 and f"(run {run_ids.pop()}" in held[0]
+    [run_id] = run_ids
+    assert f"(run {run_id}" in held[0]
+    window = Window.at(time.time(), 86400)
+    assert f"nothing to do: this window ({window.span()}) is already claimed by" in held[0]
+    assert ("the synthetic test makes at most one run per window of 24h, whichever controller starts first; "
+            f"the next window opens {time.strftime('%Y-%m-%d %H:%M', time.localtime(window.end))}") in held[0]
+    assert f"run {run_id} is not in this machine's journal (another controller ran it)" in held[0]
 
 
 def test_unusable_credentials_fail_the_credentials_phase_clearly(aws, tmp_path):
@@ -248,6 +289,43 @@ def test_the_lab_farm_runs_for_real_fails_loudly_and_recovers(tmp_path, lab):
     runs = SQLiteState(tmp_path / "journal.sqlite").runs("nightly")
     assert [r.status for r in runs] == ["succeeded", "failed"]
     server.shutdown()
+
+
+def test_an_endpoint_failure_says_refused_or_timed_out_in_the_result_and_the_alert(tmp_path, lab):
+    server = webhook_server()
+    write(tmp_path / "webhook.url", f"http://127.0.0.1:{server.server_port}/hook\n")
+    with socket.socket() as closed:  # nothing listens: a connection is refused
+        closed.bind(("127.0.0.1", 0))
+        refusing = closed.getsockname()[1]
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)  # one connection fills its accept queue: the kernel
+    waiting = [socket.create_connection(full.getsockname(), timeout=5)]  # then drops new SYNs, and connects time out
+    silent = full.getsockname()[1]
+    inventory_file(tmp_path, f"""
+        provider: lab
+        roles: {{db: {{count: 1}}}}
+        lab_subnet: 127.61.{PROCESS_OCTET}
+        endpoints: ["{{db1}}:3306", "127.0.0.1:{refusing}", "127.0.0.1:{silent}"]
+        timeouts: {{ssh: 30, endpoints: 2}}
+        webhook: {{file: {tmp_path / 'webhook.url'}}}
+    """)
+    try:
+        proc = synthetic(tmp_path)
+    finally:
+        for sock in [*waiting, full]:
+            sock.close()
+        server.shutdown()
+    assert proc.returncode == 27, proc.stdout + proc.stderr
+    reason = (f"db1 cannot reach 127.0.0.1:{refusing}: connection refused (nothing listens there); "
+              f"db1 cannot reach 127.0.0.1:{silent}: timed out after 2 s (no answer; timeouts.endpoints)")
+    assert f"synthetic nightly: FAILED in phase endpoints: {reason}" in proc.stdout
+    run = the_run(tmp_path)
+    [endpoints] = [r for r in SQLiteState(tmp_path / "journal.sqlite").results(run.id) if r.stage == "endpoints"]
+    assert (endpoints.outcome, endpoints.message) == ("failed", reason)
+    [alert] = Webhook.received
+    assert alert["text"] == (f"Overhaul synthetic test of nightly FAILED in phase endpoints: {reason} (run {run.id}). "
+                             f"Details: overhaul show {run.id}")
+    assert re.search(rf"^run {run.id} failed in [\d.]+ s: phases 9 ok, 1 failed, 0 skipped; "
+                     rf"details: overhaul show {run.id}$", proc.stdout, re.MULTILINE), proc.stdout
 
 
 # -- faults between Overhaul and AWS: a proxy on loopback in front of moto ----------------------------------------
@@ -464,11 +542,16 @@ def test_a_farm_the_provider_cannot_make_is_an_input_error_and_claims_nothing(aw
 def test_rerun_releases_a_failed_runs_window_once_and_is_journaled(aws, tmp_path):
     url, _, image = aws
     inventory_file(tmp_path, aws_config(url, image).replace("app: {count: 2}", "app: {count: 2, image: ami-00000000deadbeef}"))
-    assert synthetic(tmp_path).returncode == 23
+    failed_run = synthetic(tmp_path)
+    assert failed_run.returncode == 23
     [failed] = journal_runs(tmp_path)
     inventory_file(tmp_path, aws_config(url, image))  # the operator fixes the cause
+    assert ("after repairing the cause, run again in this window: overhaul synthetic --env nightly --rerun"
+            in failed_run.stdout.splitlines()[-1])
     waiting = synthetic(tmp_path)
     assert waiting.returncode == 0 and "already claimed by" in waiting.stdout and f"(run {failed.id}" in waiting.stdout
+    assert (f"run {failed.id} failed (details: overhaul show {failed.id}); once the cause is fixed, run again in this "
+            "window: overhaul synthetic --env nightly --rerun") in waiting.stdout
 
     rerun = synthetic(tmp_path, args=("--rerun",))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -38,7 +38,8 @@ from overhaul.synthetic.aws import claim_dynamodb
 from overhaul.synthetic.config import SyntheticConfig
 from overhaul.synthetic.providers import TAG, Farm, Provider
 from overhaul.synthetic.registry import provider_class
-from overhaul.transport import Transport
+from overhaul.synthetic.window import Window
+from overhaul.transport import CommandResult, Transport
 
 PHASES = ["claim", "credentials", "sweep", "launch", "running", "ssh", "verify", "endpoints", "hold", "terminate",
           "terminated"]
@@ -94,22 +95,24 @@ class SyntheticRun:
         self.webhook = self._webhook_url()
         self._verifying: tuple[Runner, Transport] | None = None
         self._verify_cancelled = threading.Event()
+        self.began = time.monotonic()  # (run() sets both again when it starts)
+        self.window = Window.at(time.time(), self.config.window)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> int:
-        window = int(time.time() // self.config.window)
+        self.began = time.monotonic()
+        now = time.time()
+        self.window = Window.at(now, self.config.window)
         try:
-            self._phase("claim", lambda: self._claim(window))
+            self._phase("claim", lambda: self._claim(self.window.number))
         except PhaseFailed as exc:  # a broken claim backend: journaled and told like any failed phase
-            self._start(window)
+            self._start(self.window.number)
             return self._finish(exc)
         if self.holder is not None:
-            holder = self.holder
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["at"])))
-            self._say(f"synthetic {self.environment}: this window is already claimed by {holder['holder']} "
-                      f"(run {holder['run_id']}, at {at}): nothing to do")
+            self._say_held(self.holder, now)
             return 0
-        self._start(window)
+        self._say(f"   ({self.window.rule()}; the next window opens {self.window.next_opens(now)})")
+        self._start(self.window.number)
         failure: PhaseFailed | None = None
         previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
         if _main_thread():
@@ -176,6 +179,9 @@ class SyntheticRun:
                                        {"provider": self.config.provider, "window": window}, operator(), time.time(),
                                        mutating=False))
         self.started = True
+        servers = sum(spec.count for spec in self.config.roles.values())
+        self._say(f"run {self.run_id}: synthetic on {self.environment}, provider {self.config.provider}, "
+                  f"{servers} server{'s' if servers != 1 else ''}")
         for result in self.phases:
             self._journal(result)
 
@@ -202,10 +208,33 @@ class SyntheticRun:
             key = f"{key}:rerun-after:{failed}"
             self.holder = self._claim_key(key, window)
             if self.holder is None:
-                self.state.event(self.environment, "synthetic-rerun", f"window {window}: {operator()} took the claim "
-                                 f"over from failed run {failed}", self.run_id)
-                return f"window {window} taken over from failed run {failed}"
-        return f"window {window}" + (f" is held by run {self.holder['run_id']}" if self.holder else " claimed")
+                self.state.event(self.environment, "synthetic-rerun", f"window {self.window.span()} (number "
+                                 f"{window}): {operator()} took the claim over from failed run {failed}", self.run_id)
+                return f"this window ({self.window.span()}) taken over from failed run {failed}"
+        if self.holder:
+            return f"this window ({self.window.span()}) is held by run {self.holder['run_id']}"
+        return f"claimed this window: {self.window.span()}"
+
+    def _say_held(self, holder: dict, now: float) -> None:
+        """Another run has this window: who, what a window is, when the next one opens, and what can be done now."""
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["at"])))
+        run_id = holder["run_id"]
+        self._say(f"synthetic {self.environment}: nothing to do: this window ({self.window.span()}) is already claimed "
+                  f"by {holder['holder']} (run {run_id}, at {at})")
+        self._say(f"   the synthetic test makes {self.window.rule()}; the next window opens "
+                  f"{self.window.next_opens(now)}")
+        try:
+            status = self.state.run(run_id).status
+        except KeyError:
+            self._say(f"   run {run_id} is not in this machine's journal (another controller ran it): see it there; "
+                      "`--rerun` takes a failed run's window over only where it ran")
+            return
+        if status == "failed":
+            self._say(f"   run {run_id} failed (details: overhaul show {run_id}); once the cause is fixed, run again in "
+                      f"this window: overhaul synthetic --env {self.environment} --rerun")
+        else:
+            self._say(f"   run {run_id} {'passed' if status == 'succeeded' else 'is ' + status}: "
+                      f"details: overhaul show {run_id}")
 
     def _claim_key(self, key: str, window: int) -> dict | None:
         expires = (window + 1) * self.config.window
@@ -330,8 +359,10 @@ class SyntheticRun:
                     address, _, port = target.rpartition(":")
                     probe = sh("timeout {seconds} bash -c {script} _ {address} {port}", script='</dev/tcp/"$1"/"$2"',
                                seconds=self.config.timeouts.endpoints, address=address, port=port)
-                    if not host.run(probe).ok:
-                        problems.append(f"{server.name} cannot reach {target}")
+                    result = host.run(probe)
+                    if not result.ok:
+                        problems.append(f"{server.name} cannot reach {target}: "
+                                        f"{unreachable(result, self.config.timeouts.endpoints)}")
         finally:
             transport.close()
         if problems:
@@ -377,9 +408,22 @@ class SyntheticRun:
         self._notify(failure)
         if failure:
             self._say(f"synthetic {self.environment}: FAILED in phase {failure.phase}: {failure.message}")
-            return EXIT_CODES[failure.phase]
-        self._say(f"synthetic {self.environment}: passed ({len(self.farm.servers)} servers launched, proven, terminated)")
-        return 0
+        else:
+            self._say(f"synthetic {self.environment}: passed ({len(self.farm.servers)} servers launched, proven, "
+                      "terminated)")
+        self._say(self._ending(failure))
+        return EXIT_CODES[failure.phase] if failure else 0
+
+    def _ending(self, failure: PhaseFailed | None) -> str:
+        """The last line, as every run ends (overhaul.report.ending): run id, status, counts, details, way on."""
+        counts = {status: sum(p.status == status for p in self.phases) for status in ("ok", "failed", "skipped")}
+        line = (f"run {self.run_id} {'failed' if failure else 'succeeded'} in {time.monotonic() - self.began:.1f} s: "
+                f"phases {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
+                f"details: overhaul show {self.run_id}")
+        if failure:
+            line += (f"\nafter repairing the cause, run again in this window: overhaul synthetic --env {self.environment} "
+                     "--rerun")
+        return line
 
     def _webhook_url(self) -> str | None:
         """The webhook's URL, read and checked before the run claims anything (a bad one is an input error)."""
@@ -402,10 +446,31 @@ class SyntheticRun:
         text = (f"Overhaul synthetic test of {self.environment} FAILED in phase {failure.phase}: {failure.message} "
                 f"(run {self.run_id})" if failure else
                 f"Overhaul synthetic test of {self.environment} recovered: passed (run {self.run_id})")
+        text += f". Details: overhaul show {self.run_id}"
         try:
             alerts.notify(self.webhook, text)
         except OverhaulError as exc:
             self._say(f"warning: {exc}")
+
+
+# What bash says when /dev/tcp cannot connect, and how a person says it (the first that matches).
+CONNECT_ERRORS = (("Connection refused", "connection refused (nothing listens there)"),
+                  ("Connection reset", "connection reset"),
+                  ("Name or service not known", "DNS: no such name"),
+                  ("No address associated", "DNS: the name has no address"),
+                  ("Temporary failure in name resolution", "DNS: the name could not be resolved (temporary failure)"),
+                  ("No route to host", "no route to host"),
+                  ("Network is unreachable", "network unreachable"))
+
+
+def unreachable(result: CommandResult, seconds: float) -> str:
+    """Why an endpoint probe (`timeout N bash -c '</dev/tcp/...'`) failed: refused, timed out, DNS, reset, no route."""
+    if result.exited == 124 or result.timed_out:  # 124: `timeout` ended it
+        return f"timed out after {seconds:g} s (no answer; timeouts.endpoints)"
+    for said, words in CONNECT_ERRORS:
+        if said in result.stderr:
+            return words
+    return f"exit {result.exited}: {result.tail(200)}"
 
 
 PREFIX = "overhaul_synthetic"
