@@ -11,7 +11,7 @@ PYTHON ?= python3
 # an idle process takes tests from a busy one's queue (worksteal), so a long test never ends the run alone.
 TEST_WORKERS ?= 6
 
-.PHONY: demo test deps lint lab-down docs
+.PHONY: demo test deps lint lab-down docs dist
 
 deps: $(VENV)/.installed
 
@@ -44,3 +44,17 @@ lint: deps
 
 lab-down: deps
 	$(BIN)/overhaul lab.down
+
+# `make dist`: a wheel and an sdist of Overhaul in $(DIST)/, to install outside the checkout (docs/quickstart.md).
+# It needs a virtualenv with `build`, not the test dependencies. The wheel is built from the sdist, so a file the
+# sdist leaves out is missing from the wheel too (and seen). Older builds are removed first: the Quickstart's
+# `pip install dist/overhaul-*.whl` must match one wheel.
+DIST ?= dist
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+dist: $(BIN)/python
+	$(BIN)/pip install -q build
+	rm -f $(DIST)/overhaul-*.whl $(DIST)/overhaul-*.tar.gz
+	$(BIN)/python -m build --outdir $(DIST) .

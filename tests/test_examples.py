@@ -240,3 +240,13 @@ def test_an_unknown_environment_lists_the_examples_apart(tmp_path):
     assert proc.returncode == 2
     assert (f"unknown environment 'production': there is no {HOSTS}/production.yaml (environments: none: {HOSTS}/ has "
             f"no inventory; examples to copy to {HOSTS}/NAME.yaml: production.example, staging.example)") in proc.stderr
+
+
+def test_the_docs_site_opens_on_a_home_page():
+    """The site's logo links to its root: docs/index.md is there, first in the navigation, and leads on."""
+    import yaml
+
+    config = yaml.safe_load((HOSTS.parent / "mkdocs.yml").read_text())
+    assert list(config["nav"][0].values()) == ["index.md"]
+    home = (HOSTS.parent / "docs" / "index.md").read_text()
+    assert "(quickstart.md)" in home and "(troubleshooting.md)" in home
