@@ -851,7 +851,8 @@ def _lab(home: str, inventory: str) -> Lab:
 
 
 @command(help={"hosts": "number of hosts: one db, one worker, the rest app (default 4)",
-               "subnet": "the hosts' addresses: SUBNET.1, SUBNET.2, ... inside 127.0.0.0/8 (default 127.10.0)",
+               "subnet": "the hosts' addresses: SUBNET.1, SUBNET.2, ... inside 127.0.0.0/8 (default 127.10.0); the lab "
+                         "on 127.A.B has its synthetic farm on 127.A.(255-B), so 127.A.255 is refused",
                **LAB_HELP})
 def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127.10.0"):
     """Start the lab (or repair a half-started one): real hosts with scalr-server 1.0.0."""
@@ -865,6 +866,8 @@ def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127
 
         open_state().event(lab.environment, REBUILT, FIRST_VERSION)
     _print_status(lab)
+    print(f"synthetic farm (`overhaul synthetic --env {lab.environment}`): hosts of its own on {lab.synthetic_subnet}.1 "
+          "and up")
 
 
 @command(help=LAB_HELP)

@@ -77,6 +77,7 @@ def test_lab_up_takes_a_subnet_and_refuses_one_outside_loopback(tmp_path):
         assert f"address: {subnet}.1" in (tmp_path / "hosts/lab.yaml").read_text()
         written = load_inventory_file(tmp_path / "hosts/lab.yaml").synthetic
         assert written is not None and written.lab_subnet == f"127.28.{255 - PROCESS_OCTET}"
+        assert f"hosts of its own on 127.28.{255 - PROCESS_OCTET}.1 and up" in started.stdout, started.stdout
         elsewhere = overhaul_cli(tmp_path, "lab.up", "--hosts", "1", "--subnet", "127.27.0", *where)
         assert elsewhere.returncode == 2 and f"a lab of 1 hosts ({subnet}.1, ...) is already here" in elsewhere.stderr
     finally:
