@@ -106,13 +106,13 @@ class SyntheticRun:
         try:
             self._phase("claim", lambda: self._claim(self.window.number))
         except PhaseFailed as exc:  # a broken claim backend: journaled and told like any failed phase
-            self._start(self.window.number)
+            self._start()
             return self._finish(exc)
         if self.holder is not None:
             self._say_held(self.holder, now)
             return 0
         self._say(f"   ({self.window.rule()}; the next window opens {self.window.next_opens(now)})")
-        self._start(self.window.number)
+        self._start()
         failure: PhaseFailed | None = None
         previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
         if _main_thread():
@@ -173,11 +173,11 @@ class SyntheticRun:
         if self.started:
             self._journal(result)
 
-    def _start(self, window: int) -> None:
+    def _start(self) -> None:
         """Journal this run (a synthetic run is not resumable: never `mutating`), with the phases so far."""
-        self.state.start_run(RunRecord(self.run_id, "synthetic", self.config.provider, "", self.environment,
-                                       {"provider": self.config.provider, "window": window}, operator(), time.time(),
-                                       mutating=False))
+        params = {"provider": self.config.provider, "window": self.window.span()}
+        self.state.start_run(RunRecord(self.run_id, "synthetic", self.config.provider, "", self.environment, params,
+                                       operator(), time.time(), mutating=False))
         self.started = True
         servers = sum(spec.count for spec in self.config.roles.values())
         self._say(f"run {self.run_id}: synthetic on {self.environment}, provider {self.config.provider}, "
@@ -217,7 +217,7 @@ class SyntheticRun:
 
     def _say_held(self, holder: dict, now: float) -> None:
         """Another run has this window: who, what a window is, when the next one opens, and what can be done now."""
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["at"])))
+        at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(holder["at"])))
         run_id = holder["run_id"]
         self._say(f"synthetic {self.environment}: nothing to do: this window ({self.window.span()}) is already claimed "
                   f"by {holder['holder']} (run {run_id}, at {at})")
