@@ -187,7 +187,7 @@ NO_AWS = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "testin
 
 
 @pytest.mark.parametrize("example, refusal", [
-    ("production.example", "production.example.yaml:9: ssh.key_file: "),  # ~/.ssh/overhaul_production is not there
+    ("production.example", "overhaul_production does not exist"),  # the key file ~/.ssh/overhaul_production
     ("staging.example", "EC2 inventory source: "),  # the hosts are asked of AWS, which does not answer
 ])
 def test_an_example_inventory_validates_offline_with_no_aws_call_and_no_file(tmp_path, example, refusal):
