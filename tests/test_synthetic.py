@@ -302,7 +302,7 @@ def test_an_endpoint_failure_says_refused_or_timed_out_in_the_result_and_the_ale
     silent = full.getsockname()[1]
     inventory_file(tmp_path, f"""
         provider: lab
-        roles: {{db: {{count: 1}}}}
+        roles: {{db: {{count: 1}}, worker: {{count: 1}}}}
         lab_subnet: 127.61.{PROCESS_OCTET}
         endpoints: ["{{db1}}:3306", "127.0.0.1:{refusing}", "127.0.0.1:{silent}"]
         timeouts: {{ssh: 30, endpoints: 2}}
@@ -315,8 +315,8 @@ def test_an_endpoint_failure_says_refused_or_timed_out_in_the_result_and_the_ale
             sock.close()
         server.shutdown()
     assert proc.returncode == 27, proc.stdout + proc.stderr
-    reason = (f"db1 cannot reach 127.0.0.1:{refusing}: connection refused (nothing listens there); "
-              f"db1 cannot reach 127.0.0.1:{silent}: timed out after 2 s (no answer; timeouts.endpoints)")
+    reason = (f"db1, worker1 cannot reach 127.0.0.1:{refusing}: connection refused; "  # one line per target and reason
+              f"db1, worker1 cannot reach 127.0.0.1:{silent}: timed out after 2 s (timeouts.endpoints)")
     assert f"synthetic nightly: FAILED in phase endpoints: {reason}" in proc.stdout
     run = the_run(tmp_path)
     [endpoints] = [r for r in SQLiteState(tmp_path / "journal.sqlite").results(run.id) if r.stage == "endpoints"]

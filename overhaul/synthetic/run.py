@@ -351,7 +351,7 @@ class SyntheticRun:
         addresses = {s.name: s.address for s in self.farm.servers}
         targets = [endpoint.format(**addresses) for endpoint in self.config.endpoints]
         transport = Transport(self.farm_inventory)
-        problems = []
+        problems: dict[tuple[str, str], list[str]] = {}  # (target, why) -> the servers that could not reach it
         try:
             for server in self.farm.servers:
                 host = transport.host(server.name)
@@ -361,12 +361,13 @@ class SyntheticRun:
                                seconds=self.config.timeouts.endpoints, address=address, port=port)
                     result = host.run(probe)
                     if not result.ok:
-                        problems.append(f"{server.name} cannot reach {target}: "
-                                        f"{unreachable(result, self.config.timeouts.endpoints)}")
+                        why = unreachable(result, self.config.timeouts.endpoints)
+                        problems.setdefault((target, why), []).append(server.name)
         finally:
             transport.close()
         if problems:
-            raise OverhaulError("; ".join(problems))
+            raise OverhaulError("; ".join(f"{', '.join(servers)} cannot reach {target}: {why}"
+                                          for (target, why), servers in problems.items()))
         return f"every server reaches {', '.join(targets)}"
 
     def _teardown(self) -> PhaseFailed | None:
@@ -454,7 +455,7 @@ class SyntheticRun:
 
 
 # What bash says when /dev/tcp cannot connect, and how a person says it (the first that matches).
-CONNECT_ERRORS = (("Connection refused", "connection refused (nothing listens there)"),
+CONNECT_ERRORS = (("Connection refused", "connection refused"),
                   ("Connection reset", "connection reset"),
                   ("Name or service not known", "DNS: no such name"),
                   ("No address associated", "DNS: the name has no address"),
@@ -466,7 +467,7 @@ CONNECT_ERRORS = (("Connection refused", "connection refused (nothing listens th
 def unreachable(result: CommandResult, seconds: float) -> str:
     """Why an endpoint probe (`timeout N bash -c '</dev/tcp/...'`) failed: refused, timed out, DNS, reset, no route."""
     if result.exited == 124 or result.timed_out:  # 124: `timeout` ended it
-        return f"timed out after {seconds:g} s (no answer; timeouts.endpoints)"
+        return f"timed out after {seconds:g} s (timeouts.endpoints)"
     for said, words in CONNECT_ERRORS:
         if said in result.stderr:
             return words
