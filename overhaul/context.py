@@ -18,7 +18,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -122,7 +122,8 @@ class StepHost:
 
     def __init__(self, remote: RemoteHost, *, timeout: float, run_id: str, facts: Facts | None = None,
                  log: Path | None = None, on_log_error: Callable[[str], None] | None = None,
-                 on_command: Callable[[CommandResult], None] | None = None):
+                 on_command: Callable[[CommandResult], None] | None = None,
+                 on_start: Callable[[str, bool], None] | None = None):
         self.remote = remote
         self.timeout = timeout
         self.run_id = run_id
@@ -130,6 +131,8 @@ class StepHost:
         self.log = log  # each command and its output (redacted) is appended here as it completes
         self._on_log_error = on_log_error or (lambda why: None)
         self._on_command = on_command or (lambda result: None)  # the live view: each command as it completes
+        # ... and as it starts: (the command as the step wrote it, redacted; whether it only reads the host)
+        self._on_start = on_start or (lambda command, read: None)
         self.history: list[CommandResult] = []  # every command of this pair, redacted
         self._reported: list[tuple[str, Any, bool]] = []
 
@@ -167,15 +170,33 @@ class StepHost:
 
     def read(self, probe: Probe[T]) -> T:
         """The answer of `probe` on this host (read now unless already known)."""
-        return self.facts.get(self.name, probe.key, lambda: probe.parse(self.run(probe.command)), probe.stable)
+        return self.facts.get(self.name, probe.key, lambda: probe.parse(self._read([probe])), probe.stable)
 
     def prefetch(self, probes: Iterable[Probe]) -> None:
         """Read every probe not yet known in one command, so the steps that ask later find their answers."""
         missing = list({p.key: p for p in probes if not self.facts.known(self.name, p.key)}.values())
         if len(missing) < 2:
             return  # a single probe is read when it is asked
-        result = self.run(probe_script(p.command for p in missing))
+        result = self._read(missing)
         self._keep(missing, result.stdout, self.facts.put)
+
+    def _read(self, probes: list[Probe]) -> CommandResult:
+        """Send `probes` (one: its command; more: framed in one `probe_script`), told and logged as reads. More
+        than one: the result returned holds the framed answers (see `sections`); the one kept in the history, the
+        log and the views has each probe's answer in turn, without the marks."""
+        if len(probes) == 1:
+            result = self._send(probes[0].command, probes[0].command.text, read=True)
+            self._done(result)
+            return result
+        result = self._send(probe_script(p.command for p in probes), "\n".join(p.command.text for p in probes),
+                            read=True)
+        answers = sections(result.stdout)
+        log = "".join(f"$ {probe.command.text}\n{_ended(output)}[exit {code}]\n"
+                      for probe, (code, output) in zip(probes, answers, strict=False))
+        log += (_ended(result.stderr) + "".join(f"$ {p.command.text}\n" for p in probes[len(answers):])
+                + f"[{len(probes)} reads in one command: exit {result.exited}, {result.duration * 1000:.0f} ms]\n")
+        self._done(replace(result, stdout="".join(_ended(output) for _, output in answers)), log)
+        return result
 
     def run_then_read(self, command: Command | str, probes: list[Probe], *, stdin: str | None = None,
                       durable: str | None = None) -> CommandResult:
@@ -184,13 +205,17 @@ class StepHost:
         The probes' answers are read after the change, so they hold after it: the runner keeps them once the
         apply has ended (everything read before it is forgotten then).
         """
-        body = durable_command(as_command(command), durable, self.timeout) if durable else as_command(command)
-        result = self.run(sh("{{ {body}\n}}; rc=$?; {probes}; exit $rc", body=body,
-                             probes=probe_script(p.command for p in probes)), stdin=stdin)
-        output, _, answers = result.stdout.partition(MARK + "\n")
+        command = as_command(command)
+        body = durable_command(command, durable, self.timeout) if durable else command
+        sent = self._send(sh("{{ {body}\n}}; rc=$?; {probes}; exit $rc", body=body,
+                             probes=probe_script(p.command for p in probes)), command.text, stdin=stdin)
+        output, _, answers = sent.stdout.partition(MARK + "\n")
+        result = replace(sent, stdout=output)
+        self._done(result, self._logged(result) + f"# read after it, in the same command: "
+                                                  f"{', '.join(p.question for p in probes)}\n")
         self._keep(probes, MARK + "\n" + answers, lambda host, question, answer, stable: self._reported.append(
             (question, answer, stable)))
-        return CommandResult(result.command, result.exited, output, result.stderr, result.duration, result.timed_out)
+        return result
 
     def forget(self) -> None:
         """This step just changed the host: what was read of it before no longer holds (read it again)."""
@@ -205,7 +230,7 @@ class StepHost:
     def _keep(self, probes: list[Probe], stdout: str, store: Callable[[str, str, Any, bool], None]) -> None:
         for probe, (exited, output) in zip(probes, sections(stdout), strict=False):
             try:
-                answer = probe.parse(CommandResult(probe.command, exited, output, "", 0.0))
+                answer = probe.parse(CommandResult(probe.command.text, exited, output, "", 0.0, read=True))
             except Exception:  # not cached: the step's own read reports it
                 continue
             store(self.name, probe.key, answer, probe.stable)
@@ -216,14 +241,33 @@ class StepHost:
 
         `command` is best built with `overhaul.command.sh` (values quoted by construction); a plain string is
         taken as shell its author wrote (see `Command.script`)."""
+        command = as_command(command)
+        result = self._send(command, command.text, sudo=sudo, stdin=stdin, timeout=timeout, durable=durable)
+        self._done(result)
+        return result
+
+    def _send(self, command: Command, shown: str, *, read: bool = False, sudo: bool | None = None,
+              stdin: str | None = None, timeout: float | None = None, durable: str | None = None) -> CommandResult:
+        """Run `command`, told as `shown` (the step's own command, without the engine's framing) as it starts."""
+        shown = self.redactor(shown)
+        self._on_start(shown, read)
         result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
+        return replace(result, command=shown, read=read)
+
+    def _done(self, result: CommandResult, log: str | None = None) -> None:
+        """A command ended: kept in the pair's history, written to its log (`log`, else the command and its
+        output), told to the live view."""
         self.history.append(result)
         # now, not when the step ends: after a crash the log shows the step in flight. Redacted again as a whole:
         # a secret split between stdout and stderr is whole only once they are joined.
-        self._log(self.redactor(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}, "
-                                f"{result.duration * 1000:.0f} ms]\n"))
+        self._log(self.redactor(log if log is not None else self._logged(result)))
         self._on_command(result)
-        return result
+
+    @staticmethod
+    def _logged(result: CommandResult) -> str:
+        """A command as the pair's log shows it: the command as written, its output, its exit code and time."""
+        return (f"$ {result.command}\n{_ended(result.stdout + result.stderr)}[exit {result.exited}, "
+                f"{result.duration * 1000:.0f} ms]\n")
 
     def note(self, text: str) -> None:
         """A line of this pair's log that is not a command's (where its answers were read, say)."""
@@ -248,6 +292,11 @@ class StepHost:
     def secret(self, name: str) -> str:
         """The value of an inventory secret; from now on it is redacted from every output."""
         return self.remote.secret(name)
+
+
+def _ended(text: str) -> str:
+    """`text` ending with a newline (nothing when empty), so what follows it in a log starts a line."""
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 def probe_script(commands: Iterable[Command]) -> Command:

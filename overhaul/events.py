@@ -2,11 +2,13 @@
 
 The engine never prints. A run (overhaul.execution.Execution) publishes, in order: `RunStarted` (journaled
 runs), `PreflightChecked` (gated runs), then per stage `StageStarted` (and `BatchStarted` for rolling stages),
-per (stage, host) `PairStarted`, `CommandDone` for each command and `PairFinished`, then `RunEnded`. `Notice`
-carries what happens beside the stages (a lock taken over, a stop requested, an undo starting).
+per (stage, host) `PairStarted`, `CommandStarted` and `CommandDone` for each command and `PairFinished`, then
+`RunEnded`. While the preflight reads, `PreflightProgress` says how many hosts are checked. `Notice` carries what
+happens beside the stages (a lock taken over, a stop requested, an undo starting).
 
 A subscriber is any callable taking an event. It is called from the run's worker threads, one event at a
-time except `CommandDone` (told from each host's worker as its commands complete), and must not block long.
+time except `CommandStarted`, `CommandDone` (told from each host's worker as its commands start and complete) and
+`PreflightProgress` (from each host's preflight worker), and must not block long.
 A subscriber that raises is told nothing more (the run goes on, journaled as always): `Publisher.dropped`
 keeps it with its exception.
 """
@@ -26,8 +28,9 @@ if TYPE_CHECKING:
     from overhaul.state import RunRecord
     from overhaul.transport import CommandResult
 
-__all__ = ["Asking", "BatchStarted", "CommandDone", "Event", "Notice", "PairFinished", "PairStarted", "PreflightChecked",
-           "Publisher", "RunEnded", "RunStarted", "StageStarted", "Subscriber", "WaysOn"]
+__all__ = ["Asking", "BatchStarted", "CommandDone", "CommandStarted", "Event", "Notice", "PairFinished", "PairStarted",
+           "PreflightChecked", "PreflightProgress", "Publisher", "RunEnded", "RunStarted", "StageStarted", "Subscriber",
+           "WaysOn"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,14 @@ class RunStarted:
     limit: str = ""
     resuming: int | None = None
     undoing: bool = False
+
+
+@dataclass(frozen=True)
+class PreflightProgress:
+    """The preflight has checked `checked` of `total` hosts (told before the first, and as each host's ends)."""
+
+    checked: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,19 @@ class PairStarted:
 
 
 @dataclass(frozen=True)
+class CommandStarted:
+    """A command starts on `host`: `command` as the step wrote it (redacted; without the engine's framing: the
+    durable lock, the remote timeout, sudo, the probes read with it); `read`: it only reads the host (probes)."""
+
+    host: str
+    command: str
+    read: bool = False
+
+
+@dataclass(frozen=True)
 class CommandDone:
+    """A command ended on `host` (`result.command` as in `CommandStarted`, `result.read` too)."""
+
     host: str
     result: CommandResult
 
@@ -127,8 +150,8 @@ class RunEnded:
     undoing: bool = False  # the run began taking itself back: its way on is the undo, not a resume
 
 
-Event = (RunStarted | PreflightChecked | StageStarted | BatchStarted | PairStarted | CommandDone | PairFinished
-         | Asking | Notice | RunEnded)
+Event = (RunStarted | PreflightProgress | PreflightChecked | StageStarted | BatchStarted | PairStarted | CommandStarted
+         | CommandDone | PairFinished | Asking | Notice | RunEnded)
 Subscriber = Callable[[Event], object]
 
 

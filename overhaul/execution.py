@@ -33,9 +33,11 @@ from overhaul.events import (
     Asking,
     BatchStarted,
     CommandDone,
+    CommandStarted,
     PairFinished,
     PairStarted,
     PreflightChecked,
+    PreflightProgress,
     Publisher,
     RunEnded,
     RunStarted,
@@ -47,7 +49,7 @@ from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
 from overhaul.planfile import SecretParam, by_reference
 from overhaul.preflight import run_preflight
-from overhaul.runner import HostResult, Runner, RunResult
+from overhaul.runner import HostResult, Runner, RunResult, log_name
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
 from overhaul.state.records import EXCLUDED_EVENT, KIND_EVENT, LIMIT_EVENT
@@ -155,7 +157,7 @@ class JournalRecorder:
             "", self.machine))
 
     def host_finished(self, result: HostResult) -> None:
-        path = self.outputs / f"{result.stage_index:02d}-{result.host}.log"  # its commands: written as they ran
+        path = self.outputs / log_name(result.stage_index, result.stage, result.host)  # its commands, as they ran
         if result.traceback:
             self._safely(f"the run log {path}", lambda: _append_traceback(path, result))
         now = time.time()
@@ -513,7 +515,8 @@ class Execution:
         if runner._stopping.is_set():  # stopped before the gate: nothing read, nothing changed
             return RunResult([], interrupted=True, refused=["interrupted before any change"])
         report = run_preflight(plan, transport, runner.run_id, skip_unreachable=gate.skip_unreachable,
-                               facts=runner.facts)
+                               facts=runner.facts, progress=lambda checked, total: self.publish(
+                                   PreflightProgress(checked, total)))
         self.publish(PreflightChecked(report))
         refusals = report.refusals
         if not refusals and report.excluded:
@@ -598,6 +601,9 @@ class Told:
 
     def host_started(self, planned: PlannedStage, host: str) -> None:
         self.publish(PairStarted(planned, host))
+
+    def command_started(self, host: str, command: str, read: bool) -> None:
+        self.publish(CommandStarted(host, command, read))
 
     def command_done(self, host: str, result: CommandResult) -> None:
         self.publish(CommandDone(host, result))

@@ -8,6 +8,8 @@ the whole run before its first change. An unreachable host is decided here, once
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overhaul.context import Facts, StepHost
@@ -44,12 +46,25 @@ class PreflightReport:
 
 
 def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreachable: bool = False,
-                  facts: Facts | None = None) -> PreflightReport:
-    """Run every stage's preflight on every host it targets; never changes a host."""
+                  facts: Facts | None = None, progress: Callable[[int, int], None] | None = None) -> PreflightReport:
+    """Run every stage's preflight on every host it targets; never changes a host. `progress` is told (hosts
+    checked, hosts in all) before the first host and as each host's checks end, from the host's worker."""
     report = PreflightReport(plan.stages)
     hosts = plan.hosts
+    told = progress or (lambda checked, total: None)
+    checked = 0
+    counting = threading.Lock()
 
     def one(host: str) -> None:
+        nonlocal checked
+        try:
+            check(host)
+        finally:
+            with counting:
+                checked += 1
+                told(checked, len(hosts))
+
+    def check(host: str) -> None:
         # run_id: a step finds what this run made (a backup, on a resume) by it.
         view = StepHost(transport.host(host), timeout=PREFLIGHT_TIMEOUT, run_id=run_id, facts=facts)
         mine = [planned for planned in plan.stages if host in planned.params]
@@ -63,7 +78,10 @@ def run_preflight(plan: Plan, transport: Transport, run_id: str, *, skip_unreach
             report.checks[(planned.index, host)] = _stage_ready(planned, view)
 
     # Each host is checked by the worker that connected it (and, on a farm larger than the pool, let go after).
+    told(0, len(hosts))
     unreachable = transport.connect(hosts, then=one)
+    if unreachable:
+        told(len(hosts), len(hosts))  # (the hosts that could not be reached are checked too: refused)
     skip = skip_unreachable or plan.runbook.runbook.preflight.unreachable == "skip"
     position = {host: index for index, host in enumerate(hosts)}
     for host, error in sorted(unreachable.items(), key=lambda item: position[item[0]]):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 import traceback
@@ -100,6 +101,14 @@ class RunResult:
         return FAILED_EXIT if self.failed or self.partial else 0
 
 
+def log_name(stage_index: int, stage: str, host: str) -> str:
+    """The file name of a (stage, host) pair's log: the stage's number as printed (from 1), its name, the host:
+    `04-reconfigure-db-db1.log`. The stage's name keeps letters, digits, '.' and '_' (any other run of characters
+    becomes one '-'): a name may hold spaces or a '/'."""
+    safe = re.sub(r"[^A-Za-z0-9_.]+", "-", stage).strip("-.")[:60] or "stage"
+    return f"{stage_index + 1:02d}-{safe}-{host}.log"
+
+
 UNDO_FACTS = "undo"  # the key of a pair's facts holding what its step remembered for an undo (see overhaul.undo)
 FRESH = 5.0  # seconds: a fact read this recently serves a verification of a host the run has not changed
 
@@ -148,7 +157,7 @@ class Runner:
         self._listening = threading.Lock()  # listeners hear one event at a time (the journal writes under it)
         self._results: list[HostResult] = []
         self.facts = facts or Facts()  # shared with the preflight and the preview of this run
-        self.log_dir = log_dir  # each pair's commands go to log_dir/NN-HOST.log as they complete
+        self.log_dir = log_dir  # each pair's commands go to log_dir/log_name(...) as they complete
         self.on_log_error = on_log_error
         self.touched: set[str] = set()  # hosts a step applied on (or may have): read afresh at every stage
 
@@ -347,9 +356,10 @@ class Runner:
         read-only stages, read with this step's own (read-only runs: the host's reads are one command); `read_with`:
         the earlier stage whose command read ahead for this one (its log says so when it sent no command)."""
         stage = planned.stage
-        log = self.log_dir / f"{planned.index:02d}-{name}.log" if self.log_dir is not None else None
+        log = self.log_dir / log_name(planned.index, stage.name, name) if self.log_dir is not None else None
         host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
-                        on_log_error=self.on_log_error, on_command=lambda result: self._command_done(name, result))
+                        on_log_error=self.on_log_error, on_command=lambda result: self._command_done(name, result),
+                        on_start=lambda command, read: self._each("command_started", name, command, read))
         step = planned.step(planned.params[name])
         started = time.monotonic()
         previous = self.previous.get((planned.index, name))
@@ -413,7 +423,8 @@ class Runner:
                           trace=traceback.format_exc())
         finally:
             if read_with is not None and not host.history:
-                host.note(f"read with the command of stage {read_with + 1} (see {read_with:02d}-{name}.log)")
+                reader = next(p.stage.name for p in self.plan.stages if p.index == read_with)
+                host.note(f"read with the command of stage {read_with + 1} (see {log_name(read_with, reader, name)})")
 
     def _attempt(self, step: Step, host: StepHost, previous: HostResult | None, applying: Callable[[], None],
                  ahead: list[Probe]) -> tuple[Outcome, str, dict[str, Any]]:

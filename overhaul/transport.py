@@ -89,7 +89,10 @@ TRANSIENT = (paramiko.SSHException, OSError, EOFError)
 
 @dataclass
 class CommandResult:
-    """What one remote command did. Output is already redacted."""
+    """What one remote command did. Output is already redacted.
+
+    `command` is the command as its caller wrote it, without what the transport wraps around it (the durable lock,
+    the remote `timeout`, sudo); `read`: it only read the host's state (a probe), which views leave out unless -v."""
 
     command: str
     exited: int
@@ -97,6 +100,7 @@ class CommandResult:
     stderr: str
     duration: float
     timed_out: bool = False
+    read: bool = False
 
     @property
     def ok(self) -> bool:
@@ -245,9 +249,8 @@ class RemoteHost:
         """
         timeout = timeout or DEFAULT_TIMEOUT
         command = as_command(command)
-        if durable:
-            command = durable_command(command, durable, timeout)
-        raw = self.execute(command, sudo=sudo, stdin=stdin, timeout=timeout)
+        sent = durable_command(command, durable, timeout) if durable else command
+        raw = self.execute(sent, sudo=sudo, stdin=stdin, timeout=timeout)
         out, err = raw.stdout.decode(errors="replace"), raw.stderr.decode(errors="replace")
         if raw.exited == KILLED:
             err += "\n[the command was killed by a signal on the host]"

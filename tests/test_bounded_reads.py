@@ -247,7 +247,7 @@ def test_write_private_never_replaces_what_is_not_a_regular_file(tmp_path):
 
 
 def test_append_private_creates_0600_and_tightens_an_older_log(tmp_path, open_umask):
-    log = tmp_path / "runs" / "r1" / "00-db1.log"
+    log = tmp_path / "runs" / "r1" / "01-backup-database-db1.log"
     append_private(log, "$ true\n")
     append_private(log, "[exit 0]\n")
     assert (log.read_text(), mode(log), mode(log.parent), mode(log.parent.parent)) == (

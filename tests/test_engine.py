@@ -621,9 +621,10 @@ def test_a_read_only_run_reads_each_host_in_one_command_and_each_stage_judges_it
     hosts = [host.name for host in inventory.hosts]
     assert commands.sent == {host: 1 for host in hosts}  # (stage by stage: one per stage)
     for host in hosts:  # each stage's log: the command, or where its answers were read
-        assert "service scalr status" in (tmp_path / f"logs/00-{host}.log").read_text()
-        assert "df -P -- /" in (tmp_path / f"logs/00-{host}.log").read_text()
-        assert (tmp_path / f"logs/01-{host}.log").read_text() == f"# read with the command of stage 1 (see 00-{host}.log)\n"
+        assert "service scalr status" in (tmp_path / f"logs/01-supervisor-{host}.log").read_text()
+        assert "df -P -- /" in (tmp_path / f"logs/01-supervisor-{host}.log").read_text()
+        assert (tmp_path / f"logs/02-disks-{host}.log").read_text() == (
+            f"# read with the command of stage 1 (see 01-supervisor-{host}.log)\n")
     assert {(r.stage, r.outcome.value) for r in result.results} == {("supervisor", "ok"), ("disks", "failed")}
     assert all("is running" in r.message for r in result.results if r.stage == "supervisor")
     assert all("/ at" in r.message and "%" in r.message for r in result.results if r.stage == "disks")

@@ -537,7 +537,7 @@ def test_each_pair_is_journaled_running_before_its_first_command_then_with_its_e
         assert after > before  # its start was written before it ran any command; its end after the last
     journaled = {(r.stage_index, r.host): (r.outcome, r.attempts, r.message) for r in state.results("run-1")}
     assert journaled == {(r.stage_index, r.host): (r.outcome.value, r.attempts, r.message) for r in result.results}
-    assert "touch -- /one" in (tmp_path / "runs/run-1/00-db1.log").read_text()  # each pair's commands in its log
+    assert "touch -- /one" in (tmp_path / "runs/run-1/01-one-db1.log").read_text()  # each pair's commands in its log
 
 
 def test_a_failed_journal_write_stops_the_run_and_no_pair_runs_unrecorded(tmp_path):

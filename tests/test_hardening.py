@@ -519,7 +519,7 @@ def test_a_host_log_holds_each_command_as_it_completes_so_a_killed_run_shows_the
         proc.wait()
     finally:
         lab.host("app1").exec("pkill -f 'sleep 30' || true", check=False)
-    [log] = (tmp_path / "runs").glob("*/00-app1.log")
+    [log] = (tmp_path / "runs").glob("*/01-long-step-app1.log")
     text = log.read_text()
     assert "$ echo checked-before-the-long-part; false\nchecked-before-the-long-part\n[exit 1," in text
 
