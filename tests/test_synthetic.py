@@ -563,7 +563,7 @@ def test_rerun_releases_a_failed_runs_window_once_and_is_journaled(aws, tmp_path
 
     again = synthetic(tmp_path, args=("--rerun",))
     assert again.returncode == 3, again.stdout + again.stderr
-    assert f"this window's run {runs[0].id} is succeeded: --rerun only takes over from a failed run" in again.stderr
+    assert f"this window's run {runs[0].id} passed: --rerun only takes over from a failed run" in again.stderr
     assert len(journal_runs(tmp_path)) == 2
 
 

@@ -253,7 +253,8 @@ class SyntheticRun:
             raise Refused(f"this window is held by run {holder['run_id']} of {holder['holder']}, which is not in this "
                           f"machine's journal: rerun where it ran") from None
         if status != "failed":
-            raise Refused(f"this window's run {holder['run_id']} is {status}: --rerun only takes over from a failed run")
+            state = "passed" if status == "succeeded" else f"is {status}"
+            raise Refused(f"this window's run {holder['run_id']} {state}: --rerun only takes over from a failed run")
         return holder["run_id"]
 
     def _sweep(self) -> str:
