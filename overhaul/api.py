@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from overhaul.errors import ConfigError, HostUnreachable, OverhaulError, Refused, StepFailed
-from overhaul.events import Subscriber
+from overhaul.events import RunStarted, Subscriber
 from overhaul.execution import COMPOSED, COMPOSED_EVENT, Execution, Gate
 from overhaul.inventory import Inventory
 from overhaul.plan import Plan, PlannedStage
@@ -102,9 +102,35 @@ def run(planned: Plan, *, yes: bool = False, approve: Approve | None = None,
         check_promotion(planned.inventory, str(planned.run_params["version"]), state)
     if planned.inventory.policy.protected and not yes and approve is None:
         raise Refused(f"environment {env!r} is protected: give approve= (shown what the run would change) or yes=True")
+    if reviewed is not None:
+        subscribers = [*subscribers, applying(reviewed, state)]
     gate = Gate(skip_unreachable=skip_unreachable, reviewed=reviewed, approve=None if yes else approve)
     execution = Execution(planned, state=state, subscribers=subscribers, confirm=confirm or (lambda stage: yes), gate=gate)
     return execution.run(version_from=expected_version(state, env))
+
+
+APPLIED_EVENT = "applied-plan"  # a run that applies a saved plan: the plan's SHA-256
+
+
+def applying(reviewed: SavedPlan, state: State) -> Subscriber:
+    """Refuse a saved plan some run applied already (that run changed the farm: its plan no longer says what a
+    run would do); else journal, as the run starts, that it applies this plan."""
+    for record in state.runs_with_event(reviewed.environment, APPLIED_EVENT, reviewed.sha256):
+        if record.status in ("refused", "rolled back"):
+            continue  # nothing it changed is left: the gate's drift check says whether the plan still holds
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.started))
+        if record.status in ("succeeded", "abandoned"):
+            raise Refused(f"already applied: this plan was applied by run {record.id} ({record.status}, {started}); "
+                          "a plan is applied once: plan again to see what a run would change now")
+        raise Refused(f"already applied: this plan was applied by run {record.id}, which is {record.status} "
+                      f"({started}): go on with `overhaul resume --run {record.id}`, or undo it "
+                      f"(`overhaul undo --run {record.id}`) and plan again")
+
+    def journal(event: object) -> None:
+        if isinstance(event, RunStarted) and event.resuming is None:
+            state.event(event.environment, APPLIED_EVENT, reviewed.sha256, event.run_id)
+
+    return journal
 
 
 def resume(env: str = "", *, run_id: str = "", yes: bool = False, approve: Approve | None = None,

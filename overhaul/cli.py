@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import datetime
 from json import dumps, loads
 from pathlib import Path
@@ -58,18 +57,22 @@ Exit codes:
   130  interrupted (resumable with `overhaul resume`)"""
 
 COMMON_HELP = {
-    "env": "environment: loads hosts/<env>.yaml (required)",
-    "hosts_dir": "folder of inventories (default hosts)",
-    "runbooks_dir": "folder of the operator's runbooks (default runbooks; built-ins are found too)",
-    "steps_dir": "folder of the operator's own steps (default steps)",
+    "env": "environment: loads hosts/<env>.yaml (default: OVERHAUL_ENV, else default_env in overhaul.yaml)",
+    "hosts_dir": "folder of inventories (default: the project's hosts/)",
+    "runbooks_dir": "folder of the operator's runbooks (default: the project's runbooks/; built-ins are found too)",
+    "steps_dir": "folder of the operator's own steps (default: the project's steps/)",
     "param": "a runbook parameter, NAME=VALUE (repeatable)",
     "yes": "do not ask: confirm a protected environment (after its plan is shown) and every gated stage",
     "skip_unreachable": "leave unreachable hosts out of the whole run instead of refusing it",
     "limit": "only these hosts: names, globs (app*) and roles (role:app), comma-separated",
     "verbose": "also show each command and its exit code as it completes",
     "quiet": "show only failures and the summary",
+    "check": "show the plan instead (as `overhaul plan`): every preflight and what would change; nothing is changed",
+    "dry_run": "the same as --check",
 }
+PLAN_HELP = {name: COMMON_HELP[name] for name in ("check", "dry_run")}
 VIEW_HELP = {name: COMMON_HELP[name] for name in ("verbose", "quiet")}
+VERSION_HELP = "the package version, for runbooks that take one (short for -p version=VERSION)"
 
 PATHS_HELP = {name: COMMON_HELP[name] for name in ("env", "hosts_dir", "runbooks_dir", "steps_dir")}
 # The same letter means the same thing in every task.
@@ -78,6 +81,13 @@ SHORT_FLAGS = {"env": "e", "param": "p", "yes": "y", "verbose": "v", "quiet": "q
 
 class OverhaulTask(Task):
     """Long flags only, but for the few short ones of SHORT_FLAGS (so no task flag ever takes -h)."""
+
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Any]:
+        kept = dict(self.help)  # invoke pops each help text as it is used: a second parse would show none
+        try:
+            return super().get_arguments(ignore_unknown_help)
+        finally:
+            self.help = kept
 
     def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
         opts = super().arg_opts(name, default, taken_names)
@@ -97,12 +107,18 @@ def command(*, positional: tuple[str, ...] = (), iterable: tuple[str, ...] = (),
     return wrap
 
 
+# A folder flag left out means the project's own folder of that name (found from any folder inside the project).
+PROJECT_FOLDERS = {"hosts_dir": "hosts", "runbooks_dir": "runbooks", "steps_dir": "steps"}
+
+
 def friendly(task_function: Callable) -> Callable:
     """Overhaul's own errors as a clear message and their exit code, never a traceback."""
 
     @functools.wraps(task_function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if not help_wanted(kwargs):
+                project_folders(kwargs)
             return task_function(*args, **kwargs)
         except OverhaulError as exc:  # each error class carries its exit code (overhaul.errors)
             raise Exit(f"{exc.label}: {exc}", code=exc.exit_code) from None
@@ -120,14 +136,40 @@ def friendly(task_function: Callable) -> Callable:
     return wrapper
 
 
+def project_folders(kwargs: dict[str, Any]) -> None:
+    """Each folder flag left out, as the project's folder of that name. Outside a project, the optional runbooks/ and
+    steps/ are looked for where the command runs, and hosts/ stays unknown (see `hosts_folder`)."""
+    from overhaul.settings import find_project_root, project_folder
+
+    root = find_project_root()
+    for flag, name in PROJECT_FOLDERS.items():
+        if kwargs.get(flag) == "":
+            kwargs[flag] = str(root / name) if root is not None else "" if flag == "hosts_dir" else str(project_folder(name))
+
+
+def hosts_folder(hosts_dir: str) -> Path:
+    """`--hosts-dir`, else the project's hosts/; outside a project, an error naming where it looked."""
+    from overhaul.settings import project_root
+
+    return Path(hosts_dir) if hosts_dir else project_root() / "hosts"
+
+
+def help_wanted(kwargs: dict[str, Any]) -> bool:
+    """`overhaul plan --help`: invoke gives the `--help` to the positional value (the task then shows its help)."""
+    return any(value in ("-h", "--help") for value in kwargs.values() if isinstance(value, str))
+
+
 def crash_log(exc: BaseException) -> Path:
     """Write `exc`'s traceback to a log of the operator's only (beside the runs' logs); return its path."""
     import traceback
 
     from overhaul.files import private_dir, write_private
-    from overhaul.settings import outputs_dir
+    from overhaul.settings import NoProject, outputs_dir
 
-    folder = outputs_dir().parent / "crashes"
+    try:
+        folder = outputs_dir().parent / "crashes"
+    except NoProject:  # outside any project: the operator's own cache
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "overhaul" / "crashes"
     with contextlib.suppress(OSError):
         private_dir(folder)
     path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
@@ -166,6 +208,31 @@ def need(value: str, flag: str) -> str:
     return value
 
 
+def environment(env: str) -> str:
+    """`--env`, else the project's default environment (saying which and from where, on stderr)."""
+    if env and env.strip():
+        return env
+    from overhaul.settings import default_environment
+
+    found = default_environment()
+    if found is None:
+        raise OverhaulError("--env is required: no default environment is set (set one with `default_env: NAME` "
+                            "in overhaul.yaml, or OVERHAUL_ENV=NAME)")
+    name, where = found
+    print(f"environment: {name} (from {where}; --env chooses another)", file=sys.stderr)
+    return name
+
+
+def with_version(pairs: list[str] | None, version: str) -> dict[str, str]:
+    """`-p NAME=VALUE...` and `--version` (short for `-p version=VERSION`), which must agree if both are given."""
+    params = parse_params(pairs or [])
+    if version:
+        if params.get("version", version) != version:
+            raise OverhaulError(f"--version {version} and -p version={params['version']}: give one")
+        params["version"] = version
+    return params
+
+
 def parse_params(pairs: list[str]) -> dict[str, str]:
     params = {}
     for pair in pairs:
@@ -185,11 +252,11 @@ def load_plan(runbook: str, env: str, hosts_dir: str, runbooks_dir: str, steps_d
     from overhaul import api
     from overhaul.runbook import load_runbook
 
-    need(env, "--env")
+    env = environment(env)
     loaded = load_runbook(runbook, Path(runbooks_dir))
     params = {**params, **{name: value for name, value in (if_declared or {}).items()
                            if value is not None and name in loaded.runbook.params}}
-    planned = api.plan(loaded, env, params=params, limit=limit, hosts_dir=hosts_dir, runbooks_dir=runbooks_dir,
+    planned = api.plan(loaded, env, params=params, limit=limit, hosts_dir=hosts_folder(hosts_dir), runbooks_dir=runbooks_dir,
                        steps_dir=steps_dir, flags=flags)
     if params.get("version") == "latest":
         print(f"latest available version: {planned.run_params['version']}")
@@ -273,12 +340,14 @@ def finish(code: int) -> None:
         raise Exit(code=code)
 
 
-def dry_run(c: Any) -> bool:
-    """`invoke --dry TASK`: invoke's flag for "echo commands instead of running"; here it means `plan`."""
-    dry = bool(getattr(getattr(c, "config", None), "run", {}).get("dry", False)) if c is not None else False
-    if dry:
-        print("--dry: showing the plan; nothing is changed")
-    return dry
+def dry(c: Any, check: bool = False, dry_run: bool = False) -> bool:
+    """`--check`, `--dry-run` or `invoke --dry TASK` (invoke's flag for "echo commands instead of running"): all three
+    mean `plan`."""
+    invoke_dry = bool(getattr(getattr(c, "config", None), "run", {}).get("dry", False)) if c is not None else False
+    flag = "--check" if check else "--dry-run" if dry_run else "--dry" if invoke_dry else ""
+    if flag:
+        print(f"{flag}: showing the plan (as `overhaul plan` does); nothing is changed")
+    return bool(flag)
 
 
 def verbosity(verbose: bool, quiet: bool) -> int:
@@ -313,22 +382,22 @@ def execute(planned: Plan, yes: bool, skip_unreachable: bool, reviewed: Any = No
 @command(positional=("runbook",), iterable=("param",), help={
     "runbook": "runbook name (runbooks/NAME.yaml or built-in) or path", **COMMON_HELP})
 def run(c, runbook, env="", param=None, yes=False, skip_unreachable=False, limit="", verbose=False, quiet=False,
-        hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+        hosts_dir="", runbooks_dir="", steps_dir="", check=False, dry_run=False):
     """Run a runbook on an environment's hosts, after every preflight passed on every host."""
     if help_asked(runbook, "run"):
         return
     view = verbosity(verbose, quiet)
     planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
-    if dry_run(c):
+    if dry(c, check, dry_run):
         return show_plan(planned, skip_unreachable, view=view)
     execute(planned, yes, skip_unreachable, view=view)
 
 
 @command(positional=("runbook",), iterable=("param",), help={
     "runbook": "runbook name or path", "out": "save the plan to this JSON file, for `overhaul apply`",
-    **{k: v for k, v in COMMON_HELP.items() if k != "yes"}})
-def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="", verbose=False, quiet=False,
-         hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+    "version": VERSION_HELP, **{k: v for k, v in COMMON_HELP.items() if k not in ("yes", "check", "dry_run")}})
+def plan(c, runbook, env="", param=None, version="", out="", skip_unreachable=False, limit="", verbose=False,
+         quiet=False, hosts_dir="", runbooks_dir="", steps_dir=""):
     """Show what a runbook would change on each host: every preflight, then the read-only checks."""
     if help_asked(runbook, "plan"):
         return
@@ -336,7 +405,7 @@ def plan(c, runbook, env="", param=None, out="", skip_unreachable=False, limit="
         from overhaul.planfile import writable
 
         writable(out)
-    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, parse_params(param or []), limit=limit)
+    planned = load_plan(runbook, env, hosts_dir, runbooks_dir, steps_dir, with_version(param, version), limit=limit)
     show_plan(planned, skip_unreachable, out, verbosity(verbose, quiet))
 
 
@@ -362,11 +431,11 @@ def show_plan(planned: Plan, skip_unreachable: bool, out: str = "", view: int = 
     "plan_file": "a plan saved by `overhaul plan ... --out FILE`",
     "max_age": "refuse a plan older than this many hours (default 24)",
     "yes": COMMON_HELP["yes"], "hosts_dir": COMMON_HELP["hosts_dir"], "steps_dir": COMMON_HELP["steps_dir"], **VIEW_HELP})
-def apply(c, plan_file, yes=False, max_age=24.0, verbose=False, quiet=False, hosts_dir="hosts", steps_dir="steps"):
+def apply(c, plan_file, yes=False, max_age=24.0, verbose=False, quiet=False, hosts_dir="", steps_dir=""):
     """Run exactly a reviewed plan: refused if its runbook, inventory, parameters or any host's state changed."""
     if help_asked(plan_file, "apply"):
         return
-    if dry_run(c):
+    if dry(c):
         raise OverhaulError("--dry with apply: the plan file is the dry run; nothing was changed")
     apply_saved(Path(plan_file), yes, float(max_age), hosts_dir, steps_dir, verbosity(verbose, quiet))
 
@@ -385,9 +454,10 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
     runbook_file = Path(saved.runbook_path)
     if not runbook_file.is_file():
         raise Refused(f"the plan's runbook {runbook_file} is gone: plan again")
-    inventory_file = inventory_path(saved.environment, Path(hosts_dir))
+    hosts = Path(hosts_dir) if hosts_dir else Path(saved.inventory_path).parent  # (the plan says where it was made)
+    inventory_file = inventory_path(saved.environment, hosts)
     check_unchanged(saved, file_sha256(runbook_file), file_sha256(inventory_file), max_age)
-    inventory = load_inventory(saved.environment, Path(hosts_dir))
+    inventory = load_inventory(saved.environment, hosts)
     params, secret_values = resolve_params(saved, inventory)
     planned = build_plan(load_runbook(str(runbook_file)), inventory, api.registry(steps_dir), params, limit=saved.limit)
     check_matches(saved, planned, path)
@@ -398,28 +468,31 @@ def apply_saved(path: Path, yes: bool, max_age: float, hosts_dir: str, steps_dir
     execute(planned, yes, bool(saved.excluded), reviewed=saved, view=view)
 
 
-@command(help={"version": "package version to upgrade to (default: the newest available)",
-               "plan": "apply this saved plan (from `overhaul plan upgrade ... --out FILE`) instead",
-               "yes": COMMON_HELP["yes"], "skip_unreachable": COMMON_HELP["skip_unreachable"],
-               "limit": COMMON_HELP["limit"], **VIEW_HELP, **PATHS_HELP})
-def upgrade(c, env="", version="latest", yes=False, plan="", skip_unreachable=False, limit="", verbose=False,
-            quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+@command(iterable=("param",), help={
+    "version": "package version to upgrade to (default: the newest available; short for -p version=VERSION)",
+    "plan": "apply this saved plan (from `overhaul plan upgrade ... --out FILE`) instead",
+    "param": "a parameter of your upgrade runbook, NAME=VALUE (repeatable)",
+    "yes": COMMON_HELP["yes"], "skip_unreachable": COMMON_HELP["skip_unreachable"],
+    "limit": COMMON_HELP["limit"], **VIEW_HELP, **PATHS_HELP, **PLAN_HELP})
+def upgrade(c, env="", version="", param=None, yes=False, plan="", skip_unreachable=False, limit="", verbose=False,
+            quiet=False, hosts_dir="", runbooks_dir="", steps_dir="", check=False, dry_run=False):
     """Upgrade an environment: backup, stop, upgrade, reconfigure db -> worker -> app, verify."""
     if plan:
-        if dry_run(c):
+        if dry(c, check, dry_run):
             raise OverhaulError("--dry with --plan: the plan file is the dry run; nothing was changed")
         return apply_saved(Path(plan), yes, 24.0, hosts_dir, steps_dir, verbosity(verbose, quiet))
-    planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, {"version": version},
+    params = {"version": "latest", **with_version(param, version)}
+    planned = load_plan("upgrade", env, hosts_dir, runbooks_dir, steps_dir, params,
                         flags={"version": "--version"}, limit=limit)
-    if dry_run(c):
+    if dry(c, check, dry_run):
         return show_plan(planned, skip_unreachable, view=verbosity(verbose, quiet))
     execute(planned, yes, skip_unreachable, view=verbosity(verbose, quiet))
 
 
 @command(help={"run": "the upgrade run to undo (default: the newest upgrade of --env that got past its backup)",
-               "yes": COMMON_HELP["yes"], **VIEW_HELP, **PATHS_HELP})
-def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks",
-             steps_dir="steps"):
+               "yes": COMMON_HELP["yes"], **VIEW_HELP, **PATHS_HELP, **PLAN_HELP})
+def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir="", runbooks_dir="",
+             steps_dir="", check=False, dry_run=False):
     """Return the farm to the version it had before an upgrade, its data as of that upgrade's verified backup.
 
     Destroys data on purpose: whatever was written to the database after the backup is lost (said before asking).
@@ -428,30 +501,31 @@ def rollback(c, env="", run="", yes=False, verbose=False, quiet=False, hosts_dir
 
     state = open_state()
     record = journaled_run(state, run) if run else None
-    environment = record.environment if record is not None else need(env, "--env")
-    if env and environment != env:
-        raise OverhaulError(f"run {record.id} is of environment {environment!r}, not {env!r}")
-    source = History(state, environment).rollback_source(record)
+    chosen = record.environment if record is not None else environment(env)
+    if env and chosen != env:
+        raise OverhaulError(f"run {record.id} is of environment {chosen!r}, not {env!r}")
+    source = History(state, chosen).rollback_source(record)
     backup = source.backup
     params = {"version": source.version, "backup": backup.path, "backup_sha256": backup.sha256,
               "backup_size": str(backup.size)}
-    planned = load_plan(ROLLBACK, environment, hosts_dir, runbooks_dir, steps_dir, params)
+    planned = load_plan(ROLLBACK, chosen, hosts_dir, runbooks_dir, steps_dir, params)
     upgrade = source.upgrade
     restored = "the database as restored then from" if source.already else "the database restored from"
     print(f"rollback of run {upgrade.id} ({upgrade.runbook} to {upgrade.params.get('version')}): back to "
           f"{source.version}, {restored} {backup.describe()}.\n{source.lost()}")
-    if dry_run(c):
+    if dry(c, check, dry_run):
         return show_plan(planned, False, view=verbosity(verbose, quiet))
     execute(planned, yes, False, view=verbosity(verbose, quiet), always_ask=True)
 
 
-@command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else checks/ if present)",
+@command(help={"checks": "folder of testinfra checks (default: the inventory's `checks`, else the project's checks/ "
+                         "if present)",
                "junit": "write a JUnit XML report here (- for stdout)", "json": "write a JSON report here (- for stdout)",
                "no_checks": "only the built-in verify runbook, not the testinfra checks",
                "checks_only": "only the testinfra checks, not the built-in verify runbook",
                "limit": COMMON_HELP["limit"], **VIEW_HELP, **PATHS_HELP})
 def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only=False, limit="",
-           verbose=False, quiet=False, hosts_dir="hosts", runbooks_dir="runbooks", steps_dir="steps"):
+           verbose=False, quiet=False, hosts_dir="", runbooks_dir="", steps_dir=""):
     """Check an environment: supervisor up, every service RUNNING, disks below 80 %, plus your testinfra checks."""
     from overhaul import verification
     from overhaul.api import expected_version
@@ -462,15 +536,18 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     if no_checks and checks_only:
         raise OverhaulError("--no-checks and --checks-only together leave nothing to verify")
     state = open_state()
-    expected = expected_version(state, need(env, "--env"))
+    env = environment(env)
+    expected = expected_version(state, env)
     planned = load_plan("verify", env, hosts_dir, runbooks_dir, steps_dir, {}, limit=limit,
                         if_declared={"expected_version": expected})  # (your own verify runbook may not declare it)
-    folder = Path(checks or planned.inventory.checks or "checks")
+    from overhaul.settings import project_folder
+
+    folder = Path(checks) if checks else project_folder(planned.inventory.checks or "checks")
     if not folder.is_dir() and (checks or planned.inventory.checks or checks_only):
         raise OverhaulError(f"checks folder {folder} does not exist")
     transport = Transport(planned.inventory, planned.redactor)
     # The checks (pytest, in this process, on these connections) run while the runbook's stages do.
-    checking = verification.BackgroundChecks(transport, hosts_dir, folder, planned.hosts,
+    checking = verification.BackgroundChecks(transport, str(hosts_folder(hosts_dir)), folder, planned.hosts,
                                              {"expected_version": expected}) \
         if folder.is_dir() and not no_checks else None
     try:
@@ -485,7 +562,7 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
         if checking is not None:
             checking.stop()
         transport.close()
-    print_checks(cases)
+    print_checks(cases, verbosity=verbosity(verbose, quiet))
     run_id = result.run_id if result is not None else ""
     if junit:
         verification.write_junit(cases, junit, env, run_id)
@@ -506,9 +583,9 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
 @command(iterable=("param",), help={
     "run": "the run to resume (default: the last run of --env, if it is unfinished or failed)",
     "version": "must equal the run's version if given", "yes": "confirm gated stages",
-    **{k: v for k, v in COMMON_HELP.items() if k not in ("runbooks_dir", "limit")}})
+    **{k: v for k, v in COMMON_HELP.items() if k not in ("runbooks_dir", "limit", "check", "dry_run")}})
 def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachable=False, verbose=False, quiet=False,
-           hosts_dir="hosts", steps_dir="steps"):
+           hosts_dir="", steps_dir=""):
     """Continue an interrupted, failed or partial run: finished work is skipped once its check confirms it still holds."""
     from overhaul.api import expected_version, journaled_plan, secret_name
     from overhaul.execution import UNDO, Execution, Gate, exit_code
@@ -517,8 +594,11 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
     if run:
         record = journaled_run(state, run)
     else:
-        if not env:
+        from overhaul.settings import default_environment
+
+        if not env and default_environment() is None:
             raise OverhaulError("give --env (resume its newest unfinished run) or --run ID")
+        env = environment(env)
         found = state.resumable(env)
         if found is None:
             raise OverhaulError(f"no unfinished or failed run of {env!r} to resume in {state.url}")
@@ -537,7 +617,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
             raise OverhaulError(f"run {record.id} was being undone: resume continues its undo, which takes no "
                                 f"{', '.join(forward)} (`overhaul undo --run {record.id}` says what it will take back)")
         print(f"run {record.id} was being undone: continuing its undo")
-        return undo_run(state, record, yes, dry_run(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
+        return undo_run(state, record, yes, dry(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
     from overhaul.secrets import redacted_in
 
     given = parse_params(param or []) | ({"version": version} if version else {})
@@ -548,8 +628,8 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
         if str(journaled) != value and not redacted_in(journaled):
             raise OverhaulError(f"run {record.id} was started with {name}={record.params.get(name)!r}; "
                                 f"a resumed run keeps its parameters (got {value!r})")
-    planned = journaled_plan(state, record, hosts_dir, steps_dir, "resume", given)
-    if dry_run(c):
+    planned = journaled_plan(state, record, hosts_folder(hosts_dir), steps_dir, "resume", given)
+    if dry(c):
         raise OverhaulError("--dry with resume: see the run with `overhaul show`; nothing was changed")
     gate = Gate(skip_unreachable=skip_unreachable, approve=approval(planned, yes))
     with console(verbosity(verbose, quiet)) as seen:
@@ -561,7 +641,7 @@ def resume(c, env="", run="", version="", param=None, yes=False, skip_unreachabl
 @command(help={"run": "the failed, interrupted or abandoned run to undo (an id, a prefix of one, or last)",
                "yes": "undo a protected environment without asking", **VIEW_HELP,
                **{name: COMMON_HELP[name] for name in ("hosts_dir", "steps_dir")}})
-def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", steps_dir="steps"):
+def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="", steps_dir=""):
     """Take back what a failed, interrupted or abandoned run changed, latest stage first; it ends `rolled back`.
 
     Refused (nothing undone) when a stage that changed something cannot be undone: `overhaul rollback` then.
@@ -573,7 +653,7 @@ def undo(c, run="", yes=False, verbose=False, quiet=False, hosts_dir="hosts", st
     if record.status not in (*RESUMABLE, "abandoned", "rolled back") or not record.mutating:
         raise OverhaulError(f"run {record.id} is {record.status}: only a failed, partial, interrupted or abandoned run "
                             "is undone")
-    undo_run(state, record, yes, dry_run(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
+    undo_run(state, record, yes, dry(c), verbosity(verbose, quiet), hosts_dir, steps_dir)
 
 
 def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, hosts_dir: str, steps_dir: str) -> None:
@@ -585,7 +665,7 @@ def undo_run(state: State, record: RunRecord, yes: bool, dry: bool, view: int, h
     from overhaul.history import History, rollback_way
     from overhaul.undo import undo_plan
 
-    planned = journaled_plan(state, record, hosts_dir, steps_dir, "undo it")
+    planned = journaled_plan(state, record, hosts_folder(hosts_dir), steps_dir, "undo it")
     results = state.results(record.id)
     own = [r for r in results if r.stage_index < len(planned.stages)]
     cut = [f"{r.stage} on {r.host}" for r in own
@@ -659,7 +739,8 @@ def unlock(c, env="", force=False, reason=""):
     from overhaul.execution import operator
 
     state = open_state()
-    lock = state.lock(need(env, "--env"))
+    env = environment(env)
+    lock = state.lock(env)
     if lock is None:
         print(f"{env}: not locked")
         return
@@ -692,8 +773,10 @@ def history(c, env="", count=20, runbook="", status="", since="", all=False, jso
             if (all or record.mutating) and (not runbook or record.runbook == runbook)
             and (not status or record.status == status) and (after is None or record.started >= after)][:int(count)]
     if json:
+        from overhaul.documents import run_document
+
         for record in runs:
-            print(dumps({**asdict(record), "duration": round(record.duration, 3)}, sort_keys=True))
+            print(dumps(run_document(record), sort_keys=True))
         return
     if not runs:
         print("no runs journaled" + (" (read-only runs are shown with --all)" if not all else ""))
@@ -705,6 +788,14 @@ def history(c, env="", count=20, runbook="", status="", since="", all=False, jso
         version = str(record.params.get("version", "-"))
         print(f"{record.id:<24} {record.runbook:<{width}} {record.environment:<12} {version:<10} {record.status:<12} "
               f"{started:<20} {record.duration:>6.0f}s  {record.operator}")
+
+
+def last_output(log: Path, lines: int = 6) -> list[str]:
+    """The last lines a pair's log holds (its last command and what it printed), read from the end of the file."""
+    with log.open("rb") as file:
+        file.seek(max(0, log.stat().st_size - 8192))
+        tail = file.read().decode(errors="replace")
+    return [line for line in tail.splitlines() if line.strip()][-lines:]
 
 
 def since_time(text: str) -> float:
@@ -732,10 +823,11 @@ def show(c, run, json=False):
     for ran in state.commands(record.id):
         commands.setdefault((ran.stage_index, ran.host), []).append(ran)
     if json:
-        print(dumps({"run": {**asdict(record), "duration": round(record.duration, 3)},
-                     "pairs": [asdict(result) for result in results],
-                     "commands": [asdict(ran) for pair in commands.values() for ran in pair],
-                     "events": [{"at": at, "kind": kind, "detail": detail} for at, kind, detail in events]}, indent=2))
+        from overhaul.documents import command_document, event_document, pair_document, run_document
+
+        print(dumps({"run": run_document(record), "pairs": [pair_document(result) for result in results],
+                     "commands": [command_document(ran) for pair in commands.values() for ran in pair],
+                     "events": [event_document(*event) for event in events]}, indent=2))
         return
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
           f"params {dumps(record.params, sort_keys=True)}, {record.duration:.1f} s")
@@ -746,7 +838,13 @@ def show(c, run, json=False):
               f"x{result.attempts} {result.message}")
         if result.facts:
             print(f"      facts: {dumps(result.facts, sort_keys=True)}")
-        if result.output_path and Path(result.output_path).exists():
+        log = Path(result.output_path) if result.output_path else None
+        if result.outcome == "failed":
+            last = last_output(log) if log is not None and log.exists() else []
+            print(f"      last output: {last[0]}" if last else f"      last output: none ({result.message})")
+            for line in last[1:]:
+                print(f"        {line}")
+        if log is not None and log.exists():
             print(f"      output: {result.output_path}")
         else:  # the log is on the controller that ran the pair: show its command index instead
             for ran in commands.get((result.stage_index, result.host), []):
@@ -764,12 +862,12 @@ def show(c, run, json=False):
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"],
                "rerun": "run again this window, after its run failed and the cause was fixed (releases that run's "
                         "claim; journaled)"})
-def synthetic(c, env="", hosts_dir="hosts", rerun=False):
+def synthetic(c, env="", hosts_dir="", rerun=False):
     """Launch a small farm, prove it comes up and works, tear it down; exit code names a failed phase (20-30)."""
     from overhaul.inventory import load_inventory
     from overhaul.synthetic.run import SyntheticRun, workdir_default
 
-    loaded = load_inventory(need(env, "--env"), Path(hosts_dir))
+    loaded = load_inventory(environment(env), hosts_folder(hosts_dir))
     with console(0) as seen:
         code = SyntheticRun(loaded, open_state(), workdir_default(), [seen], rerun=rerun).run()
     finish(code)
@@ -778,11 +876,11 @@ def synthetic(c, env="", hosts_dir="hosts", rerun=False):
 @command(help={"env": COMMON_HELP["env"], "hosts_dir": COMMON_HELP["hosts_dir"],
                "offline": "validate the file alone: no inventory source asked (no AWS call), the key, known_hosts "
                           "and secret files it names not looked at (e.g. --env production.example)"})
-def inventory(c, env="", hosts_dir="hosts", offline=False):
+def inventory(c, env="", hosts_dir="", offline=False):
     """Show what an inventory says, every section of it, and each host (roles, address, user, variables)."""
     from overhaul.inventory import load_inventory, sections
 
-    loaded = load_inventory(need(env, "--env"), Path(hosts_dir), offline=offline)
+    loaded = load_inventory(environment(env), hosts_folder(hosts_dir), offline=offline)
     print(f"environment {loaded.environment} ({len(loaded.hosts)} hosts{', offline' if offline else ''})")
     shown = sections(loaded, offline=offline) | {"policy": describe_policy(loaded)}
     for name, text in shown.items():
@@ -797,7 +895,7 @@ def inventory(c, env="", hosts_dir="hosts", offline=False):
 
 @command(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)",
                "steps_dir": COMMON_HELP["steps_dir"]})
-def schema(c, out="", steps_dir="steps"):
+def schema(c, out="", steps_dir=""):
     """Publish the JSON Schema of inventory and runbook files (for editor completion; see docs/concepts.md)."""
     from overhaul.api import registry
 
@@ -868,6 +966,12 @@ def up(c, hosts=4, home=".overhaul/lab", inventory="hosts/lab.yaml", subnet="127
     _print_status(lab)
     print(f"synthetic farm (`overhaul synthetic --env {lab.environment}`): hosts of its own on {lab.synthetic_subnet}.1 "
           "and up")
+    from overhaul.settings import SETTINGS_FILE, find_project_root, set_default_environment
+
+    root = find_project_root(Path(inventory).resolve().parent)
+    if root is not None and set_default_environment(root, lab.environment):
+        print(f"default environment: {lab.environment} (default_env in {root / SETTINGS_FILE}): "
+              "`overhaul verify` needs no --env")
 
 
 @command(help=LAB_HELP)
@@ -1027,15 +1131,36 @@ class OverhaulProgram(Program):
         super().print_help()
         print(EXIT_CODES + "\n")
 
+    def print_task_help(self, name: str) -> None:
+        """invoke's task help, its usage line saying what this command takes (one task, its positional values)."""
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            super().print_task_help(name)
+        _, _, rest = text.getvalue().partition("\n")
+        task = self.collection[name]
+        words = [f"overhaul {name}", "[--options]", *(value.upper() for value in task.positional)]
+        print(f"Usage: {' '.join(words)}\n{rest}", end="")
+
     @staticmethod
     def _usage(step: Callable[[], None]) -> None:
         try:
             step()
         except ParseError as exc:
-            raise Exit(f"error: {exc} (see `overhaul --help`)", code=USAGE_EXIT) from None
+            raise Exit(f"error: {exc}{usage_hint(exc)}", code=USAGE_EXIT) from None
         except ValueError as exc:  # invoke casting a flag's value: `--limit many`
             raise Exit(f"error: a flag's value is not of its type: {exc} (see `overhaul TASK --help`)",
                        code=USAGE_EXIT) from None
+
+
+def usage_hint(error: ParseError) -> str:
+    """Where to look after a parse error: the task's own help, and `plan` for the dry-run flags of other tools."""
+    task = getattr(error.context, "name", None)
+    if task is None:
+        return " (see `overhaul --help`)"
+    if any(f"'{flag}'" in str(error) for flag in ("--check", "--dry-run", "--dry", "--diff")):
+        return f" (`overhaul plan RUNBOOK` shows what a run would change, changing nothing; see `overhaul {task} --help`)"
+    return f" (see `overhaul {task} --help`)"
 
 
 program = OverhaulProgram(namespace=namespace, name="overhaul", binary="overhaul", version=__version__)  # also as -m

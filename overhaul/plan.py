@@ -193,8 +193,9 @@ def limited_to(inventory: Inventory, limit: str) -> set[str]:
             matched = {host.name for host in inventory.hosts if fnmatch.fnmatchcase(host.name, pattern)}
         if not matched:
             names = ", ".join(host.name for host in inventory.hosts)
+            roles = ", ".join(f"role:{role}" for role in sorted({role for host in inventory.hosts for role in host.roles}))
             raise ConfigError([f"--limit {pattern!r}: matches no host of {inventory.environment!r} (hosts: {names}; "
-                               "roles: role:NAME)"])
+                               f"roles: {roles or 'none'})"])
         chosen |= matched
     if not chosen:
         raise ConfigError([f"--limit {limit!r}: names no host"])

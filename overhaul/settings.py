@@ -1,10 +1,13 @@
 """Project settings: the project root, its `overhaul.yaml`, and the state backend they choose.
 
-The project root is the folder holding `hosts/`, found from the current directory upward (like git
-finds `.git`), so every operator and CI job in one project shares one state whatever folder they run
-from. The state backend is `sqlite` (the default: a file under the root's `.overhaul/`), a
-`postgresql://` URL (a team's shared journal and lock), or a scheme an `overhaul.state` entry point
-provides. `OVERHAUL_STATE` overrides the file; `OVERHAUL_JOURNAL` names the SQLite file.
+The project root is the nearest folder holding `hosts/` or `overhaul.yaml`, found from the current
+directory upward (as git finds `.git`), so every operator and CI job in one project shares one state and
+one set of inventories whatever folder they run from; from outside any project, a command that needs one
+says where it looked (and writes nothing there).
+
+The state backend is `sqlite` (the default: a file under the root's `.overhaul/`), a `postgresql://` URL
+(a team's shared journal and lock), or a scheme an `overhaul.state` entry point provides.
+`OVERHAUL_STATE` overrides the file; `OVERHAUL_JOURNAL` names the SQLite file.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from overhaul.config import load_document
+from overhaul.errors import OverhaulError
 from overhaul.secrets import SecretRef
 from overhaul.state.records import State, StateSettingError
 
@@ -45,6 +49,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    default_env: str | None = Field(None, description="the environment a command takes when given no --env "
+                                    "(OVERHAUL_ENV overrides it; `overhaul lab.up` sets it to `lab` if unset)")
+
     state: StateSettings = Field(default_factory=StateSettings, description="the state backend; a URL alone is short "
                                  "for {url: URL}")
 
@@ -54,25 +61,73 @@ class Settings(BaseModel):
         return {"url": value} if isinstance(value, str) else value
 
 
-def project_root(start: Path | None = None) -> Path:
-    """The nearest folder from `start` (the current directory) upward that holds `hosts/`; else `start`."""
+class NoProject(OverhaulError):
+    """No project root from here upward: the message names the folders looked in."""
+
+
+def find_project_root(start: Path | None = None) -> Path | None:
+    """The nearest folder from `start` (the current directory) upward holding `hosts/` or `overhaul.yaml`."""
     start = (start or Path.cwd()).resolve()
     for folder in (start, *start.parents):
-        if (folder / "hosts").is_dir():
+        if (folder / "hosts").is_dir() or (folder / SETTINGS_FILE).is_file():
             return folder
-    return start
+    return None
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project root (see `find_project_root`), or NoProject naming where it looked."""
+    found = find_project_root(start)
+    if found is None:
+        start = (start or Path.cwd()).resolve()
+        looked = [str(folder) for folder in (start, *start.parents)]
+        raise NoProject(f"no Overhaul project here: no hosts/ folder nor {SETTINGS_FILE} in {', '.join(looked)}; "
+                        "run from your project's folder (or one inside it), or start one with a hosts/ folder "
+                        "(`overhaul lab.up` makes a lab project)")
+    return found
+
+
+def project_folder(name: str) -> Path:
+    """An optional folder of the project (runbooks, steps, checks) by its name: the project root's, or outside any
+    project the current directory's."""
+    root = find_project_root()
+    return root / name if root is not None else Path(name)
 
 
 def load_settings(root: Path | None = None) -> Settings:
-    """The root's `overhaul.yaml` (if any), then the environment's overrides."""
-    path = (root or project_root()) / SETTINGS_FILE
-    settings = load_document(path).validate(Settings) if path.is_file() else Settings()
+    """The root's `overhaul.yaml` (if any), then the environment's overrides (outside a project: those alone)."""
+    root = root or find_project_root()
+    path = root / SETTINGS_FILE if root is not None else None
+    settings = load_document(path).validate(Settings) if path is not None and path.is_file() else Settings()
     overrides = {"url": os.environ.get("OVERHAUL_STATE"), "lease": os.environ.get("OVERHAUL_LOCK_LEASE"),
                  "retry_for": os.environ.get("OVERHAUL_STATE_RETRY")}
     given = {key: value for key, value in overrides.items() if value}
     if given:
         settings.state = StateSettings.model_validate({**settings.state.model_dump(exclude_unset=True), **given})
     return settings
+
+
+def default_environment() -> tuple[str, str] | None:
+    """The environment to take when none is given, and where it was set: OVERHAUL_ENV, then `default_env:`."""
+    named = os.environ.get("OVERHAUL_ENV", "").strip()
+    if named:
+        return named, "OVERHAUL_ENV"
+    root = find_project_root()
+    chosen = load_settings(root).default_env if root is not None else None
+    return (chosen, f"default_env in {root / SETTINGS_FILE}") if chosen and root is not None else None
+
+
+def set_default_environment(root: Path, env: str) -> bool:
+    """Make `env` the project's default environment unless one is set already (appended: the file's text and
+    comments stay as they are). True if it was set."""
+    path = root / SETTINGS_FILE
+    if path.is_file():
+        if load_document(path).validate(Settings).default_env:
+            return False
+        text = path.read_text()
+        path.write_text(text + ("" if text.endswith("\n") or not text else "\n") + f"default_env: {env}\n")
+    else:
+        path.write_text(f"# Overhaul's project settings (see the docs: Working as a team)\ndefault_env: {env}\n")
+    return True
 
 
 def journal_path() -> Path:

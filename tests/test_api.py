@@ -4,6 +4,7 @@ resume, reports through typed events, prints nothing itself; the example tasks.p
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_the_example_tasks_py_upgrades_the_lab_composed_in_python_and_the_comman
     resumed = overhaul_cli(EXAMPLE, "resume", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
                            env=env)  # (in the example's folder, as its user: its own steps/ found there)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming run" in resumed.stdout and "run succeeded" in resumed.stdout
+    assert "resuming run" in resumed.stdout and re.search(r"^run \S+ succeeded in ", resumed.stdout, re.M)
     for host in ("db1", "worker1", "app1"):
         assert installed_version(lab, host) == "1.1.0"
         assert program_states(lab, host) == {"RUNNING"}

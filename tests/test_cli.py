@@ -38,12 +38,22 @@ def invoke_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_every_task_prints_its_help_with_overhaul_and_with_invoke(task, tmp_path):
     for proc in (overhaul_cli(tmp_path, task, "--help"), invoke_cli(tmp_path, task, "--help")):
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        # `[--options]`, or for a task that has none, `[other tasks here ...]`
-        assert re.search(rf"\[--core-opts\] {re.escape(task)} \[(--options|other tasks here)", proc.stdout), proc.stdout
         assert "Options:" in proc.stdout or "none" in proc.stdout
+        # every option says what it is for: its flag, then its help on the same line
+        flags = [line for line in proc.stdout.partition("Options:")[2].splitlines() if line.startswith("  -")]
+        assert all(re.fullmatch(r"  -\S.*?\s{2,}\S.*", line) for line in flags), proc.stdout
         assert "Traceback" not in proc.stderr
         # -h always means help: no task flag takes it.
         assert not re.search(r"^\s+-h\b", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_tasks_usage_line_says_what_it_takes_and_nothing_invoke_would(task, tmp_path):
+    """`overhaul plan --help`: `Usage: overhaul plan [--options] RUNBOOK`, no `[other tasks here ...]`."""
+    shown = overhaul_cli(tmp_path, task, "--help").stdout
+    usage = shown.splitlines()[0]
+    assert re.fullmatch(rf"Usage: overhaul {re.escape(task)} \[--options\]( [A-Z_]+)*", usage), shown
+    assert "other tasks here" not in shown and "--core-opts" not in shown
 
 
 def test_short_flags_mean_the_same_in_every_task(tmp_path):
@@ -74,11 +84,14 @@ def test_overhaul_dry_is_a_usage_error_and_changes_nothing(lab, tmp_path):
     assert lab.host("db1").exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.0.0"
 
 
-def test_invoke_dry_shows_the_plan_and_changes_nothing(lab, tmp_path):
-    proc = invoke_cli(tmp_path, "--dry", "upgrade", "--env", "lab", "--version", "1.1.0", "--yes",
-                      "--hosts-dir", str(lab.inventory.parent))
+@pytest.mark.parametrize(("how", "flag"), [
+    ("invoke", "--dry"), ("overhaul", "--check"), ("overhaul", "--dry-run")])
+def test_invoke_dry_check_and_dry_run_show_the_plan_and_change_nothing(lab, tmp_path, how, flag):
+    """The flags other tools use for "what would you do" (invoke's --dry, Ansible's --check, --dry-run) mean `plan`."""
+    args = ("upgrade", "--env", "lab", "--version", "1.1.0", "--yes", "--hosts-dir", str(lab.inventory.parent))
+    proc = invoke_cli(tmp_path, flag, *args) if how == "invoke" else overhaul_cli(tmp_path, *args, flag)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "--dry: showing the plan; nothing is changed" in proc.stdout
+    assert f"{flag}: showing the plan (as `overhaul plan` does); nothing is changed" in proc.stdout
     assert "plan only: nothing was changed" in proc.stdout
     for host in ("db1", "worker1", "app1", "app2"):
         assert lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout == "1.0.0"
@@ -176,6 +189,7 @@ def test_history_filters_and_hides_read_only_runs_unless_asked(lab, tmp_path):
     as_json = [json.loads(line) for line in overhaul_cli(tmp_path, "history", "--json", "--all").stdout.splitlines()]
     assert [(r["id"], r["status"]) for r in as_json] == [(verify_run.id, "succeeded"), (bad_run.id, "failed"),
                                                         (ok_run.id, "succeeded")]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["started"]) for r in as_json), as_json
     bad = overhaul_cli(tmp_path, "history", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "expected an age" in bad.stderr
 
@@ -281,7 +295,8 @@ def test_off_a_terminal_progress_is_plain_lines_with_a_still_running_heartbeat(l
     verbose = overhaul_cli(tmp_path, "run", "slow", *common, "-v")
     assert "   app1           $ sleep 3  [exit 0, " in verbose.stdout
     quiet = overhaul_cli(tmp_path, "run", "slow", *common, "-q")
-    assert "== stage 1" not in quiet.stdout and "   app1 " not in quiet.stdout and "run succeeded" in quiet.stdout
+    assert "== stage 1" not in quiet.stdout and "   app1 " not in quiet.stdout
+    assert re.search(r"^run \S+ succeeded in ", quiet.stdout, re.M)
 
 
 def test_inventory_shows_policy_secret_names_and_known_hosts_never_secret_values(lab, tmp_path):
@@ -302,6 +317,11 @@ def test_show_json_holds_the_run_its_pairs_and_events(lab, tmp_path):
     assert shown["run"]["runbook"] == "one" and shown["run"]["status"] == "succeeded"
     [pair] = shown["pairs"]
     assert (pair["stage"], pair["host"], pair["outcome"]) == ("one", "app1", "changed") and pair["ended"] >= pair["started"]
+    # as the text says it: stage 1, and times a reader outside Python takes as they are (ISO 8601, UTC)
+    iso = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert pair["stage_number"] == 1 and "stage_index" not in pair
+    assert all(re.fullmatch(iso, value) for value in (pair["started"], pair["ended"], shown["run"]["started"],
+                                                     shown["run"]["ended"], shown["commands"][0]["at"])), shown
     text = overhaul_cli(tmp_path, "show", "last").stdout
     assert re.search(r"\[1\] one +app1 +changed +\d\d:\d\d:\d\d +\d+\.\ds x1 ran `true`", text), text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import threading
 import time
@@ -402,7 +403,7 @@ def test_the_command_line_runs_a_runbook_and_exits_non_zero_on_failure(lab, tmp_
     common = ["--env", "lab", "--hosts-dir", str(lab.inventory.parent), "--runbooks-dir", str(tmp_path / "runbooks")]
     good = overhaul_cli(tmp_path, "run", "ok", *common)  # (its own journal: never the checkout's)
     assert good.returncode == 0, good.stdout + good.stderr
-    assert "run succeeded" in good.stdout
+    assert re.search(r"^run \S+ succeeded in ", good.stdout, re.M)
     bad = overhaul_cli(tmp_path, "run", "bad", *common)
     assert bad.returncode == 1
     assert "FAILED fail on db1: `exit 3` exited 3" in bad.stdout

@@ -8,6 +8,7 @@ backup taken, and the journal holding the refused run with its reasons.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from helpers import installed_version, overhaul_cli, program_states, write
@@ -176,12 +177,16 @@ def test_a_reviewed_plan_applied_to_an_untouched_farm_runs_it(fresh_lab, tmp_pat
                str(plan_file)).returncode == 0
     proc = cli(lab, tmp_path, "upgrade", "--plan", str(plan_file), "--yes")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "run succeeded" in proc.stdout
+    assert re.search(r"^run \S+ succeeded in ", proc.stdout, re.M)
     for host in ("db1", "worker1", "app1"):
         assert installed_version(lab, host) == "1.1.0" and program_states(lab, host) == {"RUNNING"}
-    # The same plan again: the farm moved on (it was applied), so it is drift, not a second run.
+    # The same plan again: it was applied (the journal says by which run), so it is refused as such before any
+    # host is read, not reported as drift.
     again = cli(lab, tmp_path, "apply", str(plan_file), "--yes")
-    assert again.returncode == 3 and "refused: drift: db1: stage 3 upgrade package" in again.stdout
+    [applied] = [run for run in SQLiteState(tmp_path / "journal.sqlite").runs("lab") if run.status == "succeeded"]
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert f"refused: already applied: this plan was applied by run {applied.id} (succeeded" in again.stderr
+    assert "drift" not in again.stdout + again.stderr
 
 
 def test_a_protected_environment_shows_what_would_change_before_it_asks(lab, tmp_path):

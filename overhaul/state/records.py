@@ -177,6 +177,8 @@ class State(Protocol):
         """The detail of the run's first event of `kind` (None: it has none)."""
     def last_event(self, environment: str, kind: str) -> tuple[float, str] | None:
         """(when, detail) of the environment's newest event of `kind`."""
+    def runs_with_event(self, environment: str, kind: str, detail: str) -> list[RunRecord]:
+        """The runs of `environment` with an event of `kind` whose detail is `detail`, newest first."""
     def runs_starting(self, prefix: str, limit: int) -> list[RunRecord]:
         """Runs whose id starts with `prefix`, newest first."""
     # claims and the environment lease

@@ -339,6 +339,10 @@ class SQLState:
                           (environment, kind))
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def runs_with_event(self, environment: str, kind: str, detail: str) -> list[RunRecord]:
+        return self._runs("WHERE environment = ? AND EXISTS (SELECT 1 FROM events WHERE events.run_id = runs.id AND "
+                          "events.kind = ? AND events.detail = ?) ORDER BY started DESC", (environment, kind, detail))
+
     def runs_starting(self, prefix: str, limit: int) -> list[RunRecord]:
         if not RUN_ID.fullmatch(prefix):
             return []  # (no run id has another character, nor a LIKE wildcard)
