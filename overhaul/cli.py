@@ -834,14 +834,15 @@ def show(c, run, json=False):
     for result in results:
         took = f"{result.ended - result.started:.1f}s" if result.ended and result.started else "-"
         started = time.strftime("%H:%M:%S", time.localtime(result.started)) if result.started else "-"
-        print(f"  [{result.stage_index + 1}] {result.stage:<22} {result.host:<12} {result.outcome:<8} {started} {took:>6} "
+        number = f"[{result.stage_index + 1}]"
+        print(f"  {number:<4} {result.stage:<22} {result.host:<12} {result.outcome:<8} {started} {took:>6} "
               f"x{result.attempts} {result.message}")
         if result.facts:
             print(f"      facts: {dumps(result.facts, sort_keys=True)}")
         log = Path(result.output_path) if result.output_path else None
         if result.outcome == "failed":
             last = last_output(log) if log is not None and log.exists() else []
-            print(f"      last output: {last[0]}" if last else f"      last output: none ({result.message})")
+            print(f"      last output: {last[0]}" if last else "      last output: none (no command of it was logged here)")
             for line in last[1:]:
                 print(f"        {line}")
         if log is not None and log.exists():

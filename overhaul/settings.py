@@ -80,7 +80,7 @@ def project_root(start: Path | None = None) -> Path:
     if found is None:
         start = (start or Path.cwd()).resolve()
         looked = [str(folder) for folder in (start, *start.parents)]
-        raise NoProject(f"no Overhaul project here: no hosts/ folder nor {SETTINGS_FILE} in {', '.join(looked)}; "
+        raise NoProject(f"no Overhaul project here: no hosts/ folder nor overhaul.yaml in {', '.join(looked)}; "
                         "run from your project's folder (or one inside it), or start one with a hosts/ folder "
                         "(`overhaul lab.up` makes a lab project)")
     return found

@@ -23,7 +23,8 @@ from overhaul.lab import Lab
 from overhaul.state import SQLiteState, State
 from overhaul.state.postgresql import PostgresState
 
-_subnets = itertools.cycle(range(31, 60))  # labs are torn down after each test; 127.60+ is synthetic's
+# Labs are torn down after each test; a lab on 127.A.B has its synthetic farm on 127.A.(255-B).
+_subnets = itertools.cycle(range(31, 60))
 
 
 def _start(root: Path, subnet: str, hosts: int) -> Lab:
