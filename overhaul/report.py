@@ -308,7 +308,7 @@ def console_report(stream: TextIO, check_only: bool = False, verbosity: int = 0)
 
 def summary(run: RunResult, stages: list[PlannedStage]) -> str:
     """A table of outcome counts per stage (by number, its name cut to fit 80 columns), then every failure with
-    its host and reason, and where the run stopped. The run's verdict is not here: it is the last line (`ending`)."""
+    its host and reason, and where the run stopped. The run's verdict is not here: it follows (`ending`), once."""
     changed = "would change" if run.check_only else "changed"
     lines = [f"\n{'STAGE':<43} {'ok':>4} {changed:>12} {'failed':>7} {'skipped':>8}"]
     for planned in stages:
@@ -437,8 +437,8 @@ def plural(count: int, noun: str) -> str:
 
 
 def ending(event: RunEnded, show_summary: bool = True) -> str:
-    """What a run's last lines say: a refusal; else the summary, what was left and the way on, then the verdict, last
-    and once (`run ID STATUS in N s: counts; details: ...`; a plan's is `plan only: nothing was changed`)."""
+    """What a run's last lines say: a refusal; else the summary, then the verdict, once (`run ID STATUS in N s:
+    counts; details: ...`; a plan's: `plan only: nothing was changed`), then only the way on (what to type next)."""
     result, record, environment = event.result, event.run, event.environment
     lines: list[str] = []
     if result.refused:
@@ -448,29 +448,12 @@ def ending(event: RunEnded, show_summary: bool = True) -> str:
         return "\n".join(lines)
     if show_summary:
         lines.append(summary(result, event.stages))
-    if record is not None and result.lease_lost:
-        lines.append(f"run {record.id}: this controller lost its lease after {event.elapsed:.1f} s and wrote nothing "
-                     f"more; see the run as its new holder leaves it: overhaul show {record.id}")
-        return "\n".join(lines)
     if result.lease_lost:
-        lines.append("run stopped: this controller lost its lease (another took the run over); it wrote nothing more")
+        lines.append(f"run {record.id}: this controller lost its lease after {event.elapsed:.1f} s and wrote nothing "
+                     f"more; see the run as its new holder leaves it: overhaul show {record.id}" if record is not None
+                     else "run stopped: this controller lost its lease (another took the run over); it wrote nothing "
+                          "more")
         return "\n".join(lines)
-    if result.interrupted:
-        lines.append(f"resume with: overhaul resume --env {environment}")
-    elif result.rolled_back:
-        lines.append("rolled back: every change this run made was taken back; the farm is as the run found it")
-    elif event.ways_on is not None and record is not None:
-        if event.ways_on.left:
-            lines.append(ways_on(environment, record.id, event.ways_on))
-        else:
-            lines.append(f"after repairing the cause, continue with: overhaul resume --env {environment} "
-                         f"(or give the run up: overhaul abandon --run {record.id})")
-    if result.partial and not result.interrupted:
-        one = len(result.partial) == 1
-        lines.append(f"left half-done: {', '.join(result.partial)}: excluded from this run as unreachable, after an "
-                     f"earlier attempt of it had changed {'it' if one else 'them'}")
-        lines.append(f"once {'it answers' if one else 'they answer'}, finish the run with: "
-                     f"overhaul resume --env {environment}")
     if record is not None:
         counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
         lines.append(f"run {record.id} {event.status} in {event.elapsed:.1f} s: "
@@ -480,6 +463,22 @@ def ending(event: RunEnded, show_summary: bool = True) -> str:
         lines.append("plan only: nothing was changed")
     else:
         lines.append(f"run {event.status}")
+    if result.interrupted:
+        lines.append(f"resume with: overhaul resume --env {environment}")
+    elif result.rolled_back:
+        lines.append("rolled back: every change this run made was taken back; the farm is as the run found it")
+    elif event.ways_on is not None and record is not None:
+        if event.ways_on.left:
+            lines.append(ways_on(environment, record.id, event.ways_on))
+        else:
+            lines.append(f"after repairing the cause, continue with: overhaul resume --env {environment} "
+                         "(or leave it: a failed run does not block the next one)")
+    if result.partial and not result.interrupted:
+        one = len(result.partial) == 1
+        lines.append(f"left half-done: {', '.join(result.partial)}: excluded from this run as unreachable, after an "
+                     f"earlier attempt of it had changed {'it' if one else 'them'}")
+        lines.append(f"once {'it answers' if one else 'they answer'}, finish the run with: "
+                     f"overhaul resume --env {environment}")
     return "\n".join(lines)
 
 
