@@ -191,10 +191,8 @@ class StepHost:
         result = self._send(probe_script(p.command for p in probes), "\n".join(p.command.text for p in probes),
                             read=True)
         answers = sections(result.stdout)
-        log = "".join(f"$ {probe.command.text}\n{_ended(output)}[exit {code}]\n"
-                      for probe, (code, output) in zip(probes, answers, strict=False))
-        log += (_ended(result.stderr) + "".join(f"$ {p.command.text}\n" for p in probes[len(answers):])
-                + f"[{len(probes)} reads in one command: exit {result.exited}, {result.duration * 1000:.0f} ms]\n")
+        log = (_answers(probes, answers) + _ended(result.stderr)
+               + f"[{len(probes)} reads in one command: exit {result.exited}, {result.duration * 1000:.0f} ms]\n")
         self._done(replace(result, stdout="".join(_ended(output) for _, output in answers)), log)
         return result
 
@@ -211,8 +209,8 @@ class StepHost:
                              probes=probe_script(p.command for p in probes)), command.text, stdin=stdin)
         output, _, answers = sent.stdout.partition(MARK + "\n")
         result = replace(sent, stdout=output)
-        self._done(result, self._logged(result) + f"# read after it, in the same command: "
-                                                  f"{', '.join(p.question for p in probes)}\n")
+        self._done(result, self._logged(result) + "# read after it, in the same command:\n"
+                   + _answers(probes, sections(MARK + "\n" + answers)))
         self._keep(probes, MARK + "\n" + answers, lambda host, question, answer, stable: self._reported.append(
             (question, answer, stable)))
         return result
@@ -292,6 +290,14 @@ class StepHost:
     def secret(self, name: str) -> str:
         """The value of an inventory secret; from now on it is redacted from every output."""
         return self.remote.secret(name)
+
+
+def _answers(probes: list[Probe], answers: list[tuple[int, str]]) -> str:
+    """Probes read in one command, as a log shows them: each probe's command, its answer and exit code (a probe
+    whose answer was cut short: its command alone)."""
+    said = "".join(f"$ {probe.command.text}\n{_ended(output)}[exit {code}]\n"
+                   for probe, (code, output) in zip(probes, answers, strict=False))
+    return said + "".join(f"$ {probe.command.text}\n" for probe in probes[len(answers):])
 
 
 def _ended(text: str) -> str:

@@ -512,7 +512,8 @@ def print_preflight(report: PreflightReport, stream: TextIO = sys.stdout, *, tab
     console = Console(file=stream, width=width or (None if stream.isatty() else 200), highlight=False,
                       soft_wrap=False)
     if table:
-        grid = Table(title="preflight", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        grid = Table(title="preflight", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                     show_edge=False)
         hosts = report.hosts()
         host_width = max([len(host) for host in hosts] + [len(f"({len(hosts)} more)")])
         grid.add_column("host", min_width=host_width, no_wrap=True)

@@ -146,7 +146,7 @@ def test_a_command_is_told_as_the_step_wrote_it_as_it_starts_its_reads_marked_an
     assert (result.stdout, done[0].stdout) == ("made\n", "1.0\nii\n")  # each answer, without the probes' marks
     assert log.read_text() == (
         "$ cat -- /m 2>/dev/null\n1.0\n[exit 0]\n$ dpkg -l x\nii\n[exit 0]\n[2 reads in one command: exit 0, 0 ms]\n"
-        "$ touch -- /x\nmade\n[exit 0, 0 ms]\n# read after it, in the same command: marker /m\n"
+        "$ touch -- /x\nmade\n[exit 0, 0 ms]\n# read after it, in the same command:\n$ cat -- /m 2>/dev/null\n1.0\n[exit 0]\n"
         "$ touch -- /y\nmade\n[exit 0, 0 ms]\n")
     assert "flock" in remote.sent[1] and MARK in remote.sent[0]  # (what went to the host was framed all the same)
 
@@ -247,7 +247,7 @@ def test_the_preflight_table_and_the_summary_fit_80_columns_with_the_stages_by_n
     assert [line.split()[:2] for line in lines[2:]] == [["1", "reconfigure"], ["2", "reconfigure"], ["3", "reconfigure"]]
 
 
-def test_the_verdict_comes_last_and_once(tmp_path):
+def test_the_verdict_follows_the_summary_once_and_only_the_way_on_comes_after_it(tmp_path):
     farm = Farm()
     out = io.StringIO()
     with ConsoleView(out) as view:
@@ -257,6 +257,19 @@ def test_the_verdict_comes_last_and_once(tmp_path):
     assert lines[-1].startswith(f"run {result.run_id} succeeded in ") and lines[-1].endswith(
         f"; details: overhaul show {result.run_id}")
     assert sum("succeeded" in line for line in lines) == 1
+
+    farm = Farm(replies={"app2": [("touch -- /b", lambda text: Answer(exited=1))]})
+    out = io.StringIO()
+    (tmp_path / "failed").mkdir()
+    with ConsoleView(out) as view:
+        result = Execution(journaled_plan(farm, tmp_path / "failed"), state=SQLiteState(tmp_path / "journal.sqlite"),
+                           gate=Gate(), subscribers=[view], transport=farm.transport).run()
+    lines = out.getvalue().strip().splitlines()
+    verdict = lines.index(next(line for line in lines if line.startswith(f"run {result.run_id} failed in ")))
+    assert lines[verdict - 2:verdict] == ["FAILED two on app2: touch /b: (no output)",  # the summary's end
+                                          "run stopped at stage 'two': 1 of 4 hosts failed (max_failures 0)"]
+    assert lines[verdict + 1].startswith("left part-way by this run") and lines[-1].startswith("  or take back")
+    assert not [line for line in lines if "failed in" in line and line is not lines[verdict]]
 
 
 def test_an_undo_ends_with_its_own_verdict_only(tmp_path):
@@ -272,13 +285,12 @@ def test_an_undo_ends_with_its_own_verdict_only(tmp_path):
                            transport=farm.transport).run()
     assert result.status == "rolled back"
     lines = out.getvalue().strip().splitlines()
-    assert lines[-2:] == ["rolled back: every change this run made was taken back; the farm is as the run found it",
-                          lines[-1]]
-    assert lines[-1].startswith(f"run {result.run_id} rolled back in ")
+    assert lines[-2].startswith(f"run {result.run_id} rolled back in ")
+    assert lines[-1] == "rolled back: every change this run made was taken back; the farm is as the run found it"
     assert not [line for line in lines if "succeeded" in line]
 
 
-def test_quiet_prints_the_failures_and_the_last_line_only(tmp_path):
+def test_quiet_prints_the_failures_the_verdict_and_the_way_on_only(tmp_path):
     farm = Farm(replies={"app2": [("touch -- /b", lambda text: Answer(exited=1, stderr="disk full"))]})
     out = io.StringIO()
     with ConsoleView(out, verbosity=-1) as view:
@@ -286,7 +298,7 @@ def test_quiet_prints_the_failures_and_the_last_line_only(tmp_path):
                            subscribers=[view], transport=farm.transport).run()
     lines = out.getvalue().strip("\n").splitlines()
     assert lines[0] == "   app2           FAILED       touch /b: disk full"
-    assert lines[-1].startswith(f"run {result.run_id} failed in ")
+    assert lines[1].startswith(f"run {result.run_id} failed in ") and lines[2].startswith("left part-way by this run")
     assert not [line for line in lines if line.startswith(("run " + result.run_id + ":", "preflight", " host", "== ",
                                                             "STAGE", "   db1"))]
     checks = io.StringIO()
