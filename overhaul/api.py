@@ -21,6 +21,7 @@ its `exit_code`; a run that started returns its `RunResult` (status, exit code, 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -196,14 +197,16 @@ def keep_composed(text: str) -> Path:
     return path
 
 
-def registry(steps_dir: str | Path = "steps") -> Registry:
-    """The steps a runbook may use: the built-in ones, installed plug-ins (entry points) and `steps_dir`'s own."""
+def registry(steps_dir: str | Path = "steps", *more: str | Path) -> Registry:
+    """The steps a runbook may use: the built-in ones, installed plug-ins (entry points), and the own steps of
+    `steps_dir` and of the `more` folders (each folder once)."""
     # In the checkout, steps/ is also the built-in package (installed editable): its modules that entry points name
     # are left to them (imported once, when a runbook uses them); an operator's own module there loads as a local step.
     from overhaul import step
 
     builtin = Path(str(resources.files(step.BUILTIN_PACKAGE))).resolve()
-    return Registry([Path(steps_dir)], packages={builtin: step.BUILTIN_PACKAGE})
+    folders = {Path(folder).resolve(): Path(folder) for folder in (*more, steps_dir)}
+    return Registry(list(folders.values()), packages={builtin: step.BUILTIN_PACKAGE})
 
 
 
@@ -262,7 +265,7 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str | Path, steps
 
     A parameter the journal holds redacted (a secret's value was in it) must be `given` again: the run is never
     rebuilt with the mark in place of the value."""
-    from overhaul.execution import LIMIT, file_sha256, recorded_hosts
+    from overhaul.execution import LIMIT, LOCAL_STEPS, file_sha256, recorded_hosts
     from overhaul.inventory import load_inventory
     from overhaul.plan import build_plan
     from overhaul.runbook import load_runbook
@@ -285,7 +288,8 @@ def journaled_plan(state: State, record: RunRecord, hosts_dir: str | Path, steps
         path = keep_composed(composed)  # composed in Python on another controller: its text is in the journal
     if not path.exists() or file_sha256(path) != record.runbook_sha256:
         raise OverhaulError(f"runbook {path} changed (or is gone) since run {record.id} started: refusing to {doing}")
-    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir), params,
+    own = [folder for folder in json.loads(state.run_event(record.id, LOCAL_STEPS) or "[]") if Path(folder).is_dir()]
+    planned = build_plan(load_runbook(str(path)), inventory, registry(steps_dir, *own), params,
                          limit=state.run_event(record.id, LIMIT) or "")
     for name, value in record.params.items():
         if secret_name(value):

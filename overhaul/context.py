@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from overhaul.command import Command, as_command, join, sh
+from overhaul.errors import HostUnreachable
 from overhaul.files import append_private
 from overhaul.inventory import Inventory
 from overhaul.secrets import Redactor
@@ -249,7 +250,11 @@ class StepHost:
         """Run `command`, told as `shown` (the step's own command, without the engine's framing) as it starts."""
         shown = self.redactor(shown)
         self._on_start(shown, read)
-        result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
+        try:
+            result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
+        except HostUnreachable as exc:  # a frozen or lost host: the log still says which command it was in
+            self._log(self.redactor(f"$ {shown}\n[no answer: {exc}]\n"))
+            raise
         return replace(result, command=shown, read=read)
 
     def _done(self, result: CommandResult, log: str | None = None) -> None:

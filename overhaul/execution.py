@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from overhaul.planfile import SavedPlan
 
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
+LOCAL_STEPS = "local-steps"  # journal event: the folders of the operator's own steps a run uses (JSON list)
 LIMIT = LIMIT_EVENT  # journal event: the run was kept to some hosts (--limit)
 UNDO = "undo"  # journal event: the run is being taken back (`overhaul undo`): a resume continues the undo
 COMPOSED_EVENT = "composed-runbook"  # journal event: the text of a runbook composed in Python (overhaul.api)
@@ -654,10 +656,21 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
         state.event(record.environment, KIND_EVENT, "upgrade", run_id)
     if plan.limit:
         state.event(record.environment, LIMIT, plan.limit, run_id)
+    if folders := local_step_folders(plan):  # a resume or an undo from another folder finds the run's own steps
+        state.event(record.environment, LOCAL_STEPS, json.dumps(folders), run_id)
     if plan.inventory.source is not None:  # what the source found now is what a resume works on
         found = [host.model_dump(mode="json") for host in plan.inventory.found]
         state.event(record.environment, SOURCE_HOSTS, json.dumps(found), run_id)
     return record
+
+
+def local_step_folders(plan: Plan) -> list[str]:
+    """The folders the plan's steps of the operator's own were loaded from (a steps/ folder, not a package)."""
+    from overhaul.step import LOCAL_MODULES
+
+    return sorted({str(Path(inspect.getfile(planned.step)).parent.resolve())
+                   for planned in [*plan.stages, *plan.on_failure]
+                   if planned.step.__module__.startswith(LOCAL_MODULES + ".")})
 
 
 def upgrades(plan: Plan) -> bool:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "overhaul.steps"
 BUILTIN_PACKAGE = "overhaul.steps"  # the built-in steps' package (in the checkout: its steps/ folder)
+LOCAL_MODULES = "overhaul_local_steps"  # the module names an operator's own steps/ folder is imported under
 BUILTIN_DISTRIBUTION = "overhaul"  # entry points of this distribution are the built-in steps (the reference page)
 UNDECIDED = ("set reversible = True with undone/undo, or reversible = False with irreversible")
 
@@ -227,7 +228,7 @@ class Registry:
         for path in sorted(folder.glob("*.py")):
             if path.name.startswith("_"):
                 continue
-            module_name = f"overhaul_local_steps.{path.stem}"
+            module_name = f"{LOCAL_MODULES}.{path.stem}"
             spec = importlib.util.spec_from_file_location(module_name, path)
             assert spec and spec.loader
             module = importlib.util.module_from_spec(spec)

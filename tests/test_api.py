@@ -21,6 +21,7 @@ from overhaul.events import (
     PairFinished,
     PairStarted,
     PreflightChecked,
+    PreflightProgress,
     RunEnded,
     RunStarted,
     StageStarted,
@@ -50,7 +51,8 @@ def test_a_runbook_composed_in_python_runs_gated_journaled_and_told_as_events(la
         assert {(r.stage, r.host, r.outcome) for r in result.results if r.stage == "touch"} == {
             ("touch", "app1", Outcome.CHANGED), ("touch", "app2", Outcome.CHANGED)}
         kinds = [type(event) for event in events]
-        assert kinds[:2] == [RunStarted, PreflightChecked] and kinds[-1] is RunEnded
+        assert kinds[:2] == [RunStarted, PreflightProgress] and kinds[-1] is RunEnded
+        assert kinds.index(PreflightChecked) < kinds.index(StageStarted)  # every host's preflight before any stage
         assert {StageStarted, PairStarted, CommandDone, PairFinished} <= set(kinds)
         ended = events[-1]
         assert isinstance(ended, RunEnded) and ended.status == "succeeded" and ended.run is not None
@@ -117,8 +119,8 @@ def test_the_example_tasks_py_upgrades_the_lab_composed_in_python_and_the_comman
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert "preflight" in killed.stdout and "== stage 2: stop services" in killed.stdout  # the console view subscribed
-    resumed = overhaul_cli(EXAMPLE, "resume", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
-                           env=env)  # (in the example's folder, as its user: its own steps/ found there)
+    resumed = overhaul_cli(tmp_path, "resume", "--env", "lab", "--hosts-dir", str(lab.inventory.parent),
+                           env=env)  # (from another folder: the journal says where the run's own steps are)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming run" in resumed.stdout and re.search(r"^run \S+ succeeded in ", resumed.stdout, re.M)
     for host in ("db1", "worker1", "app1"):

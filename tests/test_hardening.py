@@ -158,6 +158,39 @@ def test_a_frozen_host_costs_one_timeout_and_the_others_finish(lab, tmp_path):
     assert elapsed < 3 + 10 + 5, elapsed  # one timeout plus its grace, not one per command
 
 
+def test_show_says_which_command_a_host_froze_in(lab, tmp_path):
+    """A pair that failed because its host stopped answering has no output, but its log and `show` say the command
+    it was in when the host froze."""
+    write(tmp_path / "runbooks" / "stuck.yaml", """
+        name: stuck
+        stages:
+          - {name: long work, step: shell, hosts: [app2], timeout: 3, retry: {attempts: 1},
+             params: {command: "echo starting; sleep 31.5"}}
+    """)
+    app2 = lab.host("app2")
+    started = subprocess.Popen([sys.executable, "-m", "overhaul", "run", "stuck", "--env", "lab", "--runbooks-dir",
+                                str(tmp_path / "runbooks"), "--hosts-dir", str(lab.inventory.parent)], cwd=tmp_path,
+                               env={**os.environ, "OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not running(lab, "app2", "sleep 31.5") and started.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        faults.freeze(app2)  # in the middle of its command
+        try:
+            out, _ = started.communicate(timeout=120)
+        finally:
+            faults.thaw(app2)
+    finally:
+        started.kill()
+        app2.exec("pkill -f 'sleep 31.5'", check=False)
+    assert started.returncode == 1, out
+    shown = overhaul_cli(tmp_path, "show", "last").stdout
+    assert "last output: $ echo starting; sleep 31.5" in shown, shown
+    assert "[no answer: app2: no answer by the command's deadline" in shown, shown
+    assert "output: " in shown.replace("last output: ", "")  # and where the whole log is
+
+
 def test_check_is_read_only_even_for_latest(lab, tmp_path):
     inventory = lab_inventory(lab)
     plan = plan_for("""
