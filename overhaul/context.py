@@ -198,7 +198,7 @@ class StepHost:
         return result
 
     def run_then_read(self, command: Command | str, probes: list[Probe], *, stdin: str | None = None,
-                      durable: str | None = None) -> CommandResult:
+                      durable: str | None = None, label: str | None = None) -> CommandResult:
         """Run `command` (see `run`), then read `probes` in the same round trip; returns the command's result.
 
         The probes' answers are read after the change, so they hold after it: the runner keeps them once the
@@ -207,7 +207,7 @@ class StepHost:
         command = as_command(command)
         body = durable_command(command, durable, self.timeout) if durable else command
         sent = self._send(sh("{{ {body}\n}}; rc=$?; {probes}; exit $rc", body=body,
-                             probes=probe_script(p.command for p in probes)), command.text, stdin=stdin)
+                             probes=probe_script(p.command for p in probes)), command.text, stdin=stdin, label=label)
         output, _, answers = sent.stdout.partition(MARK + "\n")
         result = replace(sent, stdout=output)
         self._done(result, self._logged(result) + "# read after it, in the same command:\n"
@@ -235,21 +235,26 @@ class StepHost:
             store(self.name, probe.key, answer, probe.stable)
 
     def run(self, command: Command | str, *, sudo: bool | None = None, stdin: str | None = None,
-            timeout: float | None = None, durable: str | None = None) -> CommandResult:
+            timeout: float | None = None, durable: str | None = None, label: str | None = None) -> CommandResult:
         """Run `command` with sh on the host (see `RemoteHost.run`); the stage's timeout unless given.
 
         `command` is best built with `overhaul.command.sh` (values quoted by construction); a plain string is
-        taken as shell its author wrote (see `Command.script`)."""
+        taken as shell its author wrote (see `Command.script`). `label`: what the live view shows while it runs,
+        when the command's own text starts with guards that would hide its point (`apt-get install ...`); the
+        log, -v and the journal keep the whole command."""
         command = as_command(command)
-        result = self._send(command, command.text, sudo=sudo, stdin=stdin, timeout=timeout, durable=durable)
+        result = self._send(command, command.text, sudo=sudo, stdin=stdin, timeout=timeout, durable=durable,
+                            label=label)
         self._done(result)
         return result
 
     def _send(self, command: Command, shown: str, *, read: bool = False, sudo: bool | None = None,
-              stdin: str | None = None, timeout: float | None = None, durable: str | None = None) -> CommandResult:
-        """Run `command`, told as `shown` (the step's own command, without the engine's framing) as it starts."""
+              stdin: str | None = None, timeout: float | None = None, durable: str | None = None,
+              label: str | None = None) -> CommandResult:
+        """Run `command`, told as `shown` (the step's own command, without the engine's framing; or its `label`) as
+        it starts."""
         shown = self.redactor(shown)
-        self._on_start(shown, read)
+        self._on_start(self.redactor(label) if label else shown, read)
         try:
             result = self.remote.run(command, sudo=sudo, stdin=stdin, timeout=timeout or self.timeout, durable=durable)
         except HostUnreachable as exc:  # a frozen or lost host: the log still says which command it was in

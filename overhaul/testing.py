@@ -253,8 +253,8 @@ class FakeStepHost(StepHost):
             self.read(probe)
 
     def run_then_read(self, command: Command | str, probes: list[Probe[Any]], *, stdin: str | None = None,
-                      durable: str | None = None) -> CommandResult:
-        result = self.run(command, stdin=stdin, durable=durable)
+                      durable: str | None = None, label: str | None = None) -> CommandResult:
+        result = self.run(command, stdin=stdin, durable=durable, label=label)
         self.forget()
         for probe in probes:
             self.read(probe)

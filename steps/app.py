@@ -75,7 +75,8 @@ class AppReconfigure(Step[ReconfigureParams]):
                     installed=installed)
         after = [installed_probe(self.params.package), file_probe(self.marker), states_probe(self.params.manage_command)]
         result = host.run_then_read(sh("mkdir -p -- {state_dir} && sh -c {script}", state_dir=self.params.state_dir,
-                                       script=script.text), after, durable=f"reconfigure-{self.params.package}")
+                                       script=script.text), after, durable=f"reconfigure-{self.params.package}",
+                                   label=f"{self.params.ctl_command} reconfigure")
         if not result.ok:
             raise StepFailed(f"`{self.params.ctl_command} reconfigure` exited {result.exited}: {result.tail()}")
         return f"reconfigured for {self.params.package} {installed}"

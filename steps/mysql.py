@@ -255,7 +255,8 @@ class MysqlBackup(Step[BackupParams]):
         )
         # 0700 only when the step creates the folder: an existing one (say /tmp) keeps its mode.
         host.run(sh("[ -d {folder} ] || mkdir -p -m 700 -- {folder}", folder=folder))
-        result = host.run(bash(script), stdin=self._credentials(host), durable=f"mysql-backup-{self.params.label}")
+        result = host.run(bash(script), stdin=self._credentials(host), durable=f"mysql-backup-{self.params.label}",
+                          label=f"{self.params.mysqldump} | gzip > {final}")
         host.forget()  # a new backup exists (or a failed dump left its folder changed)
         if not result.ok:
             raise StepFailed(f"backup failed (exit {result.exited}): {result.tail()}")

@@ -219,7 +219,8 @@ class PackageUpgrade(Step[UpgradeParams]):
             command = sh("{done}{configure}; {then}", done=done, configure=DPKG_CONFIGURE, then=then)
         else:
             command = sh("{done}yum install -y -- {name} || yum downgrade -y -- {name}", done=done, name=name)
-        result = host.run_then_read(command, [installed_probe(self.params.name)], durable=f"package-{self.params.name}")
+        result = host.run_then_read(command, [installed_probe(self.params.name)], durable=f"package-{self.params.name}",
+                                    label=f"{'apt-get' if manager == 'apt' else 'yum'} install {name}")
         if not result.ok:
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-6:]
             raise StepFailed(f"{manager} could not install {self.params.name} {target}: " + " | ".join(errors))

@@ -174,7 +174,8 @@ class MysqlRestore(Step[RestoreParams]):
     def apply(self, host: StepHost) -> str:
         script = sh(RESTORE, mysql=self.params.mysql, file=self.params.backup, marker=self.marker,
                     size=self.params.size, sha256=self.params.sha256, run_id=host.run_id)
-        result = host.run(bash(script), stdin=self._credentials(host), durable="mysql-restore")
+        result = host.run(bash(script), stdin=self._credentials(host), durable="mysql-restore",
+                          label=f"gunzip < {self.params.backup} | {self.params.mysql}")
         host.forget()
         if result.exited == 3:
             raise StepFailed(f"backup {self.params.backup} changed since the preflight ({result.tail()}): nothing restored")

@@ -323,7 +323,7 @@ def test_show_json_holds_the_run_its_pairs_and_events(lab, tmp_path):
     assert all(re.fullmatch(iso, value) for value in (pair["started"], pair["ended"], shown["run"]["started"],
                                                      shown["run"]["ended"], shown["commands"][0]["at"])), shown
     text = overhaul_cli(tmp_path, "show", "last").stdout
-    assert re.search(r"\[1\] one +app1 +changed +\d\d:\d\d:\d\d +\d+\.\ds x1 ran `true`", text), text
+    assert re.search(r"\[1\] +one +app1 +changed +\d\d:\d\d:\d\d +\d+\.\ds x1 ran `true`", text), text
 
 
 def test_starting_the_command_line_imports_no_library_only_some_commands_need():

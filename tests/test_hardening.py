@@ -249,7 +249,7 @@ def test_a_failed_run_is_resumed_after_the_repair_and_says_how(lab, tmp_path):
     """)
     failed = cli(lab, tmp_path, "run", "needs", "--env", "lab", "--runbooks-dir", str(tmp_path / "runbooks"))
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    hint, verdict = failed.stdout.rstrip().splitlines()[-2:]
+    verdict, hint = failed.stdout.rstrip().splitlines()[-2:]  # the verdict, then what to type next
     assert hint == "after repairing the cause, continue with: overhaul resume --env lab (or leave it: a failed run " \
                    "does not block the next one)"
     assert verdict.startswith("run ") and " failed in " in verdict
