@@ -219,16 +219,27 @@ class Runner:
         stage = planned.stage
         total = len(planned.hosts)
         budget = resolve_count(stage.max_failures, total, 0)
+        parking = self.transport.parks(self.plan.hosts)
         if stage.strategy == "parallel":
             width = stage.concurrency or self.transport.max_workers
-            batches = [planned.hosts]
+            # The hosts whose connection the pool kept since their last use first: on a farm larger than the pool
+            # keeps, they are those closed next (see HostPool.park), and every kept one is used before it is.
+            batches = [self.transport.warm_first(planned.hosts) if parking else planned.hosts]
         else:
             width = 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, total, 1)
             batches = [planned.hosts[i : i + width] for i in range(0, total, width)]
         failures = Counter[str]()
-        parking = self.transport.parks(self.plan.hosts)
 
         def one(host: str) -> HostResult | None:
+            if not parking:
+                return pair(host)
+            self.transport.take(host)  # (before anything else: its kept connection is in use, not one to close)
+            try:
+                return pair(host)
+            finally:  # kept open for its next stage, within the pool's bound
+                self.transport.park(host, held=not self.check_only)
+
+        def pair(host: str) -> HostResult | None:
             if self._stopping.is_set():
                 return None  # never started: resume will run it
             if host in failed_hosts:
@@ -241,11 +252,7 @@ class Runner:
                                                stage_index=planned.index))
             if not self._may_start(planned, host):
                 return None
-            try:
-                result = self._record(self._run_host(planned, host))
-            finally:
-                if parking:  # its next stage reconnects: open connections stay at the pool's width
-                    self.transport.park(host, held=not self.check_only)
+            result = self._record(self._run_host(planned, host))
             if result.outcome is Outcome.FAILED:
                 with self._lock:
                     failures["failed"] += 1

@@ -17,15 +17,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import re
+import resource
 import select
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +59,12 @@ KILL_GRACE = 5  # seconds `timeout` waits after SIGTERM before SIGKILL on the ho
 OUTPUT_GRACE = 5  # seconds a command's output may still come after its exit status (its end: EOF)
 DEFAULT_TIMEOUT = 300.0  # per command, when the caller gives none
 KEEPALIVE = 15  # seconds between SSH keepalives
+# Seconds paramiko's thread of a connection waits for the host's next packet before it looks again whether to send a
+# keepalive (at most KEEPALIVE). paramiko's own 0.1 s woke 1,000 idle connections' threads 10,000 times a second (37 %
+# of a core doing nothing); data wakes the thread at once whatever this is, and a close wakes it (see _close_connection).
+IDLE_WAKE = 5.0
+CLOSE_WAIT = 2.0  # seconds a close waits for the connection's paramiko thread to end (it ends at once once woken)
+KEEP_PER_WORKER = 10  # idle connections a pool keeps open between a host's uses, per worker, at most (see idle_bound)
 LOCKS = "/var/lib/overhaul/locks"  # host-side locks of durable commands
 KILLED = -1  # `exited` of a command whose process died by a signal (paramiko ignores exit-signal)
 
@@ -138,6 +146,13 @@ class RemoteHost:
         self._cut = False  # the run cut its connections (a second Ctrl-C): no command may reconnect
         self._in_flight = 0  # commands running on the connection: a close waits for them (see close)
         self._close_when_idle = False
+        self.opened = 0  # connections opened (SSH handshakes made) to this host, by this object
+
+    @property
+    def connected(self) -> bool:
+        """Whether this host's connection is open now."""
+        connection = self._connection
+        return connection is not None and connection.is_connected
 
     @property
     def name(self) -> str:
@@ -172,6 +187,7 @@ class RemoteHost:
             endpoint = f"{self.name} ({self.user}@{self.host.address}:{self.host.port or ssh.port})"
             try:
                 self._connection = retrying(self._open)
+                self.opened += 1
             except paramiko.BadHostKeyException as exc:
                 raise HostUnreachable(
                     f"{endpoint}: host key does not match {ssh.known_hosts} (expected "
@@ -208,6 +224,7 @@ class RemoteHost:
             raise
         _set_nodelay(connection)
         connection.transport.set_keepalive(KEEPALIVE)
+        connection.transport.sock.settimeout(IDLE_WAKE)  # (set after the handshake, whose own timeout it would delay)
         return connection
 
     def cut(self) -> None:
@@ -225,14 +242,14 @@ class RemoteHost:
                 return
             connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            _close_connection(connection)
 
     def _drop(self, connection: fabric.Connection) -> None:
         """This connection failed: close it, unless a reconnect already replaced it."""
         with self._lock:
             if self._connection is connection:
                 self._connection = None
-        connection.close()
+        _close_connection(connection)
 
     # -- running ---------------------------------------------------------------------------
     def run(
@@ -623,19 +640,57 @@ def _set_nodelay(connection: fabric.Connection) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _close_connection(connection: fabric.Connection) -> None:
+    """Close `connection`, and let its paramiko thread end now rather than at its next wake (up to IDLE_WAKE later).
+
+    Closing the socket does not wake a thread blocked reading it (Linux), and that thread keeps the connection open
+    until it wakes: shutting the socket down first ends its read at once; then wait for the thread, so that a pool's
+    count of threads is exact (a run of more hosts than its pool keeps closes connections all along)."""
+    transport = connection.transport
+    if transport is not None and isinstance(transport.sock, socket.socket):
+        with contextlib.suppress(OSError):  # already closed, or never connected
+            transport.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    if transport is not None and transport.is_alive() and transport is not threading.current_thread():
+        transport.join(CLOSE_WAIT)
+
+
+def idle_bound(workers: int, hosts: int) -> int:
+    """How many idle connections a pool of `workers` keeps open between their hosts' uses, for a farm of `hosts`.
+
+    A kept connection costs a socket and paramiko's thread (asleep while idle, see IDLE_WAKE) and about 70 KB; a
+    reopened one costs an SSH handshake (a few ms of the controller's CPU, tens of the host's). The bound is the
+    farm (no reconnection at all), but at most KEEP_PER_WORKER per worker (forks 100: 1,000 hosts), and half of the
+    process's open-files limit left after the workers' own connections."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    files = soft // 2 - workers if soft != resource.RLIM_INFINITY else hosts
+    return max(0, min(hosts, KEEP_PER_WORKER * workers, files))
+
+
 
 class HostPool:
-    """One connection per host, shared by a run's users (its runner, verify's checks): who holds which host, and
-    connecting many at once. Subclasses (the SSH `Transport`, the test kit's fake) make the hosts (`host`), set
-    `max_workers` and `_hosts`, and keep both under `_lock`."""
+    """One connection per host, shared by a run's users (its runner, verify's checks): who holds which host, which
+    idle connections stay open between a host's uses (see park), and connecting many at once. Subclasses (the SSH
+    `Transport`, the test kit's fake) make the hosts (`host`), set `max_workers` and `_hosts`, and keep both under
+    `_lock`; `keep` (None: `idle_bound` of the workers and the inventory's hosts) may be set to bound the idle ones."""
 
+    inventory: Inventory
     max_workers: int
+    keep: int | None = None
     _hosts: dict[str, Any]
 
     def __init__(self) -> None:
         self._users: Counter[str] = Counter()  # hosts held open (see hold/release), by how many users
+        self._idle: OrderedDict[str, None] = OrderedDict()  # parked hosts, the longest idle first (see park)
         self._cut = False  # see cut
         self._lock = threading.Lock()
+
+    @property
+    def idle_limit(self) -> int:
+        """How many idle connections park keeps open at most: `keep`, or `idle_bound` of this pool."""
+        if self.keep is not None:
+            return self.keep
+        return idle_bound(self.max_workers, len(self.inventory.hosts))
 
     def host(self, name: str) -> Any:
         raise NotImplementedError
@@ -656,23 +711,48 @@ class HostPool:
             if self._users[name] > 0:
                 return
             del self._users[name]
+            self._idle.pop(name, None)
             host = self._hosts.get(name)
         if host is not None:
             host.close()
 
-    def park(self, name: str, held: bool = True) -> None:
-        """Between two uses of a host, in a run of more hosts than workers: close its connection (the next use
-        reconnects) unless another user holds it (a verify's checks hold theirs); `held`: the caller holds it too.
+    def take(self, name: str) -> None:
+        """A worker starts on this host (in a run that parks its hosts): its idle connection is in use again, not one
+        `park` may close to keep the idle ones within `idle_limit`."""
+        with self._lock:
+            self._idle.pop(name, None)
 
-        An open connection keeps a paramiko thread that wakes ten times a second even when idle: 1,000 of them
-        took 37 % of a core doing nothing and halved the controller's Python throughput. Parked, a run keeps
-        about `max_workers` connections open, whatever the farm's size."""
+    def park(self, name: str, held: bool = True) -> None:
+        """Between two uses of a host, in a run of more hosts than workers: keep its connection open, idle, for its
+        next use; if the pool then keeps more idle connections than `idle_limit`, close the one idle longest (its
+        host's next use reconnects). A host another user holds (a verify's checks) is left to them; `held`: the
+        caller holds it too.
+
+        Idle, a connection costs a socket, some memory and paramiko's thread, which sleeps (IDLE_WAKE); reopened,
+        an SSH handshake. So a run keeps at most `max_workers` connections in use plus `idle_limit` idle ones
+        (threads likewise), and a farm within that bound is connected to once per run, not once per stage."""
         with self._lock:
             if self._users[name] > (1 if held else 0):
                 return
             host = self._hosts.get(name)
-        if host is not None:
-            host.close()
+            if host is None or not host.connected:
+                self._idle.pop(name, None)
+                return
+            self._idle[name] = None
+            self._idle.move_to_end(name)
+            limit = self.idle_limit
+            while len(self._idle) > limit:
+                oldest, _ = self._idle.popitem(last=False)
+                self._hosts[oldest].close()  # (under the lock: `take` cannot hand out a connection being closed)
+
+    def warm_first(self, names: list[str]) -> list[str]:
+        """`names` with those whose idle connection is still open first, the longest idle first (those `park` would
+        close next), then the others in their order: a stage walked in this order reuses every connection kept."""
+        wanted = set(names)
+        with self._lock:
+            warm = [name for name in self._idle if name in wanted]
+        kept = set(warm)
+        return warm + [name for name in names if name not in kept]
 
     def parks(self, names: Collection[str]) -> bool:
         """Whether a run over these hosts parks each one between its uses (see `park`): more hosts than workers."""
@@ -686,6 +766,8 @@ class HostPool:
         parking = then is not None and self.parks(names)
 
         def attempt(name: str) -> None:
+            if parking:
+                self.take(name)
             try:
                 self.host(name).connect()
             except HostUnreachable as exc:
@@ -707,6 +789,7 @@ class HostPool:
         """Close every connection now; with `cut`, let none be opened again (see `cut`)."""
         with self._lock:  # (workers may still be adding hosts: Ctrl-C's grace timer closes under them)
             self._cut = self._cut or cut
+            self._idle.clear()
             hosts = list(self._hosts.values())
         for host in hosts:
             if cut:
@@ -752,7 +835,7 @@ class Transport(HostPool):
         """Connect to every named host in parallel; return the hosts that could not be reached.
 
         With `then`, a host's worker goes on to `then(name)` once it is connected, and parks the host after it
-        when there are more hosts than workers (a 1,000-host preflight keeps `max_workers` connections open)."""
+        when there are more hosts than workers (see `park`: it stays open, idle, within the pool's bound)."""
         if self._gateway is not None:
             try:
                 self._gateway.open()

@@ -565,6 +565,8 @@ def test_a_run_closes_a_hosts_connection_once_the_host_has_no_stage_left(lab, tm
 
 
 def test_a_run_on_more_hosts_than_forks_keeps_forks_connections_open_from_its_preflight_to_its_end(lab, tmp_path):
+    """A pool that keeps no idle connection (`keep` 0; by default it keeps up to 10 per fork, see
+    test_transport_sessions): a host is let go after each use, so at most `forks` connections are ever open."""
     from overhaul.preflight import run_preflight
     from overhaul.runner import Runner
 
@@ -572,6 +574,7 @@ def test_a_run_on_more_hosts_than_forks_keeps_forks_connections_open_from_its_pr
     inventory = inventory.model_copy(update={"ssh": inventory.ssh.model_copy(update={"forks": 2})})  # 4 hosts, 2 forks
     plan = plan_for(CHANGES, tmp_path, inventory)
     transport = Transport(inventory)
+    transport.keep = 0
     ear = Ear(transport)
     try:
         report = run_preflight(plan, transport, "preflight")

@@ -4,11 +4,14 @@ raises, connections are held, released and cut as the real ones. No SSH, no root
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from overhaul.command import sh
 from overhaul.context import Facts, Probe, StepHost
 from overhaul.errors import ConfigError, HostUnreachable
+from overhaul.runner import Runner
 from overhaul.testing import Answer, FakeTransport, fake_inventory, fake_plan, in_turn
 
 
@@ -79,6 +82,7 @@ def test_in_turn_answers_in_order_then_repeats_the_last_and_raises_exceptions():
 
 def test_released_and_parked_hosts_close_only_once_no_one_holds_them_and_a_cut_refuses_to_reconnect():
     fake = transport()
+    fake.keep = 0  # a pool that keeps no idle connection: a parked host is closed at once
     fake.hold(["db1", "app1"])
     fake.hold(["db1"])
     fake.connect(["db1", "app1"])
@@ -90,6 +94,86 @@ def test_released_and_parked_hosts_close_only_once_no_one_holds_them_and_a_cut_r
     fake.cut()
     with pytest.raises(HostUnreachable, match="cut"):
         fake.host("db1").run("cat /a")
+
+
+def farm(size: int) -> FakeTransport:
+    return FakeTransport(fake_inventory({f"h{n}": ["app"] for n in range(1, size + 1)}), {"true": Answer()},
+                         max_workers=1)
+
+
+def test_parked_hosts_stay_connected_up_to_the_pools_bound_and_the_longest_idle_is_closed_past_it():
+    fake = farm(5)
+    fake.keep = 2
+    fake.connect([f"h{n}" for n in range(1, 6)])
+    for name in ("h1", "h2", "h3"):
+        fake.park(name, held=False)
+    assert fake.connected() == ["h2", "h3", "h4", "h5"]  # h1, idle longest, closed; h4 and h5 in use, never parked
+    fake.take("h2")  # in use again: no longer one to close
+    fake.park("h4", held=False)
+    assert fake.connected() == ["h2", "h3", "h4", "h5"]  # idle: h3, h4 (within 2)
+    fake.park("h5", held=False)
+    assert fake.connected() == ["h2", "h4", "h5"]  # h3 closed, not h2 (taken)
+    fake.hold(["h2"])  # another user (a verify's checks) holds h2: parking it is theirs to decide
+    fake.park("h2", held=False)
+    assert fake.connected() == ["h2", "h4", "h5"]
+
+
+def test_a_stage_walks_first_the_hosts_whose_connection_was_kept_the_longest_idle_first():
+    fake = farm(5)
+    fake.keep = 2
+    fake.connect(["h1", "h2", "h3", "h4", "h5"])
+    for name in ("h2", "h5", "h1", "h4", "h3"):
+        fake.park(name, held=False)  # kept: h4, h3 (h4 the longer idle)
+    assert fake.warm_first(["h1", "h2", "h3", "h4", "h5"]) == ["h4", "h3", "h1", "h2", "h5"]
+    assert fake.warm_first(["h3", "h1"]) == ["h3", "h1"]  # only the stage's own hosts
+
+
+def test_by_default_a_pool_keeps_every_host_of_a_farm_within_ten_per_worker():
+    assert farm(5).idle_limit == 5
+    assert farm(30).idle_limit == 10  # one worker: ten kept
+
+
+def test_a_changing_run_on_more_hosts_than_workers_connects_each_host_once_when_the_pool_keeps_them_all():
+    fake = farm(6)
+    connects = count_connects(fake)
+    plan = fake_plan(THREE_STAGES, fake.inventory)
+    result = Runner(plan, fake, sleep=lambda _: None).run()  # type: ignore[arg-type]
+    assert [r.outcome.value for r in result.results] == ["changed"] * 18
+    assert connects == {f"h{n}": 1 for n in range(1, 7)}
+
+
+def test_a_pool_that_keeps_fewer_hosts_reuses_the_kept_ones_first_at_each_stage():
+    """One worker, two kept: at each stage after the first, the two hosts kept from the stage before are walked first
+    and reused; the four others reconnect (where stages walked in the plan's order would reuse none)."""
+    fake = farm(6)
+    fake.keep = 2
+    connects = count_connects(fake)
+    plan = fake_plan(THREE_STAGES, fake.inventory)
+    result = Runner(plan, fake, sleep=lambda _: None).run()  # type: ignore[arg-type]
+    assert [r.outcome.value for r in result.results] == ["changed"] * 18
+    assert sum(connects.values()) == 6 + 4 + 4
+    order = [r.host for r in result.results]
+    assert order[6:8] == ["h5", "h6"] and order[12:14] == ["h3", "h4"]
+
+
+THREE_STAGES = "name: three\nstages:\n" + "".join(
+    f"  - {{name: s{n}, step: shell, params: {{command: 'true'}}}}\n" for n in (1, 2, 3))
+
+
+def count_connects(fake: FakeTransport) -> Counter[str]:
+    """How many times each host of `fake` is connected to (a closed connection reopened counts again)."""
+    connects: Counter[str] = Counter()
+    for name in [host.name for host in fake.inventory.hosts]:
+        remote = fake.host(name)
+        opening = remote.connect
+
+        def connect(remote=remote, opening=opening):
+            if not remote.connected and not remote._cut:
+                connects[remote.name] += 1
+            return opening()
+
+        remote.connect = connect  # type: ignore[method-assign]
+    return connects
 
 
 def test_a_plan_is_built_from_python_values_with_the_files_checks():

@@ -10,8 +10,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import paramiko
 import pytest
-from helpers import lab_inventory, overhaul_cli, run, write
+from helpers import lab_inventory, overhaul_cli, plan_for, run, write
 
 from overhaul.command import sh
 from overhaul.context import StepHost
@@ -184,3 +185,125 @@ def test_after_a_cut_no_command_reconnects(lab):
         host.run(sh("true"))
     with pytest.raises(HostUnreachable, match="connections were cut"):
         transport.host("app2").run(sh("true"))  # a host first asked for after the cut, too
+
+
+THREE_STAGES = """
+    name: three changes
+    stages:
+      - {name: one, step: shell, params: {command: 'true'}}
+      - {name: two, step: shell, params: {command: 'true'}}
+      - {name: three, step: shell, params: {command: 'true'}}
+"""
+
+
+class Census:
+    """A subscriber that counts, at each event of a run (from the workers), the open connections of `transport`, the
+    live paramiko threads (one per open connection) and all threads."""
+
+    def __init__(self, transport: Transport):
+        self.transport = transport
+        self.open: list[int] = []
+        self.paramiko: list[int] = []
+        self.threads: list[int] = []
+        self.before = threading.active_count()
+
+    def __call__(self, event) -> None:
+        self.open.append(sum(host.connected for host in list(self.transport._hosts.values())))
+        self.paramiko.append(sum(isinstance(t, paramiko.Transport) for t in threading.enumerate()))
+        self.threads.append(threading.active_count())
+
+
+def changing_run(inventory, tmp_path, transport: Transport, census: Census):
+    from overhaul.execution import Execution
+    from overhaul.state import SQLiteState
+
+    plan = plan_for(THREE_STAGES, tmp_path, inventory)
+    return Execution(plan, state=SQLiteState(tmp_path / "journal.sqlite"), subscribers=[census],
+                     transport=transport).run()
+
+
+def with_forks(inventory, forks: int):
+    return inventory.model_copy(update={"ssh": inventory.ssh.model_copy(update={"forks": forks})})
+
+
+def test_a_changing_run_on_more_hosts_than_forks_connects_to_each_host_once(lab, tmp_path):
+    """4 hosts, forks 2: the preflight connects each host, and the three stages reuse its kept connection (before,
+    each host was let go after its preflight and each stage: four handshakes per host)."""
+    inventory = with_forks(lab_inventory(lab), 2)
+    transport = Transport(inventory)
+    census = Census(transport)
+    try:
+        assert transport.parks(inventory.hosts) and transport.idle_limit == 4  # within 10 per fork: the whole farm
+        result = changing_run(inventory, tmp_path, transport, census)
+        handshakes = {name: host.opened for name, host in transport._hosts.items()}
+    finally:
+        transport.close()
+    assert [r.outcome.value for r in result.results] == ["changed"] * 12, result.refused
+    assert handshakes == {host.name: 1 for host in inventory.hosts}
+    assert max(census.paramiko) <= 4 and max(census.threads) <= census.before + 2 + 4 + 8  # workers, connections, run
+
+
+def test_a_pool_keeping_fewer_hosts_than_the_farm_stays_within_its_bound_and_reuses_what_it_kept(lab, tmp_path):
+    """forks 1 and one idle connection kept: at most two connections (and paramiko threads) open at any time, and each
+    stage first walks the host kept from the one before: 4 handshakes at the preflight, then 3 per stage (not 4)."""
+    inventory = with_forks(lab_inventory(lab), 1)
+    transport = Transport(inventory)
+    transport.keep = 1
+    census = Census(transport)
+    try:
+        result = changing_run(inventory, tmp_path, transport, census)
+        handshakes = sum(host.opened for host in transport._hosts.values())
+    finally:
+        transport.close()
+    assert [r.outcome.value for r in result.results] == ["changed"] * 12, result.refused
+    assert handshakes == 4 + 3 * 3
+    assert max(census.open) <= 2 and max(census.paramiko) <= 2
+
+
+def test_a_closed_connection_ends_its_paramiko_thread_at_once_though_idle_reads_wait_seconds(lab):
+    from overhaul.transport import IDLE_WAKE
+
+    transport = Transport(lab_inventory(lab))
+    try:
+        host = transport.host("app1")
+        connection = host.connect()
+        thread = connection.transport
+        assert connection.transport.sock.gettimeout() == IDLE_WAKE and IDLE_WAKE >= 1
+        assert host.run(sh("echo up")).stdout == "up\n"  # (data wakes the thread at once: a command is not slowed)
+        host.close()
+        assert not thread.is_alive()  # ended by the close itself, not at its next wake
+    finally:
+        transport.close()
+
+
+def test_a_run_on_a_farm_of_sshd_endpoints_logs_in_once_per_host_as_sshd_counts_it(tmp_path):
+    """40 endpoints as bench/scale.py starts them (real sshd, LogLevel INFO: a line per accepted login), forks 4: the
+    preflight and three changing stages make one login per host in the sshds' own logs."""
+    import sys
+    from pathlib import Path
+
+    from helpers import PROCESS_OCTET
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import scale
+
+    if scale.shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
+        pytest.skip("no sshd on this machine (bench/scale.py installs openssh-server)")
+    farm = scale.Farm(tmp_path, 24000 + PROCESS_OCTET)
+    scale.write_farm(farm, [40], forks=4)
+    sshds = scale.start_sshds(farm, 40, log_level="INFO")
+    try:
+        inventory = load_inventory_file(farm.inventory(40))
+        transport = Transport(inventory)
+        census = Census(transport)
+        try:
+            result = changing_run(inventory, tmp_path, transport, census)
+        finally:
+            transport.close()
+    finally:
+        scale.stop_sshds(sshds)
+    assert [r.outcome.value for r in result.results] == ["changed"] * 120, result.refused
+    logins = [line for log in tmp_path.glob("sshd-*.log") for line in log.read_text().splitlines()
+              if "Accepted publickey for root" in line]
+    assert len(logins) == 40
+    assert max(census.paramiko) <= 40 and max(census.threads) <= census.before + 4 + 40 + 8
