@@ -315,7 +315,11 @@ class RunInfo:
 
     @property
     def show(self) -> str:
-        return f"overhaul show {self.run_id}"
+        """Where to read the run: `overhaul show`, and its web page when the project has one (web.url)."""
+        from overhaul.settings import run_page
+
+        page = run_page(self.run_id)
+        return f"overhaul show {self.run_id}" + (f" or {page}" if page else "")
 
     def versions(self) -> str:
         if not self.version_from and not self.version_to:

@@ -823,11 +823,9 @@ def show(c, run, json=False):
     for ran in state.commands(record.id):
         commands.setdefault((ran.stage_index, ran.host), []).append(ran)
     if json:
-        from overhaul.documents import command_document, event_document, pair_document, run_document
+        from overhaul.documents import show_document
 
-        print(dumps({"run": run_document(record), "pairs": [pair_document(result) for result in results],
-                     "commands": [command_document(ran) for pair in commands.values() for ran in pair],
-                     "events": [event_document(*event) for event in events]}, indent=2))
+        print(dumps(show_document(state, record), indent=2))
         return
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
           f"params {dumps(record.params, sort_keys=True)}, {record.duration:.1f} s")
@@ -892,6 +890,42 @@ def inventory(c, env="", hosts_dir="", offline=False):
         port = host.port or loaded.ssh.port
         print(f"  {host.name:<14} {','.join(host.roles):<12} {user}@{host.address}:{port}  "
               f"vars={json.dumps(loaded.host_vars(host), sort_keys=True)}")
+
+
+@command(help={"listen": "HOST:PORT to listen on (default: web.listen in overhaul.yaml, else 127.0.0.1:8040); a "
+                         "non-loopback address needs web.token", "hosts_dir": COMMON_HELP["hosts_dir"]})
+def serve(c, listen="", hosts_dir=""):
+    """The journal as read-only web pages: environments, history, each run (live while it runs), JSON beside each."""
+    import ipaddress
+
+    from overhaul.settings import load_settings
+
+    settings = load_settings()
+    host, sep, port = (listen or settings.web.listen).rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise OverhaulError(f"--listen {listen!r}: expected HOST:PORT (127.0.0.1:8040)")
+    host = host.strip("[]")
+    token = settings.web.token.resolve() if settings.web.token is not None else None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and token is None:
+        raise Refused(f"--listen {host}: not a loopback address, and overhaul.yaml has no web.token: anyone who reaches "
+                      "it could read every run; set web.token ({env: VAR} or {file: PATH}), or listen on 127.0.0.1")
+    try:
+        import uvicorn
+
+        from overhaul.web.app import make_app
+    except ImportError as exc:
+        raise OverhaulError(f"overhaul serve needs its web extra: pip install 'overhaul[web]' ({exc})") from None
+    from overhaul.settings import find_project_root
+
+    root = find_project_root()
+    folder = Path(hosts_dir) if hosts_dir else (root / "hosts" if root is not None else None)
+    app = make_app(open_state(), token=token, hosts_dir=folder, web_url=settings.web.url)
+    print(f"serving the journal at http://{host}:{port}/ ({'token required' if token else 'no token'}); Ctrl-C stops")
+    uvicorn.run(app, host=host, port=int(port), log_level="warning")
 
 
 @command(help={"out": "folder to write inventory.schema.json and runbook.schema.json into (default: print)",
@@ -1049,7 +1083,7 @@ def state_import(c, file=""):
 lab = Collection("lab", up, down, status)
 state_tasks = Collection("state", state_migrate, state_status, state_export, state_import)
 namespace = Collection(upgrade, rollback, undo, verify, synthetic, resume, abandon, unlock, history, show, run, plan, apply,
-                       inventory, schema, lab, state_tasks)
+                       inventory, schema, serve, lab, state_tasks)
 
 CORE_FLAGS = ("help", "version", "list", "list-depth", "list-format", "print-completion-script", "complete")
 

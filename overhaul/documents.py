@@ -10,7 +10,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from overhaul.state.records import CommandRecord, ResultRecord, RunRecord
+from overhaul.state.records import CommandRecord, ResultRecord, RunRecord, State
 
 TIMES = ("started", "ended", "at")
 
@@ -52,3 +52,11 @@ def command_document(record: CommandRecord) -> dict[str, Any]:
 def event_document(at: float, kind: str, detail: str) -> dict[str, Any]:
     """A journal event of the run."""
     return {"at": iso(at), "kind": kind, "detail": detail}
+
+
+def show_document(state: State, record: RunRecord) -> dict[str, Any]:
+    """A run as `overhaul show --json` gives it: the run, its pairs, their commands and the run's events."""
+    events = [(at, kind, detail) for at, run_id, kind, detail in state.events(record.environment) if run_id == record.id]
+    return {"run": run_document(record), "pairs": [pair_document(result) for result in state.results(record.id)],
+            "commands": [command_document(ran) for ran in state.commands(record.id)],
+            "events": [event_document(*event) for event in events]}

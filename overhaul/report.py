@@ -28,6 +28,7 @@ from overhaul.events import (
 from overhaul.plan import PlannedStage
 from overhaul.preflight import HOST_COLUMN, PreflightReport
 from overhaul.runner import HostResult, RunResult
+from overhaul.settings import run_page
 from overhaul.step import Outcome
 from overhaul.transport import CommandResult
 from overhaul.undo import irreversible
@@ -458,7 +459,7 @@ def ending(event: RunEnded, show_summary: bool = True) -> str:
         counts = {outcome: sum(r.outcome is outcome for r in result.results) for outcome in Outcome}
         lines.append(f"run {record.id} {event.status} in {event.elapsed:.1f} s: "
                      + ", ".join(f"{count} {outcome.value}" for outcome, count in counts.items())
-                     + f"; details: overhaul show {record.id}")
+                     + f"; details: overhaul show {record.id}" + (f" or {page}" if (page := run_page(record.id)) else ""))
     elif result.check_only and not result.interrupted:
         lines.append("plan only: nothing was changed")
     else:

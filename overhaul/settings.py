@@ -44,6 +44,18 @@ class StateSettings(BaseModel):
                              "stops as interrupted")
 
 
+class WebSettings(BaseModel):
+    """`overhaul serve`: the journal as read-only web pages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, description="where the pages are reached (https://overhaul.internal): a run's last "
+                            "line and its notification link to its page")
+    listen: str = Field("127.0.0.1:8040", description="HOST:PORT to listen on (loopback unless told otherwise)")
+    token: SecretRef | None = Field(None, description="a token every request must carry (Authorization: Bearer TOKEN, "
+                                    "or basic auth with it as the password), by reference ({env: VAR}, {file: PATH})")
+
+
 class Settings(BaseModel):
     """The project's `overhaul.yaml`."""
 
@@ -54,6 +66,7 @@ class Settings(BaseModel):
 
     state: StateSettings = Field(default_factory=StateSettings, description="the state backend; a URL alone is short "
                                  "for {url: URL}")
+    web: WebSettings = Field(default_factory=WebSettings, description="the web pages of `overhaul serve`")
 
     @field_validator("state", mode="before")
     @classmethod
@@ -128,6 +141,12 @@ def set_default_environment(root: Path, env: str) -> bool:
     else:
         path.write_text(f"# Overhaul's project settings (see the docs: Working as a team)\ndefault_env: {env}\n")
     return True
+
+
+def run_page(run_id: str) -> str | None:
+    """The run's web page (`overhaul serve` at web.url in overhaul.yaml), when the project says where that is."""
+    url = load_settings().web.url
+    return f"{url.rstrip('/')}/runs/{run_id}" if url else None
 
 
 def journal_path() -> Path:

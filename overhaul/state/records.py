@@ -177,6 +177,10 @@ class State(Protocol):
         """The detail of the run's first event of `kind` (None: it has none)."""
     def last_event(self, environment: str, kind: str) -> tuple[float, str] | None:
         """(when, detail) of the environment's newest event of `kind`."""
+    def environments(self) -> list[str]:
+        """Every environment some run or event was journaled for, by name."""
+    def runs_of(self, environment: str, runbook: str, limit: int) -> list[RunRecord]:
+        """The newest `limit` runs of `runbook` on `environment` (any status), newest first."""
     def runs_with_event(self, environment: str, kind: str, detail: str) -> list[RunRecord]:
         """The runs of `environment` with an event of `kind` whose detail is `detail`, newest first."""
     def runs_starting(self, prefix: str, limit: int) -> list[RunRecord]:

@@ -339,6 +339,15 @@ class SQLState:
                           (environment, kind))
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def environments(self) -> list[str]:
+        rows = self._rows("SELECT DISTINCT environment FROM runs UNION SELECT DISTINCT environment FROM events "
+                          "ORDER BY 1", ())
+        return [row[0] for row in rows]
+
+    def runs_of(self, environment: str, runbook: str, limit: int) -> list[RunRecord]:
+        return self._runs("WHERE environment = ? AND runbook = ? ORDER BY started DESC LIMIT ?",
+                          (environment, runbook, limit))
+
     def runs_with_event(self, environment: str, kind: str, detail: str) -> list[RunRecord]:
         return self._runs("WHERE environment = ? AND EXISTS (SELECT 1 FROM events WHERE events.run_id = runs.id AND "
                           "events.kind = ? AND events.detail = ?) ORDER BY started DESC", (environment, kind, detail))
