@@ -658,7 +658,7 @@ def _close_connection(connection: fabric.Connection) -> None:
 def idle_bound(workers: int, hosts: int) -> int:
     """How many idle connections a pool of `workers` keeps open between their hosts' uses, for a farm of `hosts`.
 
-    A kept connection costs a socket and paramiko's thread (asleep while idle, see IDLE_WAKE) and about 70 KB; a
+    A kept connection costs a socket, paramiko's thread (asleep while idle, see IDLE_WAKE) and about 64 KB; a
     reopened one costs an SSH handshake (a few ms of the controller's CPU, tens of the host's). The bound is the
     farm (no reconnection at all), but at most KEEP_PER_WORKER per worker (forks 100: 1,000 hosts), and half of the
     process's open-files limit left after the workers' own connections."""
