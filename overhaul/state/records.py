@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -162,7 +162,8 @@ class State(Protocol):
     # events (promotion evidence, limits, rebuilds, checks...) and the command index
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None: ...
     def events(self, environment: str) -> list[tuple[float, str, str, str]]: ...
-    def commands(self, run_id: str) -> list[CommandRecord]: ...
+    def commands(self, run_id: str, hosts: Collection[str] | None = None) -> list[CommandRecord]:
+        """The run's commands (only those of `hosts`, when given), in the order they ran."""
     # the environment's history: indexed queries over every run (overhaul.history reasons with them)
     def whole_runs(self, environment: str, runbook: str, status: str) -> list[RunRecord]:
         """The mutating runs of `runbook` on the whole of `environment` (no --limit, no host left out as

@@ -14,7 +14,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -291,8 +291,13 @@ class SQLState:
             result.facts = json.loads(result.facts)  # type: ignore[arg-type]
         return results
 
-    def commands(self, run_id: str) -> list[CommandRecord]:
-        return self._select(CommandRecord, "commands", "WHERE run_id = ? ORDER BY at", (run_id,))
+    def commands(self, run_id: str, hosts: Collection[str] | None = None) -> list[CommandRecord]:
+        if hosts is None:
+            return self._select(CommandRecord, "commands", "WHERE run_id = ? ORDER BY at", (run_id,))
+        if not hosts:
+            return []
+        return self._select(CommandRecord, "commands", f"WHERE run_id = ? AND host IN ({', '.join('?' * len(hosts))}) "
+                            "ORDER BY at", (run_id, *hosts))
 
     def _select(self, record: type[T], table: str, where: str, args: tuple) -> list[T]:
         names = COLUMNS[table]

@@ -165,7 +165,7 @@ def run_page(state: State, record: RunRecord, host_page: int = 0) -> RunPage:
     hosts = names[host_page * HOSTS_PER_PAGE:(host_page + 1) * HOSTS_PER_PAGE]
     shown = set(hosts)
     commands: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for ran in state.commands(record.id):
+    for ran in state.commands(record.id, hosts):
         if ran.host in shown:
             commands.setdefault((ran.stage_index, ran.host), []).append(
                 {"at": local(ran.at), "command": ran.command, "exit_code": ran.exit_code,
