@@ -49,7 +49,7 @@ from overhaul.events import (
 from overhaul.files import append_private, private_dir, read_regular
 from overhaul.plan import Plan, PlannedStage
 from overhaul.planfile import SecretParam, by_reference
-from overhaul.preflight import run_preflight
+from overhaul.preflight import PreflightReport, run_preflight
 from overhaul.runner import HostResult, Runner, RunResult, log_name
 from overhaul.settings import open_state, outputs_dir
 from overhaul.state import CommandRecord, LockInfo, LockLost, ResultRecord, RunRecord, State, StateError
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 SOURCE_HOSTS = "source-hosts"  # journal event: the hosts an inventory source found for a run
 LOCAL_STEPS = "local-steps"  # journal event: the folders of the operator's own steps a run uses (JSON list)
+PREFLIGHT_EVENT = "preflight"  # journal event: the gate's table, {host: {stage number: "ok" or the reason}} (JSON)
 LIMIT = LIMIT_EVENT  # journal event: the run was kept to some hosts (--limit)
 UNDO = "undo"  # journal event: the run is being taken back (`overhaul undo`): a resume continues the undo
 COMPOSED_EVENT = "composed-runbook"  # journal event: the text of a runbook composed in Python (overhaul.api)
@@ -520,6 +521,8 @@ class Execution:
                                facts=runner.facts, progress=lambda checked, total: self.publish(
                                    PreflightProgress(checked, total)))
         self.publish(PreflightChecked(report))
+        if self.state is not None and self.record is not None:  # the run's page shows the table too
+            self.state.event(self.record.environment, PREFLIGHT_EVENT, preflight_table(report), self.record.id)
         refusals = report.refusals
         if not refusals and report.excluded:
             runner.plan = plan.without(set(report.excluded))
@@ -662,6 +665,16 @@ def _journal_new_run(state: State, plan: Plan, run_id: str, mutating: bool = Tru
         found = [host.model_dump(mode="json") for host in plan.inventory.found]
         state.event(record.environment, SOURCE_HOSTS, json.dumps(found), run_id)
     return record
+
+
+def preflight_table(report: PreflightReport) -> str:
+    """The preflight's outcome per host and stage as JSON (a reason cut to 200 characters; it is journaled)."""
+    table: dict[str, dict[str, str]] = {}
+    for (index, host), check in report.checks.items():
+        table.setdefault(host, {})[str(index + 1) if index >= 0 else "ssh"] = "ok" if check.done else check.message[:200]
+    for host, why in report.excluded.items():
+        table.setdefault(host, {})["ssh"] = f"left out: {why}"[:200]
+    return json.dumps(table, sort_keys=True)
 
 
 def local_step_folders(plan: Plan) -> list[str]:

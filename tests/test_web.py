@@ -135,6 +135,8 @@ def test_the_pages_show_the_lab_its_history_a_live_run_and_a_failed_pairs_output
         finished = [sum(text in ("changed", "ok", "failed") for text in shown) for shown in seen]
         assert finished[0] < finished[-1] and sorted(finished) == finished, seen  # pair by pair as they ended
         wait_for(lambda: browser.find_element(By.ID, "status").text == "failed", "the status never turned failed")
+        preflight = browser.find_element(By.ID, "preflight").text  # the gate's table, as the run journaled it
+        assert re.search(r"app1\s+ok\s+ok\s+-", preflight) and re.search(r"app2\s+ok\s+ok\s+ok", preflight), preflight
         pair = browser.find_element(By.ID, "pair-2-app2")
         assert f"about to fail {tag}" in pair.find_element(By.CSS_SELECTOR, "pre.output").text
         shot(browser, "run")

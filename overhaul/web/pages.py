@@ -6,11 +6,13 @@ Each function returns plain data for a template; the JSON beside a page is the c
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from overhaul.execution import PREFLIGHT_EVENT
 from overhaul.state.records import ResultRecord, RunRecord, State
 
 SYNTHETIC = "synthetic"
@@ -149,6 +151,12 @@ class RunPage:
     events: list[dict[str, Any]]
     host_page: int
     host_pages: int
+    preflight: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> {"ssh" or stage number: "ok" or why}
+
+    @property
+    def preflight_columns(self) -> list[str]:
+        numbers = sorted({column for row in self.preflight.values() for column in row if column != "ssh"}, key=int)
+        return ["ssh", *numbers]
 
 
 def run_page(state: State, record: RunRecord, host_page: int = 0) -> RunPage:
@@ -172,10 +180,17 @@ def run_page(state: State, record: RunRecord, host_page: int = 0) -> RunPage:
                  "duration_ms": round(ran.duration * 1000)})
     for key, pair in commands.items():
         commands[key] = pair[-COMMANDS_PER_PAIR:]
-    events = [{"at": local(at), "kind": kind, "detail": detail}
-              for at, run_id, kind, detail in state.events(record.environment) if run_id == record.id]
+    events, preflight = [], {}
+    for at, run_id, kind, detail in state.events(record.environment):
+        if run_id != record.id:
+            continue
+        if kind == PREFLIGHT_EVENT:  # the gate's table, shown as one (its hosts of this page)
+            preflight = {host: row for host, row in json.loads(detail).items() if host in shown or not hosts}
+        else:
+            events.append({"at": local(at), "kind": kind, "detail": detail})
     return RunPage(record, [stages[index] for index in sorted(stages)], hosts,
-                   {(r.stage_index, r.host): r for r in results if r.host in shown}, commands, events, host_page, pages)
+                   {(r.stage_index, r.host): r for r in results if r.host in shown}, commands, events, host_page, pages,
+                   preflight)
 
 
 def last_output(result: ResultRecord, lines: int = 12) -> str:
