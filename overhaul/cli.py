@@ -815,6 +815,9 @@ def show(c, run, json=False):
     """One run: stages x hosts with outcome, attempts, message, facts (e.g. the backup) and output files."""
     if help_asked(run, "show"):
         return
+    from overhaul.execution import PREFLIGHT_EVENT
+    from overhaul.report import plural
+
     state = open_state()
     record = journaled_run(state, run)
     results = state.results(record.id)
@@ -850,7 +853,10 @@ def show(c, run, json=False):
                 print(f"      $ {ran.command.splitlines()[0][:100]}  [exit {ran.exit_code}, {ran.duration * 1000:.0f} ms, "
                       f"log on {ran.machine.partition(':')[0][:12]}: {ran.log_path}]")
     for at, kind, detail in events:
-        if kind == CHECK:
+        if kind == PREFLIGHT_EVENT:  # the gate's table: its refusals are events of their own
+            refused = sum(said not in ("ok", "-") for row in loads(detail).values() for said in row.values())
+            print(f"  preflight: {plural(len(loads(detail)), 'host')} checked, {refused} refusal(s)")
+        elif kind == CHECK:
             case = loads(detail)
             print(f"  check {case['host']:<12} {case['status']:<8} {case['check']}"
                   f"{': ' + case['message'] if case['message'] else ''}")

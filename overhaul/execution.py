@@ -522,7 +522,8 @@ class Execution:
                                    PreflightProgress(checked, total)))
         self.publish(PreflightChecked(report))
         if self.state is not None and self.record is not None:  # the run's page shows the table too
-            self.state.event(self.record.environment, PREFLIGHT_EVENT, preflight_table(report), self.record.id)
+            self.state.event(self.record.environment, PREFLIGHT_EVENT, transport.redactor(preflight_table(report)),
+                             self.record.id)  # (a step's reason may hold a secret)
         refusals = report.refusals
         if not refusals and report.excluded:
             runner.plan = plan.without(set(report.excluded))
