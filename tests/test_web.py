@@ -109,7 +109,9 @@ def test_the_pages_show_the_lab_its_history_a_live_run_and_a_failed_pairs_output
     try:
         browser.get(served.url + "/")
         assert browser.find_element(By.ID, "env-lab").is_displayed()
-        assert "expected version" in browser.find_element(By.ID, "env-lab").text
+        shown = browser.find_element(By.ID, "env-lab").text
+        assert "expected version: unknown" in shown and "not locked" in shown, shown  # (no upgrade in this journal)
+        assert re.search(r"^app1 ok 1\.0\.0$", shown, re.M), shown  # each host's last outcome and version read
         shot(browser, "environments")
 
         running = subprocess.Popen([sys.executable, "-m", "overhaul", "run", "slow", "--env", "lab", *hosts,

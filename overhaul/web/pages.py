@@ -102,16 +102,21 @@ def promotion(state: State, name: str, hosts_dir: Path | None) -> str:
     return f"takes versions that passed on {policy.promotion_from}: {version} passed there{soak}"
 
 
-def last_outcomes(state: State, name: str) -> list[dict[str, Any]]:
-    """Each host of the environment's newest run (any kind): its last pair's outcome and the version read, if any."""
-    newest = next(iter(state.runs(name, 1)), None)
-    if newest is None:
+def last_outcomes(state: State, name: str, looked: int = 50) -> list[dict[str, Any]]:
+    """Each host of the environment's newest run: its last pair's outcome; and the version the newest run that read
+    one (a verify, an upgrade: among the last `looked` runs) found on it."""
+    runs = state.runs(name, looked)
+    if not runs:
         return []
     hosts: dict[str, dict[str, Any]] = {}
-    for result in state.results(newest.id):
-        version = result.facts.get("version") or result.facts.get("installed")
-        hosts[result.host] = {"host": result.host, "outcome": result.outcome, "run_id": newest.id,
-                              "version": version or hosts.get(result.host, {}).get("version")}
+    for result in state.results(runs[0].id):
+        hosts[result.host] = {"host": result.host, "outcome": result.outcome, "run_id": runs[0].id, "version": None}
+    for record in runs:
+        versions = {r.host: str(r.facts["version"]) for r in state.results(record.id) if r.facts.get("version")}
+        if versions:
+            for host, row in hosts.items():
+                row["version"] = versions.get(host)
+            break
     return list(hosts.values())
 
 
