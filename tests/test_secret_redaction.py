@@ -326,6 +326,16 @@ def _everything_written(tmp_path: Path, run_id: str, env: dict | None = None) ->
     for proc in (shown, as_json, exported):
         assert proc.returncode == 0, proc.stdout + proc.stderr
     texts = {"show": shown.stdout, "show --json": as_json.stdout, "state.export": exported.stdout}
+    from test_web import Served  # the web pages of `overhaul serve`, as a browser receives them
+
+    served = Served(tmp_path, {"OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite"), **(env or {})})
+    try:
+        for page in ("/", "/history?all=1", f"/runs/{run_id}", f"/runs/{run_id}.json", "/history.json?all=1"):
+            status, body = served.get(page)
+            assert status == 200, (page, body)
+            texts[f"web page {page}"] = body
+    finally:
+        served.close()
     logs = list((tmp_path / "runs" / run_id).glob("*.log"))
     texts |= {str(path): path.read_bytes().decode(errors="replace") for path in [*logs, *tmp_path.glob("journal.sqlite*")]}
     return texts
