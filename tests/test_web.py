@@ -113,6 +113,10 @@ def test_the_pages_show_the_lab_its_history_a_live_run_and_a_failed_pairs_output
         assert "expected version: unknown" in shown and "not locked" in shown, shown  # (no upgrade in this journal)
         assert re.search(r"^app1 ok 1\.0\.0$", shown, re.M), shown  # each host's last outcome and version read
         shot(browser, "environments")
+        status, document = served.get("/environments.json")
+        [lab_env] = [env for env in json.loads(document)["environments"] if env["name"] == "lab"]
+        assert status == 200 and {"host": "app1", "outcome": "ok", "version": "1.0.0"}.items() <= \
+            next(host for host in lab_env["hosts"] if host["host"] == "app1").items()
 
         running = subprocess.Popen([sys.executable, "-m", "overhaul", "run", "slow", "--env", "lab", *hosts,
                                     "--runbooks-dir", str(tmp_path / "runbooks")], cwd=tmp_path,

@@ -1,9 +1,10 @@
 """The journal as web pages (`overhaul serve`): read-only, over the configured `State`; no write path at all.
 
-Routes: `/` (environments), `/history`, `/runs/<id>`, each with its JSON beside it (`/history.json`,
-`/runs/<id>.json`: the documents of `history --json` and `show --json`), and `/runs/<id>/events`, server-sent
-events that tell a run's page to refresh its matrix within a second of the journal. Every value is escaped
-(Jinja2's autoescape); the journal is already redacted. With a token, every request must carry it.
+Routes: `/` (environments), `/history`, `/runs/<id>`, each with its JSON beside it (`/environments.json`,
+`/history.json`, `/runs/<id>.json`: the last two the documents of `history --json` and `show --json`), and
+`/runs/<id>/events`, server-sent events that tell a run's page to refresh its matrix within a second of the journal.
+Every value is escaped (Jinja2's autoescape); the journal is already redacted. With a token, every request must
+carry it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def make_app(state: State, *, token: str | None = None, hosts_dir: Path | None =
 
     def front(request: Request) -> Response:
         return render("environments.html", environments=pages.environments(state, hosts_dir))
+
+    def front_json(request: Request) -> Response:
+        return JSONResponse({"environments": [pages.environment_document(env)
+                                              for env in pages.environments(state, hosts_dir)]})
 
     def history(request: Request) -> Response:
         chosen, page = _filter(request)
@@ -88,7 +93,8 @@ def make_app(state: State, *, token: str | None = None, hosts_dir: Path | None =
         return StreamingResponse(changes(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     app = Starlette(routes=[
-        Route("/", front), Route("/history", history), Route("/history.json", history_json),
+        Route("/", front), Route("/environments.json", front_json), Route("/history", history),
+        Route("/history.json", history_json),
         Route("/runs/{run_id}.json", run_json), Route("/runs/{run_id}/matrix", matrix),
         Route("/runs/{run_id}/events", events), Route("/runs/{run_id}", run),
     ], exception_handlers={LookupError: _not_found, OverhaulError: _bad_request})

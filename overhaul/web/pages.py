@@ -78,6 +78,16 @@ def last_backup(state: State, upgrade: RunRecord) -> dict[str, Any] | None:
     return {"path": backup.path, "size": backup.size, "dumped": when(backup.taken)}
 
 
+def environment_document(env: Environment) -> dict[str, Any]:
+    """An environment as /environments.json gives it (its runs as `history --json` gives them)."""
+    from overhaul.documents import run_document
+
+    return {"name": env.name, "expected_version": env.expected_version, "lock": env.lock, "backup": env.backup,
+            "last_upgrade": run_document(env.last_upgrade) if env.last_upgrade else None,
+            "last_synthetic": run_document(env.last_synthetic) if env.last_synthetic else None,
+            "promotion": env.promotion, "hosts": env.hosts}
+
+
 def promotion(state: State, name: str, hosts_dir: Path | None) -> str:
     """What the environment's policy.promotion_from says now, in words ("" without such a policy)."""
     if hosts_dir is None or not (hosts_dir / f"{name}.yaml").is_file():
@@ -217,5 +227,5 @@ def fingerprint(state: State, record: RunRecord) -> tuple[str, RunRecord]:
     return f"{run.status}|{run.ended}|{len(pairs)}|" + ",".join(f"{p.outcome}:{p.ended}" for p in pairs), run
 
 
-__all__ = ["Environment", "HistoryFilter", "RunPage", "environments", "fingerprint", "history", "last_output", "local",
-           "run_page"]
+__all__ = ["Environment", "HistoryFilter", "RunPage", "environment_document", "environments", "fingerprint", "history",
+           "last_output", "local", "run_page"]
