@@ -105,10 +105,15 @@ class JournalRecorder:
     ends, and its end waits to be written with others in one transaction (`BATCH` ends, or those of the last
     `BATCH_AGE` seconds, or at `flush`): each transaction is a disk sync that every worker would otherwise wait
     for in turn (4 ms each here: at 1,000 hosts, half of every worker's time).
+
+    The runner tells it the workers' events at once (`concurrent`), not one at a time: each worker waits only
+    until its own pair's row is durable, and the rows of the workers that write at the same time share one
+    transaction (the state's group commit).
     """
 
     BATCH = 100
     BATCH_AGE = 1.0  # seconds
+    concurrent = True  # its events may come from several workers at once (see overhaul.runner.Listener)
 
     def __init__(self, state: State, run_id: str, outputs: Path, fence: LockInfo | None = None):
         self.state = state
@@ -127,6 +132,8 @@ class JournalRecorder:
         self._ends_only: set[int] = set()  # stages whose pairs are journaled once, when they end (see above)
         self._waiting: list[tuple[ResultRecord, list[CommandRecord]]] = []  # their ends, not yet written
         self._waiting_since = 0.0
+        self._lock = threading.Lock()  # the fields above and `error`: told from several workers at once
+        self._flushing = threading.Lock()  # one flush at a time: the ends waiting are written before the next start
         self.error = ""
         self.lease_lost = False
         self.on_error: Callable[[], None] = lambda: None
@@ -137,15 +144,16 @@ class JournalRecorder:
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
         if self._ends_only_for(planned):
-            self._ends_only.add(planned.index)
+            with self._lock:
+                self._ends_only.add(planned.index)
 
     def host_started(self, planned: PlannedStage, host: str) -> bool:
-        """Journal the pair's start (unless it is journaled only when it ends); False (the pair must not run)
-        when it could not be journaled."""
-        self._pair[host] = planned.index
+        """Journal the pair's start (unless it is journaled only when it ends), returning once it is durable; False
+        (the pair must not run) when it could not be journaled."""
+        with self._lock:
+            self._pair[host] = planned.index
         if self._ends_only_for(planned):  # (host by host, a pair may start before its stage is announced)
-            if self._due():
-                self.flush()  # (ends wait at most about BATCH_AGE, even while few pairs end)
+            self._flush(due_only=True)  # (ends wait at most about BATCH_AGE, even while few pairs end)
             return not self.error
         self.flush()  # (the journal keeps the order things happened in)
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
@@ -155,46 +163,64 @@ class JournalRecorder:
         return self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
 
     def command_done(self, host: str, result: CommandResult) -> None:
-        self._commands.setdefault((self._pair.get(host, -1), host), []).append(CommandRecord(
-            self.run_id, -1, host, time.time() - result.duration, result.command, result.exited, result.duration,
-            "", self.machine))
+        command = CommandRecord(self.run_id, -1, host, time.time() - result.duration, result.command, result.exited,
+                                result.duration, "", self.machine)
+        with self._lock:
+            self._commands.setdefault((self._pair.get(host, -1), host), []).append(command)
 
     def host_finished(self, result: HostResult) -> None:
         path = self.outputs / log_name(result.stage_index, result.stage, result.host)  # its commands, as they ran
         if result.traceback:
             self._safely(f"the run log {path}", lambda: _append_traceback(path, result))
         now = time.time()
-        commands = [replace(command, stage_index=result.stage_index, log_path=str(path))
-                    for command in self._commands.pop((result.stage_index, result.host), [])]
+        with self._lock:
+            ran = self._commands.pop((result.stage_index, result.host), [])
+            ends_only = result.stage_index in self._ends_only
+        commands = [replace(command, stage_index=result.stage_index, log_path=str(path)) for command in ran]
         ended = ResultRecord(self.run_id, result.stage_index, result.stage, result.host, result.outcome.value,
                              result.attempts, now - result.duration, now, result.message,
                              str(path) if path.exists() else "", result.facts)
-        if result.stage_index not in self._ends_only:
+        if not ends_only:
             self.flush()
             self._safely("the journal", lambda: self.state.record(ended, commands, **self.fenced))
             return
-        if not self._waiting:
-            self._waiting_since = time.monotonic()
-        self._waiting.append((ended, commands))
-        if self._due():
-            self.flush()
+        with self._lock:
+            if not self._waiting:
+                self._waiting_since = time.monotonic()
+            self._waiting.append((ended, commands))
+        self._flush(due_only=True)
 
     def _due(self) -> bool:
-        """Whether the waiting ends are to be written now: BATCH of them, or the oldest BATCH_AGE old."""
+        """Whether the waiting ends are to be written now: BATCH of them, or the oldest BATCH_AGE old (under _lock)."""
         return bool(self._waiting) and (len(self._waiting) >= self.BATCH
                                         or time.monotonic() - self._waiting_since >= self.BATCH_AGE)
 
     def flush(self) -> None:
         """Write the ends still waiting (see the class); the run calls it when it ends. Ends that could not be
         written stay waiting (the next flush tries them again) and stop the run, as any failed journal write."""
-        waiting = self._waiting
-        if waiting and self._safely("the journal", lambda: self.state.record_ends(waiting, **self.fenced)):
-            self._waiting = []
+        self._flush(due_only=False)
+
+    def _flush(self, due_only: bool) -> None:
+        """`flush`; with `due_only`, only if the ends waiting are due (see `_due`). Flushes are one at a time, so a
+        start written after a flush (which waits for the one under way) is never committed before those ends."""
+        if due_only:
+            with self._lock:
+                if not self._due():
+                    return
+        with self._flushing:
+            with self._lock:
+                if due_only and not self._due():
+                    return  # (another worker's flush wrote them)
+                waiting, self._waiting = self._waiting, []
+            if waiting and not self._safely("the journal", lambda: self.state.record_ends(waiting, **self.fenced)):
+                with self._lock:
+                    self._waiting[:0] = waiting  # first in line for the next flush
 
     def report(self, problem: str) -> None:
         """A write of the run's own failed (a host log): stop the run as for a journal write."""
-        if not self.error:
-            self.error = problem
+        with self._lock:
+            first, self.error = not self.error, self.error or problem
+        if first:
             self.on_error()
 
     def _safely(self, what: str, write: Callable[[], object]) -> bool:

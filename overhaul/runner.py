@@ -118,7 +118,10 @@ class _NotRetried(Exception):
 
 
 class Listener(Protocol):
-    """Told about the run as it goes (live report, journal). Called from worker threads, one at a time."""
+    """Told about the run as it goes (live report, journal). Called from worker threads, one at a time; a listener
+    with a true `concurrent` attribute hears `host_started` and `host_finished` from several workers at once, outside
+    the others' turns (the journal: each worker waits for its own row, written with the others' in one transaction).
+    Each listener hears a pair's events in the listeners' order (the journal first: journaled, then told)."""
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
 
@@ -154,7 +157,7 @@ class Runner:
         self.sleep = sleep or self._stopping.wait  # a retry's wait ends early on Ctrl-C
         self.previous = previous or {}  # results of the run being resumed
         self._lock = threading.Lock()  # the run's own state: results, touched hosts, budgets
-        self._listening = threading.Lock()  # listeners hear one event at a time (the journal writes under it)
+        self._listening = threading.Lock()  # listeners hear one event at a time (but `concurrent` ones: see Listener)
         self._results: list[HostResult] = []
         self.facts = facts or Facts()  # shared with the preflight and the preview of this run
         self.log_dir = log_dir  # each pair's commands go to log_dir/log_name(...) as they complete
@@ -342,9 +345,17 @@ class Runner:
     def _may_start(self, planned: PlannedStage, host: str) -> bool:
         """Tell the listeners the pair starts; False when one vetoes it (the journal could not record the start,
         or the lease is lost): a pair never runs unrecorded."""
-        with self._listening:
-            vetoed = [listener.host_started(planned, host) is False for listener in self.listeners]
+        vetoed = [self._hear(listener, "host_started", planned, host) is False for listener in self.listeners]
         return not any(vetoed)
+
+    def _hear(self, listener: Listener, event: str, *args: Any) -> Any:
+        """One listener's `event`: under `_listening` (one event at a time), unless the listener is `concurrent` (the
+        journal, whose workers' writes must not wait for one another to share a transaction)."""
+        method = getattr(listener, event)
+        if getattr(listener, "concurrent", False):
+            return method(*args)
+        with self._listening:
+            return method(*args)
 
     def _tell(self, event: str, *args: Any) -> None:
         """An optional listener event (the live view's), to the listeners that want it, one at a time."""
@@ -470,9 +481,8 @@ class Runner:
 
     def _record(self, result: HostResult) -> HostResult:
         self._record_quietly(result)
-        with self._listening:
-            for listener in self.listeners:
-                listener.host_finished(result)
+        for listener in self.listeners:
+            self._hear(listener, "host_finished", result)
         return result
 
     def _record_quietly(self, result: HostResult) -> HostResult:

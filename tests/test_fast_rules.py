@@ -551,3 +551,50 @@ def test_a_failed_journal_write_stops_the_run_and_no_pair_runs_unrecorded(tmp_pa
     assert farm.transport.host("app1").commands == farm.transport.host("app2").commands == []
     assert not any(command.endswith("/two") for _, command in farm.transport.commands)  # no later stage started
     assert {(r.host, r.outcome) for r in state.results("run-1")} == {("db1", "changed"), ("worker1", "changed")}
+
+
+def test_a_parallel_stages_starts_share_a_transaction_and_each_is_durable_before_its_pair_runs(tmp_path):
+    farm = Farm()
+    plan = farm.plan(stage("one", "/one"))
+    state = SQLiteState(tmp_path / "journal.sqlite")
+    reader = SQLiteState(tmp_path / "journal.sqlite")  # a second connection: what another process would read
+    state.start_run(RunRecord("run-1", "fast", "<fast>", "", "fake", {}, "tester", time.time()))
+    lease, _ = state.acquire("fake", "run-1", "tester")
+    groups: list[list[tuple[str, str]]] = []  # each transaction's pairs' rows (host, outcome)
+    write_group = state._write_group
+
+    def counted(execute: Any, group: list[Any]) -> list[str]:
+        if not groups:  # the first start's transaction waits until the other hosts' starts queue behind it
+            deadline = time.monotonic() + 30  # (a liveness guard: the assertions below fail after it)
+            while time.monotonic() < deadline and len(state._waiting) < len(HOSTS) - 1:
+                time.sleep(0.001)
+        groups.append([(result.host, result.outcome) for write in group for result, _ in write.ends])
+        return write_group(execute, group)
+
+    state._write_group = counted
+    seen: dict[str, tuple[str, int]] = {}
+
+    class Durable:
+        """Told after the journal that a pair starts: its row as another connection reads it, and the commands its
+        host ran by then."""
+
+        def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
+
+        def host_started(self, planned: PlannedStage, host: str) -> None:
+            rows = [r.outcome for r in reader.results("run-1") if r.host == host]
+            seen[host] = (rows[0] if rows else "not journaled", len(farm.transport.host(host).commands))
+
+        def host_finished(self, result: HostResult) -> None: ...
+
+    recorder = JournalRecorder(state, "run-1", tmp_path / "runs" / "run-1", lease)
+    runner = Runner(plan, farm.transport, listeners=[recorder, Durable()], run_id="run-1", sleep=lambda _: None,
+                    log_dir=recorder.outputs, on_log_error=recorder.report)
+    result = runner.run()
+    assert not recorder.error and not result.failed
+    assert seen == dict.fromkeys(HOSTS, ("running", 0))  # durable, and read by another connection, before it ran
+    rows = [row for group in groups for row in group]
+    assert sorted(rows) == sorted([(host, "running") for host in HOSTS] + [(host, "changed") for host in HOSTS])
+    assert len(groups) < len(rows)  # 8 rows, fewer transactions
+    [first] = groups[0]  # held until the other starts queued: the next transaction has them all (and maybe an end)
+    assert {(host, "running") for host in HOSTS} - {first} <= set(groups[1])
+    assert {(r.host, r.outcome) for r in reader.results("run-1")} == {(host, "changed") for host in HOSTS}

@@ -136,7 +136,11 @@ class LockHeld(Refused):
 
 class State(Protocol):
     """A journal and lock backend: the embedded SQLite file, PostgreSQL, or one from an `overhaul.state`
-    entry point. Every method is one atomic operation; none is called while holding another."""
+    entry point. Every method is one atomic operation; none is called while holding another. Methods are called
+    from several threads at once: a run's workers write their pairs' starts and ends concurrently (`start_pair`,
+    `record`, `record_ends`), and a backend may commit the writes waiting at once in one transaction (group commit)
+    as long as each call returns only once its own rows are durable, each write keeps its own fence, and a pair's
+    rows keep their order."""
 
     url: str  # where it is, never with a password
 

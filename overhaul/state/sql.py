@@ -3,15 +3,19 @@
 Every operation is one transaction, most of them one statement: the lease is taken by one atomic
 upsert that only replaces an expired (or provably dead) holder, and a (stage, host) pair is journaled
 as started only in the same transaction that finds this run's fencing token still holding a live lease.
+The pairs' writes of concurrent workers are committed together (group commit, see `SQLState._grouped`):
+one disk sync, or one round trip, for all the rows waiting, each caller returning once its own are durable.
 The backends differ only in how they connect, their clock and their row locking.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -93,6 +97,7 @@ KEYS = {"runs": ["id"], "results": ["run_id", "stage_index", "host"], "events": 
         "claims": ["key"], "commands": ["run_id", "stage_index", "host", "at"]}
 PRIMARY = ("runs", "results", "claims")
 IMPORT_BATCH = 500  # rows per INSERT of an import (11 columns at most: far below either database's limit)
+MAX_GROUP = 1000  # pairs' writes committed in one transaction at most (see SQLState._grouped)
 LOCK_COLUMNS = [f.name for f in fields(LockInfo) if f.name != "live"]
 
 T = TypeVar("T")
@@ -121,6 +126,11 @@ class SQLState:
 
     def __init__(self, lease: float = 60.0):
         self.lease = lease
+        self.max_group = MAX_GROUP  # 1: each pair's write in a transaction of its own (as before group commit)
+        self._waiting: list[_Write] = []  # pairs' writes queued for the next group commit, in the order they came
+        self._committing = False  # a thread is committing a group: the next one waits for its turn
+        self._turn = threading.Condition()
+        self._counting = threading.Lock()
         self._writes = 0
         kill_after = os.environ.get(KILL_AFTER_WRITES)
         self._kill_after = int(kill_after) if kill_after else None
@@ -183,8 +193,10 @@ class SQLState:
         return count
 
     def _journaled(self) -> None:
-        self._writes += 1
-        if self._kill_after is not None and self._writes >= self._kill_after:
+        with self._counting:
+            self._writes += 1
+            kill = self._kill_after is not None and self._writes >= self._kill_after
+        if kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def start_run(self, run: RunRecord) -> None:
@@ -210,26 +222,92 @@ class SQLState:
     def record_ends(self, ends: Iterable[tuple[ResultRecord, Iterable[CommandRecord]]],
                     fence: tuple[str, str] | None = None) -> None:
         """Pairs' rows and their commands' index, in one transaction (one disk sync for them all); with a `fence`,
-        only while it holds the lease (see `_hold`)."""
-        rows = [(result, list(commands)) for result, commands in ends]  # (a retried transaction reads them again)
-
-        def write(execute: Execute) -> None:
-            self._hold(execute, fence, "writing the end of " + ", ".join(
-                f"{result.stage!r} on {result.host}" for result, _ in rows[:3]) + (" ..." if len(rows) > 3 else ""))
-            for result, commands in rows:
-                execute(_upsert_result(), _result_row(result))
-                for command in commands:
-                    row = _row(command)
-                    execute(_insert("commands", row), tuple(row.values()))
-        self._transaction(write)
-        self._journaled()
+        only while it holds the lease (see `_hold`). Committed with other threads' waiting writes (`_grouped`)."""
+        self._grouped(_Write([(result, list(commands)) for result, commands in ends], fence, live=False))
 
     def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
-        def write(execute: Execute) -> None:
-            self._hold(execute, (environment, token), f"starting {result.stage!r} on {result.host}", live=True)
-            execute(_upsert_result(), _result_row(result))
-        self._transaction(write)
-        self._journaled()
+        """The pair as running, only while `token` holds the live lease; committed with other threads' waiting
+        writes (`_grouped`)."""
+        self._grouped(_Write([(result, [])], (environment, token), live=True))
+
+    def _grouped(self, write: _Write) -> None:
+        """Group commit: journal `write` in one transaction with the pairs' writes other threads are waiting on.
+
+        The first thread to find no group being committed commits every write queued (up to `max_group`), in the
+        order they came, so a pair's start is before its end; the threads that queue meanwhile wait for the next
+        turn, and the first of them commits them all. Each caller returns once its own rows are durable, or raises
+        its own error: LockLost when its fence no longer holds (its rows alone are not written, as each write's
+        fence is checked in the transaction that writes it), or the failure of the transaction to each of its
+        writes (none of them written)."""
+        with self._turn:
+            self._waiting.append(write)
+            while not write.done:
+                if self._committing:
+                    self._turn.wait()
+                    continue
+                self._committing = True
+                group, self._waiting = self._waiting[:self.max_group], self._waiting[self.max_group:]
+                self._turn.release()
+                try:
+                    self._commit(group)
+                finally:
+                    self._turn.acquire()
+                    for each in group:
+                        each.done = True
+                    self._committing = False
+                    self._turn.notify_all()
+        if write.error is not None:
+            raise write.error
+
+    def _commit(self, group: list[_Write]) -> None:
+        """Write `group` in one transaction; each write's error, if any, is set on it."""
+        try:
+            refused = self._transaction(lambda execute: self._write_group(execute, group))
+        except BaseException as exc:
+            for write in group:
+                write.error = _own(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for write, why in zip(group, refused, strict=True):
+            if why:
+                write.error = LockLost(why)
+        for write in group:
+            if write.error is None:
+                self._journaled()  # (each write counts, whatever it was committed with: see KILL_AFTER_WRITES)
+
+    def _write_group(self, execute: Execute, group: list[_Write]) -> list[str]:
+        """In one transaction: the rows of each write of `group` whose fence holds (see `_hold`); for each write,
+        why it was refused ("": written). A pair written twice (its start, then its end) is written as its last."""
+        environments = sorted({write.fence[0] for write in group if write.fence is not None})
+        leases: dict[str, tuple[str, bool]] = {}
+        if environments:
+            _, rows = execute(f"SELECT environment, token, expires > {self.now} FROM locks WHERE environment IN "
+                              f"({', '.join('?' * len(environments))}) {self.for_share}", tuple(environments))
+            leases = {environment: (token, bool(live)) for environment, token, live in rows}
+        refused: list[str] = []
+        results: dict[tuple[str, int, str], ResultRecord] = {}
+        commands: list[CommandRecord] = []
+        for write in group:
+            why = write.refusal(leases)
+            refused.append(why)
+            if not why:
+                for result, its_commands in write.ends:
+                    results[(result.run_id, result.stage_index, result.host)] = result
+                    commands += its_commands
+        rows = [_result_row(result) for result in results.values()]
+        for start in range(0, len(rows), IMPORT_BATCH):
+            chunk = rows[start:start + IMPORT_BATCH]
+            one = f"({', '.join('?' * len(chunk[0]))})"
+            execute(_upsert_result(f"VALUES {', '.join([one] * len(chunk))}"), tuple(v for row in chunk for v in row))
+        names = COLUMNS["commands"]
+        for start in range(0, len(commands), IMPORT_BATCH):
+            chunk = [tuple(getattr(command, name) for name in names)
+                     for command in commands[start:start + IMPORT_BATCH]]
+            one = f"({', '.join('?' * len(names))})"
+            execute(f"INSERT INTO commands ({', '.join(names)}) VALUES {', '.join([one] * len(chunk))}",
+                    tuple(v for row in chunk for v in row))
+        return refused
 
     def _hold(self, execute: Execute, fence: tuple[str, str] | None, doing: str, live: bool = False) -> None:
         """In a write's transaction, before it writes: LockLost (the transaction then writes nothing) unless the
@@ -478,6 +556,47 @@ class SQLState:
                 execute(f"DROP TABLE import_{table}", ())
             return added
         return self._transaction(add)
+
+
+class _Write:
+    """One caller's pairs' rows waiting for a group commit (see SQLState._grouped): written together or not at all,
+    only while `fence` (environment, token) holds the lease (and, with `live`, the lease is unexpired)."""
+
+    __slots__ = ("done", "ends", "error", "fence", "live")
+
+    def __init__(self, ends: list[tuple[ResultRecord, list[CommandRecord]]], fence: tuple[str, str] | None,
+                 live: bool):
+        self.ends, self.fence, self.live = ends, fence, live
+        self.done = False  # its group's transaction ended (committed, or failed: then `error`)
+        self.error: BaseException | None = None
+
+    def refusal(self, leases: dict[str, tuple[str, bool]]) -> str:
+        """Why the write must not be made, given each fenced environment's (token, unexpired) lease ("": made)."""
+        if self.fence is None:
+            return ""
+        environment, token = self.fence
+        held, unexpired = leases.get(environment, ("", False))
+        if held == token and (unexpired or not self.live):
+            return ""
+        why = "taken over or expired" if self.live else "taken over, or unlocked by force"
+        if self.live:
+            doing = ", ".join(f"starting {result.stage!r} on {result.host}" for result, _ in self.ends)
+        else:
+            doing = "writing the end of " + ", ".join(f"{result.stage!r} on {result.host}"
+                                                      for result, _ in self.ends[:3])
+            doing += " ..." if len(self.ends) > 3 else ""
+        return f"this run no longer holds the lease of {environment!r} ({why}): not {doing}"
+
+
+def _own(error: BaseException) -> BaseException:
+    """A copy of a failed group commit's `error` for one of its writers (one exception object raised in several
+    threads would share its traceback); a StateError when it cannot be copied, or is no Exception (an interrupt)."""
+    if isinstance(error, Exception):
+        try:
+            return copy.copy(error)
+        except Exception:
+            pass
+    return StateError(f"the journal write failed: {type(error).__name__}: {error}")
 
 
 def _stage(execute: Execute, table: str, rows: list[tuple]) -> None:
