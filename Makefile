@@ -5,8 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := debootstrap openssh-client python3 python3-venv util-linux dpkg procps iproute2
 # The tests start their own throw-away PostgreSQL cluster (the team state backend) from Debian's server, watch
-# the live view on a real terminal (tmux), and read the web pages in a real browser (chromium, by its driver).
-TEST_APT_PACKAGES := postgresql tmux chromium chromium-driver
+# the live view on a real terminal (tmux), read the web pages in a real browser (chromium, by its driver), and
+# start sshd processes of their own on loopback as bench/scale.py does (openssh-server's binary: the tests never
+# use the system's ssh service).
+TEST_APT_PACKAGES := postgresql tmux chromium chromium-driver openssh-server
 PYTHON ?= python3
 # The lab tests mostly wait on real hosts: spread over processes (each lab has its own subnet), 2 cores run 6;
 # an idle process takes tests from a busy one's queue (worksteal), so a long test never ends the run alone.
