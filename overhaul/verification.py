@@ -132,6 +132,46 @@ def installed_plugins() -> tuple[Any, ...]:
     return tuple(entry.load() for entry in entry_points(group="pytest11"))
 
 
+CURRENT_TEST = "PYTEST_CURRENT_TEST"
+_side_by_side = 0  # run_checks calls in progress, which keep pytest's PYTEST_CURRENT_TEST upkeep tolerant
+_side_by_side_lock = threading.Lock()
+_pytest_current_test: Any = None  # pytest's own, while ours stands in
+
+
+def _current_test(item: Any, when: str | None) -> None:
+    """pytest's upkeep of PYTEST_CURRENT_TEST, safe for sessions side by side.
+
+    The variable is the process's, and pytest removes it after each check with a `pop` that raises when it is gone:
+    with sessions in threads, one session's removal came just before another's, whose check then failed on teardown
+    with KeyError 'PYTEST_CURRENT_TEST', a failure that was not the host's. Here it is set and removed as pytest
+    does, except that removing it twice is no error."""
+    if when:
+        os.environ[CURRENT_TEST] = f"{item.nodeid} ({when})".replace("\x00", "(null)")
+    else:
+        os.environ.pop(CURRENT_TEST, None)
+
+
+@contextmanager
+def _tolerant_current_test() -> Iterator[None]:
+    """While any run_checks of this process runs, pytest's runner keeps PYTEST_CURRENT_TEST with `_current_test`."""
+    global _side_by_side, _pytest_current_test
+    from _pytest import runner
+
+    with _side_by_side_lock:
+        if _side_by_side == 0:
+            _pytest_current_test = runner._update_current_test_var
+            runner._update_current_test_var = _current_test
+        _side_by_side += 1
+    try:
+        yield
+    finally:
+        with _side_by_side_lock:
+            _side_by_side -= 1
+            if _side_by_side == 0 and _pytest_current_test is not None:
+                runner._update_current_test_var = _pytest_current_test
+                _pytest_current_test = None
+
+
 @contextmanager
 def _session_state(checks: Path, env: str, hosts_dir: str) -> Iterator[None]:
     """What the sessions share of the process, set once for all of them and taken back after."""
@@ -142,7 +182,8 @@ def _session_state(checks: Path, env: str, hosts_dir: str) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)  # how testinfra's backends (made at collection) learn the environment
     try:
-        yield
+        with _tolerant_current_test():
+            yield
     finally:
         sys.path[:] = path
         for name, value in saved.items():

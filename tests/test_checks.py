@@ -216,6 +216,45 @@ def test_checks_run_in_process_twice_on_a_transport_and_leave_the_controller_as_
     assert capfd.readouterr().out == ""  # pytest wrote nothing on the controller's terminal
 
 
+def test_checks_side_by_side_keep_each_host_to_itself(lab, tmp_path, isolated):
+    """One pytest session per host, all at once in this process (what run_checks shares between them: the process,
+    its imported check modules, os.environ): every check sees its own host, in its module-scoped fixture and in what
+    it records at module level, and none fails because another session ended a check at the same moment (pytest's
+    PYTEST_CURRENT_TEST upkeep, shared by the sessions, once failed such checks on teardown)."""
+    folder = write(tmp_path / "checks/test_own.py", """
+        import pytest
+
+        SEEN = {}  # module level: the one module object every session's checks share
+
+        @pytest.fixture(scope="module")
+        def hostname(host):
+            return host.run("hostname").stdout.strip()
+
+        @pytest.fixture
+        def settled(host):
+            yield
+            assert host.run("true").rc == 0  # a teardown that waits on its host while other sessions' checks end
+
+        @pytest.mark.parametrize("n", range(10))
+        def test_own_host(host, hostname, settled, n):
+            name = host.backend.hostname
+            assert hostname == name  # made on this host, not on the host of a session running beside it
+            SEEN.setdefault(name, set()).add(hostname)
+            assert SEEN[name] == {name}
+    """).parent
+    hosts = [host.name for host in lab.hosts()]
+    transport = Transport(load_inventory_file(lab.inventory))
+    try:
+        cases = verification.run_checks(transport, str(lab.inventory.parent), folder, hosts, width=len(hosts))
+    finally:
+        transport.close()
+    assert [case for case in cases if case.status != "passed"] == []
+    assert sorted((case.host, case.check) for case in cases) == sorted((host, "test_own::test_own_host")
+                                                                      for host in hosts for _ in range(10))
+    assert "PYTEST_CURRENT_TEST" not in os.environ or os.environ["PYTEST_CURRENT_TEST"].startswith(
+        "tests/test_checks.py::test_checks_side_by_side")  # this test's own, as pytest set it
+
+
 @pytest.mark.parametrize("only", [True, False], ids=["checks-only", "with-runbook"])
 def test_ctrl_c_during_the_checks_stops_verify_with_exit_130(lab, tmp_path, only):
     started = tmp_path / "started"
