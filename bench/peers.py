@@ -1,4 +1,4 @@
-"""Overhaul side by side with raw paramiko, Ansible and pyinfra on the same lab: issue 15's targets, as ratios.
+"""Overhaul side by side with raw paramiko, Ansible and pyinfra on the same lab: issues 15 and 27's targets, as ratios.
 
 Usage (as root, from the repository): .venv/bin/python bench/peers.py [--sizes 4,20] [--rounds 5] [--upgrade-rounds 3]
     [--subnet 127.53.0] [--verify-only] [--each-check]
@@ -22,29 +22,39 @@ warm-up round not counted), ratios taken within each round:
      keys. A and C check the outputs (programs RUNNING, disks under the threshold), D does too
      (failed_when); E checks exit codes only.
 
+Every side's run is measured three ways, kept apart because on the lab the hosts share the controller's cores:
+wall time; the controller's CPU (the side's process and everything it starts on this machine, ssh masters
+included: a cgroup of the bench's own counts them); and the hosts' CPU (every process inside the lab's hosts,
+sshd, the commands, supervisord and MariaDB, counted by a second cgroup the hosts' processes are moved into: the
+hosts' own accounting, as a real host's would be). A wall-time ratio gets a verdict only against a floor that
+sends the hosts the same work (C for A; the hand run with the same safety reads for the upgrade); the other wall
+ratios are context, and the targets are on the controller's CPU. After the last size, the controller's CPU per
+added host (the slope between the smallest and the largest size, on each side's medians): the built-in verify
+against raw paramiko, pyinfra and Ansible, and what the checks add against what the built-in verify costs.
+
 Then the upgrade: one real upgrade 1.0.0 -> 1.1.0 and one no-op re-run, every exec request recorded
-(commands per app host, target at most 10), and rounds of the no-op re-run against A (target at most
-1.2x). At the smallest size (4 hosts), the critical path: rounds of a fresh lab upgraded by `overhaul
+(commands per app host, target at most 10), and rounds of the no-op re-run against A (target: controller CPU at
+most 1.15x). At the smallest size (4 hosts), the critical path: rounds of a fresh lab upgraded by `overhaul
 upgrade` against a fresh lab upgraded by hand over SSH (bench/peers/raw.py) with only the unavoidable
-commands, stage by stage, parallel within a stage (target upgrade at most 1.1x), and against a fresh lab
-upgraded by hand with the reads of the programs' states Overhaul makes for safety added (its preflight, after
-the stop, after each tier's reconfigure): what those reads cost, and what Overhaul costs beyond them. A fresh
-lab is a new lab (lab.down, lab.up): that is how the tests reset one too.
+commands, stage by stage, parallel within a stage, and against a fresh lab upgraded by hand with the reads of
+the programs' states Overhaul makes for safety added (its preflight, after the stop, after each tier's
+reconfigure): the same host work, so the target (upgrade at most 1.1x in wall time) is against that one. A
+fresh lab is a new lab (lab.down, lab.up): that is how the tests reset one too.
 
 With --each-check, rounds of A against A plus one check of checks/ at a time (each test function alone in a
-copy of its file): what each check adds to the verify, in wall time and in the machine's CPU.
+copy of its file): what each check adds to the verify, in wall time and in the controller's and the hosts' CPU.
 
 Each ratio line gives the median of the per-round ratios (the verdict), their range, and best/best (the
-ratio of the two sides' fastest runs): the machine is shared, so the load average is printed too, and each
-side's median machine CPU (controller, sshds and the hosts' commands: on the lab, one machine's cores; and
-anything else running then, so measure on an otherwise idle machine). To
-measure another tree of Overhaul, put it first on PYTHONPATH: every side's process inherits it.
+ratio of the two sides' lowest values): the machine is shared, so the load average is printed too. To measure
+another tree of Overhaul, put it first on PYTHONPATH: every side's process inherits it. Needs root (the lab, and
+the counting cgroups: cgroup2, or cgroup v1's cpuacct).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import io
 import json
 import os
@@ -70,11 +80,14 @@ PEERS_VENV = BENCH / ".peers-venv"
 SUBNET = "127.53.0"
 THRESHOLD = 80  # the verify runbook's disk threshold (runbooks/verify.yaml)
 UPGRADE = ("upgrade", "--env", "lab", "--version", "1.1.0", "--yes")
-EXIT_MARK = re.compile(r"\[exit -?\d+, \d+ ms\]\n")
+EXIT_MARK = re.compile(r"\[exit -?\d+(?:, \d+ ms)?\]\n")  # the end of one answer in a pair's log
 PROBE_MARK = "::overhaul-probe::"  # overhaul.context.MARK
+PROBE_END = re.compile(r"[ \n]\) 2>&1;")  # where a probe's own command ends inside a probe script
 CONTEXT = "(context)"  # a ratio printed to explain others, with no target of its own
 
 Stages = list[tuple[str, dict[str, list[dict]]]]  # (stage name, host name -> its commands in order)
+Side = Callable[["CpuGroup"], float]  # runs one side once, its processes in the group given: its wall time
+MEASURES = {"wall": "times", "controller CPU": "controller", "hosts CPU": "hosts"}  # what a ratio line compares
 
 
 class BenchError(RuntimeError):
@@ -83,18 +96,30 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Series:
-    """One side's wall times, one per round, and the machine's CPU time in each (controller, sshds and every
-    command the hosts ran: on this lab they all share the machine's cores, so it is what the wall time is made of)."""
+    """One side, one value per round: its wall time, the controller's CPU (the side's process and all it started
+    on this machine) and the hosts' CPU (every process inside the lab's hosts meanwhile)."""
 
     label: str
     times: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+    controller: list[float] = field(default_factory=list)
+    hosts: list[float] = field(default_factory=list)
+
+    def add(self, wall: float, controller: float, hosts: float) -> None:
+        self.times.append(wall)
+        self.controller.append(controller)
+        self.hosts.append(hosts)
+
+    def median(self, measure: str) -> float:
+        values: list[float] = getattr(self, MEASURES[measure])
+        return statistics.median(values)
 
 
-def run_timed(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    """Run a command to its end; its wall time, or BenchError with its output's tail when it fails."""
+def run_timed(argv: list[str], cwd: Path, env: dict[str, str] | None = None, group: CpuGroup | None = None) -> float:
+    """Run a command to its end (in `group`, from before its first instruction); its wall time, or BenchError with
+    its output's tail when it fails."""
     started = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          preexec_fn=group.enter if group else None)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -109,9 +134,9 @@ def overhaul_argv(arguments: list[str], wire: Path | None = None) -> list[str]:
     return [sys.executable, str(HELPERS / "wire.py"), str(wire), *arguments]
 
 
-def cli_side(project: Path, *arguments: str) -> Callable[[], float]:
+def cli_side(project: Path, *arguments: str) -> Side:
     """A, B and the upgrades: `overhaul ARGUMENTS` run from the project folder."""
-    return lambda: run_timed(overhaul_argv(list(arguments)), project)
+    return lambda group: run_timed(overhaul_argv(list(arguments)), project, group=group)
 
 
 # -- what Overhaul sends ---------------------------------------------------------------------------------------
@@ -129,18 +154,25 @@ def runs(project: Path) -> set[Path]:
     return set(folder.iterdir()) if folder.is_dir() else set()
 
 
-def logged_by(project: Path, before: set[Path]) -> dict[int, dict[str, int]]:
+def logged_by(project: Path, before: set[Path], hosts: list[str]) -> dict[int, dict[str, int]]:
     """stage_commands of the run made since `before` was taken (none: a run whose stages sent nothing logs nothing)."""
     made = runs(project) - before
-    return stage_commands(made.pop()) if made else {}
+    return stage_commands(made.pop(), hosts) if made else {}
 
 
-def stage_commands(run: Path) -> dict[int, dict[str, int]]:
-    """Stage index -> host name -> how many commands the run's per-host log of that stage holds."""
+def stage_commands(run: Path, hosts: list[str]) -> dict[int, dict[str, int]]:
+    """Stage index (from 0) -> host name -> how many commands the run's per-host log of that stage holds.
+
+    A pair's log is `NN-STAGE-HOST.log` (overhaul.runner.log_name: NN from 1): the host is the longest of `hosts`
+    the name ends with (a stage's name may hold '-')."""
     counts: dict[int, dict[str, int]] = {}
+    by_length = sorted(hosts, key=len, reverse=True)
     for log in run.glob("*-*.log"):
-        index, _, host = log.stem.partition("-")
-        counts.setdefault(int(index), {})[host] = len(EXIT_MARK.findall(log.read_text(errors="replace")))
+        number, _, rest = log.stem.partition("-")
+        host = next((name for name in by_length if rest == name or rest.endswith("-" + name)), None)
+        if not number.isdigit() or host is None:
+            continue  # not a pair's log
+        counts.setdefault(int(number) - 1, {})[host] = len(EXIT_MARK.findall(log.read_text(errors="replace")))
     return dict(sorted(counts.items()))
 
 
@@ -151,7 +183,7 @@ def expectation(line: str, package: str) -> dict:
     if PROBE_MARK in script:
         parts = script.split(f"printf '%s\\n' {PROBE_MARK}; ( ")[1:]
         return {"sections": [{"line": question, **expectation(question, package)}
-                             for question in (part.rpartition(" ) 2>&1;")[0] for part in parts)]}
+                             for question in (PROBE_END.split(part)[0] for part in parts)]}
     if f"{package}-manage status" in line:
         return {"expect": "running"}
     if "df -P" in line:
@@ -160,7 +192,11 @@ def expectation(line: str, package: str) -> dict:
 
 
 def verify_stages(project: Path, inventory: Inventory, package: str) -> Stages:
-    """Run A once with the wire recorded; split each host's command lines into the run's stages."""
+    """Run A once with the wire recorded; split each host's command lines into the run's stages.
+
+    The split follows the answers each stage's log holds. When those do not add up to the lines sent (a verify
+    that reads every stage's probes in one command per host: its logs hold more answers than commands), each host's
+    lines, in order, make one stage: the same lines to the same hosts, the floor C needs."""
     wire = project / "verify-wire.jsonl"
     wire.unlink(missing_ok=True)
     before = runs(project)
@@ -169,17 +205,16 @@ def verify_stages(project: Path, inventory: Inventory, package: str) -> Stages:
     address = {host.name: host.address for host in inventory.hosts}
     stages: Stages = []
     taken = {name: 0 for name in address}
-    for index, hosts in logged_by(project, before).items():
+    for index, hosts in logged_by(project, before, list(address)).items():
         stage: dict[str, list[dict]] = {}
         for name, count in hosts.items():
             lines = sent[address[name]][taken[name]:taken[name] + count]
             stage[name] = [{"line": line, **expectation(line, package)} for line in lines]
             taken[name] += count
         stages.append((f"stage {index + 1}", stage))
-    for name, count in taken.items():
-        if count != len(sent.get(address[name], [])):
-            raise BenchError(f"{name}: the verify sent {len(sent.get(address[name], []))} commands but its logs show "
-                             f"{count}: the split into stages would be wrong")
+    if any(count != len(sent.get(address[name], [])) for name, count in taken.items()):
+        return [("the verify's lines", {name: [{"line": line, **expectation(line, package)}
+                                            for line in sent.get(address[name], [])] for name in address})]
     return stages
 
 
@@ -191,7 +226,7 @@ def counted_upgrade(project: Path, inventory: Inventory) -> tuple[float, dict[st
     elapsed = run_timed(overhaul_argv(list(UPGRADE), wire), project)
     sent = wire_commands(wire)
     logged: dict[str, int] = {}
-    for hosts in logged_by(project, before).values():
+    for hosts in logged_by(project, before, [host.name for host in inventory.hosts]).values():
         for name, count in hosts.items():
             logged[name] = logged.get(name, 0) + count
     by_name = {host.name: sent.get(host.address, []) for host in inventory.hosts}
@@ -209,13 +244,13 @@ def ssh_hosts(inventory: Inventory) -> dict[str, dict]:
     }
 
 
-def raw_side(work: Path, inventory: Inventory, stages: Stages, name: str = "raw-spec.json") -> Callable[[], float]:
+def raw_side(work: Path, inventory: Inventory, stages: Stages, name: str = "raw-spec.json") -> Side:
     """C (and the by-hand upgrade): bench/peers/raw.py over a spec file (0600: it may hold a secret for stdin)."""
     spec = work / name
     spec.touch(mode=0o600)
     spec.write_text(json.dumps({"hosts": ssh_hosts(inventory), "width": len(inventory.hosts),
                                 "stages": [{"name": stage, "commands": commands} for stage, commands in stages]}))
-    return lambda: run_timed([sys.executable, str(HELPERS / "raw.py"), str(spec)], work)
+    return lambda group: run_timed([sys.executable, str(HELPERS / "raw.py"), str(spec)], work, group=group)
 
 
 def peers_venv() -> dict[str, str]:
@@ -267,7 +302,7 @@ def jinja_safe(line: str) -> str:
     return "{% raw %}" + line + "{% endraw %}" if any(mark in line for mark in ("{{", "{%", "{#")) else line
 
 
-def ansible_side(work: Path, inventory: Inventory, stages: Stages, program: str) -> Callable[[], float]:
+def ansible_side(work: Path, inventory: Inventory, stages: Stages, program: str) -> Side:
     """D: a playbook with one `shell` task per command, the lab's inventory as Ansible's, cold each run."""
     hosts = ssh_hosts(inventory)
     folder = work / "ansible"
@@ -296,17 +331,19 @@ def ansible_side(work: Path, inventory: Inventory, stages: Stages, program: str)
                ANSIBLE_LOCAL_TEMP=str(folder / "tmp"), ANSIBLE_RETRY_FILES_ENABLED="False", ANSIBLE_NOCOLOR="1",
                ANSIBLE_CONFIG=str(folder / "none.cfg"))
 
-    def run() -> float:
+    def run(group: CpuGroup) -> float:
         try:
-            return run_timed([program, "-i", str(folder / "inventory.yml"), str(folder / "verify.yml")], folder, env)
-        finally:  # cold next time, like every other side: close the masters ControlPersist keeps for 60 s
+            return run_timed([program, "-i", str(folder / "inventory.yml"), str(folder / "verify.yml")], folder, env,
+                             group)
+        finally:  # cold next time, like every other side: close the masters ControlPersist keeps for 60 s (they
+            # are in `group`: what they spent is the controller's, counted once they have ended)
             for socket_path in control.iterdir():
                 subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "lab"], capture_output=True)
 
     return run
 
 
-def pyinfra_side(work: Path, inventory: Inventory, stages: Stages, program: str) -> Callable[[], float]:
+def pyinfra_side(work: Path, inventory: Inventory, stages: Stages, program: str) -> Side:
     """E: a deploy with one `server.shell` operation per command, strict host keys, as wide as the lab."""
     hosts = ssh_hosts(inventory)
     folder = work / "pyinfra"
@@ -321,7 +358,7 @@ def pyinfra_side(work: Path, inventory: Inventory, stages: Stages, program: str)
             operations.append(f"server.shell(name={f'{stage} #{number}'!r}, commands=[{command['line']!r}])")
     (folder / "deploy.py").write_text("\n".join(operations) + "\n")
     argv = [program, "-y", "--parallel", str(len(hosts)), "inventory.py", "deploy.py"]
-    return lambda: run_timed(argv, folder)
+    return lambda group: run_timed(argv, folder, group=group)
 
 
 # -- the upgrade by hand -------------------------------------------------------------------------------------------
@@ -363,15 +400,126 @@ def unavoidable_stages(inventory: Inventory, package: str, version: str, safety_
     ]
 
 
+# -- who spent the CPU ----------------------------------------------------------------------------------------------
+def counting_root() -> tuple[Path, bool]:
+    """Where counting groups are made: the cgroup v2 hierarchy if mounted (True), else cgroup v1's cpuacct (False).
+
+    A group made here only counts (no controller is enabled in it): what its processes, and everything they start,
+    spend on the CPU, whether they are still running or were never waited for (ssh masters, a host's orphans)."""
+    v1 = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        fstype, _source, options = tail.split()[:3]
+        if fstype == "cgroup2":
+            return Path(fields.split()[4]), True
+        if fstype == "cgroup" and "cpuacct" in options.split(","):
+            v1 = Path(fields.split()[4])
+    if v1 is None:
+        raise BenchError("no cgroup hierarchy that counts CPU (cgroup2, or cgroup v1 with cpuacct) is mounted")
+    return v1, False
+
+
+class CpuGroup:
+    """A cgroup of the bench's own that counts the CPU of the processes put in it and of all they start."""
+
+    def __init__(self, name: str):
+        root, self.v2 = counting_root()
+        self.path = root / f"overhaul-bench-{os.getpid()}-{name}"
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            raise BenchError(f"cannot make the counting cgroup {self.path} (run as root): {exc}") from exc
+
+    def enter(self) -> None:
+        """Put the calling process in the group (a side's process calls it between fork and exec)."""
+        self.add(os.getpid())
+
+    def add(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> list[int]:
+        return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
+
+    def seconds(self) -> float:
+        """CPU seconds the group's processes have spent, alive or ended, since it was made."""
+        if self.v2:
+            stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+            return int(stat["usage_usec"]) / 1e6
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until every process of the group has ended (a side's leftovers: ssh masters told to exit)."""
+        deadline = time.monotonic() + timeout
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Remove the group; processes still in it go back to the root (its CPU so far is no longer counted)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                (self.path.parent / "cgroup.procs").write_text(str(pid))
+        for _ in range(100):  # a process that just ended may hold the group a moment longer
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+
+def host_processes(lab: Lab) -> list[int]:
+    """Every process running inside the lab's hosts: those in the PID namespaces of the hosts' inits."""
+    spaces = set()
+    for host in lab.hosts():
+        if host.running():
+            spaces.add(os.readlink(f"/proc/{host.pid}/ns/pid"))
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns/pid") in spaces:
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # it ended meanwhile
+    return found
+
+
+class Meter:
+    """Each side's wall time, the controller's CPU (its process and everything it starts on this machine) and the
+    hosts' CPU (every process inside the lab's hosts: sshd, the commands, supervisord and its programs, MariaDB)."""
+
+    def __init__(self) -> None:
+        self.controller = CpuGroup("controller")
+        self.hosts = CpuGroup("hosts")
+
+    def track(self, lab: Lab) -> None:
+        """Count a (new) lab's hosts: their processes move into the hosts' group, and so will all they start."""
+        for _ in range(2):  # a second pass for what the first one's processes forked meanwhile
+            for pid in host_processes(lab):
+                self.hosts.add(pid)
+
+    def measure(self, series: Series, side: Side) -> None:
+        controller, hosts = self.controller.seconds(), self.hosts.seconds()
+        wall = side(self.controller)
+        self.controller.settle()
+        series.add(wall, self.controller.seconds() - controller, self.hosts.seconds() - hosts)
+
+    def close(self) -> None:
+        self.controller.close()
+        self.hosts.close()
+
+
 # -- reporting -----------------------------------------------------------------------------------------------------
-def ratio_line(label: str, top: Series, bottom: Series, target: str, good: Callable[[float], bool]) -> str:
-    """The median of the per-round ratios (the verdict), their range, and the ratio of the two sides' best times
-    (what each side costs when nothing else on the machine gets in its way: a check on the median under load)."""
-    ratios = [t / b for t, b in zip(top.times, bottom.times, strict=True)]
+def ratio_line(label: str, top: Series, bottom: Series, target: str, good: Callable[[float], bool],
+               measure: str = "wall") -> str:
+    """The median of the per-round ratios of `measure` (the verdict), their range, and the ratio of the two sides'
+    lowest values (what each side costs when nothing else on the machine gets in its way: a check on the median)."""
+    tops, bottoms = getattr(top, MEASURES[measure]), getattr(bottom, MEASURES[measure])
+    ratios = [t / b for t, b in zip(tops, bottoms, strict=True)]
     middle = statistics.median(ratios)
     verdict = "" if target == CONTEXT else "met" if good(middle) else "MISSED"
-    return (f"  {label:<44} {middle:6.2f}x  ({min(ratios):5.2f}-{max(ratios):5.2f}x; best/best "
-            f"{min(top.times) / min(bottom.times):5.2f}x)  target {target:<24} {verdict}")
+    return (f"  {label:<46} {measure:<14} {middle:6.2f}x  ({min(ratios):5.2f}-{max(ratios):5.2f}x; best/best "
+            f"{min(tops) / min(bottoms):5.2f}x)  target {target:<22} {verdict}")
 
 
 def load() -> str:
@@ -380,27 +528,17 @@ def load() -> str:
 
 
 def times_line(series: Series) -> str:
+    """A side's medians (wall time with its range; the controller's and the hosts' CPU)."""
     times = series.times
-    return (f"  {series.label:<44} median {statistics.median(times):6.2f} s  min {min(times):6.2f} s  max {max(times):6.2f} s"
-            f"  machine CPU {statistics.median(series.cpu):6.2f} s")
+    return (f"  {series.label:<46} wall {statistics.median(times):6.2f} s ({min(times):5.2f}-{max(times):5.2f})  "
+            f"controller CPU {series.median('controller CPU'):6.2f} s  hosts CPU {series.median('hosts CPU'):6.2f} s")
 
 
-def machine_cpu() -> float:
-    """CPU seconds the whole machine has spent since boot (user, nice, system, irq, softirq: /proc/stat's first line).
-    Whatever else runs on the machine meanwhile counts too: run the bench on an otherwise idle machine."""
-    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in Path("/proc/stat").read_text().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def rounds(sides: list[tuple[Series, Callable[[], float]]], count: int) -> None:
+def rounds(sides: list[tuple[Series, Side]], count: int, meter: Meter) -> None:
     """One warm-up round, then `count` rounds of every side in turn."""
     for index in range(count + 1):
         for series, side in sides:
-            before = machine_cpu()
-            elapsed = side()
-            if index:  # round 0 warms up
-                series.times.append(elapsed)
-                series.cpu.append(machine_cpu() - before)
+            meter.measure(series if index else Series(series.label), side)  # round 0 warms up
 
 
 def command_kinds(lines: list[str], package: str) -> str:
@@ -423,8 +561,8 @@ def command_table(inventory: Inventory, sent: dict[str, list[str]], logged: dict
     table = []
     for (role, total, in_logs, kinds), names in alike.items():
         verdict = "" if limit is None else " met" if role != "app" or total <= limit else " MISSED"
-        table.append(f"  {role:<7} {total:3d} commands ({in_logs} in its stage logs, {total - in_logs} outside them: "
-                     f"preflight, prefetch){verdict} on {', '.join(names)}\n          (commands that ask: {kinds})")
+        table.append(f"  {role:<7} {total:3d} commands ({in_logs} answers in its stage logs){verdict} on "
+                     f"{', '.join(names)}\n          (commands that ask: {kinds})")
     return table
 
 
@@ -449,18 +587,21 @@ def one_check_folders(checks: Path, work: Path) -> dict[str, Path]:
     return folders
 
 
-def bench_each_check(project: Path, work: Path, verify: tuple[Series, Callable[[], float]], count: int, size: int) -> None:
+def bench_each_check(project: Path, work: Path, verify: tuple[Series, Side], count: int, size: int,
+                     meter: Meter) -> None:
     """Rounds of the built-in verify against itself plus one check of checks/ at a time: what each check adds."""
     plain = Series(verify[0].label)
     sides = [(plain, verify[1])] + [(Series(f"+ {name}"), cli_side(project, "verify", "--env", "lab", "--checks", str(folder)))
                                     for name, folder in one_check_folders(project / "checks", work).items()]
-    rounds(sides, count)
+    rounds(sides, count, meter)
     print(f"\n== {size} hosts: the built-in verify plus one check of checks/ at a time, {count} rounds (+1 warm-up); "
           f"{load()}")
     for series, _ in sides:
         print(times_line(series))
     for series, _ in sides[1:]:
-        print(ratio_line(f"{series.label[2:].partition('::')[2][:40]} / A", series, plain, CONTEXT, lambda r: True))
+        for measure in MEASURES:
+            print(ratio_line(f"{series.label[2:].partition('::')[2][:40]} / A", series, plain, CONTEXT, lambda r: True,
+                             measure))
 
 
 # -- one lab size ----------------------------------------------------------------------------------------------------
@@ -472,13 +613,15 @@ def new_project(tmp: Path, subnet: str = SUBNET) -> tuple[Path, Lab]:
     return project, lab
 
 
-def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNET, upgrade: bool = True,
-               each_check: bool = False) -> None:
+def bench_size(size: int, count: int, tools: dict[str, str], meter: Meter, subnet: str = SUBNET, upgrade: bool = True,
+               each_check: bool = False) -> dict[str, Series]:
+    """The verify's sides at one size (returned by letter, for the costs per added host), then the upgrade's."""
     with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
         tmp = Path(tmp_name)
         project, lab = new_project(tmp, subnet)
         try:
             lab.up(size)
+            meter.track(lab)
             inventory = load_inventory_file(lab.inventory)
             package = inventory.vars.get("package", "scalr-server")
             stages = verify_stages(project, inventory, package)
@@ -495,26 +638,33 @@ def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNE
             per_host = sum(len(commands) for _, hosts in stages for commands in hosts.values()) / size
             print(f"\n== {size} hosts: verify, {count} rounds (+1 warm-up), {per_host:g} commands per host, "
                   f"{len(stages)} stages; {load()}", flush=True)
-            rounds(sides, count)
+            rounds(sides, count, meter)
             series = {s.label[0]: s for s, _ in sides}
             for s, _ in sides:
                 print(times_line(s))
             for line in skipped:
                 print(line)
             a, b, c = series["A"], series["B"], series["C"]
-            print(ratio_line("B / A  verify with checks vs built-in", b, a, "<= 1.5x (20, 50 hosts)", lambda r: r <= 1.5))
-            if "D" in series:
-                print(ratio_line("D / B  Ansible vs verify with checks", series["D"], b, ">= 3x (20, 50 hosts)",
-                                 lambda r: r >= 3))
-            print(ratio_line("A / C  built-in vs raw paramiko", a, c, "<= 1.15x (50 hosts)", lambda r: r <= 1.15))
+            print(ratio_line("A / C  built-in vs raw paramiko, same lines", a, c, "<= 1.15x (50 hosts)",
+                             lambda r: r <= 1.15))
+            print(ratio_line("B / A  verify with checks vs built-in", b, a, CONTEXT, lambda r: True))
             if "E" in series:
-                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], "<= 1.0x (not behind)", lambda r: r <= 1.0))
+                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], CONTEXT, lambda r: True))
             if "D" in series:
-                print(ratio_line("D / A  Ansible vs built-in (issue: 3.4-4.1x)", series["D"], a, CONTEXT, lambda r: True))
+                print(ratio_line("D / A  Ansible vs built-in", series["D"], a, CONTEXT, lambda r: True))
+            print("  whole runs, start-up included (the targets are per added host, after the last size):")
+            print(ratio_line("A / C  built-in vs raw paramiko", a, c, CONTEXT, lambda r: True, "controller CPU"))
+            if "E" in series:
+                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], CONTEXT, lambda r: True, "controller CPU"))
+            if "D" in series:
+                print(ratio_line("D / A  Ansible vs built-in", series["D"], a, CONTEXT, lambda r: True, "controller CPU"))
+            print(ratio_line("B / A  verify with checks vs built-in", b, a, CONTEXT, lambda r: True, "controller CPU"))
+            print(ratio_line("B / A  verify with checks vs built-in", b, a, CONTEXT, lambda r: True, "hosts CPU"))
+            print(ratio_line("A / C  built-in vs raw paramiko, same lines", a, c, CONTEXT, lambda r: True, "hosts CPU"))
             if each_check:
-                bench_each_check(project, tmp, verify, count, size)
+                bench_each_check(project, tmp, verify, count, size, meter)
             if not upgrade:
-                return
+                return series
 
             elapsed, sent, logged = counted_upgrade(project, inventory)
             print(f"\n== {size} hosts: upgrade 1.0.0 -> 1.1.0 in {elapsed:.1f} s; commands per host (target: app hosts <= 10)")
@@ -525,16 +675,19 @@ def bench_size(size: int, count: int, tools: dict[str, str], subnet: str = SUBNE
 
             noop = Series("no-op upgrade --version 1.1.0")
             plain = Series(verify[0].label)
-            rounds([(plain, verify[1]), (noop, cli_side(project, *UPGRADE))], count)
+            rounds([(plain, verify[1]), (noop, cli_side(project, *UPGRADE))], count, meter)
             print(f"\n== {size} hosts: no-op re-run of the upgrade, {count} rounds (+1 warm-up); {load()}")
             print(times_line(plain))
             print(times_line(noop))
-            print(ratio_line("no-op upgrade / verify (issue: 1.9-2.0x)", noop, plain, "<= 1.2x", lambda r: r <= 1.2))
+            print(ratio_line("no-op upgrade / verify", noop, plain, "<= 1.15x", lambda r: r <= 1.15, "controller CPU"))
+            print(ratio_line("no-op upgrade / verify (not the same host work)", noop, plain, CONTEXT, lambda r: True))
+            print(ratio_line("no-op upgrade / verify", noop, plain, CONTEXT, lambda r: True, "hosts CPU"))
+            return series
         finally:
             lab.down()
 
 
-def bench_critical_path(size: int, count: int, subnet: str = SUBNET) -> None:
+def bench_critical_path(size: int, count: int, meter: Meter, subnet: str = SUBNET) -> None:
     """Rounds of: a fresh lab upgraded by overhaul; a fresh lab upgraded by hand (the unavoidable commands only);
     a fresh lab upgraded by hand with Overhaul's safety reads of the programs' states added (see unavoidable_stages)."""
     with tempfile.TemporaryDirectory(prefix="overhaul-peers-") as tmp_name:
@@ -547,15 +700,15 @@ def bench_critical_path(size: int, count: int, subnet: str = SUBNET) -> None:
                 for series in (upgrade, by_hand, safe):
                     lab.down()
                     lab.up(size)
+                    meter.track(lab)
                     inventory = load_inventory_file(lab.inventory)
-                    before = machine_cpu()
                     if series is upgrade:
-                        series.times.append(cli_side(project, *UPGRADE)())
+                        side = cli_side(project, *UPGRADE)
                     else:
                         stages = unavoidable_stages(inventory, inventory.vars.get("package", "scalr-server"), "1.1.0",
                                                     safety_reads=series is safe)
-                        series.times.append(raw_side(tmp, inventory, stages, "by-hand-spec.json")())
-                    series.cpu.append(machine_cpu() - before)
+                        side = raw_side(tmp, inventory, stages, "by-hand-spec.json")
+                    meter.measure(series, side)
         finally:
             lab.down()
     print(f"\n== {size} hosts: upgrade vs the critical path of its unavoidable commands, {count} rounds (a fresh lab "
@@ -563,9 +716,43 @@ def bench_critical_path(size: int, count: int, subnet: str = SUBNET) -> None:
     print(times_line(upgrade))
     print(times_line(by_hand))
     print(times_line(safe))
-    print(ratio_line("upgrade / critical path", upgrade, by_hand, "<= 1.1x (4 hosts)", lambda r: r <= 1.1))
-    print(ratio_line("upgrade / critical path plus the safety reads", upgrade, safe, CONTEXT, lambda r: True))
+    print(ratio_line("upgrade / by hand with the same safety reads", upgrade, safe, "<= 1.1x (4 hosts)",
+                     lambda r: r <= 1.1))
+    print(ratio_line("upgrade / critical path (less host work)", upgrade, by_hand, CONTEXT, lambda r: True))
     print(ratio_line("the safety reads alone: by hand with / without", safe, by_hand, CONTEXT, lambda r: True))
+    for measure in ("controller CPU", "hosts CPU"):
+        print(ratio_line("upgrade / by hand with the same safety reads", upgrade, safe, CONTEXT, lambda r: True, measure))
+
+
+def per_added_host(results: dict[int, dict[str, Series]]) -> None:
+    """The cost of one more host, on each side: the slope of its medians between the smallest and the largest size
+    (start-up, imports and the like cancel out), and the targets on the controller's CPU."""
+    small, large = min(results), max(results)
+    if small == large:
+        return
+
+    def slope(letter: str, measure: str = "controller CPU") -> float:
+        return (results[large][letter].median(measure) - results[small][letter].median(measure)) / (large - small)
+
+    print(f"\n== per added host, {small} -> {large} hosts (each side's medians)")
+    letters = [letter for letter in "ABCDE" if letter in results[large]]
+    for letter in letters:
+        print(f"  {results[large][letter].label:<46} controller CPU {slope(letter) * 1000:6.1f} ms  hosts CPU "
+              f"{slope(letter, 'hosts CPU') * 1000:6.1f} ms  wall {slope(letter, 'wall') * 1000:6.1f} ms")
+    checks = slope("B") - slope("A")
+    print(f"  {'what the checks add (B - A)':<46} controller CPU {checks * 1000:6.1f} ms  hosts CPU "
+          f"{(slope('B', 'hosts CPU') - slope('A', 'hosts CPU')) * 1000:6.1f} ms")
+
+    def line(label: str, value: float, target: str, good: bool) -> str:
+        return f"  {label:<46} controller CPU {value:6.2f}x  target {target:<22} {'met' if good else 'MISSED'}"
+
+    a = slope("A")
+    print(line("A / C  built-in vs raw paramiko", a / slope("C"), "<= 1.2x", a <= 1.2 * slope("C")))
+    if "E" in results[large]:
+        print(line("A / E  built-in vs pyinfra", a / slope("E"), "<= 1.0x", a <= slope("E")))
+    print(line("(B - A) / A  the checks vs the built-in", checks / a, "<= 1.0x", checks <= a))
+    if "D" in results[large]:
+        print(line("D / A  Ansible vs built-in", slope("D") / a, ">= 10x", slope("D") >= 10 * a))
 
 
 def main() -> None:
@@ -583,10 +770,15 @@ def main() -> None:
     tools = peers_venv()
     print(f"overhaul from {Path(sys.modules['overhaul'].__file__).parent}; peers: "
           + ", ".join(f"{tool} {'missing' if path.startswith('SKIPPED') else 'installed'}" for tool, path in tools.items()))
-    for size in sizes:
-        bench_size(size, args.rounds, tools, args.subnet, upgrade=not args.verify_only, each_check=args.each_check)
-    if args.upgrade_rounds and not args.verify_only:
-        bench_critical_path(min(sizes), args.upgrade_rounds, args.subnet)
+    meter = Meter()
+    try:
+        results = {size: bench_size(size, args.rounds, tools, meter, args.subnet, upgrade=not args.verify_only,
+                                    each_check=args.each_check) for size in sizes}
+        per_added_host(results)
+        if args.upgrade_rounds and not args.verify_only:
+            bench_critical_path(min(sizes), args.upgrade_rounds, meter, args.subnet)
+    finally:
+        meter.close()
 
 
 if __name__ == "__main__":
