@@ -408,7 +408,12 @@ class RemoteHost:
                         self._drop(connection)
                         raise HostUnreachable(f"{self.name}: no answer by the command's deadline (timeout + "
                                               f"{KILL_GRACE + 5} s): host frozen or overloaded?")
-                    readable.poll(min(remaining, 1.0) * 1000)
+                    if channel.eof_received:
+                        # The output has ended, the exit status has not come: paramiko leaves the channel's pipe
+                        # readable after EOF, so poll would return at once (hundreds of turns per command).
+                        channel.status_event.wait(min(remaining, 1.0))
+                    else:
+                        readable.poll(min(remaining, 1.0) * 1000)
             # The transport thread may have fed the last data just before the end: drain it.
             while channel.recv_ready():
                 out += channel.recv(65536)
