@@ -128,8 +128,8 @@ class SQLState:
         self.lease = lease
         self.max_group = MAX_GROUP  # 1: each pair's write in a transaction of its own (as before group commit)
         self._waiting: list[_Write] = []  # pairs' writes queued for the next group commit, in the order they came
-        self._committing = False  # a thread is committing a group: the next one waits for its turn
-        self._turn = threading.Condition()
+        self._committing = False  # a thread is committing a group (False: none is, and none waits)
+        self._turn = threading.Lock()  # guards the two above
         self._counting = threading.Lock()
         self._writes = 0
         kill_after = os.environ.get(KILL_AFTER_WRITES)
@@ -233,29 +233,34 @@ class SQLState:
     def _grouped(self, write: _Write) -> None:
         """Group commit: journal `write` in one transaction with the pairs' writes other threads are waiting on.
 
-        The first thread to find no group being committed commits every write queued (up to `max_group`), in the
-        order they came, so a pair's start is before its end; the threads that queue meanwhile wait for the next
-        turn, and the first of them commits them all. Each caller returns once its own rows are durable, or raises
-        its own error: LockLost when its fence no longer holds (its rows alone are not written, as each write's
-        fence is checked in the transaction that writes it), or the failure of the transaction to each of its
-        writes (none of them written)."""
+        A thread that finds no group being committed commits every write queued (up to `max_group`), its own
+        first, in the order they came, so a pair's start is before its end; the threads that queue meanwhile wait,
+        and the first of them is woken to commit the next group (each waiter is woken once: when its write is
+        committed, or when it commits). Each caller returns once its own rows are durable, or raises its own error:
+        LockLost when its fence no longer holds (its rows alone are not written, as each write's fence is checked
+        in the transaction that writes it), or the failure of the transaction to each of its writes (none of them
+        written)."""
         with self._turn:
             self._waiting.append(write)
-            while not write.done:
-                if self._committing:
-                    self._turn.wait()
-                    continue
-                self._committing = True
+            leading = not self._committing
+            self._committing = True
+        if not leading:
+            write.turn.wait()  # its group was committed, or it is first in line: its turn to commit
+        if not write.done:
+            with self._turn:  # (first in line: its own write is the group's first)
                 group, self._waiting = self._waiting[:self.max_group], self._waiting[self.max_group:]
-                self._turn.release()
-                try:
-                    self._commit(group)
-                finally:
-                    self._turn.acquire()
+            try:
+                self._commit(group)
+            finally:
+                with self._turn:
                     for each in group:
                         each.done = True
-                    self._committing = False
-                    self._turn.notify_all()
+                    following = self._waiting[0] if self._waiting else None
+                    self._committing = following is not None
+                for each in group:
+                    each.turn.set()
+                if following is not None:
+                    following.turn.set()  # the next group's turn
         if write.error is not None:
             raise write.error
 
@@ -562,13 +567,14 @@ class _Write:
     """One caller's pairs' rows waiting for a group commit (see SQLState._grouped): written together or not at all,
     only while `fence` (environment, token) holds the lease (and, with `live`, the lease is unexpired)."""
 
-    __slots__ = ("done", "ends", "error", "fence", "live")
+    __slots__ = ("done", "ends", "error", "fence", "live", "turn")
 
     def __init__(self, ends: list[tuple[ResultRecord, list[CommandRecord]]], fence: tuple[str, str] | None,
                  live: bool):
         self.ends, self.fence, self.live = ends, fence, live
         self.done = False  # its group's transaction ended (committed, or failed: then `error`)
         self.error: BaseException | None = None
+        self.turn = threading.Event()  # set when it is done, or when its writer is to commit the next group
 
     def refusal(self, leases: dict[str, tuple[str, bool]]) -> str:
         """Why the write must not be made, given each fenced environment's (token, unexpired) lease ("": made)."""

@@ -1,7 +1,8 @@
 """The embedded state backend: one SQLite file (WAL mode), safe across threads and processes.
 
-Every journal write is its own committed transaction with `synchronous=FULL`, so a result is on disk
-before the runner moves past it, even if the controller is killed or the machine loses power.
+Every journal write is committed with `synchronous=FULL` before its call returns, so a result is on disk
+before the runner moves past it, even if the controller is killed or the machine loses power. The pairs'
+writes of concurrent workers share a transaction, one disk sync for them all (group commit: overhaul.state.sql).
 """
 
 from __future__ import annotations
