@@ -241,3 +241,18 @@ def test_with_web_url_set_a_runs_last_line_and_its_notification_link_its_page(la
     monkeypatch.chdir(tmp_path)  # (the project whose overhaul.yaml says where the pages are)
     assert RunInfo("lab", "hello", run_id, "root").show == \
         f"overhaul show {run_id} or https://overhaul.example.internal/runs/{run_id}"
+
+
+def test_a_runs_header_says_the_version_it_went_from_and_to(tmp_path):
+    journal = SQLiteState(tmp_path / "journal.sqlite")
+    run = RunRecord("20261207T000000-fedcba", "upgrade", "/nowhere.yaml", "0" * 64, "lab", {"version": "1.1.0"},
+                    "root@vm", time.time(), time.time(), "succeeded")
+    journal.start_run(run)
+    journal.record(ResultRecord(run.id, 2, "upgrade package", "app1", "changed", 1, time.time(), time.time(),
+                                "scalr-server 1.0.0 -> 1.1.0", facts={"version": "1.1.0", "previous": "1.0.0"}))
+    served = Served(tmp_path, {"OVERHAUL_JOURNAL": str(tmp_path / "journal.sqlite")})
+    try:
+        status, page = served.get(f"/runs/{run.id}")
+    finally:
+        served.close()
+    assert status == 200 and "version 1.0.0 -&gt; 1.1.0" in page

@@ -167,6 +167,7 @@ class RunPage:
     host_page: int
     host_pages: int
     preflight: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> {"ssh" or stage number: "ok" or why}
+    versions_from: list[str] = field(default_factory=list)  # what its package changes found (an upgrade's "from")
 
     @property
     def preflight_columns(self) -> list[str]:
@@ -203,9 +204,11 @@ def run_page(state: State, record: RunRecord, host_page: int = 0) -> RunPage:
             preflight = {host: row for host, row in json.loads(detail).items() if host in shown or not hosts}
         else:
             events.append({"at": local(at), "kind": kind, "detail": detail})
+    from overhaul.history import versions_found
+
     return RunPage(record, [stages[index] for index in sorted(stages)], hosts,
                    {(r.stage_index, r.host): r for r in results if r.host in shown}, commands, events, host_page, pages,
-                   preflight)
+                   preflight, sorted(versions_found(state, record, results)))
 
 
 def last_output(result: ResultRecord, lines: int = 12) -> str:
