@@ -655,7 +655,8 @@ def _close_connection(connection: fabric.Connection) -> None:
     if transport is not None and isinstance(transport.sock, socket.socket):
         with contextlib.suppress(OSError):  # already closed, or never connected
             transport.sock.shutdown(socket.SHUT_RDWR)
-    connection.close()
+    with contextlib.suppress(EOFError, OSError, paramiko.SSHException):  # (its goodbyes meet the shut socket)
+        connection.close()
     if transport is not None and transport.is_alive() and transport is not threading.current_thread():
         transport.join(CLOSE_WAIT)
 

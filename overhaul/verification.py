@@ -98,6 +98,7 @@ def _session(checks: Path, env: str, hosts_dir: str, hosts: list[str], extra_var
     Each host is released after its last check (or at the session's end)."""
     import pytest  # only a verify with checks pays for importing pytest and testinfra
 
+    pytest.hookimpl(hookwrapper=True)(_Collector.pytest_collection)  # (marks the function: the same each time)
     collector = _Collector(str(checks), stop, hosts, release)
     try:
         code = pytest.main(_pytest_args(checks, env, hosts_dir, hosts, extra_vars),
@@ -182,7 +183,7 @@ def _session_state(checks: Path, env: str, hosts_dir: str) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)  # how testinfra's backends (made at collection) learn the environment
     try:
-        with _tolerant_current_test():
+        with _tolerant_current_test(), _one_ast_at_a_time():
             yield
     finally:
         sys.path[:] = path
@@ -196,6 +197,29 @@ def _session_state(checks: Path, env: str, hosts_dir: str) -> Iterator[None]:
                      if (getattr(module, "__file__", None) or "").startswith(folder)]:
             del sys.modules[name]  # the next verify reads the checks afresh
         overhaul_checks.forget_hosts()
+
+
+_COLLECTING = threading.RLock()  # see _Collector.pytest_collection and _one_ast_at_a_time
+
+
+@contextmanager
+def _one_ast_at_a_time() -> Iterator[None]:
+    """`ast.parse` one thread at a time while the sessions run: pytest parses sources to show a failed check's
+    traceback, and CPython 3.11's AST code counts recursion per interpreter, not per thread ("SystemError: AST
+    constructor recursion depth mismatch" when two sessions' checks fail at once, as a Ctrl-C makes them)."""
+    import ast
+
+    parse = ast.parse
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _COLLECTING:
+            return parse(*args, **kwargs)
+
+    ast.parse = locked
+    try:
+        yield
+    finally:
+        ast.parse = parse
 
 
 class _Collector:
@@ -217,6 +241,13 @@ class _Collector:
         for host in self._held:
             self._release(host)
         self._held.clear()
+
+    def pytest_collection(self) -> Iterator[None]:  # a hook wrapper (marked in _session: pytest is imported there)
+        """One session collects at a time: collecting imports the checks, and pytest's assertion rewriting compiles
+        them from an AST, which CPython 3.11 cannot do in two threads at once (its AST constructor counts recursion
+        per interpreter: "SystemError: AST constructor recursion depth mismatch", seen as a pytest INTERNALERROR)."""
+        with _COLLECTING:
+            yield
 
     def pytest_collectreport(self, report: Any) -> None:
         if report.failed:

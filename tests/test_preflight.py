@@ -115,7 +115,7 @@ def test_skip_unreachable_leaves_the_host_out_of_the_whole_run_and_says_so(fresh
     state = SQLiteState(tmp_path / "journal.sqlite")
     [run] = state.runs("lab")
     assert run.status == "succeeded"
-    assert [kind for _, run_id, kind, _ in state.events("lab") if run_id == run.id] == ["excluded"]
+    assert [kind for _, run_id, kind, _ in state.events("lab") if run_id == run.id] == ["preflight", "excluded"]
 
 
 def test_skipping_the_only_host_of_a_stage_is_refused(lab, tmp_path):

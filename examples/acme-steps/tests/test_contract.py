@@ -14,6 +14,6 @@ AGENT = {"name": "acme-agent", "command": "/bin/sleep infinity"}
 
 def test_acme_program_keeps_the_whole_step_contract(step_contract: StepContract) -> None:
     report = step_contract.check("acme.program", AGENT, hosts=["app1"])
-    assert report.writes == 1 + 2 + 1  # the run's start, its pair's start and end, the run's end
+    assert report.writes == 1 + 1 + 2 + 1  # the run's start, the gate's table, its pair's start and end, the run's end
     assert report.kill_points == list(range(1, report.writes))  # killed after every write but the last, resumed
     assert report.undo == "taken back"
