@@ -790,14 +790,6 @@ def history(c, env="", count=20, runbook="", status="", since="", all=False, jso
               f"{started:<20} {record.duration:>6.0f}s  {record.operator}")
 
 
-def last_output(log: Path, lines: int = 6) -> list[str]:
-    """The last lines a pair's log holds (its last command and what it printed), read from the end of the file."""
-    with log.open("rb") as file:
-        file.seek(max(0, log.stat().st_size - 8192))
-        tail = file.read().decode(errors="replace")
-    return [line for line in tail.splitlines() if line.strip()][-lines:]
-
-
 def since_time(text: str) -> float:
     """`--since`: an age (30m, 2h, 3d) or a date or date-time (2026-11-01, 2026-11-01T08:00), as a timestamp."""
     units = {"m": 60, "h": 3600, "d": 86400}
@@ -816,6 +808,7 @@ def show(c, run, json=False):
     if help_asked(run, "show"):
         return
     from overhaul.execution import PREFLIGHT_EVENT
+    from overhaul.files import last_lines
     from overhaul.report import plural
 
     state = open_state()
@@ -842,7 +835,7 @@ def show(c, run, json=False):
             print(f"      facts: {dumps(result.facts, sort_keys=True)}")
         log = Path(result.output_path) if result.output_path else None
         if result.outcome == "failed":
-            last = last_output(log) if log is not None and log.exists() else []
+            last = last_lines(log, 6) if log is not None and log.exists() else []
             print(f"      last output: {last[0]}" if last else "      last output: none (no command of it was logged here)")
             for line in last[1:]:
                 print(f"        {line}")

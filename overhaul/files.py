@@ -158,3 +158,11 @@ def append_private(path: Path | str, text: str) -> None:
             with contextlib.suppress(OSError):
                 os.fchmod(descriptor, FILE_MODE)
         out.write(text)
+
+
+def last_lines(path: Path, lines: int, window: int = 16384) -> list[str]:
+    """The last `lines` non-blank lines of a text file (a pair's log), read from its end only."""
+    with path.open("rb") as file:
+        file.seek(max(0, path.stat().st_size - window))
+        tail = file.read().decode(errors="replace")
+    return [line for line in tail.splitlines() if line.strip()][-lines:]

@@ -146,7 +146,7 @@ def overhaul_lab(tmp_path_factory: pytest.TempPathFactory, overhaul_lab_subnet: 
     after it. Each host is a Debian in its own namespaces with sshd, supervisord, the scalr-server fixture package
     (1.0.0 installed, 1.1.0 in its apt repository) and MariaDB on db1. Needs root (skipped otherwise)."""
     if os.geteuid() != 0:
-        pytest.skip("overhaul_lab starts real hosts (namespaces, mounts): it needs root")
+        pytest.skip(reason="overhaul_lab starts real hosts (namespaces, mounts): it needs root")
     lab = start_lab(tmp_path_factory.mktemp("overhaul-lab"), overhaul_lab_subnet, overhaul_lab_size)
     yield lab
     lab.down()

@@ -46,12 +46,12 @@ def test_the_root_is_the_nearest_folder_with_hosts_or_overhaul_yaml(tmp_path):
     assert find_project_root(tmp_path / "a" / "b" / "c") == (tmp_path / "a").resolve()
     write(tmp_path / "a" / "b" / "overhaul.yaml", "default_env: staging\n")
     assert find_project_root(tmp_path / "a" / "b" / "c") == (tmp_path / "a" / "b").resolve()
-    assert find_project_root(tmp_path) is None or find_project_root(tmp_path) not in (tmp_path, tmp_path / "a")
+    assert find_project_root(tmp_path) is None  # a folder with neither marker above it
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    if find_project_root(outside) is None:  # (unless the test's own temporary folder is inside a project)
-        with pytest.raises(NoProject, match=f"no hosts/ folder nor overhaul.yaml in {outside}, {tmp_path}"):
-            project_root(outside)
+    assert find_project_root(outside) is None, "the test's temporary folder must be outside any project"
+    with pytest.raises(NoProject, match=f"no hosts/ folder nor overhaul.yaml in {outside}, {tmp_path}"):
+        project_root(outside)
 
 
 def test_setting_the_default_environment_keeps_the_files_text_and_never_replaces_one(tmp_path):
@@ -77,8 +77,7 @@ def test_from_a_subfolder_commands_find_the_projects_hosts_and_journal(lab, proj
 def test_outside_any_project_a_command_says_where_it_looked_and_creates_nothing(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    if find_project_root(outside) is not None:
-        pytest.skip(f"the test's temporary folder is inside a project ({find_project_root(outside)})")
+    assert find_project_root(outside) is None, "the test's temporary folder must be outside any project"
     for args in (("history",), ("verify", "--env", "lab"), ("show", "last"), ("inventory", "--env", "lab")):
         proc = command(outside, *args)
         assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from overhaul.execution import PREFLIGHT_EVENT
+from overhaul.files import last_lines
 from overhaul.state.records import ResultRecord, RunRecord, State
 
 SYNTHETIC = "synthetic"
@@ -215,11 +216,7 @@ def last_output(result: ResultRecord, lines: int = 12) -> str:
     """The end of a pair's log (its last commands and what they printed), when this controller has it."""
     if not result.output_path or not Path(result.output_path).is_file():
         return ""
-    path = Path(result.output_path)
-    with path.open("rb") as file:
-        file.seek(max(0, path.stat().st_size - 16384))
-        tail = file.read().decode(errors="replace")
-    return "\n".join(tail.splitlines()[-lines:])
+    return "\n".join(last_lines(Path(result.output_path), lines))
 
 
 def fingerprint(state: State, record: RunRecord) -> tuple[str, RunRecord]:
