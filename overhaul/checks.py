@@ -10,6 +10,7 @@ any host key and opens connections of its own).
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,14 @@ _transports_lock = threading.Lock()
 
 
 def _key(env: str, hosts_dir: str) -> tuple[str, str]:
-    return env, str(Path(hosts_dir).resolve())
+    return env, _resolved(os.getcwd(), hosts_dir)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(cwd: str, hosts_dir: str) -> str:
+    """The hosts folder's real path (asked at each command of a check: resolved once, not with a system call per
+    part of the path each time)."""
+    return str(Path(cwd, hosts_dir).resolve())
 
 
 def transport_for(env: str, hosts_dir: str = "hosts") -> Transport:

@@ -571,10 +571,10 @@ def verify(c, env="", checks="", junit="", json="", no_checks=False, checks_only
     failed = any(case.status == "failed" for case in cases)
     code = (exit_code(result) if result is not None else 0) or (1 if failed else 0)
     if result is not None and result.run_id:
-        for case in cases:  # the testinfra checks' results belong to the run too (`overhaul show`)
-            if case.source != "runbook":
-                state.event(env, CHECK, dumps({"check": case.check, "host": case.host, "status": case.status,
-                                               "message": case.message}), result.run_id)
+        # the testinfra checks' results belong to the run too (`overhaul show`): one transaction for all of them
+        state.add_events(env, CHECK, [dumps({"check": case.check, "host": case.host, "status": case.status,
+                                             "message": case.message}) for case in cases if case.source != "runbook"],
+                         result.run_id)
         if code:
             state.set_status(result.run_id, "failed", time.time())  # the journal says what the exit code says
     finish(code)

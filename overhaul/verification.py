@@ -78,6 +78,7 @@ def run_checks(transport: Transport, hosts_dir: str, checks: Path, hosts: list[s
         return []
     stop = stop or threading.Event()
     groups = [hosts[index::width] for index in range(max(1, min(width, len(hosts))))]
+    installed_plugins()  # loaded here, once: sessions starting at once would each miss the cache and load them all
     env = transport.inventory.environment
     with overhaul_checks.sharing(transport, hosts_dir), _session_state(checks, env, hosts_dir), \
             ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="overhaul-checks") as pool:

@@ -166,3 +166,22 @@ def test_a_pairs_start_and_end_in_one_transaction_leave_its_end(backend):
     assert groups == [1, WORKERS - 1]
     [db1] = [r for r in state.results("r1") if r.host == "db1"]
     assert (db1.outcome, db1.message) == ("changed", "done")
+
+
+def test_many_events_of_one_kind_are_written_in_one_transaction(backend):
+    """A verify's check results (one event per check and host) are one write, not one fsync'd transaction each."""
+    state = backend.open()
+    transactions: list[int] = []
+    transaction = state._transaction
+
+    def counted(work: Callable[..., Any]) -> Any:
+        transactions.append(1)
+        return transaction(work)
+
+    state._transaction = counted
+    state.add_events("lab", "check", [f"check {index}" for index in range(50)], "r1")
+    state.add_events("lab", "check", [], "r1")  # nothing to write: no transaction at all
+    assert len(transactions) == 1
+    state._transaction = transaction
+    assert [(run_id, kind, detail) for _, run_id, kind, detail in state.events("lab")] == \
+        [("r1", "check", f"check {index}") for index in range(50)]

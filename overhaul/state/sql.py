@@ -332,8 +332,19 @@ class SQLState:
             raise LockLost(f"this run no longer holds the lease of {environment!r} ({why}): not {doing}")
 
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
-        self._write("INSERT INTO events (at, environment, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
-                    (time.time(), environment, run_id, kind, detail))
+        self.add_events(environment, kind, [detail], run_id)
+
+    def add_events(self, environment: str, kind: str, details: Iterable[str], run_id: str = "") -> None:
+        now = time.time()  # each a microsecond after the one before: events are read back in the order of `at`
+        rows = [(now + index * 1e-6, environment, run_id, kind, detail) for index, detail in enumerate(details)]
+
+        def write(execute: Execute) -> None:
+            for row in rows:
+                execute("INSERT INTO events (at, environment, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)", row)
+
+        if rows:
+            self._transaction(write)
+            self._journaled()
 
     # -- reads -----------------------------------------------------------------------------------
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
