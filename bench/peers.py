@@ -470,23 +470,6 @@ class CpuGroup:
                 time.sleep(0.05)
 
 
-def host_processes(lab: Lab) -> list[int]:
-    """Every process running inside the lab's hosts: those in the PID namespaces of the hosts' inits."""
-    spaces = set()
-    for host in lab.hosts():
-        if host.running():
-            spaces.add(os.readlink(f"/proc/{host.pid}/ns/pid"))
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "ns/pid") in spaces:
-                    found.append(int(entry.name))
-            except OSError:
-                continue  # it ended meanwhile
-    return found
-
-
 class Meter:
     """Each side's wall time, the controller's CPU (its process and everything it starts on this machine) and the
     hosts' CPU (every process inside the lab's hosts: sshd, the commands, supervisord and its programs, MariaDB)."""
@@ -498,7 +481,7 @@ class Meter:
     def track(self, lab: Lab) -> None:
         """Count a (new) lab's hosts: their processes move into the hosts' group, and so will all they start."""
         for _ in range(2):  # a second pass for what the first one's processes forked meanwhile
-            for pid in host_processes(lab):
+            for pid in (pid for host in lab.hosts() for pid in host.processes()):
                 self.hosts.add(pid)
 
     def measure(self, series: Series, side: Side) -> None:
@@ -513,8 +496,8 @@ class Meter:
 
 
 # -- reporting -----------------------------------------------------------------------------------------------------
-def ratio_line(label: str, top: Series, bottom: Series, target: str, good: Callable[[float], bool],
-               measure: str = "wall") -> str:
+def ratio_line(label: str, top: Series, bottom: Series, target: str = CONTEXT,
+               good: Callable[[float], bool] = lambda ratio: True, measure: str = "wall") -> str:
     """The median of the per-round ratios of `measure` (the verdict), their range, and the ratio of the two sides'
     lowest values (what each side costs when nothing else on the machine gets in its way: a check on the median)."""
     tops, bottoms = getattr(top, MEASURES[measure]), getattr(bottom, MEASURES[measure])
@@ -603,8 +586,8 @@ def bench_each_check(project: Path, work: Path, verify: tuple[Series, Side], cou
         print(times_line(series))
     for series, _ in sides[1:]:
         for measure in MEASURES:
-            print(ratio_line(f"{series.label[2:].partition('::')[2][:40]} / A", series, plain, CONTEXT, lambda r: True,
-                             measure))
+            print(ratio_line(f"{series.label[2:].partition('::')[2][:40]} / A", series, plain,
+                             measure=measure))
 
 
 # -- one lab size ----------------------------------------------------------------------------------------------------
@@ -650,20 +633,20 @@ def bench_size(size: int, count: int, tools: dict[str, str], meter: Meter, subne
             a, b, c = series["A"], series["B"], series["C"]
             print(ratio_line("A / C  built-in vs raw paramiko, same lines", a, c, "<= 1.15x (50 hosts)",
                              lambda r: r <= 1.15))
-            print(ratio_line("B / A  verify with checks vs built-in", b, a, CONTEXT, lambda r: True))
+            print(ratio_line("B / A  verify with checks vs built-in", b, a))
             if "E" in series:
-                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], CONTEXT, lambda r: True))
+                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"]))
             if "D" in series:
-                print(ratio_line("D / A  Ansible vs built-in", series["D"], a, CONTEXT, lambda r: True))
+                print(ratio_line("D / A  Ansible vs built-in", series["D"], a))
             print("  whole runs, start-up included (the targets are per added host, after the last size):")
-            print(ratio_line("A / C  built-in vs raw paramiko", a, c, CONTEXT, lambda r: True, "controller CPU"))
+            print(ratio_line("A / C  built-in vs raw paramiko", a, c, measure="controller CPU"))
             if "E" in series:
-                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], CONTEXT, lambda r: True, "controller CPU"))
+                print(ratio_line("A / E  built-in vs pyinfra", a, series["E"], measure="controller CPU"))
             if "D" in series:
-                print(ratio_line("D / A  Ansible vs built-in", series["D"], a, CONTEXT, lambda r: True, "controller CPU"))
-            print(ratio_line("B / A  verify with checks vs built-in", b, a, CONTEXT, lambda r: True, "controller CPU"))
-            print(ratio_line("B / A  verify with checks vs built-in", b, a, CONTEXT, lambda r: True, "hosts CPU"))
-            print(ratio_line("A / C  built-in vs raw paramiko, same lines", a, c, CONTEXT, lambda r: True, "hosts CPU"))
+                print(ratio_line("D / A  Ansible vs built-in", series["D"], a, measure="controller CPU"))
+            print(ratio_line("B / A  verify with checks vs built-in", b, a, measure="controller CPU"))
+            print(ratio_line("B / A  verify with checks vs built-in", b, a, measure="hosts CPU"))
+            print(ratio_line("A / C  built-in vs raw paramiko, same lines", a, c, measure="hosts CPU"))
             if each_check:
                 bench_each_check(project, tmp, verify, count, size, meter)
             if not upgrade:
@@ -683,8 +666,8 @@ def bench_size(size: int, count: int, tools: dict[str, str], meter: Meter, subne
             print(times_line(plain))
             print(times_line(noop))
             print(ratio_line("no-op upgrade / verify", noop, plain, "<= 1.15x", lambda r: r <= 1.15, "controller CPU"))
-            print(ratio_line("no-op upgrade / verify (not the same host work)", noop, plain, CONTEXT, lambda r: True))
-            print(ratio_line("no-op upgrade / verify", noop, plain, CONTEXT, lambda r: True, "hosts CPU"))
+            print(ratio_line("no-op upgrade / verify (not the same host work)", noop, plain))
+            print(ratio_line("no-op upgrade / verify", noop, plain, measure="hosts CPU"))
             return series
         finally:
             lab.down()
@@ -721,10 +704,10 @@ def bench_critical_path(size: int, count: int, meter: Meter, subnet: str = SUBNE
     print(times_line(safe))
     print(ratio_line("upgrade / by hand with the same safety reads", upgrade, safe, f"<= 1.1x ({size} hosts)",
                      lambda r: r <= 1.1))
-    print(ratio_line("upgrade / critical path (less host work)", upgrade, by_hand, CONTEXT, lambda r: True))
-    print(ratio_line("the safety reads alone: by hand with / without", safe, by_hand, CONTEXT, lambda r: True))
+    print(ratio_line("upgrade / critical path (less host work)", upgrade, by_hand))
+    print(ratio_line("the safety reads alone: by hand with / without", safe, by_hand))
     for measure in ("controller CPU", "hosts CPU"):
-        print(ratio_line("upgrade / by hand with the same safety reads", upgrade, safe, CONTEXT, lambda r: True, measure))
+        print(ratio_line("upgrade / by hand with the same safety reads", upgrade, safe, measure=measure))
 
 
 def per_added_host(results: dict[int, dict[str, Series]]) -> None:

@@ -398,12 +398,13 @@ class RunNotifier:
             return []
         limited = f"limited to {run.limit}" if run.limit else ""
         about = ", ".join(part for part in (f"by {run.operator}", run.versions(), limited, f"run {run.run_id}") if part)
+        show = run.show  # (reads the project's settings: once)
         text = f"Overhaul: {run.runbook} on {run.environment} {outcome} ({about}){': ' + why if why else ''}. " \
-               f"Details: {run.show}"
+               f"Details: {show}"
         facts = {"event": event, "environment": run.environment, "runbook": run.runbook, "run_id": run.run_id,
                  "operator": run.operator, "version_from": run.version_from, "version_to": run.version_to,
                  "limit": run.limit, **facts,
-                 "show": run.show}
+                 "show": show}
         shown = {name: value for name, value in facts.items() if value not in (None, [], "")}
         attachment = {"color": "good" if event in ("start", "success") else "danger",
                       "fields": [{"title": name, "value": _shown(value), "short": len(_shown(value)) < 40}

@@ -10,7 +10,6 @@ any host key and opens connections of its own).
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -42,19 +41,13 @@ _transports_lock = threading.Lock()
 
 
 def _key(env: str, hosts_dir: str) -> tuple[str, str]:
-    return env, _resolved(os.getcwd(), hosts_dir)
+    return env, str(Path(hosts_dir).resolve())
 
 
-@functools.lru_cache(maxsize=64)
-def _resolved(cwd: str, hosts_dir: str) -> str:
-    """The hosts folder's real path (asked at each command of a check: resolved once, not with a system call per
-    part of the path each time)."""
-    return str(Path(cwd, hosts_dir).resolve())
-
-
-def transport_for(env: str, hosts_dir: str = "hosts") -> Transport:
-    """The one Transport of this process for an environment: every check reuses its connections."""
-    key = _key(env, hosts_dir)
+def transport_for(env: str, hosts_dir: str = "hosts", key: tuple[str, str] | None = None) -> Transport:
+    """The one Transport of this process for an environment: every check reuses its connections. `key`: the
+    environment's key (`_key`), when the caller worked it out already (resolving the folder costs system calls)."""
+    key = key or _key(env, hosts_dir)
     with _transports_lock:
         if key not in _transports:
             _transports[key] = Transport(load_inventory(env, Path(hosts_dir)))
@@ -111,11 +104,12 @@ class OverhaulBackend(BaseBackend):
             raise RuntimeError(f"overhaul://{hostname}: say which environment (env=... or {ENV_VARIABLE})")
         self.env = env
         self.hosts_dir = hosts_dir or os.environ.get(HOSTS_DIR_VARIABLE, "hosts")
+        self._key = _key(env, self.hosts_dir)  # once, not at each command
         self._read_ahead: dict[str, CommandResult] = {}
 
     @property
     def remote(self) -> RemoteHost:
-        return transport_for(self.env, self.hosts_dir).host(self.hostname)
+        return transport_for(self.env, self.hosts_dir, self._key).host(self.hostname)
 
     def run(self, command: str, *args: str, **kwargs: Any) -> CommandResult:
         command = self.get_command(command, *args)  # testinfra's own sudo wrapping, if asked for

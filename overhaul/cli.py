@@ -813,16 +813,16 @@ def show(c, run, json=False):
 
     state = open_state()
     record = journaled_run(state, run)
-    results = state.results(record.id)
-    events = [(at, kind, detail) for at, run_id, kind, detail in state.events(record.environment) if run_id == record.id]
-    commands: dict[tuple[int, str], list] = {}
-    for ran in state.commands(record.id):
-        commands.setdefault((ran.stage_index, ran.host), []).append(ran)
     if json:
         from overhaul.documents import show_document
 
         print(dumps(show_document(state, record), indent=2))
         return
+    results = state.results(record.id)
+    events = state.run_events(record.id)
+    commands: dict[tuple[int, str], list] = {}
+    for ran in state.commands(record.id):
+        commands.setdefault((ran.stage_index, ran.host), []).append(ran)
     print(f"run {record.id}: {record.runbook} on {record.environment}, {record.status}, by {record.operator}, "
           f"params {dumps(record.params, sort_keys=True)}, {record.duration:.1f} s")
     for result in results:
@@ -922,7 +922,7 @@ def serve(c, listen="", hosts_dir=""):
 
     root = find_project_root()
     folder = Path(hosts_dir) if hosts_dir else (root / "hosts" if root is not None else None)
-    app = make_app(open_state(), token=token, hosts_dir=folder, web_url=settings.web.url)
+    app = make_app(open_state(), token=token, hosts_dir=folder)
     print(f"serving the journal at http://{host}:{port}/ ({'token required' if token else 'no token'}); Ctrl-C stops")
     uvicorn.run(app, host=host, port=int(port), log_level="warning")
 

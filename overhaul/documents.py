@@ -56,7 +56,6 @@ def event_document(at: float, kind: str, detail: str) -> dict[str, Any]:
 
 def show_document(state: State, record: RunRecord) -> dict[str, Any]:
     """A run as `overhaul show --json` gives it: the run, its pairs, their commands and the run's events."""
-    events = [(at, kind, detail) for at, run_id, kind, detail in state.events(record.environment) if run_id == record.id]
     return {"run": run_document(record), "pairs": [pair_document(result) for result in state.results(record.id)],
             "commands": [command_document(ran) for ran in state.commands(record.id)],
-            "events": [event_document(*event) for event in events]}
+            "events": [event_document(*event) for event in state.run_events(record.id)]}

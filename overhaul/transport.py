@@ -175,7 +175,7 @@ class RemoteHost:
         with self._lock:
             if self._cut:
                 raise HostUnreachable(f"{self.name}: not connecting: the run's connections were cut (Ctrl-C)")
-            if self._connection is not None and self._connection.is_connected:
+            if self.connected:
                 return self._connection
             ssh = self.inventory.ssh
             retrying = Retrying(

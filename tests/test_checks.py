@@ -241,6 +241,8 @@ def test_checks_side_by_side_keep_each_host_to_itself(lab, tmp_path, isolated):
             assert hostname == name  # made on this host, not on the host of a session running beside it
             SEEN.setdefault(name, set()).add(hostname)
             assert SEEN[name] == {name}
+            with open(__file__ + ".seen", "a") as out:  # which module object, for the test to compare across hosts
+                out.write(f"{name} {id(SEEN)}\\n")
     """).parent
     hosts = [host.name for host in lab.hosts()]
     transport = Transport(load_inventory_file(lab.inventory))
@@ -251,6 +253,9 @@ def test_checks_side_by_side_keep_each_host_to_itself(lab, tmp_path, isolated):
     assert [case for case in cases if case.status != "passed"] == []
     assert sorted((case.host, case.check) for case in cases) == sorted((host, "test_own::test_own_host")
                                                                       for host in hosts for _ in range(10))
+    seen = [line.split() for line in (folder / "test_own.py.seen").read_text().splitlines()]
+    assert sorted(name for name, _ in seen) == sorted(host for host in hosts for _ in range(10))
+    assert len({module for _, module in seen}) == 1  # every session's checks recorded in the one shared module
     assert "PYTEST_CURRENT_TEST" not in os.environ or os.environ["PYTEST_CURRENT_TEST"].startswith(
         "tests/test_checks.py::test_checks_side_by_side")  # this test's own, as pytest set it
 

@@ -148,7 +148,14 @@ def test_the_pages_show_the_lab_its_history_a_live_run_and_a_failed_pairs_output
         shot(browser, "run")
         status, document = served.get(f"/runs/{run.id}.json")  # the same document as `show --json`
         assert status == 200
-        assert json.loads(document) == json.loads(overhaul_cli(tmp_path, "show", run.id, "--json").stdout)
+        served_document = json.loads(document)
+        assert served_document == json.loads(overhaul_cli(tmp_path, "show", run.id, "--json").stdout)
+        # (both are show_document's: what it holds is asserted too, or a document missing a part would pass)
+        [broken] = [p for p in served_document["pairs"] if p["stage_number"] == 2 and p["host"] == "app2"]
+        assert broken["outcome"] == "failed" and served_document["run"]["id"] == run.id
+        assert [c["exit_code"] for c in served_document["commands"] if c["host"] == "app2" and c["stage_number"] == 2
+                ][-1] == 3
+        assert "preflight" in [event["kind"] for event in served_document["events"]]
     finally:
         served.close()
 
@@ -236,11 +243,18 @@ def test_with_web_url_set_a_runs_last_line_and_its_notification_link_its_page(la
     run_id = re.search(r"^run (\S+):", proc.stdout, re.M).group(1)
     assert proc.stdout.rstrip().splitlines()[-1].endswith(
         f"details: overhaul show {run_id} or https://overhaul.example.internal/runs/{run_id}")
-    from overhaul.alerts import RunInfo
+    from webhook import Receiver, receiving
+
+    from overhaul.alerts import NotifyConfig, RunInfo, RunNotifier, WebhookSettings
 
     monkeypatch.chdir(tmp_path)  # (the project whose overhaul.yaml says where the pages are)
-    assert RunInfo("lab", "hello", run_id, "root").show == \
-        f"overhaul show {run_id} or https://overhaul.example.internal/runs/{run_id}"
+    with receiving() as port:  # the message a webhook receives, as posted
+        notifier = RunNotifier(NotifyConfig(webhook=WebhookSettings(url_secret={"env": "UNUSED"})),
+                               f"http://127.0.0.1:{port}/hook", retry_wait=0.1)
+        assert notifier.ended(RunInfo("lab", "hello", run_id, "root"), "succeeded", 1) == []
+    [(_, _, body)] = Receiver.received
+    page = f"overhaul show {run_id} or https://overhaul.example.internal/runs/{run_id}"
+    assert body["text"].endswith(f"Details: {page}") and body["overhaul"]["show"] == page, body
 
 
 def test_a_runs_header_says_the_version_it_went_from_and_to(tmp_path):

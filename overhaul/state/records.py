@@ -168,6 +168,8 @@ class State(Protocol):
     def add_events(self, environment: str, kind: str, details: Iterable[str], run_id: str = "") -> None:
         """Many events of one kind in one transaction (a verify's check results: one write, not one per check)."""
     def events(self, environment: str) -> list[tuple[float, str, str, str]]: ...
+    def run_events(self, run_id: str) -> list[tuple[float, str, str]]:
+        """One run's events (at, kind, detail) in the order of `at`: read by its index, not from its environment's."""
     def commands(self, run_id: str, hosts: Collection[str] | None = None) -> list[CommandRecord]:
         """The run's commands (only those of `hosts`, when given), in the order they ran."""
     # the environment's history: indexed queries over every run (overhaul.history reasons with them)

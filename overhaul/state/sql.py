@@ -328,8 +328,7 @@ class SQLState:
         _, held = execute(f"SELECT 1 FROM locks WHERE environment = ? AND token = ? {unexpired}{self.for_share}",
                           (environment, token))
         if not held:
-            why = "taken over or expired" if live else "taken over, or unlocked by force"
-            raise LockLost(f"this run no longer holds the lease of {environment!r} ({why}): not {doing}")
+            raise LockLost(lease_lost(environment, live, doing))
 
     def event(self, environment: str, kind: str, detail: str, run_id: str = "") -> None:
         self.add_events(environment, kind, [detail], run_id)
@@ -399,6 +398,10 @@ class SQLState:
 
     def events(self, environment: str) -> list[tuple[float, str, str, str]]:
         rows = self._rows("SELECT at, run_id, kind, detail FROM events WHERE environment = ? ORDER BY at", (environment,))
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    def run_events(self, run_id: str) -> list[tuple[float, str, str]]:
+        rows = self._rows("SELECT at, kind, detail FROM events WHERE run_id = ? ORDER BY at", (run_id,))
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
     # -- the environment's history (overhaul.history) -----------------------------------------------
@@ -595,14 +598,20 @@ class _Write:
         held, unexpired = leases.get(environment, ("", False))
         if held == token and (unexpired or not self.live):
             return ""
-        why = "taken over or expired" if self.live else "taken over, or unlocked by force"
         if self.live:
             doing = ", ".join(f"starting {result.stage!r} on {result.host}" for result, _ in self.ends)
         else:
             doing = "writing the end of " + ", ".join(f"{result.stage!r} on {result.host}"
                                                       for result, _ in self.ends[:3])
             doing += " ..." if len(self.ends) > 3 else ""
-        return f"this run no longer holds the lease of {environment!r} ({why}): not {doing}"
+        return lease_lost(environment, self.live, doing)
+
+
+def lease_lost(environment: str, live: bool, doing: str) -> str:
+    """Why a fenced write is refused: the run's lease of `environment` is gone (`live`: a start, which also needs it
+    unexpired; else the end of work done, refused only once another holder took the lease)."""
+    why = "taken over or expired" if live else "taken over, or unlocked by force"
+    return f"this run no longer holds the lease of {environment!r} ({why}): not {doing}"
 
 
 def _own(error: BaseException) -> BaseException:

@@ -33,7 +33,7 @@ from overhaul.web import pages
 REFRESH = 0.5  # seconds between two looks at the journal for a live run page
 
 
-def make_app(state: State, *, token: str | None = None, hosts_dir: Path | None = None, web_url: str | None = None,
+def make_app(state: State, *, token: str | None = None, hosts_dir: Path | None = None,
              refresh: float = REFRESH) -> Starlette:
     """The web application over `state`; `token`: required of every request (None: none asked, for loopback)."""
     templates = Environment(loader=PackageLoader("overhaul.web"), autoescape=select_autoescape(default=True))
@@ -98,7 +98,6 @@ def make_app(state: State, *, token: str | None = None, hosts_dir: Path | None =
         Route("/runs/{run_id}.json", run_json), Route("/runs/{run_id}/matrix", matrix),
         Route("/runs/{run_id}/events", events), Route("/runs/{run_id}", run),
     ], exception_handlers={LookupError: _not_found, OverhaulError: _bad_request})
-    templates.globals["web_url"] = web_url or ""
     if token is not None:
         app.add_middleware(_TokenRequired, token=token)  # type: ignore[arg-type]
     return app

@@ -119,11 +119,12 @@ def last_outcomes(state: State, name: str, looked: int = 50) -> list[dict[str, A
     runs = state.runs(name, looked)
     if not runs:
         return []
-    hosts: dict[str, dict[str, Any]] = {}
-    for result in state.results(runs[0].id):
-        hosts[result.host] = {"host": result.host, "outcome": result.outcome, "run_id": runs[0].id, "version": None}
+    newest = state.results(runs[0].id)
+    hosts = {result.host: {"host": result.host, "outcome": result.outcome, "run_id": runs[0].id, "version": None}
+             for result in newest}
     for record in runs:
-        versions = {r.host: str(r.facts["version"]) for r in state.results(record.id) if r.facts.get("version")}
+        results = newest if record is runs[0] else state.results(record.id)
+        versions = {r.host: str(r.facts["version"]) for r in results if r.facts.get("version")}
         if versions:
             for host, row in hosts.items():
                 row["version"] = versions.get(host)
@@ -190,17 +191,14 @@ def run_page(state: State, record: RunRecord, host_page: int = 0) -> RunPage:
     hosts = names[host_page * HOSTS_PER_PAGE:(host_page + 1) * HOSTS_PER_PAGE]
     shown = set(hosts)
     commands: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for ran in state.commands(record.id, hosts):
-        if ran.host in shown:
-            commands.setdefault((ran.stage_index, ran.host), []).append(
-                {"at": local(ran.at), "command": ran.command, "exit_code": ran.exit_code,
-                 "duration_ms": round(ran.duration * 1000)})
+    for ran in state.commands(record.id, hosts):  # (the shown hosts' only)
+        commands.setdefault((ran.stage_index, ran.host), []).append(
+            {"at": local(ran.at), "command": ran.command, "exit_code": ran.exit_code,
+             "duration_ms": round(ran.duration * 1000)})
     for key, pair in commands.items():
         commands[key] = pair[-COMMANDS_PER_PAIR:]
     events, preflight = [], {}
-    for at, run_id, kind, detail in state.events(record.environment):
-        if run_id != record.id:
-            continue
+    for at, kind, detail in state.run_events(record.id):
         if kind == PREFLIGHT_EVENT:  # the gate's table, shown as one (its hosts of this page)
             preflight = {host: row for host, row in json.loads(detail).items() if host in shown or not hosts}
         else:
