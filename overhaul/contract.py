@@ -55,7 +55,8 @@ class ContractReport:
     """What `StepContract.check` proved about one step."""
 
     step: str
-    writes: int = 0  # journal writes of a whole run (its start, each pair's start and end, its end)
+    writes: int = 0  # journal writes of a whole run (its start, the gate's table, each changing pair's start and
+    # end, the ends of those that changed nothing, its end)
     kill_points: list[int] = field(default_factory=list)  # the writes it was killed after, then resumed
     undo: str = ""  # "taken back", "kept (harmless)", "refused" or "read-only"
 

@@ -3,8 +3,8 @@
 Order of a mutating run: take the environment's lock (or refuse, naming its holder); refuse if an
 earlier run of the environment is unfinished (resume or abandon it first); journal the run; pass the
 gate (every preflight on every host, then the reviewed plan and the operator's yes where asked), or
-end `refused` having changed nothing; run the plan, journaling every (stage, host) as it starts and
-as it ends; mark the run succeeded, failed or interrupted; release the lock. A Ctrl-C or SIGTERM
+end `refused` having changed nothing; run the plan, journaling every (stage, host) as it begins to
+change its host and as it ends; mark the run succeeded, failed or interrupted; release the lock. A Ctrl-C or SIGTERM
 lets running commands finish (up to a grace period) and leaves the journal consistent.
 
 Nothing here prints: what happens is published as events (overhaul.events), which views subscribe to.
@@ -95,16 +95,20 @@ def file_sha256(path: Path) -> str:
 
 
 class JournalRecorder:
-    """A runner listener that journals each (stage, host) when it starts and when it ends.
+    """A runner listener that journals each (stage, host): when its step begins to change the host, and when it ends.
 
     The controller's own disk can fail (full, read-only): then the run must not go on unrecorded. The
     first failed write stops the run (no new pair starts; it ends interrupted, resumable) and is kept
     in `error` to be told.
 
-    A pair that changes nothing in a run that changes nothing (unfenced: a verify) is journaled once, when it
-    ends, and its end waits to be written with others in one transaction (`BATCH` ends, or those of the last
-    `BATCH_AGE` seconds, or at `flush`): each transaction is a disk sync that every worker would otherwise wait
-    for in turn (4 ms each here: at 1,000 hosts, half of every worker's time).
+    A pair's start is journaled ("running"), and durable, before its step's apply sends its first command: the row
+    a resume and an undo go by when the controller died mid-change. A pair whose step changes nothing (its check
+    found the work done, or it only reads) needs no such row: a pair cut off before its end is checked again by a
+    resume. It is journaled once, when it ends, and its end waits to be written with others in one transaction:
+    `BATCH` ends; before the next start, stage or question to the operator; at `flush`; in a run that changes
+    nothing, also those of the last `BATCH_AGE` seconds. Each transaction is a disk sync that every worker would
+    otherwise wait for in turn (4 ms each here: at 1,000 hosts, half of every worker's time). A pair that began to
+    change its host has its end written at once.
 
     The runner tells it the workers' events at once (`concurrent`), not one at a time: each worker waits only
     until its own pair's row is durable, and the rows of the workers that write at the same time share one
@@ -129,8 +133,8 @@ class JournalRecorder:
         self._commands: dict[tuple[int, str], list[CommandRecord]] = {}  # per pair, journaled with its end
         self._pair: dict[str, int] = {}  # host -> the stage it runs now (a host-by-host run may tell a pair's
         # end after the host's next pair began)
-        self._ends_only: set[int] = set()  # stages whose pairs are journaled once, when they end (see above)
-        self._waiting: list[tuple[ResultRecord, list[CommandRecord]]] = []  # their ends, not yet written
+        self._changing: set[tuple[int, str]] = set()  # pairs whose start was journaled: their end is written at once
+        self._waiting: list[tuple[ResultRecord, list[CommandRecord]]] = []  # the other pairs' ends, not yet written
         self._waiting_since = 0.0
         self._lock = threading.Lock()  # the fields above and `error`: told from several workers at once
         self._flushing = threading.Lock()  # one flush at a time: the ends waiting are written before the next start
@@ -138,29 +142,41 @@ class JournalRecorder:
         self.lease_lost = False
         self.on_error: Callable[[], None] = lambda: None
 
-    def _ends_only_for(self, planned: PlannedStage) -> bool:
-        """Whether `planned`'s pairs are journaled once, when they end: nothing of them to resume or undo."""
-        return planned.step.read_only and self.fence is None
-
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None:
-        if self._ends_only_for(planned):
-            with self._lock:
-                self._ends_only.add(planned.index)
+        """A stage begins: the ends of the stages before it are written (a crash loses at most one stage's)."""
+        self.flush()
 
     def host_started(self, planned: PlannedStage, host: str) -> bool:
-        """Journal the pair's start (unless it is journaled only when it ends), returning once it is durable; False
-        (the pair must not run) when it could not be journaled."""
+        """The pair starts with its step's check, which changes nothing: journaled when it applies, or when it
+        ends. False (the pair must not run) once a write of the run failed."""
         with self._lock:
             self._pair[host] = planned.index
-        if self._ends_only_for(planned):  # (host by host, a pair may start before its stage is announced)
-            self._flush(due_only=True)  # (ends wait at most about BATCH_AGE, even while few pairs end)
+        self._flush(due_only=True)  # (BATCH_AGE: a verify's ends wait about a second at most, even while few end)
+        return not self.error
+
+    def host_applying(self, planned: PlannedStage, host: str) -> bool:
+        """The pair's step is about to change the host: journal its start, returning once it is durable; False (the
+        step must not apply) when it could not be journaled, or the lease no longer holds. A read-only step's apply
+        changes nothing (it says why its check failed): not journaled before its end."""
+        with self._lock:
+            again = (planned.index, host) in self._changing  # (a retry: its start is journaled)
+        if planned.step.read_only or again:
             return not self.error
         self.flush()  # (the journal keeps the order things happened in)
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
         if self.fence is None:
-            return self._safely("the journal", lambda: self.state.record(started))
-        fence = self.fence
-        return self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
+            written = self._safely("the journal", lambda: self.state.record(started))
+        else:
+            fence = self.fence
+            written = self._safely("the journal", lambda: self.state.start_pair(started, fence.environment, fence.token))
+        if written:
+            with self._lock:
+                self._changing.add((planned.index, host))
+        return written
+
+    def pause(self) -> None:
+        """The run asks the operator (a stage to confirm): what ended is journaled before the wait."""
+        self.flush()
 
     def command_done(self, host: str, result: CommandResult) -> None:
         command = CommandRecord(self.run_id, -1, host, time.time() - result.duration, result.command, result.exited,
@@ -175,12 +191,13 @@ class JournalRecorder:
         now = time.time()
         with self._lock:
             ran = self._commands.pop((result.stage_index, result.host), [])
-            ends_only = result.stage_index in self._ends_only
+            changing = (result.stage_index, result.host) in self._changing
+            self._changing.discard((result.stage_index, result.host))
         commands = [replace(command, stage_index=result.stage_index, log_path=str(path)) for command in ran]
         ended = ResultRecord(self.run_id, result.stage_index, result.stage, result.host, result.outcome.value,
                              result.attempts, now - result.duration, now, result.message,
                              str(path) if path.exists() else "", result.facts)
-        if not ends_only:
+        if changing:
             self.flush()
             self._safely("the journal", lambda: self.state.record(ended, commands, **self.fenced))
             return
@@ -191,9 +208,13 @@ class JournalRecorder:
         self._flush(due_only=True)
 
     def _due(self) -> bool:
-        """Whether the waiting ends are to be written now: BATCH of them, or the oldest BATCH_AGE old (under _lock)."""
-        return bool(self._waiting) and (len(self._waiting) >= self.BATCH
-                                        or time.monotonic() - self._waiting_since >= self.BATCH_AGE)
+        """Whether the waiting ends are to be written now (under _lock): BATCH of them; in a run that changes nothing
+        (unfenced), also the oldest BATCH_AGE old. A run that changes hosts writes them at points its stages decide
+        (a start, a stage, a question, its end): the same writes, in the same order, however long its pairs take."""
+        if not self._waiting:
+            return False
+        return len(self._waiting) >= self.BATCH or (self.fence is None
+                                                    and time.monotonic() - self._waiting_since >= self.BATCH_AGE)
 
     def flush(self) -> None:
         """Write the ends still waiting (see the class); the run calls it when it ends. Ends that could not be

@@ -117,16 +117,26 @@ class _NotRetried(Exception):
     """A failed pair is not tried again because the run is stopping."""
 
 
+class _Vetoed(Exception):
+    """A listener vetoed the pair's apply (the journal could not record that it begins): it ends unrecorded, as a
+    pair that never started (resume runs it)."""
+
+
 class Listener(Protocol):
     """Told about the run as it goes (live report, journal). Called from worker threads, one at a time; a listener
-    with a true `concurrent` attribute hears `host_started` and `host_finished` from several workers at once, outside
-    the others' turns (the journal: each worker waits for its own row, written with the others' in one transaction).
+    with a true `concurrent` attribute hears `host_started`, `host_applying` and `host_finished` from several workers
+    at once, outside the others' turns (the journal: each worker waits for its own row, written with the others' in
+    one transaction).
     Each listener hears a pair's events in the listeners' order (the journal first: journaled, then told)."""
 
     def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
 
     def host_started(self, planned: PlannedStage, host: str) -> bool | None:
-        """False vetoes the pair (the journal could not record its start): it does not run."""
+        """False vetoes the pair (the journal cannot record it): it does not run."""
+
+    # Optional: `host_applying(planned, host) -> bool | None`, told when the pair's step is about to apply (its check
+    # found work to do), before its first command; False vetoes the apply (the journal could not record that it
+    # begins) and the pair ends as one that never started.
 
     def host_finished(self, result: HostResult) -> None: ...
 
@@ -255,7 +265,10 @@ class Runner:
                                                stage_index=planned.index))
             if not self._may_start(planned, host):
                 return None
-            result = self._record(self._run_host(planned, host))
+            try:
+                result = self._record(self._run_host(planned, host))
+            except _Vetoed:
+                return None  # never changed the host: resume runs it
             if result.outcome is Outcome.FAILED:
                 with self._lock:
                     failures["failed"] += 1
@@ -298,7 +311,12 @@ class Runner:
             elif over is not None:
                 message = "stage failure budget exceeded"
             else:
-                return self._run_host(planned, host, ahead, read_with) if self._may_start(planned, host) else None
+                if not self._may_start(planned, host):
+                    return None
+                try:
+                    return self._run_host(planned, host, ahead, read_with)
+                except _Vetoed:
+                    return None
             return HostResult(planned.stage.name, host, Outcome.SKIPPED, message, stage_index=planned.index)
 
         def walk(host: str) -> None:
@@ -343,9 +361,16 @@ class Runner:
         return RunResult(self._results, None, "", self.check_only)
 
     def _may_start(self, planned: PlannedStage, host: str) -> bool:
-        """Tell the listeners the pair starts; False when one vetoes it (the journal could not record the start,
-        or the lease is lost): a pair never runs unrecorded."""
+        """Tell the listeners the pair starts; False when one vetoes it (the journal cannot record the run): a pair
+        never runs unrecorded."""
         vetoed = [self._hear(listener, "host_started", planned, host) is False for listener in self.listeners]
+        return not any(vetoed)
+
+    def _may_apply(self, planned: PlannedStage, host: str) -> bool:
+        """Tell the listeners that hear it the pair's step is about to apply; False when one vetoes it (the journal
+        could not record that it begins, or the lease is lost): a change never starts unrecorded."""
+        vetoed = [self._hear(listener, "host_applying", planned, host) is False for listener in self.listeners
+                  if hasattr(listener, "host_applying")]
         return not any(vetoed)
 
     def _hear(self, listener: Listener, event: str, *args: Any) -> Any:
@@ -399,6 +424,8 @@ class Runner:
 
         def applying() -> None:
             nonlocal began
+            if not self._may_apply(planned, name):
+                raise _Vetoed(name)
             began = True
 
         def attempt() -> tuple[Outcome, str, dict[str, Any]]:
@@ -436,6 +463,8 @@ class Runner:
             return result(*retrying(attempt))
         except (StepFailed, HostUnreachable, _NotRetried) as exc:
             return result(Outcome.FAILED, str(exc))
+        except _Vetoed:
+            raise
         except Exception as exc:  # a bug in a step fails this pair, not the run, and is never retried
             return result(Outcome.FAILED, f"step {stage.step!r} raised {type(exc).__name__}: {exc}",
                           trace=traceback.format_exc())

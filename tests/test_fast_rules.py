@@ -487,21 +487,27 @@ class WatchedState(SQLiteState):
 
     def __init__(self, path: Any, transport: FakeTransport, fail_at: int = 0):
         super().__init__(path)
-        self.transport, self.fail_at, self.writes = transport, fail_at, []
+        self.transport, self.fail_at = transport, fail_at
+        self.writes: list[list[tuple[tuple[int, str], str, list[str]]]] = []  # each write's rows (pair, outcome,
+        # the commands its host had run by then)
 
-    def _watch(self, result: ResultRecord) -> None:
-        self.writes.append(((result.stage_index, result.host), result.outcome,
-                            len(self.transport.host(result.host).commands)))
+    def _watch(self, results: list[ResultRecord]) -> None:
+        self.writes.append([((result.stage_index, result.host), result.outcome,
+                             list(self.transport.host(result.host).commands)) for result in results])
         if len(self.writes) == self.fail_at:
             raise StateError("disk I/O error (database or disk is full)")
 
     def start_pair(self, result: ResultRecord, environment: str, token: str) -> None:
-        self._watch(result)
+        self._watch([result])
         super().start_pair(result, environment, token)
 
-    def record(self, result: ResultRecord, commands: Any = (), fence: tuple[str, str] | None = None) -> None:
-        self._watch(result)
-        super().record(result, commands, fence)
+    def record_ends(self, ends: Any, fence: tuple[str, str] | None = None) -> None:
+        ends = list(ends)
+        self._watch([result for result, _ in ends])
+        super().record_ends(ends, fence)
+
+    def rows(self) -> list[tuple[tuple[int, str], str, list[str]]]:
+        return [row for write in self.writes for row in write]
 
 
 def journaled_run(tmp_path: Any, farm: Farm, plan: Plan, fail_at: int = 0) -> tuple[RunResult, WatchedState,
@@ -519,28 +525,34 @@ def journaled_run(tmp_path: Any, farm: Farm, plan: Plan, fail_at: int = 0) -> tu
     return result, state, recorder
 
 
-def test_each_pair_is_journaled_running_before_its_first_command_then_with_its_end(tmp_path):
-    farm = Farm({"app1": [("touch", READ_ONLY)]})
+def test_a_pair_that_changes_is_journaled_running_before_its_apply_the_others_once_with_their_stage(tmp_path):
+    farm = Farm({"app1": [("touch", READ_ONLY)]}, files={"app2": {"/two"}})
     plan = farm.plan(stage("one", "/one", strategy="serial", max_failures=1), stage("two", "/two", roles=["app"]))
     result, state, recorder = journaled_run(tmp_path, farm, plan)
     assert not recorder.error
-    by_pair: dict[tuple[int, str], list[tuple[str, int]]] = {}
-    for pair, outcome, commands in state.writes:
+    by_pair: dict[tuple[int, str], list[tuple[str, list[str]]]] = {}
+    for pair, outcome, commands in state.rows():
         by_pair.setdefault(pair, []).append((outcome, commands))
+    outcomes = {(r.stage, r.host): r.outcome.value for r in result.results}
+    assert outcomes == {("one", "db1"): "changed", ("one", "worker1"): "changed", ("one", "app1"): "failed",
+                        ("one", "app2"): "changed", ("two", "app1"): "skipped", ("two", "app2"): "ok"}
     for r in result.results:
-        writes = by_pair[(r.stage_index, r.host)]
-        if r.outcome is Outcome.SKIPPED:  # never started: only its end
-            assert [outcome for outcome, _ in writes] == ["skipped"]
+        writes, apply = by_pair[(r.stage_index, r.host)], f"touch -- /{r.stage}"
+        if r.outcome in (Outcome.SKIPPED, Outcome.OK):  # never began to change its host: only its end
+            assert [outcome for outcome, _ in writes] == [r.outcome.value]
             continue
         [(first, before), (last, after)] = writes
         assert (first, last) == ("running", r.outcome.value)
-        assert after > before  # its start was written before it ran any command; its end after the last
+        # its start was written after its check read the host and before its apply; its end after the apply
+        assert before[-1] == f"test -e -- /{r.stage}" and apply not in before and apply in after
+    # the ends of stage two's pairs that changed nothing (app1 skipped, app2 ok) share one write
+    assert sorted(row[:2] for row in state.writes[-1]) == [((1, "app1"), "skipped"), ((1, "app2"), "ok")]
     journaled = {(r.stage_index, r.host): (r.outcome, r.attempts, r.message) for r in state.results("run-1")}
     assert journaled == {(r.stage_index, r.host): (r.outcome.value, r.attempts, r.message) for r in result.results}
     assert "touch -- /one" in (tmp_path / "runs/run-1/01-one-db1.log").read_text()  # each pair's commands in its log
 
 
-def test_a_failed_journal_write_stops_the_run_and_no_pair_runs_unrecorded(tmp_path):
+def test_a_failed_journal_write_stops_the_run_and_no_change_starts_unrecorded(tmp_path):
     farm = Farm()
     plan = farm.plan(stage("one", "/one", strategy="serial"), stage("two", "/two"))
     # writes: db1 running, db1 end, worker1 running, worker1 end, app1 running <- fails
@@ -548,12 +560,25 @@ def test_a_failed_journal_write_stops_the_run_and_no_pair_runs_unrecorded(tmp_pa
     assert recorder.error == "cannot write the journal: disk I/O error (database or disk is full)"
     assert result.interrupted  # resumable: nothing ran that the journal does not know of
     assert outcomes(result, "one") == {"db1": "changed", "worker1": "changed"}
-    assert farm.transport.host("app1").commands == farm.transport.host("app2").commands == []
+    assert farm.transport.host("app1").commands == ["test -e -- /one"]  # its check read, its apply never started
+    assert farm.transport.host("app2").commands == []  # never started
     assert not any(command.endswith("/two") for _, command in farm.transport.commands)  # no later stage started
     assert {(r.host, r.outcome) for r in state.results("run-1")} == {("db1", "changed"), ("worker1", "changed")}
 
 
-def test_a_parallel_stages_starts_share_a_transaction_and_each_is_durable_before_its_pair_runs(tmp_path):
+def test_a_journal_that_fails_on_a_pair_that_changes_nothing_stops_the_run_at_its_next_write(tmp_path):
+    farm = Farm(files={host: {"/one"} for host in HOSTS})
+    plan = farm.plan(stage("one", "/one"), stage("two", "/two"))
+    # writes: stage one's four ends, together when stage two starts <- fails: no pair of stage two starts
+    result, state, recorder = journaled_run(tmp_path, farm, plan, fail_at=1)
+    assert recorder.error == "cannot write the journal: disk I/O error (database or disk is full)"
+    assert result.interrupted
+    assert not any(command.endswith("/two") for _, command in farm.transport.commands)
+    # the ends that could not be written waited, and the run's last flush wrote them: nothing of what ran is lost
+    assert {(r.stage, r.host, r.outcome) for r in state.results("run-1")} == {("one", host, "ok") for host in HOSTS}
+
+
+def test_a_parallel_stages_starts_share_a_transaction_and_each_is_durable_before_its_apply(tmp_path):
     farm = Farm()
     plan = farm.plan(stage("one", "/one"))
     state = SQLiteState(tmp_path / "journal.sqlite")
@@ -575,14 +600,16 @@ def test_a_parallel_stages_starts_share_a_transaction_and_each_is_durable_before
     seen: dict[str, tuple[str, int]] = {}
 
     class Durable:
-        """Told after the journal that a pair starts: its row as another connection reads it, and the commands its
-        host ran by then."""
+        """Told after the journal that a pair's step is about to apply: its row as another connection reads it, and
+        the commands its host ran by then."""
 
         def stage_started(self, planned: PlannedStage, hosts: list[str]) -> None: ...
 
-        def host_started(self, planned: PlannedStage, host: str) -> None:
+        def host_started(self, planned: PlannedStage, host: str) -> None: ...
+
+        def host_applying(self, planned: PlannedStage, host: str) -> None:
             rows = [r.outcome for r in reader.results("run-1") if r.host == host]
-            seen[host] = (rows[0] if rows else "not journaled", len(farm.transport.host(host).commands))
+            seen[host] = (rows[0] if rows else "not journaled", list(farm.transport.host(host).commands))
 
         def host_finished(self, result: HostResult) -> None: ...
 
@@ -591,7 +618,8 @@ def test_a_parallel_stages_starts_share_a_transaction_and_each_is_durable_before
                     log_dir=recorder.outputs, on_log_error=recorder.report)
     result = runner.run()
     assert not recorder.error and not result.failed
-    assert seen == dict.fromkeys(HOSTS, ("running", 0))  # durable, and read by another connection, before it ran
+    # durable, and read by another connection, after its check and before its apply
+    assert seen == dict.fromkeys(HOSTS, ("running", ["test -e -- /one"]))
     rows = [row for group in groups for row in group]
     assert sorted(rows) == sorted([(host, "running") for host in HOSTS] + [(host, "changed") for host in HOSTS])
     assert len(groups) < len(rows)  # 8 rows, fewer transactions
