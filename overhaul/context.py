@@ -46,8 +46,8 @@ class Probe(Generic[T]):
     parse: Callable[[CommandResult], T]
     stable: bool = False
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # (worked out once: a prefetch asks it of each probe twice)
         return f"{self.command.text}\0{parser_key(self.parse)}"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from overhaul.steps.package import PACKAGE, VERSION, installed_probe, installed_version, same_version
 from pydantic import Field
 
-from overhaul.command import sh
+from overhaul.command import Command, sh
 from overhaul.context import Probe, StepHost
 from overhaul.errors import StepFailed
 from overhaul.step import AssertionStep, Check, Params, Step
@@ -21,6 +21,19 @@ from overhaul.transport import CommandResult
 NOT_RUNNING = ("STOPPED", "EXITED", "FATAL")
 PROGRAM = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")  # a supervisord program (or group:program) name
 STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
+
+
+SETTLE_SECONDS = 30  # how long a start waits for programs still STARTING (a start a cut-off controller left in flight)
+
+
+def settled(command: Command, manage: str) -> Command:
+    """`command`, then a wait (at most SETTLE_SECONDS) while any program is STARTING, ending with the command's exit
+    code: what is read after it is where the programs settled. A controller killed while it started programs leaves
+    the supervisor starting one (the rest never asked); the resume's start of it is refused as "already started",
+    at once, and a read right after would still find it STARTING."""
+    return sh('{command}; rc=$?; i=0; while [ "$i" -lt {seconds} ] && {manage} status 2>/dev/null | '
+              "grep -Eq '[[:space:]]STARTING([[:space:]]|$)'; do sleep 1; i=$((i + 1)); done; (exit $rc)",
+              command=command, seconds=SETTLE_SECONDS, manage=manage)
 
 
 def states_probe(manage: str) -> Probe[dict[str, str]]:
@@ -164,7 +177,7 @@ class ServicesStop(Step[StopParams]):
             raise StepFailed(f"the journal's list of programs this step stopped is not a list of program names: "
                              f"{programs!r}: start them by hand")
         command = sh("{manage} start {programs}", manage=manage, programs=list(programs))
-        result = host.run_then_read(command, [states_probe(manage)])
+        result = host.run_then_read(settled(command, manage), [states_probe(manage)], label=command.text)
         if not result.ok:
             raise StepFailed(f"`{manage} start` exited {result.exited}: {result.tail()}")
         return f"started {', '.join(programs)}"

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -140,13 +141,16 @@ def test_sigterm_mid_run_tears_the_farm_down(aws, tmp_path):
     url, ec2, image = aws
     inventory_file(tmp_path, aws_config(url, image, "hold: 120"))
     proc = synthetic(tmp_path, wait=False)
+    said: list[str] = []  # what it printed, line by line, until its hold phase began (a loaded machine takes longer)
     deadline = time.monotonic() + 60
-    while len([i for i in instances(ec2, team="ops") if i["State"]["Name"] == "running"]) < 3:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
-        time.sleep(0.2)
-    time.sleep(0.5)  # into the hold
+    while not any(line.startswith("-- hold") for line in said):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(said)
+        if select.select([proc.stdout], [], [], 1)[0]:
+            said.append(proc.stdout.readline())
+    assert len([i for i in instances(ec2, team="ops") if i["State"]["Name"] == "running"]) == 3
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
+    out = "".join(said) + out
     assert proc.returncode == 28, out  # the hold phase
     assert "interrupted by SIGTERM" in out
     assert {i["State"]["Name"] for i in instances(ec2, team="ops")} == {"terminated"}

@@ -159,3 +159,43 @@ def test_a_run_cut_off_in_the_middle_of_a_change_is_not_undone_blind(lab, tmp_pa
     assert "cut off in the middle of upgrade package on db1" in refused.stderr
     assert "overhaul resume --run r-cut" in refused.stderr
     assert journal.run("r-cut").status == "interrupted"  # nothing started, nothing changed
+
+
+def test_the_undo_of_a_stop_waits_for_a_program_a_cut_off_start_left_starting(fresh_lab):
+    """A controller killed while it started programs leaves the supervisor starting one: the resumed undo's start of
+    it is refused as "already started", at once. The undo waits until it settles, and its verify finds it RUNNING."""
+    from overhaul.context import StepHost
+    from overhaul.step import Registry
+    from overhaul.transport import Transport
+
+    lab = fresh_lab(3)
+    app1 = lab.host("app1")
+    conf = "/opt/scalr-server/etc/supervisor/conf.d/plotter.conf"  # (a start that takes 4 s: a window to be in)
+    app1.exec(f"sed -i 's/^startsecs=1$/startsecs=4/' {conf} && scalr-server-manage update >/dev/null "
+              "&& scalr-server-manage stop plotter scalr-nginx")
+    step_class = Registry().get("services.stop")
+    step = step_class(step_class.Params.model_validate({}))
+    remembered = {"stopped": ["plotter", "scalr-nginx"]}
+    inventory = lab_inventory(lab)
+    transport = Transport(inventory)
+    try:
+        app1.exec("nohup scalr-server-manage start plotter >/dev/null 2>&1 &")  # the start left in flight
+        deadline = time.monotonic() + 10
+        while "STARTING" not in program_states_of(lab, "app1").get("plotter", "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert program_states_of(lab, "app1")["plotter"] == "STARTING"
+        host = StepHost(transport.host("app1"), timeout=60, run_id="settle")
+        said = step.undo(host, remembered)
+        host.forget()  # as the runner, after an apply: what was read before it is forgotten ...
+        host.keep_reported()  # ... and what the apply read after its change is what its verify reads
+        assert step.undone(host, remembered).done
+    finally:
+        transport.close()
+    assert said == "started plotter, scalr-nginx"
+    assert program_states_of(lab, "app1") == dict.fromkeys(["plotter", "scalr-httpd", "scalr-memcached",
+                                                             "scalr-nginx"], "RUNNING")
+
+
+def program_states_of(lab, host: str) -> dict[str, str]:
+    lines = lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()
+    return {line.split()[0]: line.split()[1] for line in lines if len(line.split()) > 1}
