@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -113,6 +113,10 @@ UNDO_FACTS = "undo"  # the key of a pair's facts holding what its step remembere
 FRESH = 5.0  # seconds: a fact read this recently serves a verification of a host the run has not changed
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
 class _NotRetried(Exception):
     """A failed pair is not tried again because the run is stopping."""
 
@@ -187,6 +191,20 @@ class Runner:
     def run(self) -> RunResult:
         if self.host_by_host:
             return self._run_host_by_host()
+        # One pool of workers for every stage (each stage still runs at most its own width at once): a worker's
+        # thread is started once per run, not once per stage.
+        size = max([min(self._width(planned), len(planned.hosts)) for planned in self.plan.stages], default=1)
+        with ThreadPoolExecutor(max_workers=max(1, size)) as pool:
+            return self._run_stages(pool)
+
+    def _width(self, planned: PlannedStage) -> int:
+        """How many of the stage's pairs run at once."""
+        stage = planned.stage
+        if stage.strategy == "parallel":
+            return stage.concurrency or self.transport.max_workers
+        return 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, len(planned.hosts), 1)
+
+    def _run_stages(self, pool: ThreadPoolExecutor) -> RunResult:
         failed_hosts: set[str] = set()
         stopped_at, reason = None, ""
         # The hosts of the last stage stay connected for what may follow on this transport (an undo, hooks): the
@@ -216,7 +234,7 @@ class Runner:
                 continue
             for listener in self.listeners:
                 listener.stage_started(planned, planned.hosts)
-            results = self._run_stage(planned, failed_hosts)
+            results = self._run_stage(planned, failed_hosts, pool)
             if self._stopping.is_set():
                 return RunResult(self._results, None, "interrupted", self.check_only, interrupted=True)
             failures = [r.host for r in results if r.outcome is Outcome.FAILED]
@@ -228,18 +246,17 @@ class Runner:
                 reason = f"{len(failures)} of {len(planned.hosts)} hosts failed (max_failures {planned.stage.max_failures})"
         return RunResult(self._results, stopped_at, reason, self.check_only)
 
-    def _run_stage(self, planned: PlannedStage, failed_hosts: set[str]) -> list[HostResult]:
+    def _run_stage(self, planned: PlannedStage, failed_hosts: set[str], pool: ThreadPoolExecutor) -> list[HostResult]:
         stage = planned.stage
         total = len(planned.hosts)
         budget = resolve_count(stage.max_failures, total, 0)
         parking = self.transport.parks(self.plan.hosts)
+        width = self._width(planned)
         if stage.strategy == "parallel":
-            width = stage.concurrency or self.transport.max_workers
             # The hosts whose connection the pool kept since their last use first: on a farm larger than the pool
             # keeps, they are those closed next (see HostPool.park), and every kept one is used before it is.
             batches = [self.transport.warm_first(planned.hosts) if parking else planned.hosts]
         else:
-            width = 1 if stage.strategy == "serial" else resolve_count(stage.batch or 1, total, 1)
             batches = [planned.hosts[i : i + width] for i in range(0, total, width)]
         failures = Counter[str]()
 
@@ -275,11 +292,10 @@ class Runner:
             return result
 
         results: list[HostResult] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(width, total))) as pool:
-            for number, batch in enumerate(batches, 1):
-                if stage.strategy == "rolling":
-                    self._tell("batch_started", planned, number, len(batches), batch)
-                results += [result for result in pool.map(one, batch) if result is not None]
+        for number, batch in enumerate(batches, 1):
+            if stage.strategy == "rolling":
+                self._tell("batch_started", planned, number, len(batches), batch)
+            results += [result for result in bounded_map(pool, one, batch, width) if result is not None]
         return results
 
     def _run_host_by_host(self) -> RunResult:
@@ -563,6 +579,23 @@ def not_json_in(value: Any) -> list[str]:
     if isinstance(value, list):
         return [found for item in value for found in not_json_in(item)]
     return []
+
+
+def bounded_map(pool: ThreadPoolExecutor, work: Callable[[T], R], items: list[T], width: int) -> list[R]:
+    """`work(item)` for each of `items` on `pool`, at most `width` at once; the results in the items' order."""
+    slots = threading.Semaphore(max(1, width))
+
+    def held(item: T) -> R:
+        try:
+            return work(item)
+        finally:
+            slots.release()
+
+    futures = []
+    for item in items:
+        slots.acquire()
+        futures.append(pool.submit(held, item))
+    return [future.result() for future in futures]
 
 
 def reads_ahead(planned: PlannedStage, later: list[PlannedStage], host: str) -> list[Probe]:
