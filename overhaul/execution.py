@@ -156,13 +156,18 @@ class JournalRecorder:
 
     def host_applying(self, planned: PlannedStage, host: str) -> bool:
         """The pair's step is about to change the host: journal its start, returning once it is durable; False (the
-        step must not apply) when it could not be journaled, or the lease no longer holds. A read-only step's apply
-        changes nothing (it says why its check failed): not journaled before its end."""
+        step must not apply) when it could not be journaled, the lease no longer holds, or a write of the run failed
+        (the run is stopping). A read-only step's apply changes nothing (it says why its check failed): not journaled
+        before its end. A retry of a change under way goes on whatever happened meanwhile: its start is journaled,
+        and its end must be too (with what its undo needs)."""
         with self._lock:
-            again = (planned.index, host) in self._changing  # (a retry: its start is journaled)
-        if planned.step.read_only or again:
+            if (planned.index, host) in self._changing:
+                return True
+        if planned.step.read_only:
             return not self.error
         self.flush()  # (the journal keeps the order things happened in)
+        if self.error:
+            return False
         started = ResultRecord(self.run_id, planned.index, planned.stage.name, host, "running", started=time.time())
         if self.fence is None:
             written = self._safely("the journal", lambda: self.state.record(started))

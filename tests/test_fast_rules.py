@@ -626,3 +626,27 @@ def test_a_parallel_stages_starts_share_a_transaction_and_each_is_durable_before
     [first] = groups[0]  # held until the other starts queued: the next transaction has them all (and maybe an end)
     assert {(host, "running") for host in HOSTS} - {first} <= set(groups[1])
     assert {(r.host, r.outcome) for r in reader.results("run-1")} == {(host, "changed") for host in HOSTS}
+
+
+def test_a_retry_of_a_change_under_way_goes_on_and_is_journaled_to_its_end_once_the_run_stops(tmp_path):
+    recorders: list[JournalRecorder] = []
+
+    def second_check(command: str) -> Answer:
+        recorders[0].report("cannot write the run log: disk full")  # a write of the run fails, between two tries
+        return Answer(exited=1)
+
+    answers = in_turn(Answer(exited=1), second_check, Answer())  # absent, absent (the run stops), then present
+    farm = Farm({"db1": [("touch", in_turn(READ_ONLY, Answer())), ("test -e", answers)]})
+    plan = farm.plan(stage("one", "/one", hosts=["db1"], retry={"attempts": 2, "delay": 0}))
+    state = WatchedState(tmp_path / "journal.sqlite", farm.transport)
+    state.start_run(RunRecord("run-1", "fast", "<fast>", "", "fake", {}, "tester", time.time()))
+    lease, _ = state.acquire("fake", "run-1", "tester")
+    recorders.append(JournalRecorder(state, "run-1", tmp_path / "runs" / "run-1", lease))
+    runner = Runner(plan, farm.transport, listeners=recorders, run_id="run-1", sleep=lambda _: None)
+    result = runner.run()
+    recorders[0].flush()
+    assert recorders[0].error == "cannot write the run log: disk full"
+    assert outcomes(result, "one") == {"db1": "changed"}  # its second try applied: its first had begun the change
+    [end] = state.results("run-1")
+    assert (end.outcome, end.attempts, end.facts[UNDO_FACTS]) == ("changed", 2, {"created": "/one"})
+    assert [row[:2] for row in state.rows()] == [((0, "db1"), "running"), ((0, "db1"), "changed")]  # one start
