@@ -36,13 +36,7 @@ from typing import Any
 
 import fabric
 import paramiko
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    retry_if_not_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from overhaul.command import Command, as_command, sh
 from overhaul.errors import ConfigError, HostUnreachable, StepFailed
@@ -93,6 +87,15 @@ def _fingerprint(key: paramiko.PKey) -> str:
 
 NEVER_RETRY = (paramiko.AuthenticationException, paramiko.BadHostKeyException, UnknownHostKey)
 TRANSIENT = (paramiko.SSHException, OSError, EOFError)
+AUTH_TIMEOUT = "Authentication timeout."  # paramiko's, when the server did not answer the login in `auth_timeout`
+
+
+def retryable(exc: BaseException) -> bool:
+    """A connection fault worth another try: the network, the SSH protocol, or a login the server did not answer in
+    time (a loaded sshd); never a login refused, nor a host key that does not match."""
+    if isinstance(exc, paramiko.AuthenticationException):
+        return str(exc) == AUTH_TIMEOUT
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, NEVER_RETRY)
 
 
 @dataclass
@@ -179,7 +182,7 @@ class RemoteHost:
                 return self._connection
             ssh = self.inventory.ssh
             retrying = Retrying(
-                retry=retry_if_exception_type(TRANSIENT) & retry_if_not_exception_type(NEVER_RETRY),
+                retry=retry_if_exception(retryable),
                 stop=stop_after_attempt(ssh.connect_retries),
                 wait=wait_exponential_jitter(max=8, jitter=0.5),
                 reraise=True,

@@ -186,3 +186,18 @@ def test_a_plan_is_built_from_python_values_with_the_files_checks():
                                               "params": {"command": "true"}}]}, inventory)
     with pytest.raises(KeyError):
         FakeTransport(inventory, hosts={"db2": {}})  # a host the inventory does not have: the test's mistake
+
+
+def test_a_login_the_server_did_not_answer_in_time_is_tried_again_a_refused_one_never():
+    import paramiko
+
+    from overhaul.transport import AUTH_TIMEOUT, UnknownHostKey, retryable
+
+    assert retryable(paramiko.AuthenticationException(AUTH_TIMEOUT))  # a loaded sshd: another try may get in
+    assert not retryable(paramiko.AuthenticationException("Authentication failed."))  # the key was refused
+    assert not retryable(paramiko.BadAuthenticationType("Bad authentication type", ["password"]))
+    key = paramiko.RSAKey.generate(1024)
+    assert not retryable(paramiko.BadHostKeyException("app1", key, key))
+    assert not retryable(UnknownHostKey("app1 is not in known_hosts"))
+    assert retryable(ConnectionRefusedError()) and retryable(EOFError()) and retryable(paramiko.SSHException("reset"))
+    assert not retryable(ValueError("a bug"))
