@@ -122,8 +122,8 @@ class _NotRetried(Exception):
 
 
 class _Vetoed(Exception):
-    """A listener vetoed the pair's apply (the journal could not record that it begins): it ends unrecorded, as a
-    pair that never started (resume runs it)."""
+    """A listener vetoed the pair's apply (the journal could not record that it begins): `_run_host` returns None, as
+    for a pair that never started (resume runs it)."""
 
 
 class Listener(Protocol):
@@ -280,12 +280,12 @@ class Runner:
             if over_budget:
                 return self._record(HostResult(stage.name, host, Outcome.SKIPPED, "stage failure budget exceeded",
                                                stage_index=planned.index))
-            if not self._may_start(planned, host):
+            if not self._agreed("host_started", planned, host):
                 return None
-            try:
-                result = self._record(self._run_host(planned, host))
-            except _Vetoed:
-                return None  # never changed the host: resume runs it
+            ran = self._run_host(planned, host)
+            if ran is None:
+                return None  # vetoed before its apply: it never changed the host, resume runs it
+            result = self._record(ran)
             if result.outcome is Outcome.FAILED:
                 with self._lock:
                     failures["failed"] += 1
@@ -327,12 +327,8 @@ class Runner:
             elif over is not None:
                 message = "stage failure budget exceeded"
             else:
-                if not self._may_start(planned, host):
-                    return None
-                try:
-                    return self._run_host(planned, host, ahead, read_with)
-                except _Vetoed:
-                    return None
+                return self._run_host(planned, host, ahead, read_with) if self._agreed("host_started", planned,
+                                                                                       host) else None
             return HostResult(planned.stage.name, host, Outcome.SKIPPED, message, stage_index=planned.index)
 
         def walk(host: str) -> None:
@@ -376,17 +372,12 @@ class Runner:
             return RunResult(self._results, planned.stage.name, reason, self.check_only)
         return RunResult(self._results, None, "", self.check_only)
 
-    def _may_start(self, planned: PlannedStage, host: str) -> bool:
-        """Tell the listeners the pair starts; False when one vetoes it (the journal cannot record the run): a pair
-        never runs unrecorded."""
-        vetoed = [self._hear(listener, "host_started", planned, host) is False for listener in self.listeners]
-        return not any(vetoed)
-
-    def _may_apply(self, planned: PlannedStage, host: str) -> bool:
-        """Tell the listeners that hear it the pair's step is about to apply; False when one vetoes it (the journal
-        could not record that it begins, or the lease is lost): a change never starts unrecorded."""
-        vetoed = [self._hear(listener, "host_applying", planned, host) is False for listener in self.listeners
-                  if hasattr(listener, "host_applying")]
+    def _agreed(self, event: str, planned: PlannedStage, host: str) -> bool:
+        """Tell the listeners that hear `event` (`host_started`: the pair starts; `host_applying`: its step is about
+        to apply); False when one vetoes it (the journal cannot record it, or the lease is lost): nothing runs
+        unrecorded."""
+        vetoed = [self._hear(listener, event, planned, host) is False for listener in self.listeners
+                  if hasattr(listener, event)]
         return not any(vetoed)
 
     def _hear(self, listener: Listener, event: str, *args: Any) -> Any:
@@ -410,10 +401,11 @@ class Runner:
                 method(*args)
 
     def _run_host(self, planned: PlannedStage, name: str, ahead: list[Probe] | None = None,
-                  read_with: int | None = None) -> HostResult:
-        """Run one pair (check, then apply and verify if needed), with retries; `ahead`: probes of the host's later
-        read-only stages, read with this step's own (read-only runs: the host's reads are one command); `read_with`:
-        the earlier stage whose command read ahead for this one (its log says so when it sent no command)."""
+                  read_with: int | None = None) -> HostResult | None:
+        """Run one pair (check, then apply and verify if needed), with retries (None: a listener vetoed its apply);
+        `ahead`: probes of the host's later read-only stages, read with this step's own (read-only runs: the host's
+        reads are one command); `read_with`: the earlier stage whose command read ahead for this one (its log says
+        so when it sent no command)."""
         stage = planned.stage
         log = self.log_dir / log_name(planned.index, stage.name, name) if self.log_dir is not None else None
         host = StepHost(self.transport.host(name), timeout=stage.timeout, run_id=self.run_id, facts=self.facts, log=log,
@@ -440,7 +432,7 @@ class Runner:
 
         def applying() -> None:
             nonlocal began
-            if not self._may_apply(planned, name):
+            if not self._agreed("host_applying", planned, name):
                 raise _Vetoed(name)
             began = True
 
@@ -480,7 +472,7 @@ class Runner:
         except (StepFailed, HostUnreachable, _NotRetried) as exc:
             return result(Outcome.FAILED, str(exc))
         except _Vetoed:
-            raise
+            return None
         except Exception as exc:  # a bug in a step fails this pair, not the run, and is never retried
             return result(Outcome.FAILED, f"step {stage.step!r} raised {type(exc).__name__}: {exc}",
                           trace=traceback.format_exc())

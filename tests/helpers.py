@@ -68,7 +68,13 @@ def installed_version(lab: Lab, host: str) -> str:
 
 def program_states(lab: Lab, host: str) -> set[str]:
     """The states of a lab host's supervised programs (RUNNING, STOPPED, FATAL...), as a set."""
-    return {line.split()[1] for line in lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()}
+    return set(states_by_program(lab, host).values())
+
+
+def states_by_program(lab: Lab, host: str) -> dict[str, str]:
+    """program -> state (RUNNING, STARTING...) of a lab host's supervised programs."""
+    lines = lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()
+    return {line.split()[0]: line.split()[1] for line in lines if len(line.split()) > 1}
 
 
 def failed_upgrade(lab: Lab, cwd: Path) -> RunRecord:

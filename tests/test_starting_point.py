@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import overhaul_cli, plan_for, write
+from helpers import overhaul_cli, plan_for, states_by_program, write
 
 from overhaul.errors import ConfigError
 from overhaul.inventory import load_inventory
@@ -29,11 +29,6 @@ def cli(lab, cwd: Path, *args: str, env: dict[str, str] | None = None):
     return overhaul_cli(cwd, *args, "--hosts-dir", str(lab.inventory.parent), env=env)
 
 
-def states(lab, host: str) -> dict[str, str]:
-    lines = lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()
-    return {line.split()[0]: line.split()[1] for line in lines}
-
-
 def version(lab, host: str) -> str:
     return lab.host(host).exec("dpkg-query -W -f '${Version}' scalr-server").stdout
 
@@ -41,7 +36,7 @@ def version(lab, host: str) -> str:
 def assert_nothing_changed(lab, expected: dict[str, dict[str, str]]) -> None:
     """Every host's programs as they were, the package at 1.0.0, no backup taken."""
     for host in HOSTS:
-        assert states(lab, host) == expected[host], host
+        assert states_by_program(lab, host) == expected[host], host
         assert version(lab, host) == "1.0.0", host
     backups = lab.host("db1").exec("ls /var/backups/overhaul 2>/dev/null | wc -l", check=False).stdout.strip()
     assert backups == "0", "a backup was taken"
@@ -50,7 +45,7 @@ def assert_nothing_changed(lab, expected: dict[str, dict[str, str]]) -> None:
 def test_a_package_on_hold_refuses_the_upgrade_naming_the_host_and_how_to_release_it(fresh_lab, tmp_path):
     lab = fresh_lab(3)
     lab.host("app1").exec("apt-mark hold scalr-server")
-    before = {host: states(lab, host) for host in HOSTS}
+    before = {host: states_by_program(lab, host) for host in HOSTS}
     reason = ("app1: stage 3 upgrade package: scalr-server 1.0.0 is on hold (apt-mark hold): apt will not upgrade it; "
               "release it first: apt-mark unhold scalr-server")
 
@@ -73,7 +68,7 @@ def test_a_program_not_running_refuses_the_upgrade_but_one_this_run_stopped_does
     lab = fresh_lab(3)
     faults.break_service(lab.host("app1"), "scalr-nginx")
     lab.host("worker1").exec("scalr-server-manage stop poller")
-    before = {host: states(lab, host) for host in HOSTS}
+    before = {host: states_by_program(lab, host) for host in HOSTS}
     assert before["app1"]["scalr-nginx"] == "FATAL" and before["worker1"]["poller"] == "STOPPED"
 
     proc = cli(lab, tmp_path, "upgrade", "--env", "lab", "--version", "1.1.0", "--yes")
@@ -91,12 +86,12 @@ def test_a_program_not_running_refuses_the_upgrade_but_one_this_run_stopped_does
                  env={KILL_AFTER_WRITES: str(STOPPED_ALL)})
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     for host in HOSTS:
-        assert set(states(lab, host).values()) == {"STOPPED"}, host
+        assert set(states_by_program(lab, host).values()) == {"STOPPED"}, host
     resumed = cli(lab, tmp_path, "resume", "--env", "lab")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "refused" not in resumed.stdout
     for host in HOSTS:
-        assert version(lab, host) == "1.1.0" and set(states(lab, host).values()) == {"RUNNING"}, host
+        assert version(lab, host) == "1.1.0" and set(states_by_program(lab, host).values()) == {"RUNNING"}, host
 
 
 def test_a_runbook_may_say_a_program_may_be_not_running(fresh_lab, tmp_path):
@@ -110,7 +105,7 @@ def test_a_runbook_may_say_a_program_may_be_not_running(fresh_lab, tmp_path):
     proc = cli(lab, tmp_path, "plan", "upgrade", "--env", "lab", "-p", "version=1.1.0", "--runbooks-dir", str(runbooks))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "refused" not in proc.stdout
-    assert states(lab, "app1")["scalr-nginx"] == "FATAL"  # a plan changes nothing
+    assert states_by_program(lab, "app1")["scalr-nginx"] == "FATAL"  # a plan changes nothing
 
 
 @pytest.fixture
@@ -141,7 +136,7 @@ def test_a_host_whose_role_no_tier_of_the_runbook_names_is_an_input_error(lab, t
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert said in proc.stderr
         assert "preflight" not in proc.stdout  # refused while reading input, before any host is touched
-    assert version(lab, "app2") == "1.0.0" and set(states(lab, "app2").values()) == {"RUNNING"}
+    assert version(lab, "app2") == "1.0.0" and set(states_by_program(lab, "app2").values()) == {"RUNNING"}
 
     # The rollback runs services.stop and app.reconfigure by tier: both are named.
     inventory = load_inventory("typo", path.parent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from helpers import failed_upgrade, installed_version, lab_inventory, overhaul_cli, plan_for, program_states
+from helpers import failed_upgrade, installed_version, lab_inventory, overhaul_cli, plan_for, program_states, states_by_program
 
 from overhaul.execution import file_sha256
 from overhaul.lab import faults
@@ -181,9 +181,9 @@ def test_the_undo_of_a_stop_waits_for_a_program_a_cut_off_start_left_starting(fr
     try:
         app1.exec("nohup scalr-server-manage start plotter >/dev/null 2>&1 &")  # the start left in flight
         deadline = time.monotonic() + 10
-        while "STARTING" not in program_states_of(lab, "app1").get("plotter", "") and time.monotonic() < deadline:
+        while "STARTING" not in states_by_program(lab, "app1").get("plotter", "") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert program_states_of(lab, "app1")["plotter"] == "STARTING"
+        assert states_by_program(lab, "app1")["plotter"] == "STARTING"
         host = StepHost(transport.host("app1"), timeout=60, run_id="settle")
         said = step.undo(host, remembered)
         host.forget()  # as the runner, after an apply: what was read before it is forgotten ...
@@ -192,10 +192,6 @@ def test_the_undo_of_a_stop_waits_for_a_program_a_cut_off_start_left_starting(fr
     finally:
         transport.close()
     assert said == "started plotter, scalr-nginx"
-    assert program_states_of(lab, "app1") == dict.fromkeys(["plotter", "scalr-httpd", "scalr-memcached",
+    assert states_by_program(lab, "app1") == dict.fromkeys(["plotter", "scalr-httpd", "scalr-memcached",
                                                              "scalr-nginx"], "RUNNING")
 
-
-def program_states_of(lab, host: str) -> dict[str, str]:
-    lines = lab.host(host).exec("scalr-server-manage status", check=False).stdout.splitlines()
-    return {line.split()[0]: line.split()[1] for line in lines if len(line.split()) > 1}
